@@ -1,0 +1,166 @@
+"""The engine core: scheduler + model runner, token ids in and token ids out.
+
+`step()` is the whole loop: schedule → execute → update. Text (tokenising, detokenising,
+stop strings) lives a layer up, in `LLMEngine` offline or in the router when serving, so
+that a worker process runs only this and exchanges token ids.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pdserve.config import EngineConfig, ModelConfig
+from pdserve.engine.block_manager import BlockManager, cdiv
+from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.request import Request
+from pdserve.engine.scheduler import Scheduler, SchedulerConfig
+from pdserve.errors import ConfigError, InvalidRequestError
+from pdserve.outputs import EngineCoreOutput
+from pdserve.sampling_params import SamplingParams
+
+
+def resolve_max_model_len(model_config: ModelConfig, engine_config: EngineConfig) -> int:
+    limit = model_config.max_position_embeddings
+    if model_config.sliding_window is not None:
+        # Full attention beyond the window would not be the model's maths: stop there.
+        limit = min(limit, model_config.sliding_window)
+    requested = engine_config.max_model_len
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ConfigError(
+            "max_model_len",
+            f"{requested} exceeds the model's limit of {limit} positions",
+        )
+    return requested
+
+
+DEFAULT_TOKEN_BUDGET = 2048
+
+
+def resolve_token_budget(config: EngineConfig, max_model_len: int) -> int:
+    budget = config.max_num_batched_tokens
+    if config.enable_chunked_prefill:
+        return budget or DEFAULT_TOKEN_BUDGET
+    if budget is None:
+        return max(DEFAULT_TOKEN_BUDGET, max_model_len)
+    if budget < max_model_len:
+        raise ConfigError(
+            "max_num_batched_tokens",
+            f"{budget} is below max_model_len={max_model_len}; without chunked prefill "
+            "a whole prompt must fit in one step's budget",
+        )
+    return budget
+
+
+class EngineCore:
+    def __init__(self, model_dir: Path, model_config: ModelConfig, config: EngineConfig) -> None:
+        self.model_config = model_config
+        self.config = config
+        self.max_model_len = resolve_max_model_len(model_config, config)
+        budget = resolve_token_budget(config, self.max_model_len)
+        self.runner = ModelRunner(model_dir, model_config, config, self.max_model_len)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=budget,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+            ),
+            self.block_manager,
+        )
+        self.requests: dict[str, Request] = {}
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> Request:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        max_tokens = self.validate_prompt(prompt_token_ids, params)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            sampling_params=params,
+            eos_token_ids=self.model_config.eos_token_ids,
+            max_tokens=max_tokens,
+            priority=priority,
+            arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
+        )
+        self.requests[request_id] = request
+        self.scheduler.add_request(request)
+        return request
+
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Check a prompt fits; return the request's effective max_tokens."""
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise InvalidRequestError("the prompt must contain at least one token", "prompt")
+        vocab = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        room = self.max_model_len - num_prompt
+        if room <= 0:
+            raise InvalidRequestError(
+                f"the prompt has {num_prompt} tokens; this model's context is "
+                f"{self.max_model_len} tokens, leaving no room to generate",
+                "prompt",
+            )
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if max_tokens > room:
+            raise InvalidRequestError(
+                f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) exceeds the "
+                f"model's context length of {self.max_model_len} tokens",
+                "max_tokens",
+            )
+        needed = cdiv(num_prompt + max_tokens, self.config.block_size)
+        if needed > self.block_manager.num_blocks:
+            raise InvalidRequestError(
+                f"the request needs up to {needed} KV blocks but the pool has only "
+                f"{self.block_manager.num_blocks}; lower max_tokens or enlarge the KV cache",
+                "max_tokens",
+            )
+        return max_tokens
+
+    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
+        requests = [self.requests.pop(rid) for rid in request_ids if rid in self.requests]
+        self.scheduler.abort_requests(requests)
+        return [EngineCoreOutput(r.request_id, [], finish_reason="abort") for r in requests]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def step(self) -> list[EngineCoreOutput]:
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return []
+        results = self.runner.execute(scheduled)
+        sampled = {rid: result.token_id for rid, result in results.items()}
+        outputs = []
+        for request in self.scheduler.update_from_output(scheduled, sampled):
+            result = results[request.request_id]
+            logprobs = [result.logprobs] if result.logprobs is not None else None
+            outputs.append(
+                EngineCoreOutput(
+                    request.request_id,
+                    [result.token_id],
+                    logprobs,
+                    request.status.finish_reason,
+                    request.stop_reason,
+                    request.num_cached_tokens,
+                )
+            )
+            if request.is_finished:
+                del self.requests[request.request_id]
+        return outputs

@@ -1,0 +1,173 @@
+"""The model runner: owns the model weights and the KV pool; turns a `SchedulerOutput` into
+one forward pass and samples the rows that reach the end of their known tokens.
+
+Batch layout per step: single-token rows (decodes) first, then prefill spans, all flattened
+into `[T]` token ids with their positions and pool slots. The scheduler deals in block ids;
+only this class touches tensors.
+
+The KV pool is one tensor `[num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads,
+head_dim]`, zero-filled at start (see `model/attention.py` for why zeros) and allocated once:
+later issues back it with shared memory so a prefill worker can write into it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from pdserve.config import EngineConfig, ModelConfig
+from pdserve.engine.request import Request
+from pdserve.engine.sampler import Sampler, SampleResult, SamplingRow
+from pdserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+from pdserve.model.attention import AttentionMetadata, PrefillSpan, causal_mask_with_context
+from pdserve.model.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def kv_block_bytes(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one KV block takes across all layers (keys and values)."""
+    per_token = 2 * model_config.num_kv_heads * model_config.head_dim * dtype.itemsize
+    return model_config.num_layers * block_size * per_token
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_dir: Path,
+        model_config: ModelConfig,
+        engine_config: EngineConfig,
+        max_model_len: int,
+    ) -> None:
+        self.config = engine_config
+        self.model_config = model_config
+        self.device = torch.device(engine_config.device)
+        self.dtype = DTYPES[engine_config.dtype]
+        self.block_size = engine_config.block_size
+        self.model = load_model(model_dir, self.dtype, self.device, max_model_len, model_config)
+        self.num_blocks = self._decide_num_blocks()
+        self.kv_cache = self._allocate_kv_cache(self.num_blocks)
+        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
+        self.sampler = Sampler(engine_config.seed)
+
+    def _decide_num_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        block_bytes = kv_block_bytes(self.model_config, self.block_size, self.dtype)
+        return max(1, int(self.config.kv_cache_memory_gib * 2**30) // block_bytes)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
+        c = self.model_config
+        shape = (c.num_layers, 2, num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        logger.info("KV pool: %d blocks of %d tokens, %s", num_blocks, self.block_size, shape)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # ---- one step ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> dict[str, SampleResult]:
+        """Run the scheduled tokens; return the sampled token of each request that yields one."""
+        batch = self._prepare(output.scheduled)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        if not batch.sampling:
+            return {}
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        rows = [_sampling_row(item.request) for item in batch.sampling]
+        results = self.sampler(logits, rows)
+        return {
+            item.request.request_id: result
+            for item, result in zip(batch.sampling, results, strict=True)
+        }
+
+    def _prepare(self, scheduled: list[ScheduledRequest]) -> _Batch:
+        decodes = [s for s in scheduled if s.num_new_tokens == 1]
+        prefills = [s for s in scheduled if s.num_new_tokens > 1]
+        input_ids: list[int] = []
+        positions: list[int] = []
+        logits_indices: list[int] = []
+        sampling: list[ScheduledRequest] = []
+        for item in decodes + prefills:
+            end = item.start + item.num_new_tokens
+            input_ids += item.request.token_ids(item.start, end)
+            positions += range(item.start, end)
+            if item.is_sampling:
+                logits_indices.append(len(input_ids) - 1)
+                sampling.append(item)
+        device = self.device
+        positions_t = torch.tensor(positions, dtype=torch.int64, device=device)
+        meta = AttentionMetadata(
+            slot_mapping=self._slot_mapping(decodes + prefills),
+            num_decode_tokens=len(decodes),
+        )
+        if decodes:
+            self._prepare_decodes(decodes, meta)
+        meta.prefills = self._prepare_prefills(prefills, start=len(decodes))
+        return _Batch(
+            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
+            positions=positions_t,
+            meta=meta,
+            logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=device),
+            sampling=sampling,
+        )
+
+    def _slot_mapping(self, items: list[ScheduledRequest]) -> torch.Tensor:
+        size = self.block_size
+        slots: list[int] = []
+        for item in items:
+            block_ids = item.request.block_ids
+            for p in range(item.start, item.start + item.num_new_tokens):
+                slots.append(block_ids[p // size] * size + p % size)
+        return torch.tensor(slots, dtype=torch.int64, device=self.device)
+
+    def _prepare_decodes(self, decodes: list[ScheduledRequest], meta: AttentionMetadata) -> None:
+        size = self.block_size
+        max_blocks = max(len(d.request.block_ids) for d in decodes)
+        tables = [
+            d.request.block_ids + [0] * (max_blocks - len(d.request.block_ids)) for d in decodes
+        ]
+        context_lens = torch.tensor([d.start + 1 for d in decodes], device=self.device)
+        meta.decode_block_tables = torch.tensor(tables, dtype=torch.int64, device=self.device)
+        keys = torch.arange(max_blocks * size, device=self.device)
+        meta.decode_mask = (keys.unsqueeze(0) < context_lens.unsqueeze(1))[:, None, None, :]
+
+    def _prepare_prefills(self, prefills: list[ScheduledRequest], start: int) -> list[PrefillSpan]:
+        spans = []
+        size = self.block_size
+        for item in prefills:
+            context_len = item.start + item.num_new_tokens
+            table = item.request.block_ids[: -(-context_len // size)]
+            span = PrefillSpan(
+                start=start,
+                query_len=item.num_new_tokens,
+                context_len=context_len,
+                block_table=torch.tensor(table, dtype=torch.int64, device=self.device),
+            )
+            if not span.is_fresh:
+                span.mask = causal_mask_with_context(span.query_len, context_len, self.device)
+            spans.append(span)
+            start += item.num_new_tokens
+        return spans
+
+
+class _Batch:
+    __slots__ = ("input_ids", "logits_indices", "meta", "positions", "sampling")
+
+    def __init__(self, input_ids, positions, meta, logits_indices, sampling) -> None:
+        self.input_ids = input_ids  # [T]
+        self.positions = positions  # [T]
+        self.meta = meta
+        self.logits_indices = logits_indices  # [S]
+        self.sampling = sampling  # the S scheduled requests that yield a token
+
+
+def _sampling_row(request: Request) -> SamplingRow:
+    params = request.sampling_params
+    blocked: tuple[int, ...] = ()
+    if request.num_output_tokens < params.min_tokens:
+        eos = () if params.ignore_eos else request.eos_token_ids
+        blocked = eos + params.stop_token_ids
+    return SamplingRow(params, request.num_output_tokens, blocked)

@@ -1,0 +1,133 @@
+"""The sampler: logits of the rows that yield a token this step → token ids (+ logprobs).
+
+Per request: greedy (temperature 0) or random with temperature, top-k, top-p and min-p;
+`min_tokens` masks end-of-sequence and stop ids until enough tokens exist.
+
+Reproducibility. A seeded request draws its randomness from a generator seeded with
+(seed, index of the token being sampled) — not from a stream shared with other requests —
+so its output depends only on its own prompt, parameters and seed: not on what else is in
+the batch, not on preemption, and not on which worker samples which token (the prefill
+worker samples the first token in disaggregated serving, the decode worker the rest).
+Sampling uses the exponential race (argmax p_i / E_i with E_i ~ Exp(1)), which draws from
+p exactly and needs no sort.
+
+All maths in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.outputs import Logprob
+from pdserve.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    """What the sampler needs to know about one row of logits."""
+
+    params: SamplingParams
+    num_output_tokens: int  # tokens generated so far; the sampled one gets this index
+    blocked_token_ids: tuple[int, ...] = ()  # masked out (min_tokens not reached yet)
+
+
+@dataclass(slots=True)
+class SampleResult:
+    token_id: int
+    logprobs: dict[int, Logprob] | None = None
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        # Stream for unseeded requests: reproducible per engine, not per request.
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampleResult]:
+        # logits: [S, V] float32, one row per entry of `rows`
+        raw_logprobs = None
+        if any(r.params.logprobs is not None for r in rows):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        _block_tokens(logits, rows)
+        token_ids = logits.argmax(dim=-1)  # greedy for every row; random rows overwrite
+        random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
+        if random_rows:
+            self._sample_random(logits, token_ids, rows, random_rows)
+        return self._results(token_ids.tolist(), rows, raw_logprobs)
+
+    def _sample_random(self, logits, token_ids, rows, random_rows: list[int]) -> None:
+        index = torch.tensor(random_rows)
+        sub = logits[index]
+        params = [rows[i].params for i in random_rows]
+        temperature = torch.tensor([p.temperature for p in params]).unsqueeze(1)
+        sub = _apply_top_k_top_p(sub / temperature, params)
+        probs = torch.softmax(sub, dim=-1)
+        min_p = torch.tensor([p.min_p for p in params]).unsqueeze(1)
+        if bool((min_p > 0).any()):
+            probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+        noise = torch.empty_like(probs)
+        for j, i in enumerate(random_rows):
+            noise[j].exponential_(generator=self._row_generator(rows[i]))
+        token_ids[index] = (probs / noise).argmax(dim=-1)
+
+    def _row_generator(self, row: SamplingRow) -> torch.Generator:
+        if row.params.seed is None:
+            return self._generator
+        return torch.Generator().manual_seed(token_seed(row.params.seed, row.num_output_tokens))
+
+    @staticmethod
+    def _results(token_ids: list[int], rows, raw_logprobs) -> list[SampleResult]:
+        results = [SampleResult(t) for t in token_ids]
+        if raw_logprobs is None:
+            return results
+        for i, row in enumerate(rows):
+            if row.params.logprobs is not None:
+                results[i].logprobs = _token_logprobs(
+                    raw_logprobs[i], token_ids[i], row.params.logprobs
+                )
+        return results
+
+
+def token_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for token `index` of a request seeded with `seed`."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _block_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    for i, row in enumerate(rows):
+        if row.blocked_token_ids:
+            logits[i, list(row.blocked_token_ids)] = float("-inf")
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    needs_top_k = any(p.top_k > 0 for p in params)
+    needs_top_p = any(p.top_p < 1.0 for p in params)
+    if not (needs_top_k or needs_top_p):
+        return logits
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if needs_top_k:
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params]).unsqueeze(1)
+        remove |= torch.arange(vocab).unsqueeze(0) >= top_k
+    if needs_top_p:
+        top_p = torch.tensor([p.top_p for p in params]).unsqueeze(1)
+        probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # keep a token while the mass before it < p
+        remove |= mass_before >= top_p
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def _token_logprobs(row: torch.Tensor, token_id: int, num_top: int) -> dict[int, Logprob]:
+    sampled = row[token_id].item()
+    rank = int((row > sampled).sum().item()) + 1
+    result = {token_id: Logprob(sampled, rank)}
+    if num_top:
+        values, indices = row.topk(num_top)
+        for r, (value, index) in enumerate(zip(values.tolist(), indices.tolist(), strict=True)):
+            result.setdefault(index, Logprob(value, r + 1))
+    return result

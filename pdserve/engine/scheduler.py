@@ -1,0 +1,228 @@
+"""The scheduler: which requests run in the next step, and how many tokens each.
+
+One loop, no separate prefill and decode paths: every request has `num_computed_tokens`
+catching up to `num_tokens`; each step gives it up to the remaining token budget. A long
+prompt therefore spreads over several steps (chunked prefill) while decodes keep flowing.
+
+Policy, in order:
+1. Running requests first, most important first (priority, then arrival). When a request's
+   next tokens need a block and none is free, the least important running request not yet
+   scheduled this step is preempted (its blocks freed; it restarts later by recompute,
+   usually helped by the prefix cache), possibly the request itself.
+2. Then waiting requests, most important first, strictly in order (no skipping ahead), while
+   there is budget, a free sequence slot (`max_num_seqs`) and room for their blocks. Their
+   cached prefix is taken from the prefix cache and not computed again. No admissions in a
+   step that had to preempt: the pool is under pressure.
+
+The scheduler alone changes a request's status. It hands the runner plain data
+(`SchedulerOutput`) and takes back the sampled token ids.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_chunked_prefill: bool = True
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    # Tokens [start, start + num_new_tokens) are computed this step.
+    start: int = 0
+
+    @property
+    def is_sampling(self) -> bool:
+        """True when this step reaches the request's last known token: it yields a token."""
+        return self.start + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.running: list[Request] = []
+        self._waiting: list[tuple[int, int, Request]] = []  # heap of (priority, seq, request)
+        self._num_waiting = 0
+        self._order: dict[str, int] = {}  # arrival sequence number, kept across preemption
+        self._counter = itertools.count()
+
+    # ---- queries -------------------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return self._num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running) or self._num_waiting > 0
+
+    # ---- requests in and out -------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        self._order[request.request_id] = next(self._counter)
+        self._push_waiting(request)
+
+    def abort_requests(self, requests: Iterable[Request]) -> None:
+        for request in requests:
+            if request.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+                self.block_manager.free(request)
+            else:
+                self._num_waiting -= 1  # lazily dropped from the heap when it surfaces
+            self._finish(request, RequestStatus.FINISHED_ABORTED)
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        output = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        budget = self._schedule_running(output, budget)
+        if not output.preempted_ids:
+            self._schedule_waiting(output, budget)
+        return output
+
+    def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
+        self.running.sort(key=self._key)
+        queue = list(self.running)
+        kept: list[Request] = []
+        while queue and budget > 0:
+            request = queue.pop(0)
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.block_manager.can_allocate(request, num_new):
+                victim = queue.pop() if queue else request  # least important goes first
+                self._preempt(victim)
+                output.preempted_ids.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                self.block_manager.allocate(request, num_new)
+                output.scheduled.append(
+                    ScheduledRequest(request, num_new, request.num_computed_tokens)
+                )
+                kept.append(request)
+                budget -= num_new
+        self.running = kept + queue  # requests left unscheduled by the budget stay running
+        return budget
+
+    def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
+        block_manager = self.block_manager
+        while self._num_waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self._peek_waiting()
+            cached = block_manager.find_cached_blocks(request)
+            num_cached = len(cached) * block_manager.block_size
+            num_new = request.num_tokens - num_cached
+            if num_new > budget and not self.config.enable_chunked_prefill:
+                break
+            num_new = min(num_new, budget)
+            if not block_manager.can_allocate(request, num_new, cached):
+                break
+            self._pop_waiting()
+            block_manager.allocate(request, num_new, cached)
+            request.num_computed_tokens = num_cached
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            output.scheduled.append(ScheduledRequest(request, num_new, num_cached))
+            budget -= num_new
+
+    def update_from_output(
+        self, output: SchedulerOutput, sampled_token_ids: Mapping[str, int]
+    ) -> list[Request]:
+        """Advance every scheduled request; append sampled tokens; finish the ones that
+        stop. Returns the requests that produced a token or finished this step."""
+        updated: list[Request] = []
+        for item in output.scheduled:
+            request = item.request
+            if request.is_finished:  # aborted after this step was scheduled
+                continue
+            request.num_computed_tokens += item.num_new_tokens
+            token_id = sampled_token_ids.get(request.request_id)
+            if token_id is None:
+                self.block_manager.commit_full_blocks(request)
+                continue
+            request.output_token_ids.append(token_id)
+            self.block_manager.commit_full_blocks(request)
+            status = self._stop_status(request, token_id)
+            if status is not None:
+                self.running.remove(request)
+                self.block_manager.free(request)
+                self._finish(request, status)
+            updated.append(request)
+        return updated
+
+    # ---- internals -----------------------------------------------------------------------
+
+    @staticmethod
+    def _stop_status(request: Request, token_id: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token_id in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _preempt(self, request: Request) -> None:
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.PREEMPTED
+        self._push_waiting(request)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self._order.pop(request.request_id, None)
+
+    def _key(self, request: Request) -> tuple[int, int]:
+        return (request.priority, self._order[request.request_id])
+
+    def _push_waiting(self, request: Request) -> None:
+        heapq.heappush(self._waiting, (*self._key(request), request))
+        self._num_waiting += 1
+
+    def _peek_waiting(self) -> Request:
+        while self._waiting[0][2].is_finished:  # drop aborted entries
+            heapq.heappop(self._waiting)
+        return self._waiting[0][2]
+
+    def _pop_waiting(self) -> Request:
+        request = self._peek_waiting()
+        heapq.heappop(self._waiting)
+        self._num_waiting -= 1
+        return request

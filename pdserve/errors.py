@@ -1,0 +1,41 @@
+"""The exceptions pdserve raises, rooted in one base class.
+
+    PdserveError
+    ├── ConfigError           a configuration value is invalid (names the field)
+    ├── ModelLoadError        a model folder is missing a file or a file is malformed (names the file)
+    └── InvalidRequestError   a request cannot be served as given (bad parameter, too long, ...)
+
+Running out of KV blocks is *not* an error: the block manager answers "no" and the
+scheduler waits or preempts. HTTP status codes and OpenAI error bodies are made only in
+the API layer, which maps these classes at its boundary.
+"""
+
+from __future__ import annotations
+
+
+class PdserveError(Exception):
+    """Base class of every error pdserve raises on purpose."""
+
+
+class ConfigError(PdserveError, ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class ModelLoadError(PdserveError):
+    """A model folder cannot be loaded; the message names the offending file."""
+
+    def __init__(self, path: object, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+class InvalidRequestError(PdserveError, ValueError):
+    """A request cannot be served as given (bad parameter, prompt too long, ...)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param

@@ -1,0 +1,1 @@
+"""KV-cache bookkeeping shared by every process: block hashes (and, later, tiers and layout)."""

@@ -1,0 +1,125 @@
+"""Attention over a paged KV cache.
+
+The KV pool of one layer is two tensors `[num_blocks, block_size, num_kv_heads, head_dim]`
+(keys and values). A sequence's context lives in the blocks its block table lists, in order;
+token `t` of a sequence sits in block `block_table[t // block_size]` at offset
+`t % block_size`. The runner flattens every scheduled token of a step into one batch and
+describes it with `AttentionMetadata`:
+
+- the first `num_decode_tokens` tokens are single-token decodes, one per sequence; they are
+  attended in one batched call over their gathered block tables;
+- the rest are prefill spans (a whole prompt, or one chunk of it), attended one span at a
+  time with a causal mask offset by the context already in the cache.
+
+NOTE: every slot of the pool must hold finite numbers, including slots past a sequence's
+length that a block table's padding points at: masked-out positions get zero weight, and
+0 * NaN would still poison the output. The pool is therefore allocated with zeros.
+
+Masks are built once per step by the runner and shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    start: int  # index of the span's first token in the flattened batch
+    query_len: int  # tokens computed in this step
+    context_len: int  # tokens in the cache after this step (cached prefix + query)
+    block_table: torch.Tensor  # [num_blocks_of_seq] int64
+    mask: torch.Tensor | None = None  # [query_len, context_len] bool; None → plain causal
+
+    @property
+    def is_fresh(self) -> bool:
+        """True when nothing of this sequence was in the cache before this step."""
+        return self.context_len == self.query_len
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64: pool slot where each new token's KV goes
+    num_decode_tokens: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] int64
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks*block_size] bool
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+def write_kv(
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [N, B, Hkv, D]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T]
+) -> None:
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, Hkv, D] keys of this step's tokens (already in the cache too)
+    v: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [N, B, Hkv, D]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:  # [T, H, D]
+    out = torch.empty_like(q)
+    num_decodes = meta.num_decode_tokens
+    if num_decodes:
+        out[:num_decodes] = _decode_attention(q[:num_decodes], k_cache, v_cache, meta)
+    for span in meta.prefills:
+        rows = slice(span.start, span.start + span.query_len)
+        out[rows] = _prefill_attention(q[rows], k[rows], v[rows], k_cache, v_cache, span)
+    return out
+
+
+def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+    tables = meta.decode_block_tables  # [S, M]
+    num_seqs, max_blocks = tables.shape
+    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    length = max_blocks * block_size
+    # [S, M, B, Hkv, D] -> [S, Hkv, M*B, D]
+    keys = k_cache[tables].view(num_seqs, length, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_cache[tables].view(num_seqs, length, num_kv_heads, head_dim).transpose(1, 2)
+    query = q.unsqueeze(2)  # [S, H, 1, D]
+    out = F.scaled_dot_product_attention(
+        query, keys, values, attn_mask=meta.decode_mask, enable_gqa=True
+    )
+    return out.squeeze(2)
+
+
+def _prefill_attention(q, k, v, k_cache, v_cache, span: PrefillSpan) -> torch.Tensor:
+    query = q.transpose(0, 1).unsqueeze(0)  # [1, H, Q, D]
+    if span.is_fresh:
+        # The whole context is this step's tokens: no need to read the cache back.
+        keys = k.transpose(0, 1).unsqueeze(0)
+        values = v.transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=True)
+    else:
+        keys = _gather_context(k_cache, span)
+        values = _gather_context(v_cache, span)
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=span.mask, enable_gqa=True
+        )
+    return out.squeeze(0).transpose(0, 1)  # [Q, H, D]
+
+
+def _gather_context(cache: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
+    num_kv_heads, head_dim = cache.shape[2:]
+    flat = cache[span.block_table].view(-1, num_kv_heads, head_dim)[: span.context_len]
+    return flat.transpose(0, 1).unsqueeze(0)  # [1, Hkv, C, D]
+
+
+def causal_mask_with_context(query_len: int, context_len: int, device) -> torch.Tensor:
+    """[query_len, context_len] bool: query i (absolute position context_len - query_len + i)
+    sees every key at or before its own position."""
+    offset = context_len - query_len
+    rows = torch.arange(query_len, device=device).unsqueeze(1) + offset
+    cols = torch.arange(context_len, device=device).unsqueeze(0)
+    return cols <= rows

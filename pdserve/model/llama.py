@@ -1,0 +1,293 @@
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) in plain PyTorch over a paged
+KV cache. One file to read in one sitting: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Differences from the Hugging Face modules, all for speed, none for maths:
+- q/k/v and gate/up projections are fused into one matmul each (the loader concatenates the
+  checkpoint's tensors);
+- tokens of every sequence in a step are flattened into one `[T, hidden]` batch: no padding;
+- logits are computed only for the rows the sampler needs.
+
+Numerics follow transformers so that greedy outputs match token for token: norms run in
+float32 and cast back, RoPE tables are computed in float32 and cast to the model dtype.
+The device is whatever the weights live on; nothing here assumes CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdserve.config import ModelConfig, RopeConfig
+from pdserve.errors import ModelLoadError
+from pdserve.model.attention import AttentionMetadata, paged_attention, write_kv
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # keys, values: [num_blocks, block_size, Hkv, D]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Accumulate in float32: bf16 reductions are both inexact and slow on CPU.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), weight stored `[out, in]` as in checkpoints."""
+
+    def __init__(self, in_dim: int, out_dim: int, bias: bool, dtype, device) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_dim, in_dim, dtype=dtype, device=device), False)
+        self.bias = (
+            nn.Parameter(torch.zeros(out_dim, dtype=dtype, device=device), False) if bias else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies `[head_dim // 2]` in float32, with linear or llama3 scaling."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, rope)
+    return inv_freq
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    old_len = rope.original_max_position_embeddings
+    low_wavelen = old_len / rope.low_freq_factor
+    high_wavelen = old_len / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(is_medium, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style RoPE (rotate halves), as Llama and Qwen checkpoints on the Hub use."""
+
+    def __init__(self, config: ModelConfig, max_len: int, dtype, device) -> None:
+        super().__init__()
+        inv_freq = rope_inv_freq(config.rope, config.head_dim).to(device)
+        positions = torch.arange(max_len, dtype=torch.float32, device=device)
+        angles = torch.outer(positions, inv_freq)  # [max_len, D/2], float32 like transformers
+        self.register_buffer("cos", angles.cos().to(dtype), persistent=False)
+        self.register_buffer("sin", angles.sin().to(dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [T, heads, D]; positions: [T]
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
+        sin = self.sin[positions].unsqueeze(1)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, dtype, device) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        hidden = config.hidden_size
+        self.qkv_proj = Linear(
+            hidden, self.q_size + 2 * self.kv_size, config.qkv_bias, dtype, device
+        )
+        self.o_proj = Linear(self.q_size, hidden, config.o_bias, dtype, device)
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype, device)
+        self.rotary = rotary
+
+    def forward(self, x, positions, kv_cache: KVCache, meta: AttentionMetadata):
+        num_tokens = x.shape[0]
+        qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) D]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        k_cache, v_cache = kv_cache
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = paged_attention(q, k, v, k_cache, v_cache, meta)  # [T, H, D]
+        return self.o_proj(out.view(num_tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, dtype, device) -> None:
+        super().__init__()
+        hidden, inter = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = Linear(hidden, 2 * inter, config.mlp_bias, dtype, device)
+        self.down_proj = Linear(inter, hidden, config.mlp_bias, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, dtype, device) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, device)
+        self.self_attn = Attention(config, rotary, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, device)
+        self.mlp = MLP(config, dtype, device)
+
+    def forward(self, x, positions, kv_cache: KVCache, meta: AttentionMetadata):
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, max_len: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.embed_tokens = nn.Parameter(
+            torch.empty(config.vocab_size, hidden, dtype=dtype, device=device), False
+        )
+        rotary = RotaryEmbedding(config, max_len, dtype, device)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, rotary, dtype, device) for _ in range(config.num_layers)
+        )
+        self.norm = RMSNorm(hidden, config.rms_norm_eps, dtype, device)
+        self.lm_head = (
+            self.embed_tokens
+            if config.tie_word_embeddings
+            else nn.Parameter(
+                torch.empty(config.vocab_size, hidden, dtype=dtype, device=device), False
+            )
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[KVCache],  # one per layer
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        x = F.embedding(input_ids, self.embed_tokens)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, positions, kv_cache, meta)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[S, hidden] -> [S, vocab] float32 (sampling maths always runs in float32)."""
+        return F.linear(hidden, self.lm_head).float()
+
+    # ---- weights ---------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (Hugging Face names) into the fused parameters.
+
+        Raises `ModelLoadError` naming the tensor when one is missing, unexpected in shape,
+        or absent from the checkpoint altogether.
+        """
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            target = self._locate(name)
+            if target is None:
+                continue  # e.g. rotary inv_freq buffers some checkpoints carry
+            param, rows = target
+            dest = param.data if rows is None else param.data[rows]
+            if dest.shape != tensor.shape:
+                raise ModelLoadError(
+                    name, f"shape {tuple(tensor.shape)} does not match {tuple(dest.shape)}"
+                )
+            dest.copy_(tensor)
+            loaded.add(name)
+        missing = sorted(set(self.expected_weight_names()) - loaded)
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise ModelLoadError("checkpoint", f"{len(missing)} tensors missing: {shown}")
+
+    def expected_weight_names(self) -> list[str]:
+        c = self.config
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        if not c.tie_word_embeddings:
+            names.append("lm_head.weight")
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+            names += [p + f"self_attn.{n}_proj.weight" for n in ("q", "k", "v", "o")]
+            names += [p + f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")]
+            if c.qkv_bias:
+                names += [p + f"self_attn.{n}_proj.bias" for n in ("q", "k", "v")]
+            if c.o_bias:
+                names.append(p + "self_attn.o_proj.bias")
+            if c.mlp_bias:
+                names += [p + f"mlp.{n}_proj.bias" for n in ("gate", "up", "down")]
+            if c.qk_norm:
+                names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+        return names
+
+    def _locate(self, name: str) -> tuple[nn.Parameter, slice | None] | None:
+        """Map a checkpoint tensor name to (parameter, rows of it) in this module."""
+        if name == "model.embed_tokens.weight":
+            return self.embed_tokens, None
+        if name == "lm_head.weight":
+            # Tied checkpoints sometimes carry a copy of the embedding here; it is the same.
+            return None if self.config.tie_word_embeddings else (self.lm_head, None)
+        if name == "model.norm.weight":
+            return self.norm.weight, None
+        if not name.startswith("model.layers."):
+            return None
+        index, _, rest = name[len("model.layers.") :].partition(".")
+        if not index.isdigit() or int(index) >= len(self.layers):
+            return None
+        return _locate_in_layer(self.layers[int(index)], rest)
+
+
+def _locate_in_layer(layer: DecoderLayer, rest: str) -> tuple[nn.Parameter, slice | None] | None:
+    module_name, _, kind = rest.rpartition(".")  # kind: "weight" or "bias"
+    attn, mlp = layer.self_attn, layer.mlp
+    q, kv = attn.q_size, attn.kv_size
+    inter = mlp.down_proj.weight.shape[1]
+    fused = {
+        "self_attn.q_proj": (attn.qkv_proj, slice(0, q)),
+        "self_attn.k_proj": (attn.qkv_proj, slice(q, q + kv)),
+        "self_attn.v_proj": (attn.qkv_proj, slice(q + kv, q + 2 * kv)),
+        "mlp.gate_proj": (mlp.gate_up_proj, slice(0, inter)),
+        "mlp.up_proj": (mlp.gate_up_proj, slice(inter, 2 * inter)),
+    }
+    whole = {
+        "self_attn.o_proj": attn.o_proj,
+        "mlp.down_proj": mlp.down_proj,
+        "input_layernorm": layer.input_layernorm,
+        "post_attention_layernorm": layer.post_attention_layernorm,
+        "self_attn.q_norm": attn.q_norm,
+        "self_attn.k_norm": attn.k_norm,
+    }
+    if module_name in fused:
+        module, rows = fused[module_name]
+    elif whole.get(module_name) is not None:
+        module, rows = whole[module_name], None
+    else:
+        return None
+    param = getattr(module, kind, None)
+    return (param, rows) if param is not None else None
