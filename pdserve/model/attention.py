@@ -85,8 +85,10 @@ def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Ten
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     length = max_blocks * block_size
     # [S, M, B, Hkv, D] -> [S, Hkv, M*B, D]
-    keys = k_cache[tables].view(num_seqs, length, num_kv_heads, head_dim).transpose(1, 2)
-    values = v_cache[tables].view(num_seqs, length, num_kv_heads, head_dim).transpose(1, 2)
+    flat_tables = tables.view(-1)
+    keys = k_cache.index_select(0, flat_tables).view(num_seqs, length, num_kv_heads, head_dim)
+    values = v_cache.index_select(0, flat_tables).view(num_seqs, length, num_kv_heads, head_dim)
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)
     query = q.unsqueeze(2)  # [S, H, 1, D]
     out = F.scaled_dot_product_attention(
         query, keys, values, attn_mask=meta.decode_mask, enable_gqa=True
@@ -112,7 +114,8 @@ def _prefill_attention(q, k, v, k_cache, v_cache, span: PrefillSpan) -> torch.Te
 
 def _gather_context(cache: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
     num_kv_heads, head_dim = cache.shape[2:]
-    flat = cache[span.block_table].view(-1, num_kv_heads, head_dim)[: span.context_len]
+    flat = cache.index_select(0, span.block_table).view(-1, num_kv_heads, head_dim)
+    flat = flat[: span.context_len]
     return flat.transpose(0, 1).unsqueeze(0)  # [1, Hkv, C, D]
 
 

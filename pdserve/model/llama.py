@@ -26,6 +26,7 @@ from pdserve.errors import ModelLoadError
 from pdserve.model.attention import AttentionMetadata, paged_attention, write_kv
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # keys, values: [num_blocks, block_size, Hkv, D]
+RopeTables = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [T, 1, D/2]
 
 
 class RMSNorm(nn.Module):
@@ -92,16 +93,22 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos().to(dtype), persistent=False)
         self.register_buffer("sin", angles.sin().to(dtype), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [T, heads, D]; positions: [T]
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    def tables(self, positions: torch.Tensor) -> RopeTables:
+        """cos and sin `[T, 1, D/2]` for this step's positions, shared by every layer."""
+        return (
+            self.cos.index_select(0, positions).unsqueeze(1),
+            self.sin.index_select(0, positions).unsqueeze(1),
+        )
+
+
+def apply_rope(x: torch.Tensor, tables: RopeTables) -> torch.Tensor:
+    cos, sin = tables  # [T, 1, D/2]
+    x1, x2 = x.chunk(2, dim=-1)  # x: [T, heads, D]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, dtype, device) -> None:
+    def __init__(self, config: ModelConfig, dtype, device) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -117,18 +124,17 @@ class Attention(nn.Module):
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype, device)
-        self.rotary = rotary
 
-    def forward(self, x, positions, kv_cache: KVCache, meta: AttentionMetadata):
+    def forward(self, x, rope: RopeTables, kv_cache: KVCache, meta: AttentionMetadata):
         num_tokens = x.shape[0]
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) D]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, heads + kv_heads, head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, kv_heads, head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
+            qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1)
+        qk = apply_rope(qk, rope)  # q and k in one pass: half the element-wise ops
+        q, k = qk.split([heads, kv_heads], dim=1)
         k_cache, v_cache = kv_cache
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = paged_attention(q, k, v, k_cache, v_cache, meta)  # [T, H, D]
@@ -148,16 +154,16 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, dtype, device) -> None:
+    def __init__(self, config: ModelConfig, dtype, device) -> None:
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, device)
-        self.self_attn = Attention(config, rotary, dtype, device)
+        self.self_attn = Attention(config, dtype, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, device)
         self.mlp = MLP(config, dtype, device)
 
-    def forward(self, x, positions, kv_cache: KVCache, meta: AttentionMetadata):
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+    def forward(self, x, rope: RopeTables, kv_cache: KVCache, meta: AttentionMetadata):
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -169,9 +175,9 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Parameter(
             torch.empty(config.vocab_size, hidden, dtype=dtype, device=device), False
         )
-        rotary = RotaryEmbedding(config, max_len, dtype, device)
+        self.rotary = RotaryEmbedding(config, max_len, dtype, device)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, rotary, dtype, device) for _ in range(config.num_layers)
+            DecoderLayer(config, dtype, device) for _ in range(config.num_layers)
         )
         self.norm = RMSNorm(hidden, config.rms_norm_eps, dtype, device)
         self.lm_head = (
@@ -191,8 +197,9 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
         x = F.embedding(input_ids, self.embed_tokens)
+        rope = self.rotary.tables(positions)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, kv_cache, meta)
+            x = layer(x, rope, kv_cache, meta)
         return self.norm(x)
 
     @torch.inference_mode()

@@ -1,0 +1,175 @@
+"""The `pdserve` command line.
+
+    pdserve generate --prompt "Once upon a time" [--model DIR] [--max-tokens N] [...]
+    pdserve chat [--model DIR]             interactive chat on the model's chat template
+    pdserve model create [--out DIR]       write the built-in model (default: the cache folder)
+    pdserve model path                     print where the built-in model lives
+
+Heavy imports (torch, the engine) happen inside the commands so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from pdserve.errors import PdserveError
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", default=None, help="HF model folder (default: built-in model)")
+    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    group.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    group.add_argument("--max-model-len", type=int, default=None)
+    group.add_argument("--max-num-seqs", type=int, default=64)
+    group.add_argument("--max-num-batched-tokens", type=int, default=None)
+    group.add_argument("--kv-cache-memory-gib", type=float, default=2.0)
+    group.add_argument("--num-kv-blocks", type=int, default=None)
+    group.add_argument("--block-size", type=int, default=16)
+    group.add_argument("--no-chunked-prefill", action="store_true")
+    group.add_argument("--no-prefix-caching", action="store_true")
+    group.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    group.add_argument("--seed", type=int, default=0)
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=64)
+    group.add_argument("--temperature", type=float, default=0.0)
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0)
+    group.add_argument("--min-p", type=float, default=0.0)
+    group.add_argument("--sampling-seed", type=int, default=None)
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    group.add_argument("--ignore-eos", action="store_true")
+
+
+def _make_llm(args: argparse.Namespace):
+    from pdserve.llm import LLM
+
+    return LLM(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        seed=args.seed,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_gib=args.kv_cache_memory_gib,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_chunked_prefill=not args.no_chunked_prefill,
+        enable_prefix_caching=not args.no_prefix_caching,
+        num_threads=args.threads,
+    )
+
+
+def _sampling_params(args: argparse.Namespace):
+    from pdserve.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.sampling_seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    llm = _make_llm(args)
+    params = _sampling_params(args)
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
+    elapsed = time.perf_counter() - start
+    num_tokens = 0
+    for output in outputs:
+        completion = output.outputs[0]
+        num_tokens += len(completion.token_ids)
+        print(f"{output.prompt}{completion.text}")
+        print(f"[{len(completion.token_ids)} tokens, finish_reason={completion.finish_reason}]")
+    print(f"[{num_tokens} tokens in {elapsed:.2f} s]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    llm = _make_llm(args)
+    params = _sampling_params(args)
+    messages: list[dict[str, str]] = []
+    print("pdserve chat — type a message, Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        completion = llm.chat(messages, params, use_tqdm=False)[0].outputs[0]
+        print(f"model> {completion.text}")
+        messages.append({"role": "assistant", "content": completion.text})
+
+
+def cmd_model_create(args: argparse.Namespace) -> int:
+    from pdserve.model.builtin import create_builtin_model, ensure_builtin_model
+
+    path = ensure_builtin_model() if args.out is None else create_builtin_model(args.out)
+    print(path)
+    return 0
+
+
+def cmd_model_path(args: argparse.Namespace) -> int:
+    from pdserve.model.builtin import builtin_model_dir
+
+    print(builtin_model_dir())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log-level", default="WARNING")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate from prompts (args or stdin)")
+    generate.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    _add_engine_args(generate)
+    _add_sampling_args(generate)
+    generate.set_defaults(func=cmd_generate)
+
+    chat = commands.add_parser("chat", help="interactive chat with the model")
+    _add_engine_args(chat)
+    _add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    model = commands.add_parser("model", help="manage the built-in model")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    create = model_commands.add_parser("create", help="create the built-in model")
+    create.add_argument("--out", default=None, help="folder to write (default: cache folder)")
+    create.set_defaults(func=cmd_model_create)
+    path = model_commands.add_parser("path", help="print the built-in model's cache folder")
+    path.set_defaults(func=cmd_model_path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except PdserveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

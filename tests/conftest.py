@@ -1,0 +1,15 @@
+"""Fixtures shared by every test folder. Keep this file small."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def builtin_model_dir() -> Path:
+    """The built-in model folder, created once per machine (cached under PDSERVE_CACHE_DIR)."""
+    from pdserve.model.builtin import ensure_builtin_model
+
+    return ensure_builtin_model(progress=False)
