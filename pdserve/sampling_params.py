@@ -49,17 +49,32 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        _check(self.n >= 1, "n", f"must be at least 1, got {self.n}")
+        for name in ("n", "top_k", "max_tokens", "min_tokens", "logprobs", "seed"):
+            value = getattr(self, name)
+            _check(
+                value is None or (isinstance(value, int) and not isinstance(value, bool)),
+                name,
+                f"must be an integer, got {value!r}",
+            )
+        _check(self.n is not None and self.n >= 1, "n", f"must be at least 1, got {self.n}")
         _check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
-        _check(self.top_k >= 0, "top_k", f"must be -1, 0 (disabled) or positive, got {self.top_k}")
+        _check(
+            self.top_k is not None and self.top_k >= 0,
+            "top_k",
+            f"must be -1, 0 (disabled) or positive, got {self.top_k}",
+        )
         _check(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
         _check(
             self.max_tokens is None or self.max_tokens >= 1,
             "max_tokens",
             f"must be at least 1, got {self.max_tokens}",
         )
-        _check(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")
+        _check(
+            self.min_tokens is not None and self.min_tokens >= 0,
+            "min_tokens",
+            f"must be >= 0, got {self.min_tokens}",
+        )
         _check(
             self.max_tokens is None or self.min_tokens <= self.max_tokens,
             "min_tokens",

@@ -86,7 +86,7 @@ class EngineCore:
     ) -> Request:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        max_tokens = self.validate_prompt(prompt_token_ids, params)
+        max_tokens = self.validate_request(prompt_token_ids, params)
         request = Request(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
@@ -100,14 +100,16 @@ class EngineCore:
         self.scheduler.add_request(request)
         return request
 
-    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
-        """Check a prompt fits; return the request's effective max_tokens."""
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Check a request can be served (prompt, ids, length, pool); return its max_tokens."""
         num_prompt = len(prompt_token_ids)
         if num_prompt == 0:
             raise InvalidRequestError("the prompt must contain at least one token", "prompt")
         vocab = self.model_config.vocab_size
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
         room = self.max_model_len - num_prompt
         if room <= 0:
             raise InvalidRequestError(

@@ -15,6 +15,7 @@ import torch
 from pdserve.config import EngineConfig, ModelConfig
 from pdserve.engine.core import EngineCore
 from pdserve.engine.output_processor import OutputProcessor
+from pdserve.engine.sampler import token_seed
 from pdserve.errors import InvalidRequestError
 from pdserve.outputs import RequestOutput
 from pdserve.sampling_params import SamplingParams
@@ -48,8 +49,10 @@ class LLMEngine:
         params: SamplingParams,
         priority: int = 0,
     ) -> None:
+        if request_id in self.processor.states:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         text, token_ids = self.tokenize_prompt(prompt)
-        self.core.validate_prompt(token_ids, params)  # fail before tracking anything
+        self.core.validate_request(token_ids, params)  # fail before tracking anything
         child_ids = self.processor.add_request(request_id, text, token_ids, params)
         for index, child_id in enumerate(child_ids):
             self.core.add_request(child_id, token_ids, _child_params(params, index), priority)
@@ -84,8 +87,9 @@ class LLMEngine:
 
 
 def _child_params(params: SamplingParams, index: int) -> SamplingParams:
-    # Sample i of a seeded n>1 request gets its own seed: otherwise all n would be equal.
+    # Sample i of a seeded n>1 request gets its own seed, derived so that it cannot equal
+    # another request's seed + something: otherwise all n samples would be the same.
     changes: dict[str, Any] = {"n": 1}
     if params.seed is not None and index:
-        changes["seed"] = params.seed + index
+        changes["seed"] = token_seed(params.seed, -index)
     return params.replace(**changes)

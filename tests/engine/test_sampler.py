@@ -1,0 +1,209 @@
+"""Sampler: greedy equivalences of the filters, seeded reproducibility independent of the
+batch, blocked tokens, logprobs, and the sampled distribution itself."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pdserve.engine.sampler import Sampler, SamplingRow, token_seed
+from pdserve.sampling_params import SamplingParams
+
+VOCAB = 1000
+
+
+def random_logits(num_rows: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(num_rows, VOCAB, generator=generator) * scale
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow], sampler_seed: int = 0):
+    # The sampler masks blocked tokens in place: give it a copy.
+    return Sampler(sampler_seed)(logits.clone(), rows)
+
+
+def tokens(logits: torch.Tensor, rows: list[SamplingRow], sampler_seed: int = 0) -> list[int]:
+    return [r.token_id for r in sample(logits, rows, sampler_seed)]
+
+
+def row(num_output_tokens: int = 0, blocked: tuple[int, ...] = (), **params) -> SamplingRow:
+    return SamplingRow(SamplingParams(**params), num_output_tokens, blocked)
+
+
+def seeded_sequence(logits_row: torch.Tensor, seed: int, length: int = 20, **params) -> list[int]:
+    """Tokens 0..length-1 of a seeded request sampling from the same logits each step."""
+    return [tokens(logits_row[None], [row(i, seed=seed, **params)])[0] for i in range(length)]
+
+
+# ---- greedy and its equivalents ---------------------------------------------------------
+
+
+def test_greedy_is_argmax():
+    logits = random_logits(4)
+    assert tokens(logits, [row(temperature=0)] * 4) == logits.argmax(-1).tolist()
+
+
+def test_temperature_below_epsilon_is_greedy_and_ignores_the_seed():
+    logits = random_logits(4, seed=8, scale=0.1)  # flat: any randomness would show
+    rows = [row(i, seed=i, temperature=1e-6) for i in range(4)]
+    assert tokens(logits, rows) == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"temperature": 1.0, "top_k": 1},
+        {"temperature": 1.5, "top_p": 1e-6},
+        {"temperature": 2.0, "min_p": 1.0},
+        {"temperature": 1.0, "top_k": 1, "top_p": 0.5, "min_p": 0.5},
+    ],
+    ids=["top_k=1", "top_p~0", "min_p=1", "all"],
+)
+def test_filters_that_keep_one_token_equal_greedy(params):
+    logits = random_logits(8, seed=1, scale=1.0)  # flat enough that plain sampling wanders
+    greedy = logits.argmax(-1).tolist()
+    for seed in range(5):
+        rows = [row(i, seed=seed, **params) for i in range(8)]
+        assert tokens(logits, rows) == greedy
+    unfiltered = [row(i, seed=0, temperature=params["temperature"]) for i in range(8)]
+    assert tokens(logits, unfiltered) != greedy  # the filter, not the logits, did it
+
+
+# ---- seeds -----------------------------------------------------------------------------
+
+
+def test_same_seed_same_tokens_different_seed_different_tokens():
+    logits = random_logits(1, seed=2, scale=0.5)[0]
+    first = seeded_sequence(logits, seed=42)
+    assert seeded_sequence(logits, seed=42) == first
+    assert seeded_sequence(logits, seed=43) != first
+    assert len(set(first)) > 10  # really random over a flat distribution
+
+
+def test_seeded_row_ignores_the_rest_of_the_batch_and_the_engine_seed():
+    logits = random_logits(6, seed=3, scale=0.5)
+    target = row(5, seed=7, temperature=0.8, top_p=0.9)
+    alone = tokens(logits[2:3], [target])[0]
+    others = [
+        row(0),  # unseeded random: draws from the engine stream
+        row(1, temperature=0),
+        row(2, seed=7, temperature=1.3),
+        row(0, seed=8, top_k=50),
+        row(3),
+    ]
+    for position in range(len(others) + 1):
+        batch_rows = [*others[:position], target, *others[position:]]
+        batch_logits = torch.cat([logits[:position], logits[2:3], logits[position:5]])
+        for engine_seed in (0, 1):
+            assert tokens(batch_logits, batch_rows, engine_seed)[position] == alone
+
+
+def test_seeded_token_depends_on_its_index():
+    logits = random_logits(1, seed=4, scale=0.5)
+    picks = {tokens(logits, [row(i, seed=1)])[0] for i in range(10)}
+    assert len(picks) > 5
+    assert token_seed(1, 0) != token_seed(1, 1) != token_seed(2, 0)
+    assert token_seed(1, 5) == token_seed(1, 5)
+    assert 0 <= token_seed(2**62, 10**6) < 2**63
+
+
+def test_unseeded_rows_follow_the_engine_seed():
+    logits = random_logits(8, seed=5, scale=0.5)
+    rows = [row(0)] * 8
+    assert tokens(logits, rows, sampler_seed=3) == tokens(logits, rows, sampler_seed=3)
+    assert tokens(logits, rows, sampler_seed=3) != tokens(logits, rows, sampler_seed=4)
+
+
+# ---- blocked tokens ----------------------------------------------------------------------
+
+
+def test_blocked_tokens_are_never_sampled():
+    logits = torch.full((1, VOCAB), -5.0)
+    logits[0, [3, 4, 5]] = 10.0  # nearly all the mass
+    blocked = (3, 4)
+    greedy = tokens(logits, [row(blocked=blocked, temperature=0)])
+    assert greedy == [5]
+    picks = tokens(logits.expand(300, VOCAB), [row(0, blocked, seed=s) for s in range(300)])
+    assert not set(picks) & set(blocked)
+    assert picks.count(5) >= 295  # p(5) is 99.97% once 3 and 4 are gone
+
+
+# ---- logprobs ----------------------------------------------------------------------------
+
+
+def test_logprobs_of_the_sampled_token_and_top_alternatives():
+    logits = random_logits(2, seed=6)
+    expected = torch.log_softmax(logits, dim=-1)
+    results = sample(logits, [row(logprobs=3, temperature=0), row(seed=1, logprobs=5)])
+    for i, (result, num_top) in enumerate(zip(results, (3, 5), strict=True)):
+        entries = result.logprobs
+        sampled = entries[result.token_id]
+        assert sampled.logprob == pytest.approx(expected[i, result.token_id].item(), abs=1e-6)
+        assert sampled.rank == int((expected[i] > expected[i, result.token_id]).sum()) + 1
+        top_values, top_ids = expected[i].topk(num_top)
+        for rank, (token_id, value) in enumerate(
+            zip(top_ids.tolist(), top_values.tolist(), strict=True), start=1
+        ):
+            assert entries[token_id].rank == rank
+            assert entries[token_id].logprob == pytest.approx(value, abs=1e-6)
+        assert len(entries) == num_top + (result.token_id not in top_ids.tolist())
+    assert results[0].logprobs[results[0].token_id].rank == 1  # greedy picks rank 1
+
+
+def test_logprobs_report_raw_ranks_when_the_top_tokens_are_blocked():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    (result,) = sample(logits, [row(blocked=(0, 1), temperature=0, logprobs=1)])
+    assert result.token_id == 2
+    expected = torch.log_softmax(logits[0], dim=-1)
+    assert set(result.logprobs) == {2, 0}
+    assert result.logprobs[2].rank == 3
+    assert result.logprobs[2].logprob == pytest.approx(expected[2].item(), abs=1e-6)
+    assert result.logprobs[0].rank == 1
+
+
+def test_logprobs_zero_returns_only_the_sampled_token_and_none_when_unset():
+    logits = random_logits(2, seed=7)
+    results = sample(logits, [row(temperature=0, logprobs=0), row(temperature=0)])
+    assert list(results[0].logprobs) == [results[0].token_id]
+    assert results[1].logprobs is None
+
+
+# ---- the distribution --------------------------------------------------------------------
+
+NUM_DRAWS = 2000
+PROBS = [0.5, 0.3, 0.2]
+
+
+def frequencies(logits_row: list[float], **params) -> list[float]:
+    logits = torch.tensor([logits_row]).expand(NUM_DRAWS, len(logits_row))
+    rows = [row(0, seed=seed, **params) for seed in range(NUM_DRAWS)]
+    picks = tokens(logits, rows)
+    return [picks.count(i) / NUM_DRAWS for i in range(len(logits_row))]
+
+
+def softmax(values: list[float]) -> list[float]:
+    exps = [math.exp(v) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+# Standard error of a frequency near 0.5 over 2000 draws is ~0.011; 0.04 is ~3.5 sigma.
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"temperature": 1.0}, PROBS),
+        ({"temperature": 0.5}, softmax([2 * math.log(p) for p in PROBS])),
+        ({"temperature": 1.0, "top_k": 2}, [0.625, 0.375, 0.0]),
+        ({"temperature": 1.0, "top_p": 0.6}, [0.625, 0.375, 0.0]),
+        ({"temperature": 1.0, "top_p": 0.4}, [1.0, 0.0, 0.0]),
+        ({"temperature": 1.0, "min_p": 0.5}, [0.625, 0.375, 0.0]),
+    ],
+    ids=["t=1", "t=0.5", "top_k=2", "top_p=0.6", "top_p=0.4", "min_p=0.5"],
+)
+def test_sampled_frequencies_match_the_filtered_softmax(params, expected):
+    observed = frequencies([math.log(p) for p in PROBS], **params)
+    assert observed == pytest.approx(expected, abs=0.04)
+    for got, want in zip(observed, expected, strict=True):
+        if want == 0.0:
+            assert got == 0.0
