@@ -124,15 +124,14 @@ class ModelRunner:
         return torch.tensor(slots, dtype=torch.int64, device=self.device)
 
     def _prepare_decodes(self, decodes: list[ScheduledRequest], meta: AttentionMetadata) -> None:
-        size = self.block_size
         max_blocks = max(len(d.request.block_ids) for d in decodes)
         tables = [
             d.request.block_ids + [0] * (max_blocks - len(d.request.block_ids)) for d in decodes
         ]
-        context_lens = torch.tensor([d.start + 1 for d in decodes], device=self.device)
         meta.decode_block_tables = torch.tensor(tables, dtype=torch.int64, device=self.device)
-        keys = torch.arange(max_blocks * size, device=self.device)
-        meta.decode_mask = (keys.unsqueeze(0) < context_lens.unsqueeze(1))[:, None, None, :]
+        meta.decode_context_lens = torch.tensor(
+            [d.start + 1 for d in decodes], dtype=torch.int64, device=self.device
+        )
 
     def _prepare_prefills(self, prefills: list[ScheduledRequest], start: int) -> list[PrefillSpan]:
         spans = []

@@ -15,7 +15,9 @@ NOTE: every slot of the pool must hold finite numbers, including slots past a se
 length that a block table's padding points at: masked-out positions get zero weight, and
 0 * NaN would still poison the output. The pool is therefore allocated with zeros.
 
-Masks are built once per step by the runner and shared by every layer.
+Single-token rows use a C kernel that reads keys and values straight from the pool when
+one is available (CPU, float32; see `kernels/`), else gather + PyTorch SDPA. Masks are
+built once per step and shared by every layer.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from pdserve.model import kernels
 
 
 @dataclass(slots=True)
@@ -45,8 +49,18 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64: pool slot where each new token's KV goes
     num_decode_tokens: int = 0
     decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] int64
-    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks*block_size] bool
+    decode_context_lens: torch.Tensor | None = None  # [num_decodes] int64
     prefills: list[PrefillSpan] = field(default_factory=list)
+    # Built on first use by the PyTorch decode path, then shared by every layer.
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks*block_size]
+
+    def get_decode_mask(self, block_size: int) -> torch.Tensor:
+        if self.decode_mask is None:
+            length = self.decode_block_tables.shape[1] * block_size
+            keys = torch.arange(length, device=self.decode_context_lens.device)
+            mask = keys.unsqueeze(0) < self.decode_context_lens.unsqueeze(1)
+            self.decode_mask = mask[:, None, None, :]
+        return self.decode_mask
 
 
 def write_kv(
@@ -80,6 +94,19 @@ def paged_attention(
 
 
 def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+    if q.device.type == "cpu" and q.dtype == torch.float32 and kernels.is_available():
+        return kernels.paged_decode_attention(
+            q.contiguous(),
+            k_cache,
+            v_cache,
+            meta.decode_block_tables,
+            meta.decode_context_lens,
+            q.shape[-1] ** -0.5,
+        )
+    return _decode_attention_torch(q, k_cache, v_cache, meta)
+
+
+def _decode_attention_torch(q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
     tables = meta.decode_block_tables  # [S, M]
     num_seqs, max_blocks = tables.shape
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
@@ -90,9 +117,8 @@ def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Ten
     values = v_cache.index_select(0, flat_tables).view(num_seqs, length, num_kv_heads, head_dim)
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)
     query = q.unsqueeze(2)  # [S, H, 1, D]
-    out = F.scaled_dot_product_attention(
-        query, keys, values, attn_mask=meta.decode_mask, enable_gqa=True
-    )
+    mask = meta.get_decode_mask(block_size)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
     return out.squeeze(2)
 
 

@@ -187,6 +187,9 @@ class LlamaForCausalLM(nn.Module):
                 torch.empty(config.vocab_size, hidden, dtype=dtype, device=device), False
             )
         )
+        # `[hidden, vocab]` copy of lm_head, made after loading where it is faster (see
+        # `finish_loading`); None means compute logits from `lm_head` directly.
+        self.lm_head_t: torch.Tensor | None = None
 
     @torch.inference_mode()
     def forward(
@@ -205,7 +208,24 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[S, hidden] -> [S, vocab] float32 (sampling maths always runs in float32)."""
+        if self.lm_head_t is not None:
+            return torch.matmul(hidden, self.lm_head_t).float()
         return F.linear(hidden, self.lm_head).float()
+
+    def finish_loading(self) -> None:
+        """Lay weights out for speed once they are loaded.
+
+        On CPU in float32, MKL's matrix-vector product over the `[vocab, hidden]` lm_head
+        runs at about half the memory bandwidth it reaches on the transposed layout (measured
+        on a 32000 x 512 head: 14 vs 25 GB/s), and lm_head is the largest weight read per
+        decode step. Untied heads are stored transposed only; tied ones keep both layouts
+        because the embedding lookup needs rows.
+        """
+        if self.lm_head.device.type != "cpu" or self.lm_head.dtype != torch.float32:
+            return
+        self.lm_head_t = self.lm_head.detach().t().contiguous()
+        if not self.config.tie_word_embeddings:
+            self.lm_head.data = self.lm_head_t.t()  # a view: no second copy
 
     # ---- weights ---------------------------------------------------------------------------
 

@@ -67,4 +67,5 @@ def load_model(
     files = weight_files(model_dir)
     model = LlamaForCausalLM(config, max_len=max_len, dtype=dtype, device=device)
     model.load_weights(iterate_weights(files))
+    model.finish_loading()
     return model.eval()
