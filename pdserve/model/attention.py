@@ -83,8 +83,10 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
 ) -> torch.Tensor:  # [T, H, D]
-    out = torch.empty_like(q)
     num_decodes = meta.num_decode_tokens
+    if num_decodes == q.shape[0]:  # a pure decode step: no copy into a shared output
+        return _decode_attention(q, k_cache, v_cache, meta)
+    out = torch.empty_like(q)
     if num_decodes:
         out[:num_decodes] = _decode_attention(q[:num_decodes], k_cache, v_cache, meta)
     for span in meta.prefills:
