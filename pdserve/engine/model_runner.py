@@ -21,6 +21,7 @@ from pdserve.config import EngineConfig, ModelConfig
 from pdserve.engine.request import Request
 from pdserve.engine.sampler import Sampler, SampleResult, SamplingRow
 from pdserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+from pdserve.model import cpu_blas, kernels
 from pdserve.model.attention import AttentionMetadata, PrefillSpan, causal_mask_with_context
 from pdserve.model.loader import load_model
 
@@ -53,6 +54,11 @@ class ModelRunner:
         self.kv_cache = self._allocate_kv_cache(self.num_blocks)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         self.sampler = Sampler(engine_config.seed)
+        self.num_threads = engine_config.num_threads or torch.get_num_threads()
+        self._torch_threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            cpu_blas.set_num_threads(self.num_threads)
+            kernels.set_num_threads(self.num_threads)
 
     def _decide_num_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
@@ -72,6 +78,7 @@ class ModelRunner:
     def execute(self, output: SchedulerOutput) -> dict[str, SampleResult]:
         """Run the scheduled tokens; return the sampled token of each request that yields one."""
         batch = self._prepare(output.scheduled)
+        self._assign_threads(len(batch.input_ids))
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         if not batch.sampling:
             return {}
@@ -82,6 +89,21 @@ class ModelRunner:
             item.request.request_id: result
             for item, result in zip(batch.sampling, results, strict=True)
         }
+
+    def _assign_threads(self, num_tokens: int) -> None:
+        """Give the cores to whichever thread pool does this step's heavy work.
+
+        Decode-sized steps multiply through OpenBLAS (`cpu_blas`) and the attention kernel,
+        each with its own threads; torch's OpenMP threads would spin-wait on the same cores
+        between ops (measured: batch-32 decode 160 ms/step with both pools at 2 threads,
+        60 ms with torch at 1). Prefill-sized steps run on torch with every thread.
+        """
+        if self.device.type != "cpu" or not self.model.uses_cpu_blas:
+            return
+        wanted = 1 if num_tokens <= cpu_blas.MAX_ROWS else self.num_threads
+        if wanted != self._torch_threads:
+            torch.set_num_threads(wanted)
+            self._torch_threads = wanted
 
     def _prepare(self, scheduled: list[ScheduledRequest]) -> _Batch:
         decodes = [s for s in scheduled if s.num_new_tokens == 1]

@@ -45,6 +45,12 @@ CFLAGS = [
 ]
 # Below this many KV bytes per call, splitting across threads costs more than it saves.
 MIN_BYTES_PER_THREAD = 1 << 20
+_num_threads: int | None = None  # None: torch's intra-op thread count
+
+
+def set_num_threads(num_threads: int) -> None:
+    global _num_threads
+    _num_threads = num_threads
 
 
 def _cache_dir() -> Path:
@@ -141,13 +147,14 @@ def paged_decode_attention(
         block_size,
         scale,
     )
-    num_items = num_seqs * num_kv_heads
     kv_bytes = 2 * int(context_lens.sum()) * num_kv_heads * head_dim * 4
-    num_threads = max(1, min(torch.get_num_threads(), num_items, kv_bytes // MIN_BYTES_PER_THREAD))
-    bounds = [num_items * i // num_threads for i in range(num_threads + 1)]
+    num_threads = max(
+        1, min(_num_threads or torch.get_num_threads(), num_seqs, kv_bytes // MIN_BYTES_PER_THREAD)
+    )
+    bounds = [num_seqs * i // num_threads for i in range(num_threads + 1)]
     fn = lib.paged_decode_attention_f32
     if num_threads == 1:
-        status = [fn(*args, 0, num_items)]
+        status = [fn(*args, 0, num_seqs)]
     else:
         futures = [
             _pool(num_threads).submit(fn, *args, bounds[i], bounds[i + 1])
