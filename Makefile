@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: setup
-	$(VENV)/bin/pdserve serve
+	$(VENV)/bin/pdserve chat
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -49,6 +49,7 @@ class ModelRunner:
         self.device = torch.device(engine_config.device)
         self.dtype = DTYPES[engine_config.dtype]
         self.block_size = engine_config.block_size
+        self._warn_if_bf16_is_emulated()
         self.model = load_model(model_dir, self.dtype, self.device, max_model_len, model_config)
         self.num_blocks = self._decide_num_blocks()
         self.kv_cache = self._allocate_kv_cache(self.num_blocks)
@@ -59,6 +60,20 @@ class ModelRunner:
         if self.device.type == "cpu":
             cpu_blas.set_num_threads(self.num_threads)
             kernels.set_num_threads(self.num_threads)
+
+    def _warn_if_bf16_is_emulated(self) -> None:
+        if self.device.type != "cpu" or self.dtype != torch.bfloat16:
+            return
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                flags = next((line for line in f if line.startswith("flags")), "")
+        except OSError:
+            return
+        if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+            logger.warning(
+                "this CPU has no bfloat16 instructions (AVX512-BF16/AMX): torch emulates "
+                "bfloat16 matmuls, several times slower than float32; prefer dtype=float32"
+            )
 
     def _decide_num_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
