@@ -129,6 +129,7 @@ class LLM:
                     self.engine.abort_request(request_id)
             raise
         finally:
+            self.engine.core.runner.reset_threads()
             if bar is not None:
                 bar.close()
         return [finished[request_id] for request_id in request_ids]

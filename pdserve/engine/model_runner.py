@@ -64,12 +64,8 @@ class ModelRunner:
     def _warn_if_bf16_is_emulated(self) -> None:
         if self.device.type != "cpu" or self.dtype != torch.bfloat16:
             return
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as f:
-                flags = next((line for line in f if line.startswith("flags")), "")
-        except OSError:
-            return
-        if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        flags = kernels.cpu_flags()
+        if flags and "avx512_bf16" not in flags and "amx_bf16" not in flags:
             logger.warning(
                 "this CPU has no bfloat16 instructions (AVX512-BF16/AMX): torch emulates "
                 "bfloat16 matmuls, several times slower than float32; prefer dtype=float32"
@@ -119,6 +115,13 @@ class ModelRunner:
         if wanted != self._torch_threads:
             torch.set_num_threads(wanted)
             self._torch_threads = wanted
+
+    def reset_threads(self) -> None:
+        """Give torch back all the engine's threads (call when the engine goes idle, so
+        torch code outside pdserve is not left with one thread)."""
+        if self._torch_threads != self.num_threads:
+            torch.set_num_threads(self.num_threads)
+            self._torch_threads = self.num_threads
 
     def _prepare(self, scheduled: list[ScheduledRequest]) -> _Batch:
         decodes = [s for s in scheduled if s.num_new_tokens == 1]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pdserve import LLM, SamplingParams
 from pdserve.model import cpu_blas
-from tests.helpers import hf_greedy, make_hf_model_dir
+from tests.helpers import hf_greedy, make_hf_model_dir, torch_threads
 
 
 def test_matmul_equals_linear():
@@ -40,3 +40,14 @@ def test_engine_tokens_match_with_and_without_openblas(tmp_path, monkeypatch):
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         results[library] = [o.outputs[0].token_ids for o in outputs]
     assert results["openblas"] == results["torch"] == reference
+
+
+def test_generate_gives_torch_its_threads_back(tmp_path):
+    """Decode steps run torch on one thread (OpenBLAS has the cores); afterwards torch code
+    outside pdserve must find the thread count it had."""
+    model_dir = make_hf_model_dir(tmp_path, "llama_mha")
+    with torch_threads(2):
+        llm = LLM(model_dir, skip_tokenizer_init=True, num_kv_blocks=64)
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        llm.generate([{"prompt_token_ids": [5, 6, 7]}], params, use_tqdm=False)
+        assert torch.get_num_threads() == 2

@@ -58,13 +58,13 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _cpu_fingerprint() -> str:
+def cpu_flags() -> str:
+    """The CPU's feature flags from /proc/cpuinfo ("" where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            return next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        flags = ""
-    return platform.machine() + flags
+        return ""
 
 
 def _build() -> Path | None:
@@ -73,7 +73,9 @@ def _build() -> Path | None:
         logger.warning("no C compiler found: using PyTorch attention (slower)")
         return None
     key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_fingerprint().encode()
+        SOURCE.read_bytes()
+        + " ".join(CFLAGS).encode()
+        + (platform.machine() + cpu_flags()).encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"paged_attention-{key}.so"
     if target.exists():
