@@ -1,0 +1,349 @@
+"""Decode step time: pdserve vs this machine's bandwidth roofline and vs llama.cpp.
+
+Batch-1 decode reads every weight once per token (a matrix-vector product per layer), so
+its floor is (weight bytes + KV bytes read at that context) ÷ memory read bandwidth. This
+script measures that bandwidth itself (torch `sum` over a 1 GiB fp32 tensor, best of
+several), times pdserve's decode step, and prints the achieved fraction of the floor.
+
+pdserve's step time excludes prefill: generate `max_tokens=1` and `max_tokens=1+N` for the
+same prompts of CONTEXT tokens and divide the difference by N. The prompts are prefilled
+once beforehand, so both calls find them in the prefix cache and their (tiny) prefill
+cancels out. Batches of 16 and 32 use the same method.
+
+llama.cpp runs on the same model folder converted to GGUF at the same dtype, with its
+default f16 KV cache (measured here: an f32 cache takes a slow flash-attention path, 3x
+slower at batch 16, and bf16 is slower than f16 too, so matching pdserve's cache dtype
+would understate the peer): `llama-bench -p 0 -n N -d CONTEXT` for batch 1 and
+`llama-batched-bench -npp CONTEXT -ntg N` for larger batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import common
+import torch
+
+GOAL_ROOFLINE = 0.70
+GOAL_VS_LLAMACPP = 1.0
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+GGUF_TYPE = {"float32": "f32", "bfloat16": "bf16"}
+
+
+# ----------------------------------------------------------------------------- roofline
+
+
+def measure_read_bandwidth(gib: float, repeats: int) -> float:
+    """Bytes/s of torch `sum` over a `gib` GiB fp32 tensor, best of `repeats`."""
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    x.sum()  # NOTE: first pass faults the pages in; it is not timed.
+    seconds = common.best_of(x.sum, repeats)
+    nbytes = x.numel() * 4
+    del x
+    gc.collect()
+    return nbytes / seconds
+
+
+def weight_bytes_per_step(model_dir: Path, dtype: str) -> int:
+    """Bytes of every weight a decode step reads: all but the embedding table (a gather).
+
+    With tied embeddings the LM head *is* the table, so it is counted once as the head.
+    """
+    shapes = common.weight_shapes(model_dir)
+    tied = common.model_info(model_dir)["tied_embeddings"]
+    total = 0
+    for name, shape in shapes.items():
+        if "embed_tokens" not in name or tied:
+            total += common.num_elements(shape)
+    return total * DTYPE_BYTES[dtype]
+
+
+def kv_bytes_per_token(model_dir: Path, dtype: str) -> int:
+    """K and V bytes one token occupies across all layers (KV cache in the model dtype)."""
+    cfg = common.load_config(model_dir)
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    kv_heads = cfg.get("num_key_value_heads", heads)
+    return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * DTYPE_BYTES[dtype]
+
+
+def roofline_seconds(model_dir: Path, dtype: str, context: float, bandwidth: float) -> float:
+    """Batch-1 floor: weights plus the KV cache at `context` tokens, read once per step."""
+    weights = weight_bytes_per_step(model_dir, dtype)
+    return (weights + context * kv_bytes_per_token(model_dir, dtype)) / bandwidth
+
+
+# ----------------------------------------------------------------------------- pdserve
+
+
+class PdserveDecodeTimer:
+    """Times decode steps of one pdserve `LLM` by differencing two generate lengths.
+
+    The prompts are prefilled once (`prime`); every timed call then reuses them, so the
+    prefix cache serves both calls of a difference alike and the expensive prefill of
+    32 × 512 tokens (slow in bf16 on CPUs without bf16 instructions) is paid only once.
+    Each sequence still reads its own KV blocks while decoding, as with fresh prompts.
+    """
+
+    def __init__(self, model_dir: Path, dtype: str, max_batch: int, args: argparse.Namespace):
+        from pdserve import LLM, SamplingParams
+
+        self.params_cls = SamplingParams
+        self.context = args.context
+        kwargs = {"max_num_seqs": max_batch, "num_threads": args.threads}
+        if args.max_num_batched_tokens:
+            kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+        self.llm = LLM(model=str(model_dir), dtype=dtype, **kwargs)
+        vocab = common.load_config(model_dir)["vocab_size"]
+        self.prompts = common.random_prompts([args.context] * max_batch, vocab, seed=1000)
+        self.min_cached_tokens: int | None = None
+
+    def prime(self) -> float:
+        """Prefill every prompt once (this also warms the engine up); the wall seconds."""
+        return self._generate(len(self.prompts), 1)
+
+    def _generate(self, batch: int, max_tokens: int) -> float:
+        """Wall seconds of one generate over the first `batch` prompts."""
+        inputs = [{"prompt_token_ids": p} for p in self.prompts[:batch]]
+        params = self.params_cls(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        seconds, outs = common.timed(lambda: self.llm.generate(inputs, params, use_tqdm=False))
+        got = {len(o.outputs[0].token_ids) for o in outs}
+        if got != {max_tokens}:
+            raise RuntimeError(f"asked for {max_tokens} tokens per prompt, got {sorted(got)}")
+        cached = min(o.num_cached_tokens for o in outs)
+        self.min_cached_tokens = min(cached, self.min_cached_tokens or cached)
+        return seconds
+
+    def step_seconds(self, batch: int, steps: int, repeats: int) -> float:
+        """Seconds per decode step at `batch`: (best t(1+N) − best t(1)) / N."""
+        short = min(self._generate(batch, 1) for _ in range(repeats))
+        long = min(self._generate(batch, 1 + steps) for _ in range(repeats))
+        return (long - short) / steps
+
+    def close(self) -> None:
+        """Drop the engine and its KV pool before the next dtype loads."""
+        del self.llm
+        gc.collect()
+
+
+def decode_steps_for(batch: int, args: argparse.Namespace) -> int:
+    """N: --decode-steps at batch 1, --batch-decode-steps above (each step costs B tokens)."""
+    return args.decode_steps if batch == 1 else args.batch_decode_steps
+
+
+def measure_pdserve(model_dir: Path, dtype: str, args: argparse.Namespace) -> dict[int, float]:
+    """Batch size → seconds per decode step for one dtype."""
+    timer = PdserveDecodeTimer(model_dir, dtype, max(args.batch_sizes), args)
+    steps = {}
+    try:
+        print(f"  pdserve {dtype}: prefill of the prompts: {timer.prime():.1f} s", flush=True)
+        for batch in args.batch_sizes:
+            n = decode_steps_for(batch, args)
+            steps[batch] = timer.step_seconds(batch, n, args.repeats if batch == 1 else 1)
+            print(f"  pdserve {dtype} batch {batch}: {steps[batch] * 1e3:.1f} ms/step", flush=True)
+        _check_cache_hits(timer)
+    finally:
+        timer.close()
+    return steps
+
+
+def _check_cache_hits(timer: PdserveDecodeTimer) -> None:
+    """Say so when timed calls recomputed prompts (then prefill was not the same in both)."""
+    cached = timer.min_cached_tokens or 0
+    print(f"  pdserve: timed calls found ≥{cached} of {timer.context} prompt tokens cached")
+    # The engine recomputes a prompt's last (partial) block on a hit; that cancels out too.
+    if cached < timer.context // 2:
+        print("  WARNING: prefix cache missed; step times include prefill noise", flush=True)
+
+
+# ----------------------------------------------------------------------------- llama.cpp
+
+
+def llamacpp_batch1(gguf: Path, args: argparse.Namespace) -> float | None:
+    """Tokens/s of `llama-bench` text generation at batch 1 after CONTEXT tokens of depth."""
+    binary = common.llamacpp_bin("llama-bench")
+    if binary is None:
+        return None
+    cmd = [str(binary), "-m", str(gguf), "-p", "0", "-n", str(args.decode_steps)]
+    cmd += ["-d", str(args.context), "-t", str(args.threads), "-r", str(args.repeats)]
+    out = _run_peer([*cmd, "-o", "json"])
+    return json.loads(out)[0]["avg_ts"] if out else None
+
+
+def llamacpp_batched(gguf: Path, args: argparse.Namespace) -> dict[int, float]:
+    """Batch size → generation tokens/s from `llama-batched-bench` (batches > 1 only)."""
+    binary = common.llamacpp_bin("llama-batched-bench")
+    batches = [b for b in args.batch_sizes if b > 1]
+    if binary is None or not batches:
+        return {}
+    ctx = max(batches) * (args.context + args.batch_decode_steps + 16)
+    cmd = [str(binary), "-m", str(gguf), "-c", str(ctx), "-b", "2048", "-ub", "512"]
+    cmd += ["-npp", str(args.context), "-ntg", str(args.batch_decode_steps)]
+    cmd += ["-npl", ",".join(map(str, batches)), "-t", str(args.threads)]
+    cmd += ["-tb", str(args.threads), "--output-format", "jsonl"]
+    out = _run_peer(cmd, with_stderr=True)  # its log writer may use either stream
+    rows = [json.loads(line) for line in (out or "").splitlines() if '"speed_tg"' in line]
+    return {row["pl"]: row["speed_tg"] for row in rows}
+
+
+def _run_peer(cmd: list[str], with_stderr: bool = False) -> str | None:
+    """Run a llama.cpp tool; its output, or None (with its stderr tail) when it failed."""
+    print("  $", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"  llama.cpp failed ({proc.returncode}):\n{proc.stderr[-1500:]}", file=sys.stderr)
+        return None
+    return proc.stdout + ("\n" + proc.stderr if with_stderr else "")
+
+
+def measure_llamacpp(model_dir: Path, dtype: str, args: argparse.Namespace) -> dict[int, float]:
+    """Batch size → tokens/s for llama.cpp at one dtype; empty when the peer is absent."""
+    if args.no_llamacpp or common.llamacpp_bin("llama-bench") is None:
+        return {}
+    gguf = common.gguf_for(model_dir, GGUF_TYPE[dtype])
+    if gguf is None:
+        return {}
+    results = llamacpp_batched(gguf, args)
+    if 1 in args.batch_sizes:
+        results[1] = llamacpp_batch1(gguf, args)
+    return {b: v for b, v in results.items() if v}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def result_rows(model_dir, dtype, pd_steps, llama_tps, bandwidth, args) -> list[dict]:
+    """One row per batch size: step time, tok/s, roofline share, llama.cpp and the ratio."""
+    mid_context = args.context + (args.decode_steps + 1) / 2
+    floor = roofline_seconds(model_dir, dtype, mid_context, bandwidth)
+    rows = []
+    for batch in args.batch_sizes:
+        step = pd_steps.get(batch)
+        pd_tps = batch / step if step else None
+        peer = llama_tps.get(batch)
+        ratio = pd_tps / peer if pd_tps and peer else None
+        row = {"dtype": dtype, "batch": batch, "pdserve_ms": step and step * 1e3}
+        row |= {"pdserve_tok_s": pd_tps, "llamacpp_tok_s": peer, "ratio": ratio}
+        row |= _goal_columns(batch, floor, step, peer, ratio)
+        rows.append(row)
+    return rows
+
+
+def _goal_columns(batch, floor, step, peer, ratio) -> dict:
+    """Batch 1 is judged against the roofline; batches ≥16 against llama.cpp."""
+    if batch != 1:
+        goal = "≥1x llama.cpp" if batch >= 16 else ""
+        verdict = common.goal_verdict(ratio, GOAL_VS_LLAMACPP) if goal else ""
+        return {
+            "roofline_ms": None,
+            "pdserve_roofline": None,
+            "llamacpp_roofline": None,
+            "goal": goal,
+            "verdict": verdict,
+        }
+    share = floor / step if step else None
+    return {
+        "roofline_ms": floor * 1e3,
+        "pdserve_roofline": share,
+        "llamacpp_roofline": floor * peer if peer else None,
+        "goal": f"≥{GOAL_ROOFLINE:.0%} roofline",
+        "verdict": common.goal_verdict(share, GOAL_ROOFLINE),
+    }
+
+
+def print_results(rows: list[dict]) -> None:
+    """The side-by-side table."""
+    headers = ["dtype", "batch", "pdserve ms/step", "pdserve tok/s", "roofline ms/step"]
+    headers += ["pdserve % roofline", "llama.cpp tok/s", "llama.cpp % roofline"]
+    headers += ["pdserve/llama.cpp", "goal", "verdict"]
+    table = []
+    for r in rows:
+        pct = [_pct(r["pdserve_roofline"]), r["llamacpp_tok_s"], _pct(r["llamacpp_roofline"])]
+        table.append(
+            [
+                *(r["dtype"], r["batch"], r["pdserve_ms"], r["pdserve_tok_s"], r["roofline_ms"]),
+                *pct,
+                *(r["ratio"], r["goal"], r["verdict"]),
+            ]
+        )
+    print(common.format_table(headers, table))
+
+
+def _pct(value: float | None) -> str | None:
+    """A fraction as a percentage, or None."""
+    return None if value is None else f"{value:.0%}"
+
+
+def describe(model_dir: Path, bandwidth: float, args: argparse.Namespace) -> dict:
+    """Header sections: hardware (with measured bandwidth), model, workload, peers."""
+    bytes_fp32 = weight_bytes_per_step(model_dir, "float32")
+    peer = common.llamacpp_bin("llama-bench")
+    return {
+        "hardware": common.hardware_info()
+        | {"load_avg_1m": round(common.machine_load(), 2)}
+        | {"read_bandwidth_GB_s": round(bandwidth / 1e9, 1)},
+        "model": common.model_info(model_dir)
+        | {"weight_MB_read_per_step_fp32": round(bytes_fp32 / 1e6, 1)}
+        | {"kv_KB_per_token_fp32": kv_bytes_per_token(model_dir, "float32") / 1e3},
+        "workload": {
+            "prompt_tokens": args.context,
+            "decode_steps": f"{args.decode_steps} at batch 1, {args.batch_decode_steps} above",
+            "batch_sizes": args.batch_sizes,
+            "pdserve": "step = (t(max_tokens=1+N) − t(max_tokens=1)) / N, prompts prefilled once",
+            "roofline": "(weights except embedding + KV at mid context) ÷ read bandwidth",
+        },
+        "llama.cpp": {
+            "binaries": str(peer.parent) if peer else "not built (skipped)",
+            "kv_cache": "its default, f16 (an f32 or bf16 cache is slower in llama.cpp on CPU)",
+        },
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="HF model folder (default: built-in model)")
+    p.add_argument("--dtypes", default="float32,bfloat16", type=lambda s: s.split(","))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--context", type=int, default=512, help="prompt tokens before decoding")
+    p.add_argument("--decode-steps", type=int, default=128, help="N decode steps at batch 1")
+    p.add_argument("--batch-decode-steps", type=int, default=64, help="N at batch > 1")
+    p.add_argument(
+        "--batch-sizes", default="1,16,32", type=lambda s: [int(b) for b in s.split(",")]
+    )
+    p.add_argument("--repeats", type=int, default=3, help="best-of repeats at batch 1")
+    p.add_argument("--bandwidth-gib", type=float, default=1.0)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="pdserve token budget")
+    p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp peer")
+    p.add_argument("--no-pdserve", action="store_true", help="peers and roofline only")
+    p.add_argument("--json-out", default=None, help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure bandwidth, then each dtype's pdserve and llama.cpp decode; print the table."""
+    args = parse_args(argv)
+    common.set_threads(args.threads)
+    model_dir = common.resolve_model_dir(args.model)
+    bandwidth = max(measure_read_bandwidth(args.bandwidth_gib, 7) for _ in range(2))
+    header = describe(model_dir, bandwidth, args)
+    common.print_header("Decode step time: pdserve vs roofline vs llama.cpp", header)
+    rows = []
+    for dtype in args.dtypes:
+        print(f"[{dtype}] measuring ...", flush=True)
+        pd_steps = {} if args.no_pdserve else measure_pdserve(model_dir, dtype, args)
+        llama_tps = measure_llamacpp(model_dir, dtype, args)
+        rows += result_rows(model_dir, dtype, pd_steps, llama_tps, bandwidth, args)
+    print()
+    print_results(rows)
+    common.write_json(args.json_out, header | {"results": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
