@@ -13,3 +13,15 @@ def builtin_model_dir() -> Path:
     from pdserve.model.builtin import ensure_builtin_model
 
     return ensure_builtin_model(progress=False)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` skip cleanly on machines without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -21,6 +21,7 @@ from pdserve.config import EngineConfig, ModelConfig
 from pdserve.engine.request import Request
 from pdserve.engine.sampler import Sampler, SampleResult, SamplingRow
 from pdserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+from pdserve.errors import ConfigError
 from pdserve.model import cpu_blas, kernels
 from pdserve.model.attention import AttentionMetadata, PrefillSpan, causal_mask_with_context
 from pdserve.model.loader import load_model
@@ -46,7 +47,7 @@ class ModelRunner:
     ) -> None:
         self.config = engine_config
         self.model_config = model_config
-        self.device = torch.device(engine_config.device)
+        self.device = _checked_device(engine_config.device)
         self.dtype = DTYPES[engine_config.dtype]
         self.block_size = engine_config.block_size
         self._warn_if_bf16_is_emulated()
@@ -210,3 +211,13 @@ def _sampling_row(request: Request) -> SamplingRow:
         eos = () if params.ignore_eos else request.eos_token_ids
         blocked = eos + params.stop_token_ids
     return SamplingRow(params, request.num_output_tokens, blocked)
+
+
+def _checked_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError("device", f"{name!r} is not a torch device ({e})") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", f"{name!r} requested but CUDA is not available here")
+    return device

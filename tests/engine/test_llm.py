@@ -308,3 +308,17 @@ def test_duplicate_request_id_is_rejected_without_touching_the_first(model_dir):
     assert [(o.request_id, o.prompt, len(o.outputs)) for o in finals] == [("dup", "Hello world", 1)]
     assert len(finals[0].outputs[0].token_ids) == 3
     assert engine.processor.states == {}
+
+
+def test_unavailable_device_is_a_config_error(tmp_path):
+    import torch
+
+    from pdserve.errors import ConfigError
+    from tests.helpers import make_hf_model_dir
+
+    model_dir = make_hf_model_dir(tmp_path, "llama_mha")
+    bad = ["not-a-device"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        with pytest.raises(ConfigError) as info:
+            LLM(model_dir, device=device, skip_tokenizer_init=True, num_kv_blocks=8)
+        assert info.value.field == "device"
