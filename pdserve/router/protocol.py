@@ -1,0 +1,367 @@
+"""The OpenAI wire protocol: request bodies in, response bodies and SSE events out.
+
+This module owns the JSON shapes of `/v1/completions`, `/v1/chat/completions` and
+`/v1/models`, and the one place where a request body becomes `SamplingParams`. It is
+plain pydantic v2 (what FastAPI parses bodies with) and imports no torch, so the router
+starts fast and can be tested without a model.
+
+Two kinds of rejection, both a 400 for the client:
+- *Shape* (pydantic `ValidationError` while parsing): wrong types, unknown message roles,
+  empty `messages`, an empty `prompt`. FastAPI reports these as 422 by default; the router
+  maps them to an OpenAI 400 body whose `param` is the error's `loc`.
+- *Meaning* (`InvalidRequestError` from `to_sampling_params`): values out of range, features
+  not supported yet. `SamplingParams` validates its own ranges; its errors pass through
+  unchanged so there is one message per rule.
+
+Unknown fields are ignored, as OpenAI's SDKs expect of compatible servers; vLLM's extra
+sampling fields (`top_k`, `min_p`, ...) are kept so vLLM clients keep working. `stop`
+takes any number of strings (OpenAI caps it at 4; vLLM does not, and neither do we).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer, model_validator
+
+from pdserve.errors import InvalidRequestError
+from pdserve.sampling_params import SamplingParams
+
+SSE_DONE = "data: [DONE]\n\n"
+
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions `logprobs`
+MAX_CHAT_TOP_LOGPROBS = 20  # OpenAI's limit for /v1/chat/completions `top_logprobs`
+
+NonEmpty = Field(min_length=1)
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], NonEmpty]
+# NOTE: every list form is non-empty, so `prompt: []` fails to parse rather than producing
+# no requests; `prompts` relies on this to look at element 0.
+Prompt = str | Annotated[list[str], NonEmpty] | TokenIds | Annotated[list[TokenIds], NonEmpty]
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length", "abort"] | None
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def unix_now() -> int:
+    return int(time.time())
+
+
+# -- requests -------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class _SamplingRequest(BaseModel):
+    """Fields shared by both endpoints; `None` means "the default" as in OpenAI's API."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None  # None: the one model served
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    n: int | None = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    user: str | None = None  # accepted and ignored
+    # vLLM extras
+    top_k: int | None = None
+    min_p: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        self._check_unsupported()
+        return SamplingParams(
+            n=_or(self.n, 1),
+            temperature=_or(self.temperature, 1.0),
+            top_p=_or(self.top_p, 1.0),
+            top_k=_or(self.top_k, 0),
+            min_p=_or(self.min_p, 0.0),
+            seed=self.seed,
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
+            stop=self.stop or (),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+        )
+
+    def _check_unsupported(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise InvalidRequestError(f"{name} is not supported yet; send 0 or omit it", name)
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError(
+                "stream_options is only allowed when stream is true", "stream_options"
+            )
+
+
+class CompletionRequest(_SamplingRequest):
+    """Body of `POST /v1/completions`."""
+
+    prompt: Prompt
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    logprobs: int | None = None
+    echo: bool = False
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s) as a list: each a string or a list of token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if isinstance(self.prompt[0], int):
+            return [list(self.prompt)]
+        return list(self.prompt)
+
+    def to_sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
+        """`default_max_tokens` applies when the body sends `max_tokens: null`."""
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise InvalidRequestError(
+                f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {self.logprobs}",
+                "logprobs",
+            )
+        return self._sampling_params(_or(self.max_tokens, default_max_tokens), self.logprobs)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One message; `name`, `tool_calls`, `tool_call_id` and the like are ignored for now."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Role
+    content: str | list[TextPart] | None = None
+
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        # Only an assistant message (one that made tool calls) may come without content.
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """Body of `POST /v1/chat/completions`."""
+
+    messages: Annotated[list[ChatMessage], NonEmpty]
+    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def to_sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
+        """`default_max_tokens` applies when neither max_completion_tokens nor max_tokens is set."""
+        max_tokens = _or(self.max_completion_tokens, _or(self.max_tokens, default_max_tokens))
+        return self._sampling_params(max_tokens, self._num_logprobs())
+
+    def _num_logprobs(self) -> int | None:
+        if self.top_logprobs is None:
+            return 0 if self.logprobs else None
+        if not self.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
+        if not 0 <= self.top_logprobs <= MAX_CHAT_TOP_LOGPROBS:
+            raise InvalidRequestError(
+                f"top_logprobs must be between 0 and {MAX_CHAT_TOP_LOGPROBS}, "
+                f"got {self.top_logprobs}",
+                "top_logprobs",
+            )
+        return self.top_logprobs
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+# -- responses ------------------------------------------------------------------------------
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def of(cls, num_prompt_tokens: int, num_completion_tokens: int) -> UsageInfo:
+        return cls(
+            prompt_tokens=num_prompt_tokens,
+            completion_tokens=num_completion_tokens,
+            total_tokens=num_prompt_tokens + num_completion_tokens,
+        )
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs object: parallel lists, one entry per token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionResponseChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason = None
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=unix_now)
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[CompletionResponseChoice]
+    usage: UsageInfo
+
+
+class CompletionStreamResponse(BaseModel):
+    """One SSE chunk; OpenAI reuses `text_completion` as the object of stream chunks."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=unix_now)
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[CompletionResponseChoice]
+    usage: UsageInfo | None = None  # only on the last chunk, with include_usage
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatCompletionResponseChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=unix_now)
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatCompletionResponseChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    """The increment in a chat stream chunk; unset keys are left out, as OpenAI does."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatCompletionStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason = None
+
+
+class ChatCompletionStreamResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=unix_now)
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatCompletionStreamChoice]
+    usage: UsageInfo | None = None  # only on the last chunk, with include_usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=unix_now)
+    owned_by: str = "pdserve"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(default_factory=list)
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+def error_body(
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    """The JSON body OpenAI sends with a 4xx/5xx: `{"error": {message, type, param, code}}`."""
+    info = ErrorInfo(message=message, type=type, param=param, code=code)
+    return ErrorResponse(error=info).model_dump()
+
+
+def sse_event(payload: BaseModel | dict[str, Any]) -> str:
+    """One server-sent event carrying `payload` as compact JSON."""
+    if isinstance(payload, BaseModel):
+        data = payload.model_dump_json()
+    else:
+        data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {data}\n\n"
