@@ -9,10 +9,9 @@ This module imports no torch: the router reads `ModelConfig` too.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,14 +94,6 @@ class ModelConfig:
                 "num_key_value_heads",
                 f"{self.num_kv_heads} does not divide num_attention_heads={self.num_heads}",
             )
-
-    @property
-    def num_decode_weight_elements(self) -> int:
-        """Weight elements one decode step reads: all but the embedding table (a row gather)."""
-        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
-        mlp = 3 * h * i
-        return self.num_layers * (attn + mlp + 2 * h) + h + self.vocab_size * h
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike[str]) -> ModelConfig:
@@ -194,7 +185,6 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     seed: int = 0  # seeds requests that carry no seed of their own
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.dtype not in SUPPORTED_DTYPES:
@@ -209,6 +199,3 @@ class EngineConfig:
                 raise ConfigError(name, f"must be positive, got {value}")
         if self.kv_cache_memory_gib <= 0:
             raise ConfigError("kv_cache_memory_gib", "must be positive")
-
-    def replace(self, **changes: Any) -> EngineConfig:
-        return dataclasses.replace(self, **changes)

@@ -8,7 +8,7 @@ the parameter (the API layer turns that into an OpenAI 400). No torch here.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pdserve.errors import InvalidRequestError
@@ -33,7 +33,6 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives to return besides the sampled token
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         # Accept the loose forms vLLM accepts (a single stop string, lists).
