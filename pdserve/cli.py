@@ -4,6 +4,8 @@
     pdserve chat [--model DIR]             interactive chat on the model's chat template
     pdserve model create [--out DIR]       write the built-in model (default: the cache folder)
     pdserve model path                     print where the built-in model lives
+    pdserve serve [--config serve.yaml] [flags]   router + workers: the OpenAI HTTP server
+    pdserve worker --role prefill|decode|mixed --router ADDR   one worker process
 
 Heavy imports (torch, the engine) happen inside the commands so `--help` stays instant.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -47,11 +50,8 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ignore-eos", action="store_true")
 
 
-def _make_llm(args: argparse.Namespace):
-    from pdserve.llm import LLM
-
-    return LLM(
-        args.model,
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
         dtype=args.dtype,
         device=args.device,
         seed=args.seed,
@@ -65,6 +65,12 @@ def _make_llm(args: argparse.Namespace):
         enable_prefix_caching=not args.no_prefix_caching,
         num_threads=args.threads,
     )
+
+
+def _make_llm(args: argparse.Namespace):
+    from pdserve.llm import LLM
+
+    return LLM(args.model, **_engine_kwargs(args))
 
 
 def _sampling_params(args: argparse.Namespace):
@@ -133,6 +139,34 @@ def cmd_model_path(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pdserve.config import EngineConfig
+    from pdserve.model.builtin import ensure_builtin_model
+    from pdserve.worker.worker import WorkerConfig, run_worker
+
+    model_dir = Path(args.model) if args.model else ensure_builtin_model(progress=False)
+    config = WorkerConfig(
+        worker_id=args.worker_id or f"{args.role}-{os.getpid()}",
+        role=args.role,
+        model_dir=model_dir,
+        router_addr=args.router,
+        engine=EngineConfig(**_engine_kwargs(args)),
+        host=args.host,
+        backends=tuple(b for b in args.kv_backends.split(",") if b),
+        kv_layerwise=not args.no_kv_layerwise,
+    )
+    run_worker(config)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pdserve.serve import ServeConfig, run_serve
+
+    return run_serve(ServeConfig.from_args(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default="WARNING")
@@ -148,6 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    serve = commands.add_parser("serve", help="start the OpenAI-compatible server")
+    from pdserve.serve import add_serve_args
+
+    add_serve_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    worker = commands.add_parser("worker", help="run one worker (usually started by serve)")
+    worker.add_argument("--role", required=True, choices=["prefill", "decode", "mixed"])
+    worker.add_argument("--router", required=True, help="router address, tcp://host:port")
+    worker.add_argument("--worker-id", default=None)
+    worker.add_argument("--host", default="127.0.0.1", help="interface the worker binds")
+    worker.add_argument("--kv-backends", default="shm,tcp", help="comma-separated")
+    worker.add_argument("--no-kv-layerwise", action="store_true", help="send KV after prefill")
+    _add_engine_args(worker)
+    worker.set_defaults(func=cmd_worker)
 
     model = commands.add_parser("model", help="manage the built-in model")
     model_commands = model.add_subparsers(dest="model_command", required=True)

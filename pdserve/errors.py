@@ -3,7 +3,11 @@
     PdserveError
     ├── ConfigError           a configuration value is invalid (names the field)
     ├── ModelLoadError        a model folder is missing a file or a file is malformed (names the file)
-    └── InvalidRequestError   a request cannot be served as given (bad parameter, too long, ...)
+    ├── InvalidRequestError   a request cannot be served as given (bad parameter, too long, ...)
+    ├── ServiceUnavailableError  no usable worker for a role the request needs (HTTP 503)
+    └── RequestFailedError    a request that was accepted failed inside the serving system
+                              (a worker died, a KV transfer timed out); HTTP 500, or an
+                              error event when the stream has already started
 
 Running out of KV blocks is *not* an error: the block manager answers "no" and the
 scheduler waits or preempts. HTTP status codes and OpenAI error bodies are made only in
@@ -39,3 +43,11 @@ class InvalidRequestError(PdserveError, ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+class ServiceUnavailableError(PdserveError):
+    """No worker can take the request now (none registered, all dead, or overloaded)."""
+
+
+class RequestFailedError(PdserveError):
+    """An accepted request failed inside the system (worker lost, transfer timed out)."""

@@ -64,7 +64,26 @@ class EngineCoreOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: str | int | None = None
     num_cached_tokens: int = 0
+    # Seconds from arrival to first scheduling, on the output carrying the first token.
+    queue_time_s: float | None = None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class SampleDelta:
+    index: int
+    text: str  # new text since the previous update, stop-string safe
+    token_ids: list[int]  # new token ids since the previous update
+    logprobs: list[dict[int, Logprob]] | None = None  # one entry per new token id
+    finish_reason: str | None = None  # set in the update where this sample finishes
+    stop_reason: str | int | None = None
+
+
+@dataclass(slots=True)
+class StreamUpdate:
+    deltas: list[SampleDelta]  # only the samples that changed
+    output: RequestOutput  # cumulative state of every sample
+    finished: bool = False

@@ -8,6 +8,7 @@ the parameter (the API layer turns that into an OpenAI 400). No torch here.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,3 +103,21 @@ class SamplingParams:
 def _check(ok: bool, param: str, message: str) -> None:
     if not ok:
         raise InvalidRequestError(f"{param} {message}", param=param)
+
+
+def token_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for token `index` of a request seeded with `seed`."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def child_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Parameters of sample `index` of an n>1 request, run as its own engine request.
+
+    A seeded sample i > 0 gets its own seed, derived so that it cannot equal another
+    request's seed + something: otherwise all n samples would be the same.
+    """
+    changes: dict[str, Any] = {"n": 1}
+    if params.seed is not None and index:
+        changes["seed"] = token_seed(params.seed, -index)
+    return params.replace(**changes)

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pdserve.config import EngineConfig, ModelConfig
 from pdserve.engine.block_manager import BlockManager, cdiv
-from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.model_runner import KVAllocator, ModelRunner
 from pdserve.engine.request import Request
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.errors import ConfigError, InvalidRequestError
 from pdserve.outputs import EngineCoreOutput
 from pdserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pdserve.transfer.streamer import KVStreamer
 
 
 def resolve_max_model_len(model_config: ModelConfig, engine_config: EngineConfig) -> int:
@@ -55,12 +59,20 @@ def resolve_token_budget(config: EngineConfig, max_model_len: int) -> int:
 
 
 class EngineCore:
-    def __init__(self, model_dir: Path, model_config: ModelConfig, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        model_config: ModelConfig,
+        config: EngineConfig,
+        kv_allocator: KVAllocator | None = None,
+    ) -> None:
         self.model_config = model_config
         self.config = config
         self.max_model_len = resolve_max_model_len(model_config, config)
         budget = resolve_token_budget(config, self.max_model_len)
-        self.runner = ModelRunner(model_dir, model_config, config, self.max_model_len)
+        self.runner = ModelRunner(model_dir, model_config, config, self.max_model_len, kv_allocator)
+        # Prefill worker: streams KV of requests that have a destination (see transfer/).
+        self.kv_streamer: KVStreamer | None = None
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -83,11 +95,29 @@ class EngineCore:
         params: SamplingParams,
         priority: int = 0,
         arrival_time: float | None = None,
+        kv_dest: object | None = None,
     ) -> Request:
+        """Queue a request. With `kv_dest` (prefill worker) it stops after its first token
+        and the `kv_streamer` sends its KV there."""
+        request = self.make_request(request_id, prompt_token_ids, params, priority, arrival_time)
+        request.kv_dest = kv_dest
+        self.requests[request_id] = request
+        self.scheduler.add_request(request)
+        return request
+
+    def make_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> Request:
+        """A validated `Request`, not yet queued."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         max_tokens = self.validate_request(prompt_token_ids, params)
-        request = Request(
+        return Request(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
             sampling_params=params,
@@ -96,9 +126,22 @@ class EngineCore:
             priority=priority,
             arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
         )
-        self.requests[request_id] = request
-        self.scheduler.add_request(request)
-        return request
+
+    # ---- decode worker: KV from a prefill worker ------------------------------------------
+
+    def try_reserve(self, request: Request) -> bool:
+        """Pin blocks for `request`'s prompt if there is room now; False if not."""
+        if request.request_id in self.requests:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
+        if not self.scheduler.can_reserve(request):
+            return False
+        self.scheduler.reserve(request)
+        self.requests[request.request_id] = request
+        return True
+
+    def finish_import(self, request_id: str, first_token_id: int | None, is_intact: bool) -> None:
+        """The reserved request's KV arrived (`is_intact`) or will not; see the scheduler."""
+        self.scheduler.finish_import(self.requests[request_id], first_token_id, is_intact)
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Check a request can be served (prompt, ids, length, pool); return its max_tokens."""
@@ -147,7 +190,11 @@ class EngineCore:
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
-        results = self.runner.execute(scheduled)
+        streamer = self.kv_streamer
+        after_layer = streamer.begin_step(scheduled.scheduled) if streamer is not None else None
+        results = self.runner.execute(scheduled, after_layer)
+        if streamer is not None:
+            streamer.end_step()
         sampled = {rid: result.token_id for rid, result in results.items()}
         outputs = []
         for request in self.scheduler.update_from_output(scheduled, sampled):
@@ -161,8 +208,15 @@ class EngineCore:
                     request.status.finish_reason,
                     request.stop_reason,
                     request.num_cached_tokens,
+                    _queue_time(request),
                 )
             )
             if request.is_finished:
                 del self.requests[request.request_id]
         return outputs
+
+
+def _queue_time(request: Request) -> float | None:
+    if request.num_output_tokens != 1 or request.first_scheduled_time is None:
+        return None
+    return max(0.0, request.first_scheduled_time - request.arrival_time)

@@ -15,10 +15,9 @@ import torch
 from pdserve.config import EngineConfig, ModelConfig
 from pdserve.engine.core import EngineCore
 from pdserve.engine.output_processor import OutputProcessor
-from pdserve.engine.sampler import token_seed
 from pdserve.errors import InvalidRequestError
 from pdserve.outputs import RequestOutput
-from pdserve.sampling_params import SamplingParams
+from pdserve.sampling_params import SamplingParams, child_params
 from pdserve.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ class LLMEngine:
         self.core.validate_request(token_ids, params)  # fail before tracking anything
         child_ids = self.processor.add_request(request_id, text, token_ids, params)
         for index, child_id in enumerate(child_ids):
-            self.core.add_request(child_id, token_ids, _child_params(params, index), priority)
+            self.core.add_request(child_id, token_ids, child_params(params, index), priority)
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -84,12 +83,3 @@ class LLMEngine:
         if stopped:
             self.core.abort_requests(stopped)
         return outputs
-
-
-def _child_params(params: SamplingParams, index: int) -> SamplingParams:
-    # Sample i of a seeded n>1 request gets its own seed, derived so that it cannot equal
-    # another request's seed + something: otherwise all n samples would be the same.
-    changes: dict[str, Any] = {"n": 1}
-    if params.seed is not None and index:
-        changes["seed"] = token_seed(params.seed, -index)
-    return params.replace(**changes)

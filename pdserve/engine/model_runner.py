@@ -13,6 +13,7 @@ later issues back it with shared memory so a prefill worker can write into it di
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,6 +28,10 @@ from pdserve.model.attention import AttentionMetadata, PrefillSpan, causal_mask_
 from pdserve.model.loader import load_model
 
 logger = logging.getLogger(__name__)
+
+# Makes the KV pool for a block count (e.g. in shared memory for the shm transfer backend);
+# it must return zeros shaped `[L, 2, num_blocks, block_size, Hkv, D]` on the engine's device.
+KVAllocator = Callable[[int], torch.Tensor]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,6 +49,7 @@ class ModelRunner:
         model_config: ModelConfig,
         engine_config: EngineConfig,
         max_model_len: int,
+        kv_allocator: KVAllocator | None = None,
     ) -> None:
         self.config = engine_config
         self.model_config = model_config
@@ -53,7 +59,7 @@ class ModelRunner:
         self._warn_if_bf16_is_emulated()
         self.model = load_model(model_dir, self.dtype, self.device, max_model_len, model_config)
         self.num_blocks = self._decide_num_blocks()
-        self.kv_cache = self._allocate_kv_cache(self.num_blocks)
+        self.kv_cache = (kv_allocator or self._allocate_kv_cache)(self.num_blocks)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         self.sampler = Sampler(engine_config.seed)
         self.num_threads = engine_config.num_threads or torch.get_num_threads()
@@ -87,11 +93,16 @@ class ModelRunner:
     # ---- one step ------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput) -> dict[str, SampleResult]:
-        """Run the scheduled tokens; return the sampled token of each request that yields one."""
+    def execute(
+        self, output: SchedulerOutput, after_layer: Callable[[int], None] | None = None
+    ) -> dict[str, SampleResult]:
+        """Run the scheduled tokens; return the sampled token of each request that yields one.
+        `after_layer(i)` is called when layer i's KV is in the pool (see the model)."""
         batch = self._prepare(output.scheduled)
         self._assign_threads(len(batch.input_ids))
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        hidden = self.model(
+            batch.input_ids, batch.positions, self.kv_caches, batch.meta, after_layer
+        )
         if not batch.sampling:
             return {}
         logits = self.model.compute_logits(hidden[batch.logits_indices])

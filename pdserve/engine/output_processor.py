@@ -18,7 +18,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from pdserve.outputs import CompletionOutput, EngineCoreOutput, RequestMetrics, RequestOutput
+from pdserve.outputs import (
+    CompletionOutput,
+    EngineCoreOutput,
+    RequestMetrics,
+    RequestOutput,
+    SampleDelta,
+    StreamUpdate,
+)
 from pdserve.sampling_params import SamplingParams
 from pdserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -55,6 +62,8 @@ class SampleState:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     num_sent_chars: int = 0  # streaming: characters already handed out
+    num_sent_tokens: int = 0  # streaming: token ids already handed out
+    finish_sent: bool = False
 
     def add(self, out: EngineCoreOutput) -> bool:
         """Apply one core output; return True if a stop string just finished the sample."""
@@ -99,6 +108,25 @@ class SampleState:
         delta = self.text[self.num_sent_chars : max(visible, self.num_sent_chars)]
         self.num_sent_chars += len(delta)
         return delta
+
+    def take_update(self) -> SampleDelta | None:
+        """What is new since the last call (text, token ids, logprobs, the finish), or
+        None when nothing is. The finish is reported exactly once."""
+        start, end = self.num_sent_tokens, len(self.token_ids)
+        text = self.take_delta()
+        is_finishing = self.finish_reason is not None and not self.finish_sent
+        if not text and start == end and not is_finishing:
+            return None
+        self.num_sent_tokens = end
+        self.finish_sent = self.finish_reason is not None
+        return SampleDelta(
+            index=self.index,
+            text=text,
+            token_ids=self.token_ids[start:end],
+            logprobs=self.logprobs[start:end] if self.logprobs is not None else None,
+            finish_reason=self.finish_reason if is_finishing else None,
+            stop_reason=self.stop_reason if is_finishing else None,
+        )
 
     def to_output(self) -> CompletionOutput:
         return CompletionOutput(
@@ -202,6 +230,25 @@ class OutputProcessor:
                 del self.states[state.request_id]
             results.append(state.to_output())
         return results, to_abort
+
+    def process_stream(
+        self, outputs: list[EngineCoreOutput]
+    ) -> tuple[dict[str, StreamUpdate], list[str]]:
+        """Like `process`, but per updated request a `StreamUpdate` holding only what is
+        new for each sample, keyed by request id."""
+        touched = {
+            entry[0].request_id: entry[0]
+            for o in outputs
+            if (entry := self._sample_of.get(o.request_id)) is not None
+        }
+        results, to_abort = self.process(outputs)
+        by_id = {r.request_id: r for r in results}
+        updates = {}
+        for state in touched.values():
+            deltas = [d for s in state.samples if (d := s.take_update()) is not None]
+            output = by_id[state.request_id]
+            updates[state.request_id] = StreamUpdate(deltas, output, output.finished)
+        return updates, to_abort
 
     def abort_request(self, request_id: str) -> list[str]:
         """Forget a request; return the core request ids to abort."""

@@ -20,12 +20,16 @@ from pdserve.sampling_params import SamplingParams
 
 class RequestStatus(enum.IntEnum):
     WAITING = enum.auto()
+    WAITING_FOR_KV = enum.auto()  # decode worker: blocks reserved, KV coming from a prefill worker
     RUNNING = enum.auto()
     PREEMPTED = enum.auto()
     # Everything from here on is finished.
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH = enum.auto()
     FINISHED_ABORTED = enum.auto()
+    # Prefill worker: the prompt's KV and first token went to a decode worker, which
+    # continues the request; for the client it is not finished.
+    FINISHED_HANDED_OFF = enum.auto()
 
     @property
     def is_finished(self) -> bool:
@@ -57,9 +61,13 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # time.monotonic() of its first admission
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[BlockHash] = field(default_factory=list)
     stop_reason: str | int | None = None
+    # Prefill worker: where this request's KV goes (a `KVDestination`); the request then
+    # stops after its first token. None for requests that run to the end here.
+    kv_dest: object | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -16,13 +16,12 @@ All maths in float32.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 
 from pdserve.outputs import Logprob
-from pdserve.sampling_params import SamplingParams
+from pdserve.sampling_params import SamplingParams, token_seed
 
 
 @dataclass(slots=True)
@@ -88,12 +87,6 @@ class Sampler:
                     raw_logprobs[i], token_ids[i], row.params.logprobs
                 )
         return results
-
-
-def token_seed(seed: int, index: int) -> int:
-    """A 63-bit seed for token `index` of a request seeded with `seed`."""
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def _block_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:

@@ -14,6 +14,15 @@ Policy, in order:
    cached prefix is taken from the prefix cache and not computed again. No admissions in a
    step that had to preempt: the pool is under pressure.
 
+Disaggregation adds two paths, both plain block bookkeeping:
+- decode side: `reserve` pins fresh blocks for a prompt whose KV a prefill worker will
+  write (status WAITING_FOR_KV, outside the running list so it is never preempted);
+  `finish_import` then makes it a running request that has computed its prompt and holds
+  its first token, or — when the KV did not arrive intact — frees the blocks and queues it
+  for recompute, exactly like a preempted request.
+- prefill side: a request with a `kv_dest` finishes as FINISHED_HANDED_OFF after its first
+  token unless that token already ends it.
+
 The scheduler alone changes a request's status. It hands the runner plain data
 (`SchedulerOutput`) and takes back the sampled token ids.
 """
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -72,6 +82,7 @@ class Scheduler:
         self._num_waiting = 0
         self._order: dict[str, int] = {}  # arrival sequence number, kept across preemption
         self._counter = itertools.count()
+        self.reserved: dict[str, Request] = {}  # WAITING_FOR_KV, by request id
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -84,7 +95,15 @@ class Scheduler:
         return len(self.running)
 
     def has_unfinished_requests(self) -> bool:
+        """Work the step loop can make progress on (reservations only wait)."""
         return bool(self.running) or self._num_waiting > 0
+
+    @property
+    def num_waiting_prefill_tokens(self) -> int:
+        """Tokens queued for computation in waiting requests (a load signal)."""
+        return sum(
+            r.num_tokens - r.num_computed_tokens for *_, r in self._waiting if not r.is_finished
+        )
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -99,9 +118,45 @@ class Scheduler:
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
                 self.block_manager.free(request)
+            elif request.status == RequestStatus.WAITING_FOR_KV:
+                del self.reserved[request.request_id]
+                self.block_manager.free(request)
             else:
                 self._num_waiting -= 1  # lazily dropped from the heap when it surfaces
             self._finish(request, RequestStatus.FINISHED_ABORTED)
+
+    # ---- disaggregation: KV arriving from a prefill worker -------------------------------
+
+    def can_reserve(self, request: Request) -> bool:
+        num_seqs = len(self.running) + len(self.reserved)
+        return num_seqs < self.config.max_num_seqs and self.block_manager.can_allocate(
+            request, request.num_prompt_tokens
+        )
+
+    def reserve(self, request: Request) -> None:
+        """Pin fresh blocks for `request`'s prompt (call `can_reserve` first)."""
+        self.block_manager.allocate(request, request.num_prompt_tokens)
+        request.status = RequestStatus.WAITING_FOR_KV
+        self._order[request.request_id] = next(self._counter)
+        self.reserved[request.request_id] = request
+
+    def finish_import(self, request: Request, first_token_id: int | None, is_intact: bool) -> None:
+        """The prefill worker is done with `request`'s blocks. If its KV is intact, the
+        request runs from its first token; else it is recomputed here (the first token, if
+        any, is kept: recompute reproduces it, and the client already has it)."""
+        del self.reserved[request.request_id]
+        if first_token_id is not None:
+            request.output_token_ids.append(first_token_id)
+        if is_intact and first_token_id is not None:
+            request.num_computed_tokens = request.num_prompt_tokens
+            self.block_manager.commit_full_blocks(request)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            return
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        self._push_waiting(request)
 
     # ---- one step ------------------------------------------------------------------------
 
@@ -154,6 +209,8 @@ class Scheduler:
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             output.scheduled.append(ScheduledRequest(request, num_new, num_cached))
             budget -= num_new
@@ -196,6 +253,8 @@ class Scheduler:
                 return RequestStatus.FINISHED_STOPPED
         if request.num_output_tokens >= request.max_tokens:
             return RequestStatus.FINISHED_LENGTH
+        if request.kv_dest is not None:
+            return RequestStatus.FINISHED_HANDED_OFF
         return None
 
     def _preempt(self, request: Request) -> None:

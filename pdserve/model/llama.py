@@ -15,7 +15,7 @@ The device is whatever the weights live on; nothing here assumes CPU.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -206,11 +206,16 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,  # [T]
         kv_caches: list[KVCache],  # one per layer
         meta: AttentionMetadata,
+        after_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:  # [T, hidden]
+        """`after_layer(i)` runs once layer i has written this step's keys and values
+        into the cache: a prefill worker streams them to a decode worker from there."""
         x = F.embedding(input_ids, self.embed_tokens)
         rope = self.rotary.tables(positions)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             x = layer(x, rope, kv_cache, meta)
+            if after_layer is not None:
+                after_layer(i)
         return self.norm(x)
 
     @torch.inference_mode()

@@ -281,11 +281,11 @@ def test_exception_mid_generate_leaks_nothing(llm, reference, monkeypatch, error
     real_execute = runner.execute
     calls = []
 
-    def failing_execute(scheduler_output):
+    def failing_execute(scheduler_output, after_layer=None):
         calls.append(scheduler_output)
         if len(calls) == 3:  # after prefill and a decode: blocks are held, some cached
             raise error
-        return real_execute(scheduler_output)
+        return real_execute(scheduler_output, after_layer)
 
     monkeypatch.setattr(runner, "execute", failing_execute)
     with pytest.raises(type(error)):

@@ -1,0 +1,277 @@
+"""Every message that crosses a process boundary, and the one codec for them.
+
+Messages are msgspec Structs with a type tag, encoded as msgpack. Decoding goes through a
+single typed `Decoder` over the union of known messages: anything else on a socket is
+rejected with `msgspec.ValidationError`, and nothing received is ever unpickled.
+
+Grouped by who sends them:
+
+    router → worker      AddRequest, ReserveKV, PrefillRequest, Abort, Shutdown
+    worker → router      Register, WorkerStats, StepOutputs, KVReserved, RequestFailed,
+                         KVSent
+    prefill → decode     KVLayer (+ one raw data frame, tcp backend), KVDone
+
+A ZeroMQ message is `[encoded message, *raw frames]`; bulk KV bytes travel as raw frames
+so they are never copied into msgpack.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from pdserve.outputs import EngineCoreOutput, Logprob
+from pdserve.sampling_params import SamplingParams
+
+
+class Message(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """Base of every message; the tag is the class name."""
+
+
+# ---- router → worker ---------------------------------------------------------------------
+
+
+class AddRequest(Message):
+    """Run a whole request (prefill and decode) on this worker."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = 0.0
+
+
+class ReserveKV(Message):
+    """Decode worker: reserve blocks for the prompt, then wait for its KV from a prefill
+    worker. Answer with `KVReserved` as soon as the blocks are held."""
+
+    request_id: str
+    transfer_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    timeout_s: float  # free the blocks if the KV has not arrived by then
+
+
+class KVDestination(msgspec.Struct, frozen=True):
+    """Where a prefill worker sends a request's KV: the reserved blocks on a decode worker."""
+
+    worker_id: str
+    transfer_id: str
+    block_ids: list[int]
+    kv_addr: str  # the decode worker's KV socket (tcp backend, and KVDone for every backend)
+    backend: str  # "shm" | "tcp" | ...
+    shm_path: str | None = None  # the decode worker's shared KV pool (shm backend)
+
+
+class PrefillRequest(Message):
+    """Prefill worker: compute the prompt, send its KV to `dest`, return the first token."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    dest: KVDestination
+    deadline_s: float  # seconds from receipt; past it the reserved blocks may be reused
+
+
+class Abort(Message):
+    request_ids: list[str]
+
+
+class Shutdown(Message):
+    pass
+
+
+# ---- worker → router ---------------------------------------------------------------------
+
+
+class KVLayout(msgspec.Struct, frozen=True):
+    """Shape of a worker's KV pool: `[num_layers, 2, num_blocks, block_size, heads, dim]`."""
+
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (
+            self.num_layers,
+            2,
+            self.num_blocks,
+            self.block_size,
+            self.num_kv_heads,
+            self.head_dim,
+        )
+
+    def is_compatible(self, other: KVLayout) -> bool:
+        """Blocks can be copied between the two pools as they are."""
+        return (
+            self.num_layers == other.num_layers
+            and self.block_size == other.block_size
+            and self.num_kv_heads == other.num_kv_heads
+            and self.head_dim == other.head_dim
+            and self.dtype == other.dtype
+        )
+
+
+class Register(Message):
+    worker_id: str
+    role: str
+    pid: int
+    ctrl_addr: str
+    kv_addr: str
+    kv_layout: KVLayout
+    max_model_len: int
+    backends: list[str]  # transfer backends this worker can send and receive with
+    hostname: str = ""  # the shm backend needs both workers on one host
+    shm_path: str | None = None
+
+
+class WorkerStats(Message):
+    """Sent after every step that changed something, and at least once a second."""
+
+    worker_id: str
+    num_running: int
+    num_waiting: int  # includes reservations waiting for room
+    num_free_blocks: int
+    num_blocks: int
+    num_waiting_prefill_tokens: int = 0  # prompt tokens queued, not yet computed
+
+
+class TokenLogprob(msgspec.Struct, array_like=True, frozen=True):
+    token_id: int
+    logprob: float
+    rank: int
+
+
+class CoreOutput(msgspec.Struct, array_like=True, frozen=True):
+    """`EngineCoreOutput` on the wire."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[list[TokenLogprob]] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_cached_tokens: int = 0
+    queue_time_s: float | None = None  # set on a request's first output
+
+    @classmethod
+    def of(cls, out: EngineCoreOutput) -> CoreOutput:
+        logprobs = None
+        if out.new_logprobs is not None:
+            logprobs = [
+                [TokenLogprob(t, lp.logprob, lp.rank) for t, lp in entry.items()]
+                for entry in out.new_logprobs
+            ]
+        return cls(
+            out.request_id,
+            out.new_token_ids,
+            logprobs,
+            out.finish_reason,
+            out.stop_reason,
+            out.num_cached_tokens,
+            out.queue_time_s,
+        )
+
+    def to_engine_output(self) -> EngineCoreOutput:
+        logprobs = None
+        if self.new_logprobs is not None:
+            logprobs = [
+                {e.token_id: Logprob(e.logprob, e.rank) for e in entry}
+                for entry in self.new_logprobs
+            ]
+        return EngineCoreOutput(
+            self.request_id,
+            list(self.new_token_ids),
+            logprobs,
+            self.finish_reason,
+            self.stop_reason,
+            self.num_cached_tokens,
+            self.queue_time_s,
+        )
+
+
+class StepOutputs(Message):
+    worker_id: str
+    outputs: list[CoreOutput]
+
+
+class KVReserved(Message):
+    worker_id: str
+    request_id: str
+    transfer_id: str
+    block_ids: list[int]
+
+
+class RequestFailed(Message):
+    """A request cannot continue on this worker; it has been dropped and its blocks freed."""
+
+    worker_id: str
+    request_id: str
+    message: str
+
+
+class KVSent(Message):
+    """Prefill worker: a request's KV left for its destination (for metrics)."""
+
+    worker_id: str
+    request_id: str
+    num_bytes: int
+    seconds: float
+
+
+# ---- prefill worker → decode worker ------------------------------------------------------
+
+
+class KVLayer(Message):
+    """One layer's KV for some of a request's blocks; followed by one raw frame holding
+    `[2, len(block_ids), block_size, heads, dim]` in the pool's dtype (tcp backend)."""
+
+    transfer_id: str
+    layer: int
+    block_ids: list[int]  # destination block ids
+    checksum: int  # xxh3_64 of the raw frame
+    num_bytes: int
+
+
+class KVDone(Message):
+    """Every KV batch of a transfer has been sent (or the prefill worker gave up)."""
+
+    transfer_id: str
+    request_id: str
+    num_batches: int  # KVLayer messages sent (0 for shm, which writes in place)
+    first_token_id: int | None = None
+    first_logprobs: list[TokenLogprob] | None = None
+    is_finished: bool = False  # the first token already finished the request
+    error: str | None = None
+
+
+AnyMessage = Union[  # noqa: UP007 — msgspec needs a real Union of the tagged types
+    AddRequest,
+    ReserveKV,
+    PrefillRequest,
+    Abort,
+    Shutdown,
+    Register,
+    WorkerStats,
+    StepOutputs,
+    KVReserved,
+    RequestFailed,
+    KVSent,
+    KVLayer,
+    KVDone,
+]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(AnyMessage)
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(data: bytes | memoryview) -> Message:
+    """Decode one message; raises `msgspec.ValidationError`/`DecodeError` on anything else."""
+    return _decoder.decode(data)

@@ -1,0 +1,418 @@
+"""`ClusterClient`: the `EngineClient` that drives worker processes over ZeroMQ.
+
+It tokenises nothing (the HTTP layer does) and detokenises everything: workers exchange
+token ids only, and one `OutputProcessor` here turns them into text, stop strings and
+stream deltas.
+
+Per request (each of its n samples is its own worker request), in `generate`:
+1. Plan (`router/policy.py`): the whole request on one worker, or prefill on a prefill
+   worker P and decode on a decode worker D.
+2. Remote: D reserves blocks (`ReserveKV` → `KVReserved`; D queues it while full, so
+   the request waits for room); then P gets `PrefillRequest` with D's block ids and streams
+   the KV into them. P's first token comes straight back here; D continues from it.
+3. Outputs from any worker feed the output processor; each update goes to the request's
+   queue, which `generate` yields from.
+4. On finish, stop string, client disconnect, failure or a dead worker: `Abort` goes to
+   every worker the request touched, and its load is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from pdserve.config import ModelConfig
+from pdserve.engine.output_processor import OutputProcessor
+from pdserve.errors import InvalidRequestError, RequestFailedError, ServiceUnavailableError
+from pdserve.ipc import messages as m
+from pdserve.outputs import StreamUpdate
+from pdserve.router.client import EngineClient, Readiness, WorkerStatus
+from pdserve.router.policy import Plan, RoutingConfig, plan_request, required_jobs
+from pdserve.router.workers import WorkerHandle, WorkerPool
+from pdserve.sampling_params import SamplingParams, child_params
+from pdserve.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+ROUTER_MARGIN_S = 1.0  # the prefill deadline ends this much before the reservation's
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(eq=False)
+class _Child:
+    """One sample of a request, as assigned to workers."""
+
+    child_id: str
+    parent_id: str
+    num_prompt_tokens: int
+    max_tokens: int
+    loads: dict[str, int] = field(default_factory=dict)  # worker id -> tokens charged
+    prefill_worker: str | None = None
+    reservation: asyncio.Future | None = None
+
+
+@dataclass(eq=False)
+class _Stream:
+    queue: asyncio.Queue
+    children: list[_Child]
+
+
+class ClusterClient(EngineClient):
+    def __init__(
+        self,
+        model_dir: Path,
+        router_addr: str,
+        routing: RoutingConfig | None = None,
+        model_name: str | None = None,
+        max_model_len: int | None = None,
+        min_workers: int = 1,
+        metrics=None,
+        liveness_timeout_s: float = 10.0,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.model_config = ModelConfig.from_pretrained(model_dir)
+        self.tokenizer = Tokenizer.from_pretrained(model_dir)
+        self.model_name = model_name or self.model_dir.name
+        self._max_model_len = max_model_len or self.model_config.max_position_embeddings
+        self.routing = routing or RoutingConfig()
+        self.router_addr = router_addr
+        self.min_workers = min_workers
+        self.metrics = metrics
+        self.ctx = zmq.asyncio.Context()
+        self.pool = WorkerPool(self.ctx, liveness_timeout_s)
+        self.processor = OutputProcessor(self.tokenizer)
+        self._streams: dict[str, _Stream] = {}
+        self._children: dict[str, _Child] = {}
+        self._socket: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the socket workers report to and start listening (inside the event loop)."""
+        self._socket = self.ctx.socket(zmq.PULL)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.bind(self.router_addr)
+        self.router_addr = self._socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._tasks = [
+            asyncio.create_task(self._receive_loop()),
+            asyncio.create_task(self._liveness_loop()),
+        ]
+
+    async def stop(self, shutdown_workers: bool = True) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if shutdown_workers:
+            for handle in self.pool.workers.values():
+                handle.send(m.Shutdown())
+            await asyncio.sleep(0.05)  # let the shutdowns leave
+        self.pool.close()
+        if self._socket is not None:
+            self._socket.close(linger=0)
+        self.ctx.term()
+
+    async def wait_until_ready(self, timeout_s: float) -> Readiness:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            readiness = self.readiness()
+            if readiness.is_ready:
+                return readiness
+            await asyncio.sleep(0.05)
+        return self.readiness()
+
+    # ---- EngineClient ----------------------------------------------------------------------
+
+    @property
+    def max_model_len(self) -> int:
+        limits = [w.info.max_model_len for w in self.pool.workers.values()]
+        return min([self._max_model_len, *limits])
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        num_prompt = len(prompt_token_ids)
+        limit = self.max_model_len
+        if num_prompt == 0:
+            raise InvalidRequestError("the prompt must contain at least one token", "prompt")
+        vocab = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - num_prompt
+        if num_prompt + max(max_tokens, 1) > limit:
+            raise InvalidRequestError(
+                f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) exceeds the "
+                f"model's context length of {limit} tokens",
+                "max_tokens" if num_prompt < limit else "prompt",
+            )
+        pools = [w.info.kv_layout for w in self.pool.workers.values() if w.role != "prefill"]
+        if pools:
+            smallest = min(pools, key=lambda p: p.num_blocks)
+            needed = cdiv(num_prompt + max_tokens, smallest.block_size)
+            if needed > smallest.num_blocks:
+                raise InvalidRequestError(
+                    f"the request needs up to {needed} KV blocks but a worker's pool has "
+                    f"only {smallest.num_blocks}; lower max_tokens",
+                    "max_tokens",
+                )
+
+    def readiness(self) -> Readiness:
+        workers = [self._status(w) for w in self.pool.workers.values()]
+        num_alive = sum(w.is_alive for w in workers)
+        if num_alive < self.min_workers:
+            return Readiness(False, f"{num_alive} of {self.min_workers} workers up", workers)
+        for job in required_jobs(self.routing.mode):
+            if not self.pool.alive(job):
+                return Readiness(False, f"no live worker can {job}", workers)
+        return Readiness(True, "", workers)
+
+    @staticmethod
+    def _status(w: WorkerHandle) -> WorkerStatus:
+        s = w.stats
+        usage = 1.0 - s.num_free_blocks / s.num_blocks if s and s.num_blocks else 0.0
+        return WorkerStatus(
+            w.worker_id,
+            w.role,
+            w.is_alive,
+            s.num_running if s else 0,
+            s.num_waiting if s else 0,
+            usage,
+        )
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+    ) -> AsyncIterator[StreamUpdate]:
+        self.validate(prompt_token_ids, params)
+        if request_id in self._streams:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        child_ids = self.processor.add_request(request_id, prompt, prompt_token_ids, params)
+        max_tokens = params.max_tokens or (self.max_model_len - len(prompt_token_ids))
+        stream = _Stream(asyncio.Queue(), [])
+        self._streams[request_id] = stream
+        is_finished = False
+        try:
+            for index, child_id in enumerate(child_ids):
+                child = _Child(child_id, request_id, len(prompt_token_ids), max_tokens)
+                stream.children.append(child)
+                self._children[child_id] = child
+                await self._dispatch(child, prompt_token_ids, child_params(params, index))
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                is_finished = item.finished
+                yield item
+                if is_finished:
+                    return
+        finally:
+            if not is_finished:
+                await self.abort(request_id)
+            self._forget(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        stream = self._streams.get(request_id)
+        self.processor.abort_request(request_id)
+        if stream is None:
+            return
+        for child in stream.children:
+            self._abort_child(child)
+
+    # ---- dispatch ---------------------------------------------------------------------------
+
+    async def _dispatch(self, child: _Child, token_ids: list[int], params: SamplingParams):
+        plan = plan_request(self.pool, self.routing, len(token_ids))
+        if plan is None:
+            raise ServiceUnavailableError(
+                f"no live worker for mode {self.routing.mode!r}; retry later"
+            )
+        if plan.prefill is None:
+            self._charge(child, plan.decode, child.num_prompt_tokens + child.max_tokens)
+            plan.decode.send(m.AddRequest(child.child_id, token_ids, params, time.time()))
+            return
+        await self._dispatch_remote(child, plan, token_ids, params)
+
+    async def _dispatch_remote(
+        self, child: _Child, plan: Plan, token_ids: list[int], params: SamplingParams
+    ) -> None:
+        timeout = self.routing.kv_transfer_timeout_s
+        transfer_id = uuid.uuid4().hex
+        child.reservation = asyncio.get_running_loop().create_future()
+        self._charge(child, plan.decode, child.max_tokens)
+        plan.decode.send(m.ReserveKV(child.child_id, transfer_id, token_ids, params, timeout))
+        try:
+            reserved = await asyncio.wait_for(child.reservation, timeout)
+        except TimeoutError:
+            raise ServiceUnavailableError("no decode worker had room in time") from None
+        base = time.monotonic()
+        prefill = plan.prefill
+        dest = m.KVDestination(
+            worker_id=plan.decode.worker_id,
+            transfer_id=transfer_id,
+            block_ids=reserved.block_ids,
+            kv_addr=plan.decode.info.kv_addr,
+            backend=self._backend(prefill, plan.decode),
+            shm_path=plan.decode.info.shm_path,
+        )
+        child.prefill_worker = prefill.worker_id
+        self._charge(child, prefill, child.num_prompt_tokens)
+        deadline = timeout - (time.monotonic() - base) - ROUTER_MARGIN_S
+        prefill.send(m.PrefillRequest(child.child_id, token_ids, params, dest, deadline))
+
+    def _backend(self, prefill: WorkerHandle, decode: WorkerHandle) -> str:
+        wanted = self.routing.kv_backend
+        common = set(prefill.info.backends) & set(decode.info.backends)
+        if wanted != "auto":
+            if wanted not in common:
+                raise ServiceUnavailableError(
+                    f"workers {prefill.worker_id} and {decode.worker_id} do not both "
+                    f"support KV backend {wanted!r}"
+                )
+            return wanted
+        same_host = prefill.info.hostname == decode.info.hostname
+        if same_host and "shm" in common and decode.info.shm_path:
+            return "shm"
+        if "tcp" in common:
+            return "tcp"
+        raise ServiceUnavailableError("the chosen workers share no KV transfer backend")
+
+    def _charge(self, child: _Child, worker: WorkerHandle, tokens: int) -> None:
+        child.loads[worker.worker_id] = child.loads.get(worker.worker_id, 0) + tokens
+        worker.outstanding_tokens += tokens
+        worker.num_assigned += 1
+
+    def _release(self, child: _Child, worker_id: str) -> None:
+        tokens = child.loads.pop(worker_id, 0)
+        handle = self.pool.workers.get(worker_id)
+        if handle is not None and tokens:
+            handle.outstanding_tokens -= tokens
+            handle.num_assigned -= 1
+
+    def _abort_child(self, child: _Child) -> None:
+        for worker_id in list(child.loads):
+            handle = self.pool.workers.get(worker_id)
+            if handle is not None:
+                handle.send(m.Abort([child.child_id]))
+            self._release(child, worker_id)
+        if child.reservation is not None and not child.reservation.done():
+            child.reservation.cancel()
+        self._children.pop(child.child_id, None)
+
+    def _forget(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            for child in stream.children:
+                if child.loads:
+                    self._abort_child(child)
+                self._children.pop(child.child_id, None)
+
+    # ---- messages from workers -----------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        assert self._socket is not None
+        while True:
+            data = await self._socket.recv()
+            try:
+                message = m.decode(data)
+            except (msgspec.ValidationError, msgspec.DecodeError) as e:
+                logger.warning("dropping a malformed worker message: %s", e)
+                continue
+            try:
+                self._handle(message)
+            except Exception:  # a bug here must not stop every request
+                logger.exception("error handling %s", type(message).__name__)
+
+    def _handle(self, message: m.Message) -> None:
+        if isinstance(message, m.WorkerStats):
+            self.pool.on_stats(message)
+            return
+        if isinstance(message, m.Register):
+            self.pool.register(message)
+            logger.info("worker %s (%s) registered", message.worker_id, message.role)
+            return
+        self.pool.touch(message.worker_id)
+        if isinstance(message, m.StepOutputs):
+            self._on_outputs(message)
+        elif isinstance(message, m.KVReserved):
+            child = self._children.get(message.request_id)
+            if child is None or child.reservation is None or child.reservation.done():
+                handle = self.pool.workers.get(message.worker_id)
+                if handle is not None:  # nobody waits: give the blocks back
+                    handle.send(m.Abort([message.request_id]))
+                return
+            child.reservation.set_result(message)
+        elif isinstance(message, m.RequestFailed):
+            self._on_failed(message)
+        elif isinstance(message, m.KVSent) and self.metrics is not None:
+            self.metrics.observe_kv_transfer(message.seconds, message.num_bytes)
+
+    def _on_outputs(self, message: m.StepOutputs) -> None:
+        outputs = []
+        for out in message.outputs:
+            child = self._children.get(out.request_id)
+            if child is None:
+                continue
+            if out.finish_reason is not None or message.worker_id == child.prefill_worker:
+                self._release(child, message.worker_id)  # done on that worker
+            if out.finish_reason is not None:
+                self._release_all(child)
+            outputs.append(out.to_engine_output())
+        updates, stopped = self.processor.process_stream(outputs)
+        for child_id in stopped:  # finished by a stop string: stop the workers too
+            child = self._children.get(child_id)
+            if child is not None:
+                self._abort_child(child)
+        for request_id, update in updates.items():
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.queue.put_nowait(update)
+
+    def _release_all(self, child: _Child) -> None:
+        for worker_id in list(child.loads):
+            self._release(child, worker_id)
+        self._children.pop(child.child_id, None)
+
+    def _on_failed(self, message: m.RequestFailed) -> None:
+        child = self._children.get(message.request_id)
+        if child is None:
+            return
+        error = RequestFailedError(f"worker {message.worker_id}: {message.message}")
+        if child.reservation is not None and not child.reservation.done():
+            child.reservation.set_exception(ServiceUnavailableError(message.message))
+            return
+        self._fail_request(child.parent_id, error)
+
+    def _fail_request(self, request_id: str, error: Exception) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        for child in stream.children:
+            self._abort_child(child)
+        self.processor.abort_request(request_id)
+        stream.queue.put_nowait(error)
+
+    async def _liveness_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            for handle in self.pool.find_dead():
+                logger.error("worker %s stopped responding", handle.worker_id)
+                for child in list(self._children.values()):
+                    if handle.worker_id in child.loads:
+                        error = RequestFailedError(f"worker {handle.worker_id} stopped responding")
+                        self._fail_request(child.parent_id, error)

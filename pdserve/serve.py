@@ -1,0 +1,394 @@
+"""`pdserve serve`: the router and its workers on this machine, with one command.
+
+Configuration comes from a YAML file (`--config`), then command-line flags override it;
+every key is a `ServeConfig` field (engine settings under `engine:`). Defaults: the
+built-in model, mode `auto`, one prefill and one decode worker, the CPU threads split
+evenly between workers, HTTP on 127.0.0.1:8000.
+
+Start-up: the HTTP server comes up first (`/health` answers, `/ready` says 503 while
+workers load), then the workers start as child processes and register with the router;
+when every one has, the URL is printed. Shutdown (Ctrl-C or SIGTERM): HTTP stops, workers
+get `Shutdown`, then SIGTERM, then SIGKILL if still alive; each child also dies with this
+process (PR_SET_PDEATHSIG) and checks its parent, so no worker outlives the launcher.
+Shared-memory KV pools of children are removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pdserve.config import EngineConfig
+from pdserve.errors import ConfigError, PdserveError
+from pdserve.router.policy import RoutingConfig
+
+logger = logging.getLogger("pdserve.serve")
+
+READY_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str | None = None  # HF folder; None: the built-in model
+    model_name: str | None = None  # served name; default: the folder name
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    mode: str = "auto"  # aggregated | disaggregated | auto
+    prefill_workers: int | None = None  # default: 1 (0 in aggregated mode)
+    decode_workers: int | None = None  # default: 1 (0 in aggregated mode)
+    mixed_workers: int | None = None  # default: 1 in aggregated mode, else 0
+    threads_per_worker: int | None = None  # default: cores split evenly
+    worker_host: str = "127.0.0.1"  # interface workers and the router's worker socket bind
+    router_port: int = 0  # the socket workers report to; 0: any free port
+    kv_backend: str = "auto"  # auto | shm | tcp
+    kv_layerwise: bool = True
+    auto_local_prefill_tokens: int = 256
+    auto_max_prefill_queue_tokens: int = 8192
+    kv_transfer_timeout_s: float = 60.0
+    log_level: str = "INFO"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        self.routing()  # validates the routing fields
+        counts = self.worker_counts()
+        if sum(counts.values()) == 0:
+            raise ConfigError("workers", "no workers configured")
+        if any(n < 0 for n in counts.values()):
+            raise ConfigError("workers", f"negative worker count in {counts}")
+        if not 0 < self.port < 65536:
+            raise ConfigError("port", f"{self.port} is not a TCP port")
+
+    def worker_counts(self) -> dict[str, int]:
+        aggregated = self.mode == "aggregated"
+        return {
+            "prefill": _or(self.prefill_workers, 0 if aggregated else 1),
+            "decode": _or(self.decode_workers, 0 if aggregated else 1),
+            "mixed": _or(self.mixed_workers, 1 if aggregated else 0),
+        }
+
+    def routing(self) -> RoutingConfig:
+        return RoutingConfig(
+            mode=self.mode,
+            auto_local_prefill_tokens=self.auto_local_prefill_tokens,
+            auto_max_prefill_queue_tokens=self.auto_max_prefill_queue_tokens,
+            kv_backend=self.kv_backend,
+            kv_transfer_timeout_s=self.kv_transfer_timeout_s,
+        )
+
+    def threads(self) -> int:
+        if self.threads_per_worker is not None:
+            return self.threads_per_worker
+        num_workers = sum(self.worker_counts().values())
+        return max(1, (os.cpu_count() or 1) // num_workers)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServeConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown setting; known: {sorted(known)}")
+        data = dict(data)
+        engine = data.pop("engine", None) or {}
+        if not isinstance(engine, dict):
+            raise ConfigError("engine", "must be a mapping of engine settings")
+        engine_fields = {f.name for f in dataclasses.fields(EngineConfig)}
+        bad = sorted(set(engine) - engine_fields)
+        if bad:
+            raise ConfigError(f"engine.{bad[0]}", f"unknown; known: {sorted(engine_fields)}")
+        return cls(**data, engine=EngineConfig(**engine))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServeConfig:
+        data: dict[str, Any] = {}
+        if args.config:
+            data = _read_yaml(Path(args.config))
+        engine = dict(data.get("engine") or {})
+        for name in [*SERVE_FLAGS, "kv_layerwise"]:
+            value = getattr(args, name)
+            if value is not None:
+                data[name] = value
+        for name in ENGINE_FLAGS:
+            value = getattr(args, f"engine_{name}")
+            if value is not None:
+                engine[name] = value
+        if args.api_key is None and os.environ.get("PDSERVE_API_KEY"):
+            data["api_key"] = os.environ["PDSERVE_API_KEY"]
+        data["engine"] = engine
+        return cls.from_dict(data)
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError("config", f"{path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError("config", f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of settings")
+    return data
+
+
+# Flags mirror ServeConfig / EngineConfig fields; None means "not given" so YAML wins.
+SERVE_FLAGS = {
+    "model": (str, "HF model folder (default: the built-in model)"),
+    "model_name": (str, "model name clients send (default: the folder name)"),
+    "host": (str, "HTTP interface (default 127.0.0.1)"),
+    "port": (int, "HTTP port (default 8000)"),
+    "api_key": (str, "require this bearer key on /v1 (or set PDSERVE_API_KEY)"),
+    "mode": (str, "aggregated | disaggregated | auto (default auto)"),
+    "prefill_workers": (int, "prefill workers (default 1)"),
+    "decode_workers": (int, "decode workers (default 1)"),
+    "mixed_workers": (int, "mixed workers (default 0; 1 in aggregated mode)"),
+    "threads_per_worker": (int, "CPU threads per worker (default: cores / workers)"),
+    "worker_host": (str, "interface for internal sockets (default 127.0.0.1)"),
+    "router_port": (int, "port workers report to (default: any free port)"),
+    "kv_backend": (str, "auto | shm | tcp (default auto)"),
+    "auto_local_prefill_tokens": (int, "auto mode: prompts shorter than this prefill locally"),
+    "kv_transfer_timeout_s": (float, "seconds before a KV hand-over is abandoned"),
+    "log_level": (str, "DEBUG | INFO | WARNING"),
+}
+ENGINE_FLAGS = {
+    "dtype": str,
+    "device": str,
+    "max_model_len": int,
+    "max_num_seqs": int,
+    "max_num_batched_tokens": int,
+    "kv_cache_memory_gib": float,
+    "num_kv_blocks": int,
+    "block_size": int,
+    "seed": int,
+}
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML file of settings")
+    for name, (kind, help_text) in SERVE_FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
+    parser.add_argument(
+        "--no-kv-layerwise",
+        dest="kv_layerwise",
+        action="store_const",
+        const=False,
+        default=None,
+        help="send KV after the whole prefill",
+    )
+    group = parser.add_argument_group("engine (per worker)")
+    for name, kind in ENGINE_FLAGS.items():
+        group.add_argument(
+            "--" + name.replace("_", "-"), dest=f"engine_{name}", type=kind, default=None
+        )
+
+
+# ---- the launcher -------------------------------------------------------------------------
+
+
+def run_serve(config: ServeConfig) -> int:
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    from pdserve.model.builtin import ensure_builtin_model
+
+    model_dir = Path(config.model) if config.model else ensure_builtin_model(progress=True)
+    http_sock = _bind_http(config.host, config.port)
+    try:
+        return asyncio.run(_serve(config, model_dir, http_sock))
+    except PdserveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _bind_http(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise SystemExit(f"error: cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+async def _serve(config: ServeConfig, model_dir: Path, http_sock: socket.socket) -> int:
+    import uvicorn
+
+    from pdserve.router.app import build_app
+    from pdserve.router.cluster import ClusterClient
+    from pdserve.router.metrics import RouterMetrics
+
+    counts = config.worker_counts()
+    client = ClusterClient(
+        model_dir,
+        f"tcp://{config.worker_host}:{config.router_port}",
+        routing=config.routing(),
+        model_name=config.model_name,
+        max_model_len=config.engine.max_model_len,
+        min_workers=sum(counts.values()),
+    )
+    client.metrics = RouterMetrics(client.model_name)
+    await client.start()
+    app = build_app(client, client.metrics, config.api_key)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    server_task = asyncio.create_task(server.serve(sockets=[http_sock]))
+    workers = WorkerProcesses(config, model_dir, client.router_addr)
+    try:
+        workers.start(counts)
+        if not await _wait_ready(client, workers, server_task):
+            return 1
+        url = f"http://{config.host}:{config.port}"
+        print(
+            f"pdserve ready: {url}/v1 (model {client.model_name!r}, mode {config.mode}, "
+            f"workers {counts})",
+            flush=True,
+        )
+        await server_task
+        return 0
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server_task, 5)
+        await client.stop(shutdown_workers=True)
+        workers.stop()
+
+
+async def _wait_ready(client, workers: WorkerProcesses, server_task: asyncio.Task) -> bool:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if client.readiness().is_ready:
+            return True
+        failed = workers.failed()
+        if failed:
+            print(
+                f"error: worker {failed} exited during start-up (see its log above)",
+                file=sys.stderr,
+            )
+            return False
+        if server_task.done():
+            return False
+        await asyncio.sleep(0.1)
+    print(
+        f"error: workers not ready after {READY_TIMEOUT_S:.0f} s: {client.readiness().reason}",
+        file=sys.stderr,
+    )
+    return False
+
+
+class WorkerProcesses:
+    """The worker child processes of one `pdserve serve`."""
+
+    def __init__(self, config: ServeConfig, model_dir: Path, router_addr: str) -> None:
+        self.config = config
+        self.model_dir = model_dir
+        self.router_addr = router_addr
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, counts: dict[str, int]) -> None:
+        threads = self.config.threads()
+        for role, count in counts.items():
+            for i in range(count):
+                worker_id = f"{role}-{i}"
+                env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+                self.procs[worker_id] = subprocess.Popen(
+                    self._command(role, worker_id, threads),
+                    env=env,
+                    preexec_fn=_die_with_parent,
+                )
+
+    def _command(self, role: str, worker_id: str, threads: int) -> list[str]:
+        c = self.config
+        cmd = [
+            sys.executable,
+            "-m",
+            "pdserve.cli",
+            "--log-level",
+            c.log_level,
+            "worker",
+            "--role",
+            role,
+            "--worker-id",
+            worker_id,
+            "--router",
+            self.router_addr,
+            "--host",
+            c.worker_host,
+            "--model",
+            str(self.model_dir),
+            "--threads",
+            str(threads),
+        ]
+        if c.kv_backend != "auto":
+            cmd += ["--kv-backends", c.kv_backend]
+        if not c.kv_layerwise:
+            cmd.append("--no-kv-layerwise")
+        return cmd + engine_flags(c.engine)
+
+    def failed(self) -> str | None:
+        for worker_id, proc in self.procs.items():
+            if proc.poll() is not None:
+                return worker_id
+        return None
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.0, deadline - time.monotonic()))
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        _remove_shm_pools([p.pid for p in self.procs.values()])
+
+
+def engine_flags(engine: EngineConfig) -> list[str]:
+    """Command-line flags that recreate `engine` in a worker."""
+    flags = []
+    for name in ENGINE_FLAGS:
+        value = getattr(engine, name)
+        if value is not None:
+            flags += ["--" + name.replace("_", "-"), str(value)]
+    if not engine.enable_chunked_prefill:
+        flags.append("--no-chunked-prefill")
+    if not engine.enable_prefix_caching:
+        flags.append("--no-prefix-caching")
+    return flags
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the launcher dies (Linux)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _remove_shm_pools(pids: list[int]) -> None:
+    from pdserve.transfer import SHM_DIR, SHM_PREFIX
+
+    for pid in pids:
+        for path in SHM_DIR.glob(f"{SHM_PREFIX}*-{pid}"):
+            path.unlink(missing_ok=True)

@@ -1,0 +1,153 @@
+"""Moving KV blocks from a prefill worker into the blocks a decode worker reserved.
+
+Two halves, as in vLLM's KV connector:
+
+- `KVSender` (prefill side): `send_layer` is called as soon as a layer of the forward pass
+  has written its keys and values, with the request's source blocks in the local pool and
+  the destination blocks on the decode worker; `finish` tells the decode worker the
+  transfer is complete (or abandoned) with a `KVDone`, which always travels over ZeroMQ
+  to the decode worker's KV socket, after every data batch of the same transfer.
+- `KVReceiver` (decode side): verifies and writes data batches that arrive as messages
+  (`tcp`), and is told nothing for backends that write in place (`shm`).
+
+Backends register by name in `SENDERS`; a decode worker lists the backends it accepts in
+its `Register` message. Every byte count returned is what crossed the boundary.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Callable
+
+import torch
+import xxhash
+import zmq
+
+from pdserve.ipc.messages import KVDestination, KVDone, KVLayer, KVLayout, encode
+
+logger = logging.getLogger(__name__)
+
+
+def block_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    """Split paired block lists into runs `(src_start, dst_start, length)` in which both
+    sides are consecutive: one slice copy per run instead of one per block."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst, strict=True):
+        if runs:
+            s0, d0, n = runs[-1]
+            if s == s0 + n and d == d0 + n:
+                runs[-1] = (s0, d0, n + 1)
+                continue
+        runs.append((s, d, 1))
+    return runs
+
+
+def checksum(data: memoryview | bytes) -> int:
+    """The per-batch checksum (xxh3, 64-bit): it runs at memory speed, where zlib's
+    crc32 (3.5 GB/s measured here) would be slower than loopback TCP."""
+    return xxhash.xxh3_64_intdigest(data)
+
+
+class PeerSockets:
+    """One PUSH socket per decode worker KV address, created on first use."""
+
+    def __init__(self, ctx: zmq.Context, linger_ms: int = 1000) -> None:
+        self.ctx = ctx
+        self.linger_ms = linger_ms
+        self._sockets: dict[str, zmq.Socket] = {}
+
+    def get(self, addr: str) -> zmq.Socket:
+        sock = self._sockets.get(addr)
+        if sock is None:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, self.linger_ms)
+            sock.connect(addr)
+            self._sockets[addr] = sock
+        return sock
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+
+
+class KVSender(abc.ABC):
+    """Prefill side of one backend. `kv_cache` is the local pool, shaped per `layout`."""
+
+    name: str
+    sends_messages: bool = False  # data travels as KVLayer messages the receiver counts
+
+    def __init__(self, kv_cache: torch.Tensor, layout: KVLayout, peers: PeerSockets) -> None:
+        self.kv_cache = kv_cache
+        self.layout = layout
+        self.peers = peers
+
+    @abc.abstractmethod
+    def send_layer(
+        self, dest: KVDestination, layer: int, src_block_ids: list[int], dst_block_ids: list[int]
+    ) -> int:
+        """Send one layer's keys and values of `src_block_ids` (local) into
+        `dst_block_ids` (remote). Returns the bytes moved; raises `TransferError`."""
+
+    def finish(self, dest: KVDestination, done: KVDone) -> None:
+        self.peers.get(dest.kv_addr).send(encode(done))
+
+    def close(self) -> None:
+        """Release backend resources (mapped pools, registrations)."""
+        return None
+
+
+class TransferError(Exception):
+    """A transfer cannot proceed (destination missing or incompatible)."""
+
+
+class KVReceiver:
+    """Decode side: checks and writes data batches into the local pool."""
+
+    def __init__(self, kv_cache: torch.Tensor) -> None:
+        self.kv_cache = kv_cache  # [L, 2, N, B, H, D]
+
+    def write_layer(self, msg: KVLayer, frame: memoryview) -> bool:
+        """Write one batch; False (and nothing written) if it is damaged."""
+        if len(frame) != msg.num_bytes or checksum(frame) != msg.checksum:
+            return False
+        num_blocks = len(msg.block_ids)
+        shape = (2, num_blocks, *self.kv_cache.shape[3:])
+        data = torch.frombuffer(frame, dtype=self.kv_cache.dtype)
+        if data.numel() != _numel(shape):
+            return False
+        data = data.view(shape)
+        layer = self.kv_cache[msg.layer]
+        for src, dst, n in block_runs(list(range(num_blocks)), msg.block_ids):
+            layer[:, dst : dst + n].copy_(data[:, src : src + n])
+        return True
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    total = 1
+    for dim in shape:
+        total *= dim
+    return total
+
+
+SENDERS: dict[str, Callable[..., KVSender]] = {}
+
+
+def register_sender(name: str) -> Callable[[type[KVSender]], type[KVSender]]:
+    def wrap(cls: type[KVSender]) -> type[KVSender]:
+        cls.name = name
+        SENDERS[name] = cls
+        return cls
+
+    return wrap
+
+
+def make_sender(
+    name: str, kv_cache: torch.Tensor, layout: KVLayout, peers: PeerSockets
+) -> KVSender:
+    from pdserve.transfer import shm, tcp  # noqa: F401  (register the built-in backends)
+
+    if name not in SENDERS:
+        raise TransferError(f"unknown KV transfer backend {name!r}; have {sorted(SENDERS)}")
+    return SENDERS[name](kv_cache, layout, peers)

@@ -1,0 +1,114 @@
+"""The `shm` backend: same host, the prefill worker writes straight into the decode
+worker's KV pool.
+
+A decode worker that accepts `shm` allocates its whole pool as a file in `/dev/shm`
+mapped with `MAP_SHARED` (`torch.from_file(shared=True)`); a prefill worker maps the same
+file and copies each finished layer's blocks into the reserved blocks: one copy, no
+socket, no serialisation. The file is named after the worker and its pid and unlinked
+when the worker exits (the launcher also removes files of workers that died).
+
+Only paths named `pdserve-kv-*` inside the shared-memory folder are ever opened, so a
+forged registration cannot make a prefill worker write anywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from pdserve.ipc.messages import KVDestination, KVLayout
+from pdserve.transfer import SHM_DIR, SHM_PREFIX
+from pdserve.transfer.base import KVSender, TransferError, block_runs, register_sender
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def shm_pool_path(worker_id: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in worker_id)
+    return SHM_DIR / f"{SHM_PREFIX}{safe}-{os.getpid()}"
+
+
+def _numel(layout: KVLayout) -> int:
+    total = 1
+    for dim in layout.shape:
+        total *= dim
+    return total
+
+
+def create_shared_pool(path: Path, layout: KVLayout) -> torch.Tensor:
+    """A zero-filled pool backed by a new shared file (decode side)."""
+    if path.exists():
+        path.unlink()
+    pool = torch.from_file(
+        str(path), shared=True, size=_numel(layout), dtype=TORCH_DTYPES[layout.dtype]
+    )
+    return pool.view(layout.shape)
+
+
+def open_shared_pool(path: str, layout: KVLayout) -> torch.Tensor:
+    """Map a decode worker's pool (prefill side); checks name and size first."""
+    p = Path(path)
+    if p.parent != SHM_DIR or not p.name.startswith(SHM_PREFIX):
+        raise TransferError(f"refusing to map {path!r}: not a pdserve KV pool")
+    dtype = TORCH_DTYPES[layout.dtype]
+    expected = _numel(layout) * dtype.itemsize
+    try:
+        size = p.stat().st_size
+    except FileNotFoundError as e:
+        raise TransferError(f"KV pool {path} does not exist (worker gone?)") from e
+    if size != expected:
+        raise TransferError(f"KV pool {path} has {size} bytes, expected {expected}")
+    return torch.from_file(str(p), shared=True, size=_numel(layout), dtype=dtype).view(layout.shape)
+
+
+@register_sender("shm")
+class ShmSender(KVSender):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._pools: dict[str, torch.Tensor] = {}
+
+    def _pool(self, dest: KVDestination) -> torch.Tensor:
+        if dest.shm_path is None:
+            raise TransferError(f"worker {dest.worker_id} offers no shared KV pool")
+        pool = self._pools.get(dest.shm_path)
+        if pool is None:
+            # The remote block count is unknown here; map the file by its size.
+            size = Path(dest.shm_path).stat().st_size if Path(dest.shm_path).exists() else 0
+            per_block = self._bytes_per_block()
+            if size == 0 or size % per_block:
+                raise TransferError(f"KV pool {dest.shm_path} is missing or not a whole pool")
+            layout = KVLayout(
+                self.layout.num_layers,
+                size // per_block,
+                self.layout.block_size,
+                self.layout.num_kv_heads,
+                self.layout.head_dim,
+                self.layout.dtype,
+            )
+            pool = open_shared_pool(dest.shm_path, layout)
+            self._pools[dest.shm_path] = pool
+        return pool
+
+    def _bytes_per_block(self) -> int:
+        c = self.layout
+        itemsize = TORCH_DTYPES[c.dtype].itemsize
+        return c.num_layers * 2 * c.block_size * c.num_kv_heads * c.head_dim * itemsize
+
+    def send_layer(
+        self, dest: KVDestination, layer: int, src_block_ids: list[int], dst_block_ids: list[int]
+    ) -> int:
+        remote = self._pool(dest)[layer]  # [2, N, B, H, D]
+        local = self.kv_cache[layer]
+        if max(dst_block_ids, default=0) >= remote.shape[1]:
+            raise TransferError(f"destination block out of range for {dest.shm_path}")
+        for src, dst, n in block_runs(src_block_ids, dst_block_ids):
+            remote[:, dst : dst + n].copy_(local[:, src : src + n])
+        return local[:, : len(src_block_ids)].numel() * local.element_size()
+
+    def forget(self, shm_path: str) -> None:
+        self._pools.pop(shm_path, None)
+
+    def close(self) -> None:
+        self._pools.clear()

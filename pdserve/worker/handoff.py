@@ -1,0 +1,249 @@
+"""A worker's request bookkeeping for commands, KV imports and KV hand-offs.
+
+Decode side (imports). `ReserveKV` queues a reservation; it is admitted, in arrival
+order, as soon as the pool has room (backpressure: a full decode worker makes requests
+wait rather than fail). Once admitted the worker answers `KVReserved` with the block ids
+and waits for the prefill worker's `KVDone`. Then:
+- intact (every announced batch arrived with a good checksum) → the request decodes from
+  its first token;
+- damaged, or the prefill worker failed after sampling the first token → the prompt is
+  recomputed here (nothing is lost; the client never sees the difference);
+- the first token already finished the request, or the request was aborted → blocks freed.
+NOTE: an aborted reservation keeps its blocks until the prefill worker's `KVDone` or the
+deadline: with the shm backend the prefill worker may still be writing into them, and
+reusing them earlier would corrupt another request's KV.
+
+Prefill side (hand-offs). `PrefillRequest` adds a request that stops after its first
+token (`Request.kv_dest`); the streamer sends its KV during the steps; after the step that
+samples the first token, `KVDone` (with that token) goes to the decode worker and the
+token goes to the router at once, so TTFT does not wait for anything on the decode side.
+
+Timeouts on both ends: a reservation not completed by its deadline is freed and reported;
+a prefill not finished by its deadline is aborted, its blocks freed, and the decode worker
+told.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from pdserve.engine.core import EngineCore
+from pdserve.engine.request import Request, RequestStatus
+from pdserve.errors import InvalidRequestError
+from pdserve.ipc import messages as m
+from pdserve.outputs import EngineCoreOutput
+from pdserve.transfer.base import KVReceiver, KVSender
+from pdserve.transfer.streamer import HandOff
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Pending:
+    request: Request
+    transfer_id: str
+    deadline: float
+
+
+@dataclass(slots=True)
+class _Import:
+    request_id: str
+    deadline: float
+    num_batches: int = 0
+    is_damaged: bool = False
+    is_aborted: bool = False
+
+
+class HandOffs:
+    def __init__(
+        self,
+        worker_id: str,
+        core: EngineCore,
+        senders: dict[str, KVSender],
+        receiver: KVReceiver,
+    ) -> None:
+        self.worker_id = worker_id
+        self.core = core
+        self.senders = senders
+        self.receiver = receiver
+        self._pending: deque[_Pending] = deque()  # reservations waiting for room
+        self._imports: dict[str, _Import] = {}  # by transfer id
+        self._hand_offs: dict[str, HandOff] = {}  # prefill side, by request id
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._pending)
+
+    # ---- commands from the router ----------------------------------------------------------
+
+    def on_command(self, message: m.Message) -> list[m.Message]:
+        try:
+            if isinstance(message, m.AddRequest):
+                self.core.add_request(message.request_id, message.prompt_token_ids, message.params)
+            elif isinstance(message, m.ReserveKV):
+                request = self.core.make_request(
+                    message.request_id, message.prompt_token_ids, message.params
+                )
+                deadline = time.monotonic() + message.timeout_s
+                self._pending.append(_Pending(request, message.transfer_id, deadline))
+                return self._admit()
+            elif isinstance(message, m.PrefillRequest):
+                deadline = time.monotonic() + message.deadline_s
+                hand_off = HandOff(message.dest, deadline)
+                self.core.add_request(
+                    message.request_id,
+                    message.prompt_token_ids,
+                    message.params,
+                    kv_dest=hand_off,
+                )
+                self._hand_offs[message.request_id] = hand_off
+            elif isinstance(message, m.Abort):
+                return self._abort(message.request_ids)
+            else:
+                logger.warning("ignoring unexpected command %s", type(message).__name__)
+        except InvalidRequestError as e:
+            request_id = getattr(message, "request_id", "?")
+            return [m.RequestFailed(self.worker_id, request_id, str(e))]
+        return []
+
+    def _abort(self, request_ids: list[str]) -> list[m.Message]:
+        ids = set(request_ids)
+        self._pending = deque(p for p in self._pending if p.request.request_id not in ids)
+        to_abort = []
+        for request_id in request_ids:
+            request = self.core.requests.get(request_id)
+            if request is None:
+                continue
+            if request.status == RequestStatus.WAITING_FOR_KV:
+                for imp in self._imports.values():
+                    if imp.request_id == request_id:
+                        imp.is_aborted = True  # freed on KVDone or deadline (see NOTE)
+                continue
+            to_abort.append(request_id)
+            hand_off = self._hand_offs.pop(request_id, None)
+            if hand_off is not None:
+                self._finish_hand_off(request_id, hand_off, None, error="aborted")
+        self.core.abort_requests(to_abort)
+        return []
+
+    # ---- decode side: reservations and imports ----------------------------------------------
+
+    def _admit(self) -> list[m.Message]:
+        replies: list[m.Message] = []
+        while self._pending and self.core.try_reserve(self._pending[0].request):
+            pending = self._pending.popleft()
+            request = pending.request
+            self._imports[pending.transfer_id] = _Import(request.request_id, pending.deadline)
+            replies.append(
+                m.KVReserved(
+                    self.worker_id,
+                    request.request_id,
+                    pending.transfer_id,
+                    list(request.block_ids),
+                )
+            )
+        return replies
+
+    def on_kv_layer(self, message: m.KVLayer, frame: memoryview) -> None:
+        imp = self._imports.get(message.transfer_id)
+        if imp is None or imp.is_aborted or imp.is_damaged:
+            return  # a late batch of a finished, failed or aborted transfer
+        request = self.core.requests.get(imp.request_id)
+        if not self._is_reserved_range(request, message.block_ids, message.layer):
+            imp.is_damaged = True
+            return
+        if self.receiver.write_layer(message, frame):
+            imp.num_batches += 1
+        else:
+            logger.warning("KV batch for %s failed its checksum", imp.request_id)
+            imp.is_damaged = True
+
+    def _is_reserved_range(self, request: Request | None, block_ids: list[int], layer: int):
+        """A batch may only write blocks its request holds, in a layer that exists."""
+        if request is None or not 0 <= layer < self.receiver.kv_cache.shape[0]:
+            return False
+        return set(block_ids) <= set(request.block_ids)
+
+    def on_kv_done(self, message: m.KVDone) -> None:
+        imp = self._imports.pop(message.transfer_id, None)
+        if imp is None:
+            return
+        request_id = imp.request_id
+        if imp.is_aborted or message.is_finished or message.first_token_id is None:
+            self.core.abort_requests([request_id])
+            return
+        is_intact = (
+            message.error is None and not imp.is_damaged and imp.num_batches == message.num_batches
+        )
+        if not is_intact:
+            reason = message.error or "damaged or missing KV batches"
+            logger.warning("recomputing %s here: %s", request_id, reason)
+        self.core.finish_import(request_id, message.first_token_id, is_intact)
+
+    # ---- timeouts -------------------------------------------------------------------------
+
+    def tick(self) -> list[m.Message]:
+        """Expire what timed out; admit reservations that now fit."""
+        now = time.monotonic()
+        replies: list[m.Message] = []
+        while self._pending and self._pending[0].deadline < now:
+            pending = self._pending.popleft()
+            replies.append(self._failed(pending.request.request_id, "no KV blocks free in time"))
+        for transfer_id, imp in list(self._imports.items()):
+            if imp.deadline < now:
+                del self._imports[transfer_id]
+                self.core.abort_requests([imp.request_id])
+                if not imp.is_aborted:
+                    replies.append(self._failed(imp.request_id, "KV transfer timed out"))
+        for request_id, hand_off in list(self._hand_offs.items()):
+            if hand_off.deadline < now:
+                del self._hand_offs[request_id]
+                self.core.abort_requests([request_id])
+                self._finish_hand_off(request_id, hand_off, None, error="prefill timed out")
+                replies.append(self._failed(request_id, "prefill did not finish in time"))
+        return replies + self._admit()
+
+    def _failed(self, request_id: str, message: str) -> m.RequestFailed:
+        return m.RequestFailed(self.worker_id, request_id, message)
+
+    # ---- after a step -----------------------------------------------------------------------
+
+    def after_step(self, outputs: list[EngineCoreOutput]) -> list[m.Message]:
+        replies: list[m.Message] = []
+        core_outputs = []
+        for out in outputs:
+            core_outputs.append(m.CoreOutput.of(out))
+            hand_off = self._hand_offs.pop(out.request_id, None)
+            if hand_off is not None:
+                first = m.CoreOutput.of(out)
+                self._finish_hand_off(out.request_id, hand_off, first, error=hand_off.error)
+                replies.append(
+                    m.KVSent(self.worker_id, out.request_id, hand_off.num_bytes, hand_off.seconds)
+                )
+        if core_outputs:
+            replies.insert(0, m.StepOutputs(self.worker_id, core_outputs))
+        return replies
+
+    def _finish_hand_off(
+        self,
+        request_id: str,
+        hand_off: HandOff,
+        first: m.CoreOutput | None,
+        error: str | None,
+    ) -> None:
+        dest = hand_off.dest
+        sender = self.senders.get(dest.backend)
+        if sender is None:
+            return
+        done = m.KVDone(
+            transfer_id=dest.transfer_id,
+            request_id=request_id,
+            num_batches=hand_off.num_batches if sender.sends_messages else 0,
+            first_token_id=first.new_token_ids[0] if first else None,
+            is_finished=first is not None and first.finish_reason is not None,
+            error=error,
+        )
+        sender.finish(dest, done)

@@ -1,0 +1,251 @@
+"""A worker process: one engine core in a role, driven over ZeroMQ.
+
+Sockets (all bound to `host`, 127.0.0.1 by default, on free ports):
+- `ctrl` (PULL): commands from the router (`AddRequest`, `ReserveKV`, `PrefillRequest`,
+  `Abort`, `Shutdown`);
+- `kv` (PULL): KV batches and `KVDone`s from prefill workers;
+- `out` (PUSH, connected to the router): `Register`, `StepOutputs`, `KVReserved`, ...
+A heartbeat thread with its own socket sends `WorkerStats` every second, so the router
+sees the worker alive during a long prefill step.
+
+Roles are what the router sends, not different code: a `prefill` worker gets
+`PrefillRequest`s, a `decode` worker `ReserveKV`s (and `AddRequest`s for prompts it
+prefills itself), a `mixed` worker anything. Only decode-capable roles put their KV pool
+in shared memory (for the `shm` backend).
+
+The loop: take every waiting message, admit reservations that now fit, expire what timed
+out, run one engine step, report. Reservation and hand-off bookkeeping lives in
+`worker/handoff.py`; this module owns sockets and the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from pdserve.config import EngineConfig, ModelConfig
+from pdserve.engine.core import EngineCore
+from pdserve.errors import PdserveError
+from pdserve.ipc import messages as m
+from pdserve.transfer.base import KVReceiver, PeerSockets, make_sender
+from pdserve.transfer.shm import TORCH_DTYPES, create_shared_pool, shm_pool_path
+from pdserve.transfer.streamer import KVStreamer
+from pdserve.worker.handoff import HandOffs
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode", "mixed")
+HEARTBEAT_S = 1.0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker_id: str
+    role: str
+    model_dir: Path
+    router_addr: str  # the router's PULL socket, e.g. tcp://127.0.0.1:5557
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"  # where this worker's sockets bind
+    backends: tuple[str, ...] = ("shm", "tcp")  # transfer backends offered / used
+    kv_layerwise: bool = True
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig) -> None:
+        if config.role not in ROLES:
+            raise PdserveError(f"role must be one of {ROLES}, got {config.role!r}")
+        self.config = config
+        self.worker_id = config.worker_id
+        self.ctx = zmq.Context()
+        self.ctrl = self._bind(zmq.PULL)
+        self.kv = self._bind(zmq.PULL)
+        self.out = self.ctx.socket(zmq.PUSH)
+        self.out.setsockopt(zmq.LINGER, 2000)
+        self.out.connect(config.router_addr)
+        self.shm_path: Path | None = None
+        self.core = self._make_core()
+        self.layout = self._layout()
+        self.peers = PeerSockets(self.ctx)
+        kv_cache = self.core.runner.kv_cache
+        senders = {
+            name: make_sender(name, kv_cache, self.layout, self.peers) for name in config.backends
+        }
+        self.core.kv_streamer = KVStreamer(
+            senders, self.layout.num_layers, self.layout.block_size, config.kv_layerwise
+        )
+        self.handoffs = HandOffs(self.worker_id, self.core, senders, KVReceiver(kv_cache))
+        self.is_running = True
+        self._stats = m.WorkerStats(self.worker_id, 0, 0, 0, self.layout.num_blocks)
+
+    def _bind(self, kind: int) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind_to_random_port(f"tcp://{self.config.host}")
+        return sock
+
+    def _make_core(self) -> EngineCore:
+        config = self.config
+        model_config = ModelConfig.from_pretrained(config.model_dir)
+        allocator = None
+        if config.role != "prefill" and "shm" in config.backends:
+            if config.engine.device != "cpu":
+                raise PdserveError(
+                    "the shm transfer backend needs the KV pool in host memory; "
+                    "use backend tcp (or nixl) on accelerators"
+                )
+            self.shm_path = shm_pool_path(config.worker_id)
+            allocator = self._shared_allocator(model_config)
+        return EngineCore(config.model_dir, model_config, config.engine, allocator)
+
+    def _shared_allocator(self, model_config: ModelConfig):
+        def allocate(num_blocks: int):
+            layout = m.KVLayout(
+                model_config.num_layers,
+                num_blocks,
+                self.config.engine.block_size,
+                model_config.num_kv_heads,
+                model_config.head_dim,
+                self.config.engine.dtype,
+            )
+            return create_shared_pool(self.shm_path, layout)
+
+        return allocate
+
+    def _layout(self) -> m.KVLayout:
+        shape = self.core.runner.kv_cache.shape
+        dtype = next(k for k, v in TORCH_DTYPES.items() if v == self.core.runner.kv_cache.dtype)
+        return m.KVLayout(shape[0], shape[2], shape[3], shape[4], shape[5], dtype)
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._send(self._register_message())
+        heartbeat = threading.Thread(target=self._heartbeat, daemon=True)
+        heartbeat.start()
+        poller = zmq.Poller()
+        poller.register(self.ctrl, zmq.POLLIN)
+        poller.register(self.kv, zmq.POLLIN)
+        parent = os.getppid()
+        try:
+            while self.is_running:
+                busy = self.core.has_unfinished_requests()
+                events = dict(poller.poll(0 if busy else 50))
+                if self.kv in events:
+                    self._drain(self.kv, self._on_kv)
+                if self.ctrl in events:
+                    self._drain(self.ctrl, self._on_ctrl)
+                self._flush(self.handoffs.tick())
+                if self.core.has_unfinished_requests():
+                    self._flush(self.handoffs.after_step(self.core.step()))
+                self._update_stats()
+                if os.getppid() != parent:
+                    logger.warning("parent process exited; worker %s stops", self.worker_id)
+                    break
+        finally:
+            self.close()
+
+    def _drain(self, sock: zmq.Socket, handle) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                message = m.decode(frames[0].buffer)
+            except (msgspec.ValidationError, msgspec.DecodeError) as e:
+                logger.warning("dropping a malformed message: %s", e)
+                continue
+            handle(message, frames[1:])
+
+    def _on_ctrl(self, message: m.Message, frames) -> None:
+        if isinstance(message, m.Shutdown):
+            self.is_running = False
+            return
+        self._flush(self.handoffs.on_command(message))
+
+    def _on_kv(self, message: m.Message, frames) -> None:
+        if isinstance(message, m.KVLayer) and len(frames) == 1:
+            self.handoffs.on_kv_layer(message, frames[0].buffer)
+        elif isinstance(message, m.KVDone):
+            self.handoffs.on_kv_done(message)
+
+    def _flush(self, messages: list[m.Message]) -> None:
+        for message in messages:
+            self._send(message)
+
+    def _send(self, message: m.Message) -> None:
+        self.out.send(m.encode(message))
+
+    # ---- registration and load -------------------------------------------------------------
+
+    def _register_message(self) -> m.Register:
+        return m.Register(
+            worker_id=self.worker_id,
+            role=self.config.role,
+            pid=os.getpid(),
+            ctrl_addr=self.ctrl.getsockopt(zmq.LAST_ENDPOINT).decode(),
+            kv_addr=self.kv.getsockopt(zmq.LAST_ENDPOINT).decode(),
+            kv_layout=self.layout,
+            max_model_len=self.core.max_model_len,
+            backends=list(self.config.backends),
+            hostname=socket.gethostname(),
+            shm_path=str(self.shm_path) if self.shm_path else None,
+        )
+
+    def _update_stats(self) -> None:
+        scheduler = self.core.scheduler
+        self._stats = m.WorkerStats(
+            self.worker_id,
+            num_running=scheduler.num_running + len(scheduler.reserved),
+            num_waiting=scheduler.num_waiting + self.handoffs.num_pending,
+            num_free_blocks=self.core.block_manager.num_free_blocks,
+            num_blocks=self.core.block_manager.num_blocks,
+            num_waiting_prefill_tokens=scheduler.num_waiting_prefill_tokens,
+        )
+
+    def _heartbeat(self) -> None:
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.config.router_addr)
+        try:
+            while self.is_running:
+                sock.send(m.encode(self._stats))
+                time.sleep(HEARTBEAT_S)
+        except zmq.ZMQError:
+            pass  # context closed at shutdown
+        finally:
+            sock.close()
+
+    def close(self) -> None:
+        self.is_running = False
+        for sender in self.core.kv_streamer.senders.values():
+            sender.close()
+        self.peers.close()
+        for sock in (self.ctrl, self.kv, self.out):
+            sock.close()
+        self.ctx.term()
+        if self.shm_path is not None:
+            self.shm_path.unlink(missing_ok=True)
+
+
+def run_worker(config: WorkerConfig) -> None:
+    """Entry point of `pdserve worker`: SIGTERM/SIGINT stop the loop cleanly."""
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    worker = Worker(config)
+    logger.info("worker %s (%s) ready", config.worker_id, config.role)
+    with contextlib.suppress(KeyboardInterrupt):
+        worker.run()
