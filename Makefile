@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: setup
-	$(VENV)/bin/pdserve chat
+	$(VENV)/bin/pdserve serve $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -37,6 +37,7 @@ from pdserve.router.policy import RoutingConfig
 logger = logging.getLogger("pdserve.serve")
 
 READY_TIMEOUT_S = 300.0
+MAX_RESTARTS = 3
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,9 @@ async def _serve(config: ServeConfig, model_dir: Path, http_sock: socket.socket)
             f"workers {counts})",
             flush=True,
         )
+        watchdog = asyncio.create_task(_watch_workers(client, workers))
         await server_task
+        watchdog.cancel()
         return 0
     finally:
         server.should_exit = True
@@ -291,6 +294,25 @@ async def _wait_ready(client, workers: WorkerProcesses, server_task: asyncio.Tas
     return False
 
 
+async def _watch_workers(client, workers: WorkerProcesses) -> None:
+    """A worker process that exits is marked dead at once (its requests fail with an
+    error instead of waiting for the liveness timeout) and restarted, up to
+    `MAX_RESTARTS` times each."""
+    while True:
+        await asyncio.sleep(0.2)
+        worker_id = workers.failed()
+        if worker_id is None:
+            continue
+        code = workers.procs[worker_id].returncode
+        client.mark_dead(worker_id, f"exited with code {code}")
+        if workers.restarts.get(worker_id, 0) < MAX_RESTARTS:
+            logger.warning("restarting worker %s", worker_id)
+            workers.restart(worker_id)
+        else:
+            logger.error("worker %s keeps failing; not restarting it", worker_id)
+            workers.procs.pop(worker_id)
+
+
 class WorkerProcesses:
     """The worker child processes of one `pdserve serve`."""
 
@@ -299,18 +321,27 @@ class WorkerProcesses:
         self.model_dir = model_dir
         self.router_addr = router_addr
         self.procs: dict[str, subprocess.Popen] = {}
+        self.roles: dict[str, str] = {}
+        self.restarts: dict[str, int] = {}
 
     def start(self, counts: dict[str, int]) -> None:
-        threads = self.config.threads()
         for role, count in counts.items():
             for i in range(count):
-                worker_id = f"{role}-{i}"
-                env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-                self.procs[worker_id] = subprocess.Popen(
-                    self._command(role, worker_id, threads),
-                    env=env,
-                    preexec_fn=_die_with_parent,
-                )
+                self._spawn(role, f"{role}-{i}")
+
+    def _spawn(self, role: str, worker_id: str) -> None:
+        threads = self.config.threads()
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        self.roles[worker_id] = role
+        self.procs[worker_id] = subprocess.Popen(
+            self._command(role, worker_id, threads), env=env, preexec_fn=_die_with_parent
+        )
+
+    def restart(self, worker_id: str) -> None:
+        old = self.procs.pop(worker_id)
+        _remove_shm_pools([old.pid])
+        self.restarts[worker_id] = self.restarts.get(worker_id, 0) + 1
+        self._spawn(self.roles[worker_id], worker_id)
 
     def _command(self, role: str, worker_id: str, threads: int) -> list[str]:
         c = self.config

@@ -38,7 +38,6 @@ class AddRequest(Message):
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    arrival_time: float = 0.0
 
 
 class ReserveKV(Message):
@@ -75,6 +74,9 @@ class PrefillRequest(Message):
 
 class Abort(Message):
     request_ids: list[str]
+    # No prefill worker was ever told to write these requests' reserved blocks, so a
+    # decode worker may free them at once (otherwise it waits for KVDone; see handoff.py).
+    is_writer_absent: bool = False
 
 
 class Shutdown(Message):

@@ -21,7 +21,7 @@ the iterator early (client went away) aborts the request everywhere.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from pdserve.outputs import SampleDelta, StreamUpdate  # noqa: F401  (re-exported)
@@ -65,7 +65,7 @@ class EngineClient(abc.ABC):
         prompt: str | None,
         prompt_token_ids: list[int],
         params: SamplingParams,
-    ) -> AsyncIterator[StreamUpdate]:
+    ) -> AsyncGenerator[StreamUpdate, None]:
         """Run one request (all `params.n` samples); see the module docstring."""
 
     @abc.abstractmethod

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +98,8 @@ class ClusterClient(EngineClient):
         self._children: dict[str, _Child] = {}
         self._socket: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
+        self.num_kv_transfers = 0  # completed hand-offs, and their bytes
+        self.num_kv_transfer_bytes = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -198,7 +200,7 @@ class ClusterClient(EngineClient):
         prompt: str | None,
         prompt_token_ids: list[int],
         params: SamplingParams,
-    ) -> AsyncIterator[StreamUpdate]:
+    ) -> AsyncGenerator[StreamUpdate, None]:
         self.validate(prompt_token_ids, params)
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -244,7 +246,7 @@ class ClusterClient(EngineClient):
             )
         if plan.prefill is None:
             self._charge(child, plan.decode, child.num_prompt_tokens + child.max_tokens)
-            plan.decode.send(m.AddRequest(child.child_id, token_ids, params, time.time()))
+            plan.decode.send(m.AddRequest(child.child_id, token_ids, params))
             return
         await self._dispatch_remote(child, plan, token_ids, params)
 
@@ -257,7 +259,10 @@ class ClusterClient(EngineClient):
         self._charge(child, plan.decode, child.max_tokens)
         plan.decode.send(m.ReserveKV(child.child_id, transfer_id, token_ids, params, timeout))
         try:
-            reserved = await asyncio.wait_for(child.reservation, timeout)
+            # NOTE: asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation (client gone) that races with the reservation arriving.
+            async with asyncio.timeout(timeout):
+                reserved = await child.reservation
         except TimeoutError:
             raise ServiceUnavailableError("no decode worker had room in time") from None
         base = time.monotonic()
@@ -308,7 +313,7 @@ class ClusterClient(EngineClient):
         for worker_id in list(child.loads):
             handle = self.pool.workers.get(worker_id)
             if handle is not None:
-                handle.send(m.Abort([child.child_id]))
+                handle.send(m.Abort([child.child_id], child.prefill_worker is None))
             self._release(child, worker_id)
         if child.reservation is not None and not child.reservation.done():
             child.reservation.cancel()
@@ -359,8 +364,11 @@ class ClusterClient(EngineClient):
             child.reservation.set_result(message)
         elif isinstance(message, m.RequestFailed):
             self._on_failed(message)
-        elif isinstance(message, m.KVSent) and self.metrics is not None:
-            self.metrics.observe_kv_transfer(message.seconds, message.num_bytes)
+        elif isinstance(message, m.KVSent):
+            self.num_kv_transfers += 1
+            self.num_kv_transfer_bytes += message.num_bytes
+            if self.metrics is not None:
+                self.metrics.observe_kv_transfer(message.seconds, message.num_bytes)
 
     def _on_outputs(self, message: m.StepOutputs) -> None:
         outputs = []
@@ -372,6 +380,8 @@ class ClusterClient(EngineClient):
                 self._release(child, message.worker_id)  # done on that worker
             if out.finish_reason is not None:
                 self._release_all(child)
+            if out.queue_time_s is not None:
+                self._note_queue_time(child.parent_id, out.queue_time_s)
             outputs.append(out.to_engine_output())
         updates, stopped = self.processor.process_stream(outputs)
         for child_id in stopped:  # finished by a stop string: stop the workers too
@@ -382,6 +392,12 @@ class ClusterClient(EngineClient):
             stream = self._streams.get(request_id)
             if stream is not None:
                 stream.queue.put_nowait(update)
+
+    def _note_queue_time(self, request_id: str, queue_time_s: float) -> None:
+        """The worker measured its queue on its own clock; place it on ours."""
+        state = self.processor.states.get(request_id)
+        if state is not None and state.metrics.first_scheduled_time is None:
+            state.metrics.first_scheduled_time = state.metrics.arrival_time + queue_time_s
 
     def _release_all(self, child: _Child) -> None:
         for worker_id in list(child.loads):
@@ -411,8 +427,20 @@ class ClusterClient(EngineClient):
         while True:
             await asyncio.sleep(1.0)
             for handle in self.pool.find_dead():
-                logger.error("worker %s stopped responding", handle.worker_id)
-                for child in list(self._children.values()):
-                    if handle.worker_id in child.loads:
-                        error = RequestFailedError(f"worker {handle.worker_id} stopped responding")
-                        self._fail_request(child.parent_id, error)
+                self._on_worker_lost(handle.worker_id, "stopped responding")
+
+    def mark_dead(self, worker_id: str, reason: str) -> None:
+        """The launcher saw the worker's process exit: stop using it now."""
+        handle = self.pool.workers.get(worker_id)
+        if handle is not None and handle.is_alive:
+            handle.is_alive = False
+            self._on_worker_lost(worker_id, reason)
+
+    def _on_worker_lost(self, worker_id: str, reason: str) -> None:
+        logger.error("worker %s %s; failing its requests", worker_id, reason)
+        for child in list(self._children.values()):
+            if worker_id in child.loads:
+                child.loads.pop(worker_id)  # nothing to abort or release there
+                self._fail_request(
+                    child.parent_id, RequestFailedError(f"worker {worker_id} {reason}")
+                )

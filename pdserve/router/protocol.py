@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import json
 import time
+import typing
 import uuid
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer, model_validator
@@ -138,6 +140,11 @@ class CompletionRequest(_SamplingRequest):
             raise InvalidRequestError(
                 f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {self.logprobs}",
                 "logprobs",
+            )
+        if self.echo and self.logprobs is not None:
+            # OpenAI then returns the prompt's logprobs too; the engine does not compute them.
+            raise InvalidRequestError(
+                "echo together with logprobs is not supported yet (no prompt logprobs)", "echo"
             )
         return self._sampling_params(_or(self.max_tokens, default_max_tokens), self.logprobs)
 
@@ -325,10 +332,21 @@ class ChatCompletionStreamResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """vLLM's card: OpenAI's four fields plus `root`, `parent` and `max_model_len`, which
+    are left out while unset."""
+
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=unix_now)
     owned_by: str = "pdserve"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_extras(self, handler: Any) -> dict[str, Any]:
+        extras = ("root", "parent", "max_model_len")
+        return {k: v for k, v in handler(self).items() if k not in extras or v is not None}
 
 
 class ModelList(BaseModel):
@@ -356,6 +374,35 @@ def error_body(
     """The JSON body OpenAI sends with a 4xx/5xx: `{"error": {message, type, param, code}}`."""
     info = ErrorInfo(message=message, type=type, param=param, code=code)
     return ErrorResponse(error=info).model_dump()
+
+
+def validation_error_param(model: type[BaseModel], loc: Sequence[int | str]) -> str | None:
+    """The OpenAI `param` for a pydantic error location, e.g. `messages[0].role`.
+
+    Pydantic puts the name of each union member it tried into `loc` (`("prompt",
+    "list[int]", 0)`); those are not fields, so the location is walked against the model's
+    fields and anything that is neither a field of the current model nor a list index is
+    dropped.
+    """
+    param = ""
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif current is not None and part in current.model_fields:
+            param += f".{part}" if param else part
+            current = _first_model(current.model_fields[part].annotation)
+    return param or None
+
+
+def _first_model(annotation: Any) -> type[BaseModel] | None:
+    """The first pydantic model class inside a type annotation (`list[ChatMessage]` ->
+    ChatMessage), or None."""
+    args = typing.get_args(annotation)  # (), or the members of a union or generic
+    if not args:
+        is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        return annotation if is_model else None
+    return next((m for m in map(_first_model, args) if m is not None), None)
 
 
 def sse_event(payload: BaseModel | dict[str, Any]) -> str:

@@ -35,6 +35,7 @@ class WorkerHandle:
     ctrl: zmq.asyncio.Socket
     last_seen: float = field(default_factory=time.monotonic)
     stats: m.WorkerStats | None = None
+    stats_time: float = 0.0  # time.monotonic() when `stats` arrived
     outstanding_tokens: int = 0
     num_assigned: int = 0
     is_alive: bool = True
@@ -81,7 +82,7 @@ class WorkerPool:
         handle = self.workers.get(stats.worker_id)
         if handle is not None:
             handle.stats = stats
-            handle.last_seen = time.monotonic()
+            handle.last_seen = handle.stats_time = time.monotonic()
             handle.is_alive = True
 
     def touch(self, worker_id: str) -> None:

@@ -110,14 +110,19 @@ class KVReceiver:
 
     def write_layer(self, msg: KVLayer, frame: memoryview) -> bool:
         """Write one batch; False (and nothing written) if it is damaged."""
-        if len(frame) != msg.num_bytes or checksum(frame) != msg.checksum:
-            return False
         num_blocks = len(msg.block_ids)
         shape = (2, num_blocks, *self.kv_cache.shape[3:])
-        data = torch.frombuffer(frame, dtype=self.kv_cache.dtype)
-        if data.numel() != _numel(shape):
+        # NOTE: the length is checked against the block count before `torch.frombuffer`,
+        # which raises (rather than returning a short tensor) on an empty buffer or one that
+        # is not a whole number of elements.
+        expected = _numel(shape) * self.kv_cache.element_size()
+        if len(frame) != msg.num_bytes or len(frame) != expected:
             return False
-        data = data.view(shape)
+        if checksum(frame) != msg.checksum:
+            return False
+        if num_blocks == 0:
+            return True  # an empty batch: nothing to write
+        data = torch.frombuffer(frame, dtype=self.kv_cache.dtype).view(shape)
         layer = self.kv_cache[msg.layer]
         for src, dst, n in block_runs(list(range(num_blocks)), msg.block_ids):
             layer[:, dst : dst + n].copy_(data[:, src : src + n])

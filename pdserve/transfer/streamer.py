@@ -80,11 +80,16 @@ class KVStreamer:
         end = item.start + item.num_new_tokens
         last = cdiv(end, self.block_size)
         hand_off.num_sent_blocks = end // self.block_size
-        return _Job(
-            hand_off,
-            item.request.block_ids[first:last],
-            hand_off.dest.block_ids[first:last],
-        )
+        src_block_ids = item.request.block_ids[first:last]
+        dst_block_ids = hand_off.dest.block_ids[first:last]
+        if len(dst_block_ids) != len(src_block_ids):
+            hand_off.error = "the destination holds fewer blocks than the prompt needs"
+            return None
+        if not src_block_ids:
+            # A request preempted here restarts below the blocks already sent: nothing
+            # new until it passes them again (and an empty batch is not worth a message).
+            return None
+        return _Job(hand_off, src_block_ids, dst_block_ids)
 
     def _send_layer(self, layer: int) -> None:
         for job in self._jobs:

@@ -45,7 +45,8 @@ logger = logging.getLogger(__name__)
 class _Pending:
     request: Request
     transfer_id: str
-    deadline: float
+    deadline: float  # to be admitted by
+    timeout_s: float  # then, from admission, for the KV to arrive
 
 
 @dataclass(slots=True)
@@ -88,7 +89,9 @@ class HandOffs:
                     message.request_id, message.prompt_token_ids, message.params
                 )
                 deadline = time.monotonic() + message.timeout_s
-                self._pending.append(_Pending(request, message.transfer_id, deadline))
+                self._pending.append(
+                    _Pending(request, message.transfer_id, deadline, message.timeout_s)
+                )
                 return self._admit()
             elif isinstance(message, m.PrefillRequest):
                 deadline = time.monotonic() + message.deadline_s
@@ -101,7 +104,7 @@ class HandOffs:
                 )
                 self._hand_offs[message.request_id] = hand_off
             elif isinstance(message, m.Abort):
-                return self._abort(message.request_ids)
+                return self._abort(message.request_ids, message.is_writer_absent)
             else:
                 logger.warning("ignoring unexpected command %s", type(message).__name__)
         except InvalidRequestError as e:
@@ -109,7 +112,7 @@ class HandOffs:
             return [m.RequestFailed(self.worker_id, request_id, str(e))]
         return []
 
-    def _abort(self, request_ids: list[str]) -> list[m.Message]:
+    def _abort(self, request_ids: list[str], is_writer_absent: bool) -> list[m.Message]:
         ids = set(request_ids)
         self._pending = deque(p for p in self._pending if p.request.request_id not in ids)
         to_abort = []
@@ -118,8 +121,13 @@ class HandOffs:
             if request is None:
                 continue
             if request.status == RequestStatus.WAITING_FOR_KV:
-                for imp in self._imports.values():
-                    if imp.request_id == request_id:
+                for transfer_id, imp in list(self._imports.items()):
+                    if imp.request_id != request_id:
+                        continue
+                    if is_writer_absent:
+                        del self._imports[transfer_id]
+                        to_abort.append(request_id)
+                    else:
                         imp.is_aborted = True  # freed on KVDone or deadline (see NOTE)
                 continue
             to_abort.append(request_id)
@@ -133,10 +141,22 @@ class HandOffs:
 
     def _admit(self) -> list[m.Message]:
         replies: list[m.Message] = []
-        while self._pending and self.core.try_reserve(self._pending[0].request):
+        while self._pending:
+            try:
+                if not self.core.try_reserve(self._pending[0].request):
+                    break
+            except InvalidRequestError as e:  # its id came into use while it waited
+                pending = self._pending.popleft()
+                replies.append(self._failed(pending.request.request_id, str(e)))
+                continue
             pending = self._pending.popleft()
             request = pending.request
-            self._imports[pending.transfer_id] = _Import(request.request_id, pending.deadline)
+            # NOTE: the KV deadline runs from admission, not from receipt: the router gives
+            # the prefill worker `timeout_s` from `KVReserved` (minus a margin), and blocks
+            # freed while that worker may still write into them (shm) would corrupt
+            # whichever request reuses them.
+            deadline = time.monotonic() + pending.timeout_s
+            self._imports[pending.transfer_id] = _Import(request.request_id, deadline)
             replies.append(
                 m.KVReserved(
                     self.worker_id,
@@ -235,7 +255,10 @@ class HandOffs:
         error: str | None,
     ) -> None:
         dest = hand_off.dest
-        sender = self.senders.get(dest.backend)
+        # `KVDone` travels over ZeroMQ whatever the backend: any sender can tell the decode
+        # worker, even when this one lacks the requested backend (the streamer then set
+        # `error`, so the decode worker recomputes instead of waiting for its deadline).
+        sender = self.senders.get(dest.backend) or next(iter(self.senders.values()), None)
         if sender is None:
             return
         done = m.KVDone(

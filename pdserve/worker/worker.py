@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode", "mixed")
 HEARTBEAT_S = 1.0
+STATS_MIN_INTERVAL_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class Worker:
         self.handoffs = HandOffs(self.worker_id, self.core, senders, KVReceiver(kv_cache))
         self.is_running = True
         self._stats = m.WorkerStats(self.worker_id, 0, 0, 0, self.layout.num_blocks)
+        self._stats_sent = 0.0
 
     def _bind(self, kind: int) -> zmq.Socket:
         sock = self.ctx.socket(kind)
@@ -203,8 +205,17 @@ class Worker:
         )
 
     def _update_stats(self) -> None:
+        """Refresh the heartbeat's snapshot; send it now too when it changed (at most
+        every `STATS_MIN_INTERVAL_S`), so the router's view of load and free blocks is fresh."""
+        stats = self._current_stats()
+        if stats != self._stats and time.monotonic() - self._stats_sent > STATS_MIN_INTERVAL_S:
+            self._send(stats)
+            self._stats_sent = time.monotonic()
+        self._stats = stats
+
+    def _current_stats(self) -> m.WorkerStats:
         scheduler = self.core.scheduler
-        self._stats = m.WorkerStats(
+        return m.WorkerStats(
             self.worker_id,
             num_running=scheduler.num_running + len(scheduler.reserved),
             num_waiting=scheduler.num_waiting + self.handoffs.num_pending,

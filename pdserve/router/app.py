@@ -1,0 +1,229 @@
+"""The OpenAI-compatible HTTP app: routes, API keys, and errors as OpenAI shapes them.
+
+`build_app(client, metrics, api_key)` serves one `EngineClient` (router/client.py):
+
+    POST /v1/completions        POST /v1/chat/completions     GET /v1/models
+    GET  /health  (the router is up)   GET /ready  (503 until workers are)   GET /metrics
+
+This module owns the HTTP surface; `serving.py` runs generations and `responses.py` builds
+the bodies. It imports no torch, so the router starts fast.
+
+Errors (always `{"error": {"message", "type", "param", "code"}}`):
+
+    400 invalid_request_error  malformed JSON, a body that does not parse (param = the
+                               field, e.g. `messages[0].role`), InvalidRequestError
+    401 invalid_request_error  missing or wrong API key (code invalid_api_key when wrong)
+    404 invalid_request_error  unknown model (code model_not_found) or route
+    500 server_error           RequestFailedError, or anything unexpected (logged with its
+                               traceback; the body says only "internal server error")
+    503 server_error           ServiceUnavailableError (code service_unavailable)
+
+A client that hangs up before its answer is ready gets 499 (nginx's "client closed
+request"), which only logs will ever see.
+
+Bodies are parsed here, not by FastAPI, so that these rules (400 rather than FastAPI's
+422, JSON accepted whatever the content type) hold, and a route catches every exception
+itself rather than letting starlette's error middleware re-raise it into the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse, Response
+
+from pdserve.router.client import EngineClient
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    error_body,
+    validation_error_param,
+)
+from pdserve.router.serving import (
+    STATUS_CLIENT_CLOSED,
+    ApiError,
+    ClientDisconnected,
+    Serving,
+    describe_error,
+)
+
+logger = logging.getLogger(__name__)
+
+BodyModel = TypeVar("BodyModel", bound=BaseModel)
+
+
+def build_app(
+    client: EngineClient, metrics: RouterMetrics | None = None, api_key: str | None = None
+) -> FastAPI:
+    """The FastAPI app serving `client`. `metrics` defaults to a fresh `RouterMetrics`;
+    with `api_key`, every `/v1` route requires `Authorization: Bearer <api_key>`."""
+    metrics = metrics if metrics is not None else RouterMetrics(client.model_name)
+    metrics.watch_workers(client.readiness)
+    serving = Serving(client, metrics)
+    app = FastAPI(title="pdserve", summary="OpenAI-compatible LLM serving")
+    app.router.route_class = _OpenAIRoute  # the probes too: no exception escapes a route
+    app.state.client = client
+    app.state.metrics = metrics
+    _add_probes(app, client, metrics)
+    app.include_router(_v1_router(client, serving, api_key))
+    app.add_exception_handler(HTTPException, _http_exception)
+    return app
+
+
+# -- routes ---------------------------------------------------------------------------------
+
+
+class _OpenAIRoute(APIRoute):
+    """A route that turns every exception from its handler into an OpenAI error response."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:
+                return error_response(exc)
+
+        return guarded
+
+
+def _v1_router(client: EngineClient, serving: Serving, api_key: str | None) -> APIRouter:
+    dependencies = [Depends(_bearer_auth(api_key))] if api_key else []
+    router = APIRouter(prefix="/v1", route_class=_OpenAIRoute, dependencies=dependencies)
+
+    @router.get("/models")
+    async def list_models() -> JSONResponse:
+        card = ModelCard(
+            id=client.model_name, root=client.model_name, max_model_len=client.max_model_len
+        )
+        return JSONResponse(ModelList(data=[card]).model_dump())
+
+    @router.post("/completions")
+    async def create_completion(request: Request) -> Response:
+        body = await _parse_body(request, CompletionRequest)
+        _check_model(client, body.model)
+        return await serving.completions(body, request)
+
+    @router.post("/chat/completions")
+    async def create_chat_completion(request: Request) -> Response:
+        body = await _parse_body(request, ChatCompletionRequest)
+        _check_model(client, body.model)
+        return await serving.chat(body, request)
+
+    return router
+
+
+def _add_probes(app: FastAPI, client: EngineClient, metrics: RouterMetrics) -> None:
+    """Liveness, readiness and metrics: open even when an API key is set."""
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        try:
+            readiness = client.readiness()
+        except Exception as exc:
+            logger.exception("readiness check failed")
+            return JSONResponse({"ready": False, "reason": f"readiness check failed: {exc}"}, 503)
+        body = {
+            "ready": readiness.is_ready,
+            "reason": readiness.reason,
+            "workers": [dataclasses.asdict(w) for w in readiness.workers],
+        }
+        return JSONResponse(body, 200 if readiness.is_ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        content, content_type = metrics.render()
+        return Response(content, media_type=content_type)
+
+
+# -- request checks -------------------------------------------------------------------------
+
+
+def _bearer_auth(api_key: str) -> Callable:
+    expected = api_key.encode()
+
+    async def check(request: Request) -> None:
+        header = request.headers.get("authorization")
+        if header is None:
+            raise ApiError(
+                401, "You didn't provide an API key: send the header 'Authorization: Bearer <key>'."
+            )
+        scheme, _, token = header.partition(" ")
+        # compare_digest: the time taken must not reveal how much of the key matched.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    return check
+
+
+async def _parse_body(request: Request, model: type[BodyModel]) -> BodyModel:
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise _as_api_error(model, exc.errors()) from exc
+
+
+def _as_api_error(model: type[BaseModel] | None, errors: list[dict[str, Any]]) -> ApiError:
+    if not errors:
+        return ApiError(400, "the request body is invalid")
+    error = errors[0]
+    if error["type"] == "json_invalid":
+        return ApiError(400, f"We could not parse the JSON body of your request: {error['msg']}")
+    loc = error.get("loc", ())
+    if model is None:  # FastAPI's own validation: the first element says body, query, ...
+        loc = loc[1:]
+    param = validation_error_param(model, loc) if model is not None else None
+    message = f"{param}: {error['msg']}" if param else error["msg"]
+    return ApiError(400, message, param=param)
+
+
+def _check_model(client: EngineClient, name: str | None) -> None:
+    if name is not None and name != client.model_name:
+        raise ApiError(
+            404, f"The model `{name}` does not exist.", param="model", code="model_not_found"
+        )
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+def error_response(exc: BaseException) -> Response:
+    if isinstance(exc, (ClientDisconnected, ClientDisconnect)):  # nobody is left to answer
+        return Response(status_code=STATUS_CLIENT_CLOSED)
+    if isinstance(exc, RequestValidationError):
+        exc = _as_api_error(None, list(exc.errors()))
+    status_code, body = describe_error(exc)
+    headers = {"WWW-Authenticate": "Bearer"} if status_code == 401 else None
+    return JSONResponse(body, status_code, headers=headers)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (unknown route, wrong method) in OpenAI's shape."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"Invalid URL ({request.method} {request.url.path})"
+    else:
+        message = str(exc.detail)
+    error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return JSONResponse(
+        error_body(message, error_type), exc.status_code, headers=getattr(exc, "headers", None)
+    )
