@@ -121,6 +121,8 @@ class ServeConfig:
             value = getattr(args, name)
             if value is not None:
                 data[name] = value
+        if args.serve_log_level:
+            data["log_level"] = args.serve_log_level
         for name in ENGINE_FLAGS:
             value = getattr(args, f"engine_{name}")
             if value is not None:
@@ -166,7 +168,6 @@ SERVE_FLAGS = {
     "kv_backend": (str, "auto | shm | tcp (default auto)"),
     "auto_local_prefill_tokens": (int, "auto mode: prompts shorter than this prefill locally"),
     "kv_transfer_timeout_s": (float, "seconds before a KV hand-over is abandoned"),
-    "log_level": (str, "DEBUG | INFO | WARNING"),
 }
 ENGINE_FLAGS = {
     "dtype": str,
@@ -183,6 +184,13 @@ ENGINE_FLAGS = {
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML file of settings")
+    # Its own dest: a subcommand's default would otherwise mask `pdserve --log-level`.
+    parser.add_argument(
+        "--log-level",
+        dest="serve_log_level",
+        default=None,
+        help="DEBUG | INFO | WARNING (default INFO)",
+    )
     for name, (kind, help_text) in SERVE_FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
     parser.add_argument(
@@ -248,12 +256,21 @@ async def _serve(config: ServeConfig, model_dir: Path, http_sock: socket.socket)
     await client.start()
     app = build_app(client, client.metrics, config.api_key)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+
+    # uvicorn handles SIGINT/SIGTERM while it serves and re-raises them afterwards; these
+    # handlers receive that re-raise so shutdown continues below instead of dying mid-way.
+    def on_signal(signum, frame) -> None:
+        logger.info("received %s; shutting down", signal.Signals(signum).name)
+        server.should_exit = True  # also covers a signal while workers are starting
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     server_task = asyncio.create_task(server.serve(sockets=[http_sock]))
     workers = WorkerProcesses(config, model_dir, client.router_addr)
     try:
         workers.start(counts)
         if not await _wait_ready(client, workers, server_task):
-            return 1
+            return 0 if server.should_exit else 1  # a signal during start-up is a clean stop
         url = f"http://{config.host}:{config.port}"
         print(
             f"pdserve ready: {url}/v1 (model {client.model_name!r}, mode {config.mode}, "

@@ -1,0 +1,65 @@
+"""`pdserve serve` as an operator sees it: clean shutdown, no orphans, crash recovery."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import httpx2 as httpx
+import pytest
+
+from pdserve.transfer import SHM_DIR, SHM_PREFIX
+from tests.serving.server import ServerProcess
+
+
+def shm_files(pids: list[int]) -> list[str]:
+    return sorted(p.name for pid in pids for p in SHM_DIR.glob(f"{SHM_PREFIX}*-{pid}"))
+
+
+def test_sigterm_stops_everything_and_removes_shared_pools(builtin_model_dir):
+    server = ServerProcess("--mode", "disaggregated", "--threads-per-worker", "1")
+    pids = server.worker_pids()
+    assert len(pids) == 2
+    assert len(shm_files(pids)) == 1  # the decode worker's pool (the prefill one has none)
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 200
+    assert server.stop() == 0
+    assert server.wait_gone(pids) == []
+    assert shm_files(pids) == []
+
+
+def _wait_ready(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if httpx.get(url + "/ready").status_code == 200:
+            return
+        time.sleep(0.2)
+    pytest.fail("server did not become ready again")
+
+
+def test_worker_crash_fails_its_requests_and_the_worker_comes_back(builtin_model_dir):
+    server = ServerProcess("--mode", "aggregated", "--threads-per-worker", "1")
+    try:
+        (pid,) = server.worker_pids()
+        body = {"prompt": "count", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+        events = []
+        with httpx.stream("POST", server.url + "/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[6:])
+                if len(events) == 2:
+                    os.kill(pid, signal.SIGKILL)
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert "exited" in error["message"] and error["type"] == "server_error"
+        r = httpx.get(server.url + "/ready")
+        _wait_ready(server.url)
+        (new_pid,) = server.worker_pids()
+        assert new_pid != pid
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    finally:
+        assert server.stop() == 0
