@@ -5,6 +5,7 @@
     pdserve model create [--out DIR]       write the built-in model (default: the cache folder)
     pdserve model path                     print where the built-in model lives
     pdserve serve [--config serve.yaml] [flags]   router + workers: the OpenAI HTTP server
+    pdserve router [flags]                 the router alone (workers join from elsewhere)
     pdserve worker --role prefill|decode|mixed --router ADDR   one worker process
 
 Heavy imports (torch, the engine) happen inside the commands so `--help` stays instant.
@@ -154,6 +155,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         router_addr=args.router,
         engine=EngineConfig(**_engine_kwargs(args)),
         host=args.host,
+        advertise_host=args.advertise_host,
         backends=tuple(b for b in args.kv_backends.split(",") if b),
         kv_layerwise=not args.no_kv_layerwise,
     )
@@ -165,6 +167,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pdserve.serve import ServeConfig, run_serve
 
     return run_serve(ServeConfig.from_args(args))
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    """The router alone; workers are started separately and register with it."""
+    from dataclasses import replace
+
+    from pdserve.serve import ServeConfig, run_serve
+
+    config = ServeConfig.from_args(args)
+    given = {n: getattr(args, f"{n}_workers") for n in ("prefill", "decode", "mixed")}
+    config = replace(
+        config,
+        prefill_workers=given["prefill"] or 0,
+        decode_workers=given["decode"] or 0,
+        mixed_workers=given["mixed"] or 0,
+        external_workers=args.expect_workers,
+        router_port=config.router_port or DEFAULT_ROUTER_PORT,
+    )
+    return run_serve(config)
+
+
+DEFAULT_ROUTER_PORT = 5557
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,11 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)
 
+    router = commands.add_parser("router", help="start only the router; workers join it")
+    add_serve_args(router)
+    router.add_argument("--expect-workers", type=int, default=1, help="workers /ready waits for")
+    router.set_defaults(func=cmd_router)
+
     worker = commands.add_parser("worker", help="run one worker (usually started by serve)")
     worker.add_argument("--role", required=True, choices=["prefill", "decode", "mixed"])
     worker.add_argument("--router", required=True, help="router address, tcp://host:port")
     worker.add_argument("--worker-id", default=None)
     worker.add_argument("--host", default="127.0.0.1", help="interface the worker binds")
+    worker.add_argument(
+        "--advertise-host", default=None, help="address others use (with --host 0.0.0.0)"
+    )
     worker.add_argument("--kv-backends", default="shm,tcp", help="comma-separated")
     worker.add_argument("--no-kv-layerwise", action="store_true", help="send KV after prefill")
     _add_engine_args(worker)

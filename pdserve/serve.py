@@ -60,12 +60,15 @@ class ServeConfig:
     auto_max_prefill_queue_tokens: int = 8192
     kv_transfer_timeout_s: float = 60.0
     log_level: str = "INFO"
+    # Workers started elsewhere (`pdserve worker --router ...`) that readiness waits for,
+    # on top of the ones this command launches.
+    external_workers: int = 0
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         self.routing()  # validates the routing fields
         counts = self.worker_counts()
-        if sum(counts.values()) == 0:
+        if sum(counts.values()) + self.external_workers == 0:
             raise ConfigError("workers", "no workers configured")
         if any(n < 0 for n in counts.values()):
             raise ConfigError("workers", f"negative worker count in {counts}")
@@ -250,7 +253,7 @@ async def _serve(config: ServeConfig, model_dir: Path, http_sock: socket.socket)
         routing=config.routing(),
         model_name=config.model_name,
         max_model_len=config.engine.max_model_len,
-        min_workers=sum(counts.values()),
+        min_workers=sum(counts.values()) + config.external_workers,
     )
     client.metrics = RouterMetrics(client.model_name)
     await client.start()
@@ -269,6 +272,12 @@ async def _serve(config: ServeConfig, model_dir: Path, http_sock: socket.socket)
     workers = WorkerProcesses(config, model_dir, client.router_addr)
     try:
         workers.start(counts)
+        if config.external_workers:
+            print(
+                f"waiting for {config.external_workers} worker(s): pdserve worker "
+                f"--router {client.router_addr} --role ...",
+                flush=True,
+            )
         if not await _wait_ready(client, workers, server_task):
             return 0 if server.should_exit else 1  # a signal during start-up is a clean stop
         url = f"http://{config.host}:{config.port}"
@@ -285,7 +294,7 @@ async def _serve(config: ServeConfig, model_dir: Path, http_sock: socket.socket)
         server.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server_task, 5)
-        await client.stop(shutdown_workers=True)
+        await client.stop(shutdown_workers=list(workers.procs))  # not external ones
         workers.stop()
 
 

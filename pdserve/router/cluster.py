@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,15 +114,19 @@ class ClusterClient(EngineClient):
             asyncio.create_task(self._liveness_loop()),
         ]
 
-    async def stop(self, shutdown_workers: bool = True) -> None:
+    async def stop(self, shutdown_workers: bool | Iterable[str] = True) -> None:
+        """Stop listening. `shutdown_workers`: True for all registered workers, or the ids
+        of the ones to stop (those this process launched)."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if shutdown_workers:
+            wanted = None if shutdown_workers is True else set(shutdown_workers)
             for handle in self.pool.workers.values():
-                handle.send(m.Shutdown())
+                if wanted is None or handle.worker_id in wanted:
+                    handle.send(m.Shutdown())
             await asyncio.sleep(0.05)  # let the shutdowns leave
         self.pool.close()
         if self._socket is not None:
@@ -348,8 +352,10 @@ class ClusterClient(EngineClient):
             self.pool.on_stats(message)
             return
         if isinstance(message, m.Register):
+            known = self.pool.workers.get(message.worker_id)
             self.pool.register(message)
-            logger.info("worker %s (%s) registered", message.worker_id, message.role)
+            if known is None or known.info != message:
+                logger.info("worker %s (%s) registered", message.worker_id, message.role)
             return
         self.pool.touch(message.worker_id)
         if isinstance(message, m.StepOutputs):

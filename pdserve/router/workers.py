@@ -68,6 +68,14 @@ class WorkerPool:
         self.workers: dict[str, WorkerHandle] = {}
 
     def register(self, info: m.Register) -> WorkerHandle:
+        """Add a worker, or replace one that restarted under the same id. A worker
+        re-announces itself periodically (so a restarted router learns of it); the same
+        announcement again only refreshes it."""
+        current = self.workers.get(info.worker_id)
+        if current is not None and current.info == info:
+            current.last_seen = time.monotonic()
+            current.is_alive = True
+            return current
         old = self.workers.pop(info.worker_id, None)
         if old is not None:
             old.ctrl.close(linger=0)

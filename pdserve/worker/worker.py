@@ -21,6 +21,7 @@ out, run one engine step, report. Reservation and hand-off bookkeeping lives in
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode", "mixed")
 HEARTBEAT_S = 1.0
+REANNOUNCE_EVERY = 5  # heartbeats
 STATS_MIN_INTERVAL_S = 0.02
 
 
@@ -57,6 +59,7 @@ class WorkerConfig:
     router_addr: str  # the router's PULL socket, e.g. tcp://127.0.0.1:5557
     engine: EngineConfig = field(default_factory=EngineConfig)
     host: str = "127.0.0.1"  # where this worker's sockets bind
+    advertise_host: str | None = None  # how others reach it when `host` is a wildcard
     backends: tuple[str, ...] = ("shm", "tcp")  # transfer backends offered / used
     kv_layerwise: bool = True
 
@@ -195,14 +198,24 @@ class Worker:
             worker_id=self.worker_id,
             role=self.config.role,
             pid=os.getpid(),
-            ctrl_addr=self.ctrl.getsockopt(zmq.LAST_ENDPOINT).decode(),
-            kv_addr=self.kv.getsockopt(zmq.LAST_ENDPOINT).decode(),
+            ctrl_addr=self._advertised(self.ctrl),
+            kv_addr=self._advertised(self.kv),
             kv_layout=self.layout,
             max_model_len=self.core.max_model_len,
             backends=list(self.config.backends),
             hostname=socket.gethostname(),
             shm_path=str(self.shm_path) if self.shm_path else None,
         )
+
+    def _advertised(self, sock: zmq.Socket) -> str:
+        """The address peers should connect to: the bound one, with a wildcard interface
+        replaced by `advertise_host` (or this host's name)."""
+        endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        scheme_host, _, port = endpoint.rpartition(":")
+        if scheme_host.endswith(("0.0.0.0", "[::]", "*")):
+            host = self.config.advertise_host or socket.gethostname()
+            return f"tcp://{host}:{port}"
+        return endpoint
 
     def _update_stats(self) -> None:
         """Refresh the heartbeat's snapshot; send it now too when it changed (at most
@@ -229,7 +242,12 @@ class Worker:
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.config.router_addr)
         try:
-            while self.is_running:
+            register = m.encode(self._register_message())
+            for beat in itertools.count():
+                if not self.is_running:
+                    break
+                if beat % REANNOUNCE_EVERY == REANNOUNCE_EVERY - 1:
+                    sock.send(register)  # a restarted router learns of this worker
                 sock.send(m.encode(self._stats))
                 time.sleep(HEARTBEAT_S)
         except zmq.ZMQError:

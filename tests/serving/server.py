@@ -39,7 +39,14 @@ def pids_with_arg(text: str) -> list[int]:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 180):
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        timeout: float = 180,
+        command: str = "serve",
+        wait: bool = True,
+    ):
         self.port = free_port()
         self.router_port = free_port()
         self.router_addr = f"tcp://127.0.0.1:{self.router_port}"
@@ -47,7 +54,7 @@ class ServerProcess:
             sys.executable,
             "-m",
             "pdserve.cli",
-            "serve",
+            command,
             "--port",
             str(self.port),
             "--router-port",
@@ -66,10 +73,18 @@ class ServerProcess:
         self.lines: list[str] = []
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(timeout):
+        self.url = f"http://127.0.0.1:{self.port}"
+        if wait:
+            self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                break
+        if not self._ready.is_set():
             self.stop()
             raise RuntimeError("server not ready:\n" + "".join(self.lines[-40:]))
-        self.url = f"http://127.0.0.1:{self.port}"
 
     def _read(self) -> None:
         for line in self.proc.stdout:

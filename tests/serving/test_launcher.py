@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import httpx2 as httpx
@@ -63,3 +65,43 @@ def test_worker_crash_fails_its_requests_and_the_worker_comes_back(builtin_model
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
     finally:
         assert server.stop() == 0
+
+
+def test_router_with_workers_started_separately(builtin_model_dir):
+    """`pdserve router` + `pdserve worker` processes (how a multi-machine deployment runs,
+    here on one host): ready once both joined, serves, and stops without stopping them."""
+    server = ServerProcess(
+        "--mode", "disaggregated", "--expect-workers", "2", command="router", wait=False
+    )
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pdserve.cli",
+                "worker",
+                "--role",
+                role,
+                "--router",
+                server.router_addr,
+                "--worker-id",
+                f"ext-{role}",
+                "--threads",
+                "1",
+            ]
+        )
+        for role in ("prefill", "decode")
+    ]
+    try:
+        server.wait_ready(120)
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "x " * 300, "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        roles = {w["role"] for w in httpx.get(server.url + "/ready").json()["workers"]}
+        assert roles == {"prefill", "decode"}
+        assert server.stop() == 0
+        assert all(w.poll() is None for w in workers)  # external workers keep running
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            assert w.wait(15) == 0
