@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pdserve.config import EngineConfig, ModelConfig
-from pdserve.engine.block_manager import BlockManager, cdiv
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.limits import check_request
 from pdserve.engine.model_runner import KVAllocator, ModelRunner
 from pdserve.engine.request import Request
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
@@ -145,36 +146,14 @@ class EngineCore:
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Check a request can be served (prompt, ids, length, pool); return its max_tokens."""
-        num_prompt = len(prompt_token_ids)
-        if num_prompt == 0:
-            raise InvalidRequestError("the prompt must contain at least one token", "prompt")
-        vocab = self.model_config.vocab_size
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
-        if any(t >= vocab for t in params.stop_token_ids):
-            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
-        room = self.max_model_len - num_prompt
-        if room <= 0:
-            raise InvalidRequestError(
-                f"the prompt has {num_prompt} tokens; this model's context is "
-                f"{self.max_model_len} tokens, leaving no room to generate",
-                "prompt",
-            )
-        max_tokens = params.max_tokens if params.max_tokens is not None else room
-        if max_tokens > room:
-            raise InvalidRequestError(
-                f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) exceeds the "
-                f"model's context length of {self.max_model_len} tokens",
-                "max_tokens",
-            )
-        needed = cdiv(num_prompt + max_tokens, self.config.block_size)
-        if needed > self.block_manager.num_blocks:
-            raise InvalidRequestError(
-                f"the request needs up to {needed} KV blocks but the pool has only "
-                f"{self.block_manager.num_blocks}; lower max_tokens or enlarge the KV cache",
-                "max_tokens",
-            )
-        return max_tokens
+        return check_request(
+            prompt_token_ids,
+            params,
+            max_model_len=self.max_model_len,
+            vocab_size=self.model_config.vocab_size,
+            block_size=self.config.block_size,
+            num_blocks=self.block_manager.num_blocks,
+        )
 
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         requests = [self.requests.pop(rid) for rid in request_ids if rid in self.requests]

@@ -48,7 +48,7 @@ class ReserveKV(Message):
     transfer_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    timeout_s: float  # free the blocks if the KV has not arrived by then
+    timeout_s: float  # from admission (KVReserved): free the blocks if no KV arrived by then
 
 
 class KVDestination(msgspec.Struct, frozen=True):
@@ -228,14 +228,16 @@ class KVSent(Message):
 
 
 class KVLayer(Message):
-    """One layer's KV for some of a request's blocks; followed by one raw frame holding
-    `[2, len(block_ids), block_size, heads, dim]` in the pool's dtype (tcp backend)."""
+    """One layer's KV for some of a request's blocks (tcp backend). Followed by two raw
+    frames per entry of `run_lengths` — keys then values of that many blocks, each
+    `[n, block_size, heads, dim]` in the pool's dtype — covering `block_ids` in order."""
 
     transfer_id: str
     layer: int
     block_ids: list[int]  # destination block ids
-    checksum: int  # xxh3_64 of the raw frame
-    num_bytes: int
+    checksum: int  # xxh3_64 over the raw frames, in order
+    num_bytes: int  # of all raw frames
+    run_lengths: list[int] = msgspec.field(default_factory=list)  # blocks per frame pair
 
 
 class KVDone(Message):

@@ -32,6 +32,7 @@ import zmq
 import zmq.asyncio
 
 from pdserve.config import ModelConfig
+from pdserve.engine.limits import check_request
 from pdserve.engine.output_processor import OutputProcessor
 from pdserve.errors import InvalidRequestError, RequestFailedError, ServiceUnavailableError
 from pdserve.ipc import messages as m
@@ -45,10 +46,6 @@ from pdserve.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 ROUTER_MARGIN_S = 1.0  # the prefill deadline ends this much before the reservation's
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclass(eq=False)
@@ -150,30 +147,17 @@ class ClusterClient(EngineClient):
         return min([self._max_model_len, *limits])
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        num_prompt = len(prompt_token_ids)
-        limit = self.max_model_len
-        if num_prompt == 0:
-            raise InvalidRequestError("the prompt must contain at least one token", "prompt")
-        vocab = self.model_config.vocab_size
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
-        max_tokens = params.max_tokens if params.max_tokens is not None else limit - num_prompt
-        if num_prompt + max(max_tokens, 1) > limit:
-            raise InvalidRequestError(
-                f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) exceeds the "
-                f"model's context length of {limit} tokens",
-                "max_tokens" if num_prompt < limit else "prompt",
-            )
+        """The engine's own check, against the smallest decode-capable pool registered."""
         pools = [w.info.kv_layout for w in self.pool.workers.values() if w.role != "prefill"]
-        if pools:
-            smallest = min(pools, key=lambda p: p.num_blocks)
-            needed = cdiv(num_prompt + max_tokens, smallest.block_size)
-            if needed > smallest.num_blocks:
-                raise InvalidRequestError(
-                    f"the request needs up to {needed} KV blocks but a worker's pool has "
-                    f"only {smallest.num_blocks}; lower max_tokens",
-                    "max_tokens",
-                )
+        smallest = min(pools, key=lambda p: p.num_blocks) if pools else None
+        check_request(
+            prompt_token_ids,
+            params,
+            max_model_len=self.max_model_len,
+            vocab_size=self.model_config.vocab_size,
+            block_size=smallest.block_size if smallest else None,
+            num_blocks=smallest.num_blocks if smallest else None,
+        )
 
     def readiness(self) -> Readiness:
         workers = [self._status(w) for w in self.pool.workers.values()]

@@ -28,6 +28,8 @@ from pdserve.ipc.messages import KVDestination, KVDone, KVLayer, KVLayout, encod
 
 logger = logging.getLogger(__name__)
 
+SEND_TIMEOUT_MS = 5000
+
 
 def block_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
     """Split paired block lists into runs `(src_start, dst_start, length)` in which both
@@ -62,6 +64,9 @@ class PeerSockets:
         if sock is None:
             sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, self.linger_ms)
+            # A dead decode worker must not block the prefill loop for ever: a send that
+            # cannot be queued within this time raises zmq.Again (a TransferError).
+            sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
             sock.connect(addr)
             self._sockets[addr] = sock
         return sock
@@ -90,8 +95,17 @@ class KVSender(abc.ABC):
         """Send one layer's keys and values of `src_block_ids` (local) into
         `dst_block_ids` (remote). Returns the bytes moved; raises `TransferError`."""
 
+    def flush(self) -> None:
+        """Return once nothing sent so far still reads the local pool (end of a step)."""
+        return None
+
     def finish(self, dest: KVDestination, done: KVDone) -> None:
-        self.peers.get(dest.kv_addr).send(encode(done))
+        try:
+            self.peers.get(dest.kv_addr).send(encode(done))
+        except zmq.Again:
+            logger.warning(
+                "could not tell %s that transfer %s ended", dest.kv_addr, done.transfer_id
+            )
 
     def close(self) -> None:
         """Release backend resources (mapped pools, registrations)."""
@@ -108,24 +122,35 @@ class KVReceiver:
     def __init__(self, kv_cache: torch.Tensor) -> None:
         self.kv_cache = kv_cache  # [L, 2, N, B, H, D]
 
-    def write_layer(self, msg: KVLayer, frame: memoryview) -> bool:
+    def write_layer(self, msg: KVLayer, frames: list[memoryview]) -> bool:
         """Write one batch; False (and nothing written) if it is damaged."""
-        num_blocks = len(msg.block_ids)
-        shape = (2, num_blocks, *self.kv_cache.shape[3:])
-        # NOTE: the length is checked against the block count before `torch.frombuffer`,
-        # which raises (rather than returning a short tensor) on an empty buffer or one that
-        # is not a whole number of elements.
-        expected = _numel(shape) * self.kv_cache.element_size()
-        if len(frame) != msg.num_bytes or len(frame) != expected:
+        layer = self.kv_cache[msg.layer]  # [2, N, B, H, D]
+        block_shape = layer.shape[2:]
+        block_bytes = _numel(block_shape) * layer.element_size()
+        runs = msg.run_lengths
+        # NOTE: sizes are checked before `torch.frombuffer`, which raises (rather than
+        # returning a short tensor) on an empty buffer or a partial element.
+        if len(frames) != 2 * len(runs) or sum(runs) != len(msg.block_ids):
             return False
-        if checksum(frame) != msg.checksum:
+        sizes = [n * block_bytes for n in runs for _ in (0, 1)]
+        if [len(f) for f in frames] != sizes or sum(sizes) != msg.num_bytes:
             return False
-        if num_blocks == 0:
-            return True  # an empty batch: nothing to write
-        data = torch.frombuffer(frame, dtype=self.kv_cache.dtype).view(shape)
-        layer = self.kv_cache[msg.layer]
-        for src, dst, n in block_runs(list(range(num_blocks)), msg.block_ids):
-            layer[:, dst : dst + n].copy_(data[:, src : src + n])
+        digest = xxhash.xxh3_64()
+        for frame in frames:
+            digest.update(frame)
+        if digest.intdigest() != msg.checksum:
+            return False
+        offset = 0
+        for i, n in enumerate(runs):
+            if n == 0:
+                continue
+            dst_ids = msg.block_ids[offset : offset + n]
+            offset += n
+            for kv in (0, 1):
+                data = torch.frombuffer(frames[2 * i + kv], dtype=layer.dtype)
+                data = data.view(n, *block_shape)
+                for src, dst, length in block_runs(list(range(n)), dst_ids):
+                    layer[kv, dst : dst + length].copy_(data[src : src + length])
         return True
 
 

@@ -70,7 +70,23 @@ class KVStreamer:
         if not self.layerwise:
             for layer in range(self.num_layers):
                 self._send_layer(layer)
+        if self._jobs:
+            self._flush()
         self._jobs = []
+
+    def _flush(self) -> None:
+        """Wait until sent data no longer reads the pool: the scheduler may reuse these
+        blocks, or the next chunk rewrite a partly filled one, from the next step on."""
+        for name in {job.hand_off.dest.backend for job in self._jobs}:
+            sender = self.senders.get(name)
+            if sender is None:
+                continue
+            try:
+                sender.flush()
+            except TransferError as e:
+                for job in self._jobs:
+                    if job.hand_off.dest.backend == name and job.hand_off.error is None:
+                        job.hand_off.error = str(e)
 
     def _job(self, item: ScheduledRequest) -> _Job | None:
         hand_off = item.request.kv_dest

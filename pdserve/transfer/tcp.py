@@ -1,26 +1,34 @@
 """The `tcp` backend: any host, KV over ZeroMQ with zero-copy frames.
 
-Per layer and request the prefill worker gathers the source blocks into one contiguous
-buffer (`[2, n, block_size, heads, dim]`), checksums it, and hands it to ZeroMQ without a
-copy (`copy=False`): the I/O thread streams it while the next layer computes. The decode
-worker verifies the checksum and copies the batch into its reserved blocks
-(`KVReceiver.write_layer`); a damaged batch fails the transfer and the decode worker
+Per layer and request, each run of consecutive source blocks goes out as two frames — its
+keys and its values, which are contiguous in the pool — handed to ZeroMQ without a copy
+(`copy=False`); the I/O thread streams them while the next layer computes. A request whose
+blocks are scattered into many runs is gathered into one buffer first instead (many tiny
+frames cost more than one copy). A checksum (xxh3) over the batch's frames travels in the
+`KVLayer` header. The decode worker verifies it and copies the frames into its reserved
+blocks (`KVReceiver.write_layer`); a damaged batch fails the transfer and the decode worker
 recomputes the prompt itself rather than decode from bad KV.
 
-Gather buffers are reused once ZeroMQ reports it has sent them (`track=True`): a fresh
-multi-MiB buffer per layer costs a page fault per 4 KiB on first touch, which measured
-here made gathering 2.5x slower than the copy itself (`benchmarks/kv_transfer.py`).
+NOTE: frames point into the local pool until ZeroMQ has sent them. `flush()` waits for
+that; the streamer calls it at the end of every step, before the scheduler may reuse the
+blocks or the next chunk rewrites a partly filled one.
+
+Gather buffers are reused once ZeroMQ reports them sent (`track=True`): a fresh multi-MiB
+buffer per layer pays a page fault per 4 KiB page on first touch.
 """
 
 from __future__ import annotations
 
 import torch
+import xxhash
 import zmq
 
 from pdserve.ipc.messages import KVDestination, KVLayer, encode
-from pdserve.transfer.base import KVSender, block_runs, checksum, register_sender
+from pdserve.transfer.base import KVSender, TransferError, block_runs, register_sender
 
-MAX_IDLE_BYTES = 256 * 2**20  # sent buffers kept for reuse beyond this are freed
+MAX_ZERO_COPY_RUNS = 8  # more runs than this: gather into one buffer first
+MAX_KEPT_BUFFERS = 32
+MAX_KEPT_BYTES = 256 * 2**20
 
 
 @register_sender("tcp")
@@ -29,44 +37,87 @@ class TcpSender(KVSender):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        # Byte buffers handed to ZeroMQ, oldest first, with the tracker of their last send.
-        self._buffers: list[tuple[torch.Tensor, zmq.MessageTracker]] = []
+        # Gather buffers, oldest first; reusable once every frame in flight is sent.
+        self._kept: list[torch.Tensor] = []
+        self._in_flight: list[zmq.MessageTracker] = []
 
+    @torch.inference_mode()  # buffers made during a forward pass are inference tensors
     def send_layer(
         self, dest: KVDestination, layer: int, src_block_ids: list[int], dst_block_ids: list[int]
     ) -> int:
         local = self.kv_cache[layer]  # [2, N, B, H, D]
-        shape = (2, len(src_block_ids), *local.shape[2:])
-        num_bytes = local[:, : len(src_block_ids)].numel() * local.element_size()
-        buffer = self._take_buffer(num_bytes)
-        batch = buffer[:num_bytes].view(local.dtype).view(shape)
-        offset = 0
-        for src, _, n in block_runs(src_block_ids, src_block_ids):
-            batch[:, offset : offset + n].copy_(local[:, src : src + n])
-            offset += n
-        data = memoryview(buffer[:num_bytes].numpy())
-        msg = KVLayer(dest.transfer_id, layer, dst_block_ids, checksum(data), num_bytes)
+        runs = [(s, n) for s, _, n in block_runs(src_block_ids, src_block_ids)]
+        if len(runs) <= MAX_ZERO_COPY_RUNS:
+            frames = [_bytes(local[kv, s : s + n]) for s, n in runs for kv in (0, 1)]
+            run_lengths = [n for _, n in runs]
+        else:
+            frames = self._gather(local, runs, len(src_block_ids))
+            run_lengths = [len(src_block_ids)]
+        digest = xxhash.xxh3_64()
+        for frame in frames:
+            digest.update(frame)
+        num_bytes = sum(len(f) for f in frames)
+        msg = KVLayer(
+            dest.transfer_id, layer, dst_block_ids, digest.intdigest(), num_bytes, run_lengths
+        )
         sock = self.peers.get(dest.kv_addr)
-        sock.send(encode(msg), zmq.SNDMORE)
-        # NOTE: ZeroMQ reads `buffer` until the tracker says done; only then is it reused.
-        tracker = sock.send(data, copy=False, track=True)
-        self._buffers.append((buffer, tracker))
+        try:
+            sock.send(encode(msg), zmq.SNDMORE)
+            for i, frame in enumerate(frames):
+                more = zmq.SNDMORE if i < len(frames) - 1 else 0
+                self._in_flight.append(sock.send(frame, more, copy=False, track=True))
+        except zmq.Again as e:
+            raise TransferError(f"{dest.kv_addr} is not taking data (worker gone?)") from e
         return num_bytes
 
+    def flush(self, timeout_s: float = 10.0) -> None:
+        """Wait until ZeroMQ has sent every frame (they point into the pool)."""
+        try:
+            for tracker in self._in_flight:
+                tracker.wait(timeout_s)
+        except zmq.NotDone as e:
+            raise TransferError("KV frames not sent in time (decode worker gone?)") from e
+        finally:
+            self._in_flight = [t for t in self._in_flight if not t.done]
+
+    def _gather(self, local: torch.Tensor, runs, num_blocks: int) -> list[memoryview]:
+        block_bytes = local[0, 0].numel() * local.element_size()
+        num_bytes = 2 * num_blocks * block_bytes
+        buffer = self._take_buffer(num_bytes)
+        batch = buffer[:num_bytes].view(local.dtype).view(2, num_blocks, *local.shape[2:])
+        offset = 0
+        for s, n in runs:
+            batch[:, offset : offset + n].copy_(local[:, s : s + n])
+            offset += n
+        self._keep(buffer)
+        return [_bytes(batch[0]), _bytes(batch[1])]
+
     def _take_buffer(self, num_bytes: int) -> torch.Tensor:
-        """The smallest sent buffer that fits, or a new one; frees idle ones past the cap."""
-        best = None
-        for i, (buffer, tracker) in enumerate(self._buffers):
-            fits = buffer.numel() >= num_bytes and tracker.done
-            if fits and (best is None or buffer.numel() < self._buffers[best][0].numel()):
-                best = i
-        if best is not None:
-            return self._buffers.pop(best)[0]
-        idle = sum(b.numel() for b, t in self._buffers if t.done)
-        while idle > MAX_IDLE_BYTES:
-            i = next(i for i, (_, t) in enumerate(self._buffers) if t.done)
-            idle -= self._buffers.pop(i)[0].numel()
+        """The smallest kept buffer that fits once nothing is in flight, else a new one."""
+        if self._in_flight:
+            self._in_flight = [t for t in self._in_flight if not t.done]
+        fits = [i for i, b in enumerate(self._kept) if b.numel() >= num_bytes]
+        if fits and not self._in_flight:
+            return self._kept.pop(min(fits, key=lambda i: self._kept[i].numel()))
         return torch.empty(num_bytes, dtype=torch.uint8)
 
+    def _keep(self, buffer: torch.Tensor) -> None:
+        """Remember a buffer for reuse; forget the oldest past the caps (ZeroMQ keeps
+        one still in flight alive until sent)."""
+        self._kept.append(buffer)
+        while len(self._kept) > 1 and (
+            len(self._kept) > MAX_KEPT_BUFFERS
+            or sum(b.numel() for b in self._kept) > MAX_KEPT_BYTES
+        ):
+            self._kept.pop(0)
+
     def close(self) -> None:
-        self._buffers.clear()
+        self._kept.clear()
+        self._in_flight.clear()
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    """A contiguous tensor's bytes, without a copy (numpy has no bfloat16: view as int16)."""
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return memoryview(t.numpy()).cast("B")

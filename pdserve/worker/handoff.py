@@ -167,7 +167,7 @@ class HandOffs:
             )
         return replies
 
-    def on_kv_layer(self, message: m.KVLayer, frame: memoryview) -> None:
+    def on_kv_layer(self, message: m.KVLayer, frames: list[memoryview]) -> None:
         imp = self._imports.get(message.transfer_id)
         if imp is None or imp.is_aborted or imp.is_damaged:
             return  # a late batch of a finished, failed or aborted transfer
@@ -175,7 +175,7 @@ class HandOffs:
         if not self._is_reserved_range(request, message.block_ids, message.layer):
             imp.is_damaged = True
             return
-        if self.receiver.write_layer(message, frame):
+        if self.receiver.write_layer(message, frames):
             imp.num_batches += 1
         else:
             logger.warning("KV batch for %s failed its checksum", imp.request_id)
@@ -209,8 +209,8 @@ class HandOffs:
         """Expire what timed out; admit reservations that now fit."""
         now = time.monotonic()
         replies: list[m.Message] = []
-        while self._pending and self._pending[0].deadline < now:
-            pending = self._pending.popleft()
+        for pending in [p for p in self._pending if p.deadline < now]:
+            self._pending.remove(pending)
             replies.append(self._failed(pending.request.request_id, "no KV blocks free in time"))
         for transfer_id, imp in list(self._imports.items()):
             if imp.deadline < now:

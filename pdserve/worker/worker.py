@@ -179,8 +179,8 @@ class Worker:
         self._flush(self.handoffs.on_command(message))
 
     def _on_kv(self, message: m.Message, frames) -> None:
-        if isinstance(message, m.KVLayer) and len(frames) == 1:
-            self.handoffs.on_kv_layer(message, frames[0].buffer)
+        if isinstance(message, m.KVLayer):
+            self.handoffs.on_kv_layer(message, [f.buffer for f in frames])
         elif isinstance(message, m.KVDone):
             self.handoffs.on_kv_done(message)
 
