@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,8 @@ class ServeConfig:
         bad = sorted(set(engine) - engine_fields)
         if bad:
             raise ConfigError(f"engine.{bad[0]}", f"unknown; known: {sorted(engine_fields)}")
+        _check_types(cls, data, "")
+        _check_types(EngineConfig, engine, "engine.")
         return cls(**data, engine=EngineConfig(**engine))
 
     @classmethod
@@ -119,7 +122,10 @@ class ServeConfig:
         data: dict[str, Any] = {}
         if args.config:
             data = _read_yaml(Path(args.config))
-        engine = dict(data.get("engine") or {})
+        engine = data.get("engine") or {}
+        if not isinstance(engine, dict):
+            raise ConfigError("engine", "must be a mapping of engine settings")
+        engine = dict(engine)
         for name in [*SERVE_FLAGS, "kv_layerwise"]:
             value = getattr(args, name)
             if value is not None:
@@ -134,6 +140,20 @@ class ServeConfig:
             data["api_key"] = os.environ["PDSERVE_API_KEY"]
         data["engine"] = engine
         return cls.from_dict(data)
+
+
+def _check_types(cls: type, data: dict[str, Any], prefix: str) -> None:
+    """YAML gives any type: reject a value that is not what the field holds."""
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        allowed = typing.get_args(hints[name]) or (hints[name],)
+        allowed = tuple(type(None) if a is None else a for a in allowed)
+        if float in allowed:
+            allowed += (int,)
+        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+        if not ok and name != "engine":
+            names = " or ".join(a.__name__ for a in allowed)
+            raise ConfigError(prefix + name, f"expected {names}, got {value!r}")
 
 
 def _or(value: int | None, default: int) -> int:

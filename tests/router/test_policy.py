@@ -1,0 +1,78 @@
+"""Where requests go: modes, thresholds and least-outstanding-tokens balancing."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.errors import ConfigError
+from pdserve.ipc import messages as m
+from pdserve.router.policy import RoutingConfig, plan_request, required_jobs
+from pdserve.router.workers import WorkerHandle, WorkerPool
+
+LAYOUT = m.KVLayout(2, 64, 16, 2, 8, "float32")
+
+
+def pool_of(*specs: tuple[str, str, int]) -> WorkerPool:
+    """Workers given as (worker_id, role, outstanding_tokens)."""
+    pool = WorkerPool(ctx=None)
+    for worker_id, role, outstanding in specs:
+        info = m.Register(worker_id, role, 1, "tcp://x:1", "tcp://x:2", LAYOUT, 512, ["tcp"])
+        handle = WorkerHandle(info, ctrl=None, outstanding_tokens=outstanding)
+        pool.workers[worker_id] = handle
+    return pool
+
+
+def ids(plan) -> tuple[str, str | None]:
+    return plan.decode.worker_id, plan.prefill.worker_id if plan.prefill else None
+
+
+def test_aggregated_uses_least_loaded_mixed_worker_only():
+    pool = pool_of(("m0", "mixed", 50), ("m1", "mixed", 10), ("d0", "decode", 0))
+    assert ids(plan_request(pool, RoutingConfig(mode="aggregated"), 1000)) == ("m1", None)
+    assert plan_request(pool_of(("d0", "decode", 0)), RoutingConfig(mode="aggregated"), 5) is None
+
+
+def test_disaggregated_pairs_least_loaded_of_each_role():
+    pool = pool_of(
+        ("p0", "prefill", 900), ("p1", "prefill", 100), ("d0", "decode", 7), ("d1", "decode", 3)
+    )
+    config = RoutingConfig(mode="disaggregated")
+    assert ids(plan_request(pool, config, 5)) == ("d1", "p1")  # even a short prompt goes remote
+    pool.workers["d1"].is_alive = False
+    assert ids(plan_request(pool, config, 5)) == ("d0", "p1")
+    assert plan_request(pool_of(("d0", "decode", 0)), config, 5) is None  # no prefill worker
+
+
+def test_auto_keeps_short_prompts_and_backed_up_prefill_local():
+    config = RoutingConfig(
+        mode="auto", auto_local_prefill_tokens=256, auto_max_prefill_queue_tokens=1000
+    )
+    pool = pool_of(("p0", "prefill", 0), ("d0", "decode", 0))
+    assert ids(plan_request(pool, config, 255)) == ("d0", None)
+    assert ids(plan_request(pool, config, 256)) == ("d0", "p0")
+    pool.workers["p0"].outstanding_tokens = 1001  # the prefill pool is backed up
+    assert ids(plan_request(pool, config, 5000)) == ("d0", None)
+    pool.workers["p0"].is_alive = False
+    pool.workers["p0"].outstanding_tokens = 0
+    assert ids(plan_request(pool, config, 5000)) == ("d0", None)
+
+
+def test_a_mixed_worker_never_prefills_for_itself():
+    pool = pool_of(("m0", "mixed", 0))
+    assert ids(
+        plan_request(pool, RoutingConfig(mode="auto", auto_local_prefill_tokens=0), 999)
+    ) == (
+        "m0",
+        None,
+    )
+    assert plan_request(pool, RoutingConfig(mode="disaggregated"), 999) is None
+
+
+def test_required_jobs_and_config_errors():
+    assert required_jobs("aggregated") == ("mixed",)
+    assert required_jobs("disaggregated") == ("prefill", "decode")
+    assert required_jobs("auto") == ("decode",)
+    with pytest.raises(ConfigError, match="mode"):
+        RoutingConfig(mode="fast")
+    with pytest.raises(ConfigError, match="kv_backend"):
+        RoutingConfig(kv_backend="rdma")
