@@ -15,7 +15,7 @@ from pathlib import Path
 
 import common
 
-BENCHMARKS = ("offline_throughput", "decode_roofline")
+BENCHMARKS = ("offline_throughput", "decode_roofline", "kv_transfer", "ttft_disagg")
 
 
 def run(name: str, json_dir: Path | None) -> int:

@@ -9,7 +9,7 @@ Grouped by who sends them:
     router → worker      AddRequest, ReserveKV, PrefillRequest, Abort, Shutdown
     worker → router      Register, WorkerStats, StepOutputs, KVReserved, RequestFailed,
                          KVSent
-    prefill → decode     KVLayer (+ one raw data frame, tcp backend), KVDone
+    prefill → decode     KVLayer (+ raw key/value frames, tcp backend), KVDone
 
 A ZeroMQ message is `[encoded message, *raw frames]`; bulk KV bytes travel as raw frames
 so they are never copied into msgpack.

@@ -71,6 +71,12 @@ class PeerSockets:
             self._sockets[addr] = sock
         return sock
 
+    def drop(self, addr: str) -> None:
+        """Close a peer's socket, discarding what is queued for it."""
+        sock = self._sockets.pop(addr, None)
+        if sock is not None:
+            sock.close(linger=0)
+
     def close(self) -> None:
         for sock in self._sockets.values():
             sock.close()
@@ -113,7 +119,12 @@ class KVSender(abc.ABC):
 
 
 class TransferError(Exception):
-    """A transfer cannot proceed (destination missing or incompatible)."""
+    """A transfer cannot proceed (destination missing, incompatible or not answering).
+    `addrs`: the decode workers' KV addresses concerned, when known."""
+
+    def __init__(self, message: str, addrs: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.addrs = addrs or []
 
 
 class KVReceiver:
@@ -124,6 +135,14 @@ class KVReceiver:
 
     def write_layer(self, msg: KVLayer, frames: list[memoryview]) -> bool:
         """Write one batch; False (and nothing written) if it is damaged."""
+        num_layers, _, num_blocks = self.kv_cache.shape[:3]
+        if not 0 <= msg.layer < num_layers:
+            return False
+        if (
+            any(not 0 <= b < num_blocks for b in msg.block_ids)
+            or min(msg.run_lengths, default=0) < 0
+        ):
+            return False
         layer = self.kv_cache[msg.layer]  # [2, N, B, H, D]
         block_shape = layer.shape[2:]
         block_bytes = _numel(block_shape) * layer.element_size()

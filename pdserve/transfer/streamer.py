@@ -85,7 +85,9 @@ class KVStreamer:
                 sender.flush()
             except TransferError as e:
                 for job in self._jobs:
-                    if job.hand_off.dest.backend == name and job.hand_off.error is None:
+                    dest = job.hand_off.dest
+                    failed = dest.backend == name and (not e.addrs or dest.kv_addr in e.addrs)
+                    if failed and job.hand_off.error is None:
                         job.hand_off.error = str(e)
 
     def _job(self, item: ScheduledRequest) -> _Job | None:

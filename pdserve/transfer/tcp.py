@@ -19,6 +19,8 @@ buffer per layer pays a page fault per 4 KiB page on first touch.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import xxhash
 import zmq
@@ -39,7 +41,8 @@ class TcpSender(KVSender):
         super().__init__(*args, **kwargs)
         # Gather buffers, oldest first; reusable once every frame in flight is sent.
         self._kept: list[torch.Tensor] = []
-        self._in_flight: list[zmq.MessageTracker] = []
+        # Trackers of frames not yet sent, per decode worker address.
+        self._in_flight: dict[str, list[zmq.MessageTracker]] = {}
 
     @torch.inference_mode()  # buffers made during a forward pass are inference tensors
     def send_layer(
@@ -61,24 +64,41 @@ class TcpSender(KVSender):
             dest.transfer_id, layer, dst_block_ids, digest.intdigest(), num_bytes, run_lengths
         )
         sock = self.peers.get(dest.kv_addr)
+        trackers = self._in_flight.setdefault(dest.kv_addr, [])
         try:
-            sock.send(encode(msg), zmq.SNDMORE)
+            sock.send(encode(msg), zmq.SNDMORE if frames else 0)
             for i, frame in enumerate(frames):
                 more = zmq.SNDMORE if i < len(frames) - 1 else 0
-                self._in_flight.append(sock.send(frame, more, copy=False, track=True))
+                trackers.append(sock.send(frame, more, copy=False, track=True))
         except zmq.Again as e:
-            raise TransferError(f"{dest.kv_addr} is not taking data (worker gone?)") from e
+            self._give_up(dest.kv_addr)
+            raise TransferError(
+                f"{dest.kv_addr} is not taking data (worker gone?)", [dest.kv_addr]
+            ) from e
         return num_bytes
 
     def flush(self, timeout_s: float = 10.0) -> None:
-        """Wait until ZeroMQ has sent every frame (they point into the pool)."""
-        try:
-            for tracker in self._in_flight:
-                tracker.wait(timeout_s)
-        except zmq.NotDone as e:
-            raise TransferError("KV frames not sent in time (decode worker gone?)") from e
-        finally:
-            self._in_flight = [t for t in self._in_flight if not t.done]
+        """Wait until ZeroMQ has sent every frame (they point into the pool). A peer that
+        does not take its frames in time is given up: its queue is dropped, and the
+        `TransferError` names it so only transfers to it fail."""
+        failed = []
+        deadline = time.monotonic() + timeout_s
+        for addr, trackers in list(self._in_flight.items()):
+            try:
+                for tracker in trackers:
+                    tracker.wait(max(0.0, deadline - time.monotonic()))
+            except zmq.NotDone:
+                failed.append(addr)
+                self._give_up(addr)
+            else:
+                del self._in_flight[addr]
+        if failed:
+            raise TransferError(f"KV frames not sent in time to {failed} (worker gone?)", failed)
+
+    def _give_up(self, addr: str) -> None:
+        """Forget a peer's unsent frames; closing its socket discards them."""
+        self._in_flight.pop(addr, None)
+        self.peers.drop(addr)
 
     def _gather(self, local: torch.Tensor, runs, num_blocks: int) -> list[memoryview]:
         block_bytes = local[0, 0].numel() * local.element_size()
@@ -94,10 +114,9 @@ class TcpSender(KVSender):
 
     def _take_buffer(self, num_bytes: int) -> torch.Tensor:
         """The smallest kept buffer that fits once nothing is in flight, else a new one."""
-        if self._in_flight:
-            self._in_flight = [t for t in self._in_flight if not t.done]
+        is_sending = any(not t.done for ts in self._in_flight.values() for t in ts)
         fits = [i for i, b in enumerate(self._kept) if b.numel() >= num_bytes]
-        if fits and not self._in_flight:
+        if fits and not is_sending:
             return self._kept.pop(min(fits, key=lambda i: self._kept[i].numel()))
         return torch.empty(num_bytes, dtype=torch.uint8)
 
