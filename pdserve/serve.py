@@ -188,7 +188,7 @@ SERVE_FLAGS = {
     "threads_per_worker": (int, "CPU threads per worker (default: cores / workers)"),
     "worker_host": (str, "interface for internal sockets (default 127.0.0.1)"),
     "router_port": (int, "port workers report to (default: any free port)"),
-    "kv_backend": (str, "auto | shm | tcp (default auto)"),
+    "kv_backend": (str, "auto | shm | tcp | nixl (default auto; nixl needs pip install nixl)"),
     "auto_local_prefill_tokens": (int, "auto mode: prompts shorter than this prefill locally"),
     "kv_transfer_timeout_s": (float, "seconds before a KV hand-over is abandoned"),
 }

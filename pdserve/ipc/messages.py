@@ -51,6 +51,14 @@ class ReserveKV(Message):
     timeout_s: float  # from admission (KVReserved): free the blocks if no KV arrived by then
 
 
+class NixlPeer(msgspec.Struct, frozen=True):
+    """A worker's NIXL agent and its registered KV pool (see transfer/nixl.py)."""
+
+    agent_metadata: bytes  # nixl_agent.get_agent_metadata()
+    pool_addr: int  # address of the pool tensor in that process
+    num_blocks: int  # of that pool
+
+
 class KVDestination(msgspec.Struct, frozen=True):
     """Where a prefill worker sends a request's KV: the reserved blocks on a decode worker."""
 
@@ -58,8 +66,9 @@ class KVDestination(msgspec.Struct, frozen=True):
     transfer_id: str
     block_ids: list[int]
     kv_addr: str  # the decode worker's KV socket (tcp backend, and KVDone for every backend)
-    backend: str  # "shm" | "tcp" | ...
+    backend: str  # "shm" | "tcp" | "nixl"
     shm_path: str | None = None  # the decode worker's shared KV pool (shm backend)
+    nixl: NixlPeer | None = None  # how to reach the decode worker's pool (nixl backend)
 
 
 class PrefillRequest(Message):
@@ -129,6 +138,7 @@ class Register(Message):
     backends: list[str]  # transfer backends this worker can send and receive with
     hostname: str = ""  # the shm backend needs both workers on one host
     shm_path: str | None = None
+    nixl: NixlPeer | None = None
 
 
 class WorkerStats(Message):

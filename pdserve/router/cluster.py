@@ -262,6 +262,7 @@ class ClusterClient(EngineClient):
             kv_addr=plan.decode.info.kv_addr,
             backend=self._backend(prefill, plan.decode),
             shm_path=plan.decode.info.shm_path,
+            nixl=plan.decode.info.nixl,
         )
         child.prefill_worker = prefill.worker_id
         self._charge(child, prefill, child.num_prompt_tokens)
@@ -281,6 +282,8 @@ class ClusterClient(EngineClient):
         same_host = prefill.info.hostname == decode.info.hostname
         if same_host and "shm" in common and decode.info.shm_path:
             return "shm"
+        if "nixl" in common and decode.info.nixl is not None:
+            return "nixl"
         if "tcp" in common:
             return "tcp"
         raise ServiceUnavailableError("the chosen workers share no KV transfer backend")

@@ -19,7 +19,7 @@ from pdserve.errors import ConfigError
 from pdserve.router.workers import WorkerHandle, WorkerPool
 
 MODES = ("aggregated", "disaggregated", "auto")
-KV_BACKENDS = ("auto", "shm", "tcp")
+KV_BACKENDS = ("auto", "shm", "tcp", "nixl")
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class RoutingConfig:
     mode: str = "auto"
     auto_local_prefill_tokens: int = 256
     auto_max_prefill_queue_tokens: int = 8192
-    kv_backend: str = "auto"  # auto: shm between workers on one host, else tcp
+    kv_backend: str = "auto"  # auto: shm on one host, else nixl when both have it, else tcp
     kv_transfer_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:

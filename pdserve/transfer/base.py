@@ -193,10 +193,12 @@ def register_sender(name: str) -> Callable[[type[KVSender]], type[KVSender]]:
 
 
 def make_sender(
-    name: str, kv_cache: torch.Tensor, layout: KVLayout, peers: PeerSockets
+    name: str, kv_cache: torch.Tensor, layout: KVLayout, peers: PeerSockets, **options
 ) -> KVSender:
-    from pdserve.transfer import shm, tcp  # noqa: F401  (register the built-in backends)
+    """The sender of backend `name`; `options` go to its constructor (e.g. the NIXL agent
+    name)."""
+    from pdserve.transfer import nixl, shm, tcp  # noqa: F401  (register the built-in backends)
 
     if name not in SENDERS:
         raise TransferError(f"unknown KV transfer backend {name!r}; have {sorted(SENDERS)}")
-    return SENDERS[name](kv_cache, layout, peers)
+    return SENDERS[name](kv_cache, layout, peers, **options)

@@ -82,7 +82,8 @@ class Worker:
         self.peers = PeerSockets(self.ctx)
         kv_cache = self.core.runner.kv_cache
         senders = {
-            name: make_sender(name, kv_cache, self.layout, self.peers) for name in config.backends
+            name: make_sender(name, kv_cache, self.layout, self.peers, **self._options(name))
+            for name in config.backends
         }
         self.core.kv_streamer = KVStreamer(
             senders, self.layout.num_layers, self.layout.block_size, config.kv_layerwise
@@ -91,6 +92,11 @@ class Worker:
         self.is_running = True
         self._stats = m.WorkerStats(self.worker_id, 0, 0, 0, self.layout.num_blocks)
         self._stats_sent = 0.0
+
+    def _options(self, backend: str) -> dict:
+        if backend == "nixl":  # agent names must be unique, also across restarts
+            return {"agent_name": f"{self.worker_id}-{os.getpid()}"}
+        return {}
 
     def _bind(self, kind: int) -> zmq.Socket:
         sock = self.ctx.socket(kind)
@@ -205,7 +211,12 @@ class Worker:
             backends=list(self.config.backends),
             hostname=socket.gethostname(),
             shm_path=str(self.shm_path) if self.shm_path else None,
+            nixl=self._nixl_info(),
         )
+
+    def _nixl_info(self) -> m.NixlPeer | None:
+        sender = self.core.kv_streamer.senders.get("nixl")
+        return sender.peer_info() if sender is not None else None
 
     def _advertised(self, sock: zmq.Socket) -> str:
         """The address peers should connect to: the bound one, with a wildcard interface
