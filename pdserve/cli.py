@@ -238,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.set_defaults(func=cmd_model_create)
     path = model_commands.add_parser("path", help="print the built-in model's cache folder")
     path.set_defaults(func=cmd_model_path)
+
+    from pdserve.bench.cli import add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 
