@@ -17,10 +17,23 @@ serving (the receiver owns a shared pool in /dev/shm, like a decode worker):
     zmq      the tcp path's ZeroMQ leg alone: prebuilt        (same socket limit)
              keys and values frames per layer, no gather,
              checksum or write
+    nixl     NixlSender.send_layer per layer (a NIXL WRITE    (same memcpy limit)
+             of each run of blocks into the receiver's
+             registered pool), flush, KVDone; only where
+             the optional `nixl` package is installed
 
-Timing: shm and memcpy end when the sender's last copy (and KVDone) returns: the bytes
-are then in the receiver's pages. tcp, zmq and socket end when the receiver answers a
-request sent after the last byte (one small round trip, the same in all three). Reported:
+The nixl agents (UCX) exist only while the nixl row is measured: for each transfer size
+the receiver registers its pool with a new agent and hands the sender its `peer_info()`
+over the control socket, the sender registers its own pool; both agents are dropped
+before the next row, because each keeps a progress thread that polls without pause (a
+core each) and would slow every other row on a small machine. UCX picks the transport;
+between two processes on one host without xpmem or knem that is `cma`
+(process_vm_writev: the kernel copies into the receiver's pages).
+
+Timing: shm, nixl and memcpy end when the sender's last copy or write (and KVDone)
+returns: the bytes are then in the receiver's pages (nixl: `flush()` saw every write
+complete). tcp, zmq and socket end when the receiver answers a request sent after the
+last byte (one small round trip, the same in all three). Reported:
 the median of `--repeats` timed transfers after `--warmup` untimed ones; the receiver's
 pool is checked against the source blocks after each backend's runs. GB/s are 1e9 bytes
 per second. The last table times the tcp path's stages in one process, per transfer:
@@ -36,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import socket
 import statistics
 import sys
@@ -52,13 +66,14 @@ import zmq
 from pdserve.config import ModelConfig
 from pdserve.ipc import messages as m
 from pdserve.transfer import shm
-from pdserve.transfer.base import KVReceiver, PeerSockets, block_runs, checksum
+from pdserve.transfer.base import KVReceiver, PeerSockets, block_runs, checksum, make_sender
+from pdserve.transfer.nixl import nixl_available
 from pdserve.transfer.shm import TORCH_DTYPES, ShmSender
 from pdserve.transfer.tcp import MAX_ZERO_COPY_RUNS, TcpSender
 
-GOALS = {"shm": 0.70, "tcp": 0.60}
-RAW = {"shm": "memcpy", "tcp": "socket", "zmq": "socket"}
-MODES = ("memcpy", "shm", "socket", "zmq", "tcp")
+GOALS = {"shm": 0.70, "tcp": 0.60}  # nixl: none yet, its rows say "(info)"
+RAW = {"shm": "memcpy", "tcp": "socket", "zmq": "socket", "nixl": "memcpy"}
+MODES = ("memcpy", "shm", "socket", "zmq", "tcp", "nixl")
 
 
 def model_layout(model: str | None, block_size: int, dtype: str, num_blocks: int) -> m.KVLayout:
@@ -113,6 +128,7 @@ def receiver_main(conn, layout: m.KVLayout, threads: int) -> None:
     ctrl_port = ctrl.bind_to_random_port("tcp://127.0.0.1")
     listener = socket.create_server(("127.0.0.1", 0))
     path = shm.shm_pool_path("bench-receiver")
+    nixl = None  # the NIXL agent that registers the pool, while the nixl row runs
     try:
         pool = shm.create_shared_pool(path, layout)
         conn.send((f"tcp://127.0.0.1:{kv_port}", f"tcp://127.0.0.1:{ctrl_port}"))
@@ -122,12 +138,26 @@ def receiver_main(conn, layout: m.KVLayout, threads: int) -> None:
             "shm": lambda cmd: _until_done(kv, lambda msg, frames: True),
             "tcp": lambda cmd: _until_done(kv, KVReceiver(pool).write_layer),
             "zmq": lambda cmd: _until_done(kv, lambda msg, frames: True),
+            "nixl": lambda cmd: _until_done(kv, lambda msg, frames: True),
             "socket": lambda cmd: _recv_raw(raw, cmd["layer_bytes"], layout.num_layers),
             "memcpy": lambda cmd: True,
         }
         while (cmd := ctrl.recv_json())["mode"] != "stop":
             if cmd["mode"] == "verify":
                 ctrl.send_json(digest(pool, cmd["dst_ids"]) == cmd["digest"])
+                continue
+            if cmd["mode"] == "nixl-register":  # this pool's NixlPeer, or why there is none
+                try:
+                    nixl = make_sender("nixl", pool, layout, None, agent_name=cmd["agent_name"])
+                    ctrl.send(msgspec.msgpack.encode(nixl.peer_info()))
+                except Exception as e:
+                    ctrl.send(msgspec.msgpack.encode(f"{type(e).__name__}: {e}"))
+                continue
+            if cmd["mode"] == "nixl-release":  # after the sender dropped its own agent
+                if nixl is not None:
+                    nixl.close()
+                nixl = None  # the last reference: the agent and its progress thread end
+                ctrl.send_json("released")
                 continue
             pool.zero_()  # each backend must write its own blocks
             ctrl.send_json("ready")
@@ -138,6 +168,8 @@ def receiver_main(conn, layout: m.KVLayout, threads: int) -> None:
         ctrl.send_json("bye")
         raw.close()
     finally:
+        if nixl is not None:
+            nixl.close()
         path.unlink(missing_ok=True)
         listener.close()
         kv.close(linger=0)
@@ -184,7 +216,9 @@ class Sender:
         self.senders = {
             "shm": ShmSender(self.pool, layout, self.peers),
             "tcp": TcpSender(self.pool, layout, self.peers),
-        }
+        }  # and "nixl" while its row runs (see _nixl_register)
+        self.nixl_peer: m.NixlPeer | None = None  # the receiver's registered pool
+        self.nixl_agents = 0  # agents created so far: each gets a new name
 
     def measure(self, num_blocks: int) -> dict[str, float]:
         """Median seconds per transfer of `num_blocks` blocks, per mode."""
@@ -199,19 +233,50 @@ class Sender:
             "memcpy": lambda: [out.copy_(s) for s, out in copies],
             "shm": lambda: self._send("shm", src, dst),
             "tcp": lambda: self._send("tcp", src, dst),
+            "nixl": lambda: self._send("nixl", src, dst),
             "zmq": lambda: self._send_frames(frames, dst),
             "socket": lambda: [self.raw.sendall(f) for pair in frames for f in pair],
         }
         results = {}
         for mode in args.modes:
+            if mode == "nixl":
+                self._nixl_register()
             results[mode] = self._time(mode, sends[mode], layer_bytes)
-            if mode in ("shm", "tcp"):
+            if mode == "nixl":
+                self._nixl_release()
+            if mode in ("shm", "tcp", "nixl"):
                 self.ctrl.send_json(
                     {"mode": "verify", "dst_ids": dst, "digest": digest(self.pool, src)}
                 )
                 if not self.ctrl.recv_json():
                     raise RuntimeError(f"{mode}: the receiver's blocks differ from the source")
         return results
+
+    def _nixl_register(self) -> None:
+        """Both pools registered with NIXL agents: the receiver's first, its `peer_info()`
+        back over the control socket, then this side's (agent names unique per run)."""
+        self.nixl_agents += 1
+        suffix = f"{self.nixl_agents}-{os.getpid()}"
+        self.ctrl.send_json({"mode": "nixl-register", "agent_name": f"kvbench-recv-{suffix}"})
+        reply = msgspec.msgpack.decode(self.ctrl.recv(), type=m.NixlPeer | str)
+        if isinstance(reply, str):
+            raise RuntimeError(f"nixl: the receiver could not register its pool: {reply}")
+        self.nixl_peer = reply
+        agent_name = f"kvbench-send-{suffix}"
+        self.senders["nixl"] = make_sender(
+            "nixl", self.pool, self.layout, self.peers, agent_name=agent_name
+        )
+
+    def _nixl_release(self) -> None:
+        """Drop both agents (this side's first: it holds a connection to the other), so
+        their polling threads stop before the next row."""
+        sender = self.senders.pop("nixl", None)
+        if sender is not None:
+            sender.close()
+        del sender  # the last reference: the agent and its progress thread end
+        self.ctrl.send_json({"mode": "nixl-release"})
+        self.ctrl.recv_json()
+        self.nixl_peer = None
 
     def _time(self, mode: str, send: Callable[[], object], layer_bytes: int) -> float:
         runs = self.args.warmup + self.args.repeats
@@ -221,7 +286,7 @@ class Sender:
         for _ in range(runs):
             start = time.perf_counter()
             send()
-            if mode in ("shm", "memcpy"):  # the bytes are in place when the copies return
+            if mode in ("shm", "nixl", "memcpy"):  # the bytes are in place when these return
                 elapsed = time.perf_counter() - start
                 self.ctrl.send_json("done?")
                 is_ok = self.ctrl.recv_json()
@@ -235,7 +300,9 @@ class Sender:
         return statistics.median(seconds[self.args.warmup :])
 
     def _dest(self, backend: str, dst: list[int]) -> m.KVDestination:
-        return m.KVDestination("receiver", "t", dst, self.kv_addr, backend, self.shm_path)
+        return m.KVDestination(
+            "receiver", "t", dst, self.kv_addr, backend, self.shm_path, self.nixl_peer
+        )
 
     def _send(self, backend: str, src: list[int], dst: list[int]) -> None:
         dest, sender = self._dest(backend, dst), self.senders[backend]
@@ -364,7 +431,7 @@ def result_rows(layout: m.KVLayout, block_bytes: int, timings: dict) -> list[dic
     rows = []
     for num_blocks, seconds in timings.items():
         num_bytes = num_blocks * block_bytes
-        for backend in ("shm", "tcp", "zmq"):
+        for backend in ("shm", "tcp", "zmq", "nixl"):
             if backend not in seconds or RAW[backend] not in seconds:
                 continue
             gbps, raw = num_bytes / seconds[backend] / 1e9, num_bytes / seconds[RAW[backend]] / 1e9
@@ -394,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     layout = model_layout(args.model, args.block_size, args.dtype, max(args.blocks))
     block_bytes = layout.num_layers * 2 * layout.block_size * layout.num_kv_heads
     block_bytes *= layout.head_dim * TORCH_DTYPES[layout.dtype].itemsize
+    nixl_skipped = "nixl" in args.modes and not nixl_available()
+    if nixl_skipped:  # an optional extra: the other rows still run
+        args.modes = [mode for mode in args.modes if mode != "nixl"]
     common.print_header(
         "KV transfer: backends vs raw limits",
         {
@@ -412,9 +482,12 @@ def main(argv: list[str] | None = None) -> int:
                 "repeats": f"median of {args.repeats} after {args.warmup} warm-up",
                 "processes": f"sender + receiver (spawned), torch threads each: {args.threads}",
                 "shm dir": str(shm.SHM_DIR),
-            },
+            }
+            | ({"nixl agents": "UCX, for the nixl rows only"} if "nixl" in args.modes else {}),
         },
     )
+    if nixl_skipped:
+        print("note: no nixl row: nixl._api is not importable (pip install pdserve[nixl])\n")
     timings = run_pair(layout, args)
     rows = result_rows(layout, block_bytes, timings)
     headers = list(rows[0]) if rows else []

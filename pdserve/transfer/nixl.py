@@ -9,7 +9,9 @@ prefill worker writes each layer's runs of blocks straight into the reserved blo
 The decode worker's CPU does nothing per batch, as with `shm`, but across hosts.
 
 Installed with `pip install pdserve[nixl]` (the `nixl` wheel); without it, asking for this
-backend is a `TransferError` that says so. Works on CPU memory (`DRAM`) and on CUDA pools
+backend is a `TransferError` that says so. NOTE: each NIXL agent runs a progress thread that
+polls continuously (a whole core on a CPU host, measured); that is why this backend is
+opt-in and never chosen unless workers are started with it. Works on CPU memory (`DRAM`) and on CUDA pools
 (`VRAM`), so the same code serves GPU deployments.
 """
 
