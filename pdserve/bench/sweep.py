@@ -57,6 +57,7 @@ import argparse
 import html
 import json
 import math
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -325,6 +326,10 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan")
 
 
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     spec = SweepSpec.load(Path(args.config))
     out_dir = Path(args.out or f"sweep-{Path(args.config).stem}")
@@ -333,6 +338,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"workloads: {', '.join(spec.workload_names())}; search: {spec.search}")
     if getattr(args, "dry_run", False):
         return 0
+    # SIGTERM must unwind like Ctrl-C, so the server being measured is stopped too.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     sweep = run_sweep(spec, out_dir)
     print("\n" + format_ranking(sweep))
     write_json(sweep, out_dir / "sweep.json")
