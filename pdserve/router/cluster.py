@@ -351,8 +351,8 @@ class ClusterClient(EngineClient):
             child = self._children.get(message.request_id)
             if child is None or child.reservation is None or child.reservation.done():
                 handle = self.pool.workers.get(message.worker_id)
-                if handle is not None:  # nobody waits: give the blocks back
-                    handle.send(m.Abort([message.request_id]))
+                if handle is not None:  # nobody waits, and no writer was told: free now
+                    handle.send(m.Abort([message.request_id], is_writer_absent=True))
                 return
             child.reservation.set_result(message)
         elif isinstance(message, m.RequestFailed):
@@ -434,6 +434,8 @@ class ClusterClient(EngineClient):
         for child in list(self._children.values()):
             if worker_id in child.loads:
                 child.loads.pop(worker_id)  # nothing to abort or release there
+                if child.prefill_worker == worker_id:
+                    child.prefill_worker = None  # a dead writer: the decode side frees at once
                 self._fail_request(
                     child.parent_id, RequestFailedError(f"worker {worker_id} {reason}")
                 )
