@@ -13,6 +13,11 @@ else. The free queue is in LRU order: blocks without a hash go to its front (not
 lose), a finished request's blocks go to its back tail-first, so the end of a prefix is
 evicted before its beginning and a cached chain stays usable as long as possible.
 
+Events. With `record_events`, every hash registered or forgotten is logged as a KV event
+(`pdserve.kv.events`) for the router's global prefix index, and every cached block about
+to be *reused* for other data is listed in `evicted` (hash, block id, token ids) so the
+engine can copy it down to the next cache tier before the step overwrites it.
+
 The API is ask-then-act: `can_allocate` answers whether there is room, `allocate` takes it.
 Running out of blocks is a normal answer ("no"), never an exception; the scheduler decides
 whether to wait or preempt.
@@ -26,6 +31,14 @@ from dataclasses import dataclass
 
 from pdserve.engine.request import Request
 from pdserve.kv.block_hash import BlockHash
+from pdserve.kv.events import EventLog
+
+
+@dataclass(slots=True)
+class EvictedBlock:
+    block_hash: BlockHash
+    block_id: int
+    token_ids: tuple[int, ...]
 
 
 @dataclass(slots=True)
@@ -41,7 +54,13 @@ def cdiv(a: int, b: int) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        record_events: bool = False,
+    ):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -51,6 +70,9 @@ class BlockManager:
         self._cached: dict[BlockHash, int] = {}
         # Per request: how many of its leading blocks have been registered in the cache.
         self._num_committed: dict[str, int] = {}
+        self.events: EventLog | None = EventLog() if record_events else None
+        # Cached blocks handed out for new data since the last `drain_evicted` (with events).
+        self.evicted: list[EvictedBlock] = []
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -142,6 +164,8 @@ class BlockManager:
                 block.block_hash = hashes[i]
                 block.token_ids = tuple(request.token_ids(i * size, (i + 1) * size))
                 self._cached[hashes[i]] = block.block_id
+                if self.events is not None:
+                    self.events.stored(hashes[i])
         self._num_committed[request.request_id] = num_full
 
     def free(self, request: Request) -> None:
@@ -155,6 +179,16 @@ class BlockManager:
                     self._free.move_to_end(block_id, last=False)
         request.block_ids = []
         self._num_committed.pop(request.request_id, None)
+
+    def drain_evicted(self) -> list[EvictedBlock]:
+        """Cached blocks reused since the last call. Their contents are intact until the
+        next model step writes them: copy them out before running it."""
+        evicted, self.evicted = self.evicted, []
+        return evicted
+
+    def cached_hashes(self) -> list[BlockHash]:
+        """Every hash in the prefix cache now (a full snapshot for the router's index)."""
+        return list(self._cached)
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached block that no request holds; return how many."""
@@ -174,6 +208,8 @@ class BlockManager:
     def _take_fresh(self) -> int:
         block_id, _ = self._free.popitem(last=False)
         block = self.blocks[block_id]
+        if self.events is not None and block.block_hash is not None:
+            self.evicted.append(EvictedBlock(block.block_hash, block_id, block.token_ids))
         self._forget(block)
         block.ref_count = 1
         return block_id
@@ -183,6 +219,8 @@ class BlockManager:
             return 0
         if self._cached.get(block.block_hash) == block.block_id:
             del self._cached[block.block_hash]
+            if self.events is not None:
+                self.events.removed(block.block_hash)
         block.block_hash = None
         block.token_ids = None
         return 1

@@ -325,3 +325,37 @@ def test_check_integrity_detects_a_negative_ref_count():
     bm.blocks[2].ref_count = -1
     with pytest.raises(AssertionError, match="block 2"):
         bm.check_integrity()
+
+
+# ---- KV events -----------------------------------------------------------------------------
+
+
+def test_events_log_stored_and_removed_hashes_and_evicted_blocks():
+    from pdserve.kv.block_hash import hash_block_chain
+    from pdserve.kv.events import BlocksRemoved, BlocksStored
+
+    bm = BlockManager(num_blocks=4, block_size=16, record_events=True)
+    first = make_request(40, "a")  # two full blocks, one partial
+    admit(bm, first)
+    hashes = hash_block_chain(first.token_ids(0, 40), 16)
+    assert bm.events.drain() == [BlocksStored(hashes)]
+    assert sorted(bm.cached_hashes()) == sorted(hashes)
+    bm.free(first)  # cached blocks stay: no removal yet
+    assert bm.events.drain() == []
+    second = make_request(64, "b")  # needs all 4 blocks: both cached ones are reused
+    bm.allocate(second, 64)
+    evicted = bm.drain_evicted()
+    # Tail-first eviction order: the partial block (no hash) goes first, then the end of
+    # the prefix before its beginning.
+    assert [e.block_hash for e in evicted] == [hashes[1], hashes[0]]
+    assert [e.block_id for e in evicted] == [1, 0]
+    assert evicted[0].token_ids == tuple(first.token_ids(16, 32))
+    assert bm.events.drain() == [BlocksRemoved([hashes[1], hashes[0]])]
+    assert bm.drain_evicted() == []
+
+
+def test_no_events_unless_asked():
+    bm = BlockManager(num_blocks=4, block_size=16)
+    admit(bm, make_request(40, "a"))
+    assert bm.events is None
+    assert bm.evicted == []
