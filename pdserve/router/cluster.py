@@ -57,6 +57,7 @@ class _Child:
     num_prompt_tokens: int
     max_tokens: int
     loads: dict[str, int] = field(default_factory=dict)  # worker id -> tokens charged
+    prefilling: tuple[str, int] | None = None  # (worker id, prompt tokens) until 1st token
     prefill_worker: str | None = None
     reservation: asyncio.Future | None = None
 
@@ -234,6 +235,7 @@ class ClusterClient(EngineClient):
             )
         if plan.prefill is None:
             self._charge(child, plan.decode, child.num_prompt_tokens + child.max_tokens)
+            self._charge_prefill(child, plan.decode)
             plan.decode.send(m.AddRequest(child.child_id, token_ids, params))
             return
         await self._dispatch_remote(child, plan, token_ids, params)
@@ -266,6 +268,7 @@ class ClusterClient(EngineClient):
         )
         child.prefill_worker = prefill.worker_id
         self._charge(child, prefill, child.num_prompt_tokens)
+        self._charge_prefill(child, prefill)
         deadline = timeout - (time.monotonic() - base) - ROUTER_MARGIN_S
         prefill.send(m.PrefillRequest(child.child_id, token_ids, params, dest, deadline))
 
@@ -293,7 +296,22 @@ class ClusterClient(EngineClient):
         worker.outstanding_tokens += tokens
         worker.num_assigned += 1
 
+    def _charge_prefill(self, child: _Child, worker: WorkerHandle) -> None:
+        child.prefilling = (worker.worker_id, child.num_prompt_tokens)
+        worker.pending_prefill_tokens += child.num_prompt_tokens
+
+    def _prefill_done(self, child: _Child) -> None:
+        if child.prefilling is None:
+            return
+        worker_id, tokens = child.prefilling
+        child.prefilling = None
+        handle = self.pool.workers.get(worker_id)
+        if handle is not None:
+            handle.pending_prefill_tokens -= tokens
+
     def _release(self, child: _Child, worker_id: str) -> None:
+        if child.prefilling is not None and child.prefilling[0] == worker_id:
+            self._prefill_done(child)
         tokens = child.loads.pop(worker_id, 0)
         handle = self.pool.workers.get(worker_id)
         if handle is not None and tokens:
@@ -369,6 +387,7 @@ class ClusterClient(EngineClient):
             child = self._children.get(out.request_id)
             if child is None:
                 continue
+            self._prefill_done(child)  # any output means the prompt is computed
             if out.finish_reason is not None or message.worker_id == child.prefill_worker:
                 self._release(child, message.worker_id)  # done on that worker
             if out.finish_reason is not None:
@@ -434,6 +453,8 @@ class ClusterClient(EngineClient):
         for child in list(self._children.values()):
             if worker_id in child.loads:
                 child.loads.pop(worker_id)  # nothing to abort or release there
+                if child.prefilling is not None and child.prefilling[0] == worker_id:
+                    self._prefill_done(child)
                 if child.prefill_worker == worker_id:
                     child.prefill_worker = None  # a dead writer: the decode side frees at once
                 self._fail_request(

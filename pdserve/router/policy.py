@@ -3,10 +3,14 @@
 Modes:
 - `aggregated`: whole requests on mixed workers only.
 - `disaggregated`: every request prefilled on a prefill worker, decoded on a decode worker.
-- `auto` (conditional disaggregation): the decode worker prefills locally when the prompt
-  is short (below `auto_local_prefill_tokens`: the hand-off costs more than it saves) or
-  when every prefill worker is backed up (more than `auto_max_prefill_queue_tokens` prompt
-  tokens outstanding); otherwise remotely. With no prefill worker alive it stays local.
+- `auto` (conditional disaggregation): a long prompt (at least `auto_local_prefill_tokens`)
+  is prefilled remotely, so it does not stall the decode worker's running batch, unless
+  every prefill worker is backed up (more than `auto_max_prefill_queue_tokens` prompt
+  tokens waiting). A short prompt is prefilled where less prefill work is waiting: on the
+  decode worker itself (ties included: no hand-off at all) until its own queue of prompt
+  tokens grows past the prefill worker's, then remotely. So an idle prefill pool is never
+  left idle while short prompts queue on the decode worker. With no prefill worker alive
+  everything stays local.
 
 Within a role the least-loaded worker wins (outstanding tokens, see `router/workers.py`).
 """
@@ -63,9 +67,13 @@ def plan_request(pool: WorkerPool, config: RoutingConfig, num_prompt_tokens: int
     prefill = _least_loaded_other(pool, decode)
     if config.mode == "disaggregated":
         return Plan(decode, prefill) if prefill is not None else None
-    if prefill is None or num_prompt_tokens < config.auto_local_prefill_tokens:
+    if prefill is None:
         return Plan(decode)
-    if prefill.outstanding_tokens > config.auto_max_prefill_queue_tokens:
+    if num_prompt_tokens < config.auto_local_prefill_tokens:
+        if decode.pending_prefill_tokens > prefill.pending_prefill_tokens:
+            return Plan(decode, prefill)  # the decode worker has more prefill queued
+        return Plan(decode)
+    if prefill.pending_prefill_tokens > config.auto_max_prefill_queue_tokens:
         return Plan(decode)  # the prefill pool is backed up: do it here
     return Plan(decode, prefill)
 
@@ -74,4 +82,6 @@ def _least_loaded_other(pool: WorkerPool, decode: WorkerHandle) -> WorkerHandle 
     candidates = [w for w in pool.alive("prefill") if w is not decode]
     if not candidates:
         return None
-    return min(candidates, key=lambda w: (w.outstanding_tokens, w.num_assigned))
+    return min(
+        candidates, key=lambda w: (w.pending_prefill_tokens, w.outstanding_tokens, w.num_assigned)
+    )

@@ -8,8 +8,10 @@ new requests and the requests it holds fail.
 Load is counted here, on the router, as *outstanding tokens*: prompt tokens still to be
 prefilled plus output tokens still to be decoded for every request assigned to the worker.
 The router knows these the instant it assigns a request, whereas stats from a worker are
-up to a second old. Selection picks the live worker with the fewest (ties: fewest running
-requests, then registration order).
+up to a second old. `pending_prefill_tokens` counts the prompt part alone (until the first
+token comes back): the queue a new prompt would wait behind. Selection picks the live
+worker with the fewest outstanding tokens (ties: fewest running requests, then
+registration order).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class WorkerHandle:
     stats: m.WorkerStats | None = None
     stats_time: float = 0.0  # time.monotonic() when `stats` arrived
     outstanding_tokens: int = 0
+    pending_prefill_tokens: int = 0  # prompt tokens assigned whose first token is not back
     num_assigned: int = 0
     is_alive: bool = True
 

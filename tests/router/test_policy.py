@@ -50,11 +50,23 @@ def test_auto_keeps_short_prompts_and_backed_up_prefill_local():
     pool = pool_of(("p0", "prefill", 0), ("d0", "decode", 0))
     assert ids(plan_request(pool, config, 255)) == ("d0", None)
     assert ids(plan_request(pool, config, 256)) == ("d0", "p0")
-    pool.workers["p0"].outstanding_tokens = 1001  # the prefill pool is backed up
+    pool.workers["p0"].pending_prefill_tokens = 1001  # the prefill pool is backed up
     assert ids(plan_request(pool, config, 5000)) == ("d0", None)
     pool.workers["p0"].is_alive = False
-    pool.workers["p0"].outstanding_tokens = 0
+    pool.workers["p0"].pending_prefill_tokens = 0
     assert ids(plan_request(pool, config, 5000)) == ("d0", None)
+
+
+def test_auto_sends_short_prompts_remote_once_the_decode_worker_has_more_queued():
+    config = RoutingConfig(mode="auto", auto_local_prefill_tokens=256)
+    pool = pool_of(("p0", "prefill", 0), ("d0", "decode", 0))
+    decode, prefill = pool.workers["d0"], pool.workers["p0"]
+    decode.pending_prefill_tokens = prefill.pending_prefill_tokens = 100
+    assert ids(plan_request(pool, config, 50)) == ("d0", None)  # a tie stays local
+    decode.pending_prefill_tokens = 101
+    assert ids(plan_request(pool, config, 50)) == ("d0", "p0")
+    prefill.pending_prefill_tokens = 400
+    assert ids(plan_request(pool, config, 50)) == ("d0", None)
 
 
 def test_a_mixed_worker_never_prefills_for_itself():

@@ -70,6 +70,7 @@ def test_cancel_frees_every_block(cluster, mode, moment):
     assert all(free == total for free, total in stats.values()), stats
     assert not client._children and not client._streams
     assert all(w.outstanding_tokens == 0 for w in client.pool.workers.values())
+    assert all(w.pending_prefill_tokens == 0 for w in client.pool.workers.values())
     for w in client.pool.workers.values():
         assert (w.stats.num_running, w.stats.num_waiting) == (0, 0), w.worker_id
 
