@@ -69,3 +69,102 @@ def test_engine_tokens_match_with_and_without_kernel(tmp_path, monkeypatch):
         outputs = llm.generate(inputs, params, use_tqdm=False)
         results[use_kernel] = [o.outputs[0].token_ids for o in outputs]
     assert results[True] == results[False] == reference
+
+
+def _reference(q, k_cache, v_cache, tables, lens, scale):
+    """Attention per sequence in float64 over only the blocks its length covers."""
+    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    group = q.shape[1] // num_kv_heads
+    out = []
+    for s, length in enumerate(lens.tolist()):
+        blocks = tables[s, : -(-length // block_size)]
+        keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:length].double()
+        values = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:length].double()
+        keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, L, D]
+        values = values.repeat_interleave(group, dim=1).transpose(0, 1)
+        scores = torch.einsum("hd,hld->hl", q[s].double(), keys) * scale
+        out.append(torch.einsum("hl,hld->hd", scores.softmax(-1), values))
+    return torch.stack(out).float()
+
+
+def _scattered_case(lens, num_heads, num_kv_heads, head_dim, block_size, seed=0):
+    """Random KV pool; each sequence's blocks a random subset of it, rows padded with ids
+    past the pool (the kernel must never read a table entry its length does not cover)."""
+    gen = torch.Generator().manual_seed(seed)
+    needed = [-(-n // block_size) for n in lens]
+    num_blocks = sum(needed) + 3
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    max_blocks = max(needed) + 2
+    tables = torch.full((len(lens), max_blocks), 1 << 40, dtype=torch.int64)
+    ids = torch.randperm(num_blocks, generator=gen).tolist()
+    for s, n in enumerate(needed):
+        tables[s, :n] = torch.tensor(ids[:n])
+        ids = ids[n:]
+    # Scores of a few units, like a trained model's, so the softmax is not uniform.
+    q = 3 * torch.randn(len(lens), num_heads, head_dim, generator=gen)
+    return q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int64)
+
+
+@pytest.mark.parametrize(
+    ("group", "head_dim", "block_size"),
+    [
+        (1, 64, 16),  # MHA
+        (2, 64, 16),  # the built-in model
+        (4, 64, 16),
+        (3, 64, 16),  # an odd group: one pair of heads plus one
+        (2, 128, 16),
+        (2, 80, 16),  # not a multiple of 32 floats
+        (2, 20, 16),  # not a multiple of 8 floats: scalar tail
+        (2, 64, 5),  # token groups straddle blocks
+        (1, 64, 1),
+    ],
+)
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+def test_kernel_edge_shapes_equal_float64_reference(group, head_dim, block_size, num_threads):
+    lens = [1, 7, 8, 9, block_size, 3 * block_size + 1, 33, 100]
+    num_kv_heads = 2
+    case = _scattered_case(lens, group * num_kv_heads, num_kv_heads, head_dim, block_size)
+    expected = _reference(*case, head_dim**-0.5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "MIN_BYTES_PER_THREAD", 1)
+        mp.setattr(kernels, "_num_threads", num_threads)
+        got = kernels.paged_decode_attention(*case, head_dim**-0.5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_kernel_long_context_equals_float64_reference(num_threads):
+    # One long sequence and a short one: the split by cost gives the long one's kv heads to
+    # different threads.
+    case = _scattered_case([4096, 3], 8, 4, 64, 16, seed=1)
+    expected = _reference(*case, 0.125)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "_num_threads", num_threads)
+        got = kernels.paged_decode_attention(*case, 0.125)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_threads", [2, 5, 16])
+def test_kernel_split_covers_every_head_once(num_threads):
+    # More parts than some sequences have kv heads, and parts that get no work at all.
+    case = _scattered_case([300, 1, 40], 4, 2, 32, 16, seed=2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "MIN_BYTES_PER_THREAD", 1)
+        mp.setattr(kernels, "_num_threads", 1)
+        single = kernels.paged_decode_attention(*case, 0.2)
+        mp.setattr(kernels, "_num_threads", num_threads)
+        split = kernels.paged_decode_attention(*case, 0.2)
+    torch.testing.assert_close(split, single, rtol=0, atol=0)
+    torch.testing.assert_close(single, _reference(*case, 0.2), rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_handles_extreme_scores():
+    # Score gaps of hundreds: most weights underflow to exactly 0, and the running max
+    # must be rescaled when a larger score arrives late in the context.
+    case = _scattered_case([50, 200], 4, 2, 64, 16, seed=3)
+    q = case[0] * 40
+    expected = _reference(q, *case[1:], 0.125)
+    got = kernels.paged_decode_attention(q, *case[1:], 0.125)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

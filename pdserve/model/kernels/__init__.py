@@ -9,7 +9,9 @@ mixed cluster never runs code built for another CPU.
 Everything here is optional: when no compiler is present, the build fails, or
 `PDSERVE_DISABLE_KERNELS=1` is set, `paged_decode_attention` is None and attention falls
 back to PyTorch ops (same maths, slower). ctypes releases the GIL during a call, which
-lets a batch be split across Python threads.
+lets a batch be split across Python threads: the kernel takes a part index and a part
+count and picks its own share of the (sequence, kv head) work items, balanced by context
+length, so the caller only hands out part numbers.
 """
 
 from __future__ import annotations
@@ -151,18 +153,19 @@ def paged_decode_attention(
     )
     kv_bytes = 2 * int(context_lens.sum()) * num_kv_heads * head_dim * 4
     num_threads = max(
-        1, min(_num_threads or torch.get_num_threads(), num_seqs, kv_bytes // MIN_BYTES_PER_THREAD)
+        1,
+        min(
+            _num_threads or torch.get_num_threads(),
+            num_seqs * num_kv_heads,  # work items: (sequence, kv head)
+            kv_bytes // MIN_BYTES_PER_THREAD,
+        ),
     )
-    bounds = [num_seqs * i // num_threads for i in range(num_threads + 1)]
     fn = lib.paged_decode_attention_f32
-    if num_threads == 1:
-        status = [fn(*args, 0, num_seqs)]
-    else:
-        futures = [
-            _pool(num_threads).submit(fn, *args, bounds[i], bounds[i + 1])
-            for i in range(num_threads)
-        ]
-        status = [f.result() for f in futures]
+    # Parts 1.. go to the pool, part 0 runs here: one hand-off fewer per call.
+    futures = [
+        _pool(num_threads - 1).submit(fn, *args, i, num_threads) for i in range(1, num_threads)
+    ]
+    status = [fn(*args, 0, num_threads)] + [f.result() for f in futures]
     if any(status):
-        raise MemoryError("paged attention kernel could not allocate its score buffer")
+        raise MemoryError("paged attention kernel could not allocate its scratch buffer")
     return out
