@@ -110,13 +110,13 @@ class CommandServer:
         self._log.close()
 
 
-def start_server(name: str, model_dir: Path, log_dir: Path, context: int):
+def start_server(name: str, model_dir: Path, log_dir: Path, context: int, specs):
     """(server, model id, extra request body) or None when the peer is not built."""
     log_path = log_dir / f"{name}.log"
     if name in PDSERVE_CONFIGS:
         settings = {"model": str(model_dir), **PDSERVE_CONFIGS[name]}
         server = ServeProcess(settings, log_path=log_path)
-        return server, None, {"ignore_eos": True}
+        return server, None, {"ignore_eos": True, "temperature": 0.0}
     port = free_port()
     if name == "llama-server":
         binary = common.llamacpp_bin("llama-server")
@@ -127,18 +127,29 @@ def start_server(name: str, model_dir: Path, log_dir: Path, context: int):
             str(binary), "-m", str(gguf), "-np", "32", "-c", str(32 * context), "-t", "2",
             "-tb", "2", "--host", "127.0.0.1", "--port", str(port), "--no-webui",
         ]  # fmt: skip
-        return CommandServer(cmd, port, log_path, "/health"), None, {"ignore_eos": True}
+        extra = {"ignore_eos": True, "temperature": 0.0}
+        return CommandServer(cmd, port, log_path, "/health"), None, extra
     if name == "transformers-serve":
         binary = common.PEERS_DIR / "venv" / "bin" / "transformers"
         if not binary.exists():
             return None
+        # --cb-num-blocks 128: 32k tokens of KV (256-token blocks), like llama-server's -c;
+        # by default it takes 60 % of RAM.
         cmd = [
             str(binary), "serve", "--continuous-batching", "--host", "127.0.0.1",
-            "--port", str(port), "--device", "cpu", "--dtype", "float32", str(model_dir),
+            "--port", str(port), "--device", "cpu", "--dtype", "float32",
+            "--cb-num-blocks", "128", str(model_dir),
         ]  # fmt: skip
-        env = {"OMP_NUM_THREADS": "2"}  # torch's intra-op threads: the machine's 2 cores
+        env = {"OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
         server = CommandServer(cmd, port, log_path, "/v1/models", env)
-        return server, str(model_dir), {}
+        # It rejects unknown fields (ignore_eos: 422); a fixed output length is asked for
+        # through its generation_config (a JSON string), which needs equal max_tokens.
+        lengths = {s.max_tokens for s in specs}
+        if len(lengths) != 1:
+            raise SystemExit("transformers serve needs a workload with one output length")
+        (n,) = lengths
+        config = json.dumps({"min_new_tokens": n, "max_new_tokens": n})
+        return server, str(model_dir), {"temperature": 0.0, "generation_config": config}
     raise SystemExit(f"unknown server {name!r}")
 
 
@@ -211,13 +222,15 @@ def main() -> int:
                 "description": workload.description,
                 "closed loop, requests per level": args.num_requests or "max(16, 3 x c)",
                 "concurrency": levels,
-                "ignore_eos": "where the server honours it (pdserve, llama-server)",
+                "fixed output length": "ignore_eos (pdserve, llama-server); min_new_tokens"
+                " (transformers serve)",
+                "sampling": "greedy (temperature 0) everywhere",
             },
         },
     )
     results: dict[str, dict] = {}
     for name in names:
-        started = start_server(name, model_dir, log_dir, context)
+        started = start_server(name, model_dir, log_dir, context, specs)
         if started is None:
             print(f"{name}: not built, skipped (see benchmarks/peers/README.md)")
             continue

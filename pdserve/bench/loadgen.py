@@ -366,6 +366,9 @@ class _Client:
                 record.num_prompt_tokens = event["usage"].get("prompt_tokens") or 0
                 record.num_output_tokens = event["usage"].get("completion_tokens") or 0
                 record.has_usage = True
+                details = event["usage"].get("prompt_tokens_details") or {}
+                if details.get("cached_tokens") is not None:
+                    record.num_cached_tokens = details["cached_tokens"]
             if self._has_text(event):
                 if last_token_at is None:
                     record.ttft_s = now - sent

@@ -81,7 +81,14 @@ def summarize(
         goodput=goodput,
         cost_per_million_output_tokens=cost,
         num_without_usage=sum(not r.has_usage for r in ok),
+        prefix_cache_hit_rate=_hit_rate(ok),
     )
+
+
+def _hit_rate(records: Sequence[RequestRecord]) -> float | None:
+    reported = [r for r in records if r.num_cached_tokens is not None]
+    prompt = sum(r.num_prompt_tokens for r in reported)
+    return sum(r.num_cached_tokens for r in reported) / prompt if prompt else None
 
 
 def _per_second(count: float, duration_s: float) -> float:
@@ -118,6 +125,8 @@ def format_summary(summary: Summary, config: Mapping[str, Any] | None = None) ->
             f"SLO attainment      {100 * (s.slo_attainment or 0.0):.1f}% (errors count as misses)",
             f"goodput             {s.goodput or 0.0:.3f} req/s meeting both",
         ]
+    if s.prefix_cache_hit_rate is not None:
+        lines.append(f"prefix cache        {100 * s.prefix_cache_hit_rate:.1f}% of prompt tokens")
     if s.cost_per_million_output_tokens is not None:
         lines.append(
             f"cost                ${s.cost_per_million_output_tokens:.4f} per 1M output tokens"

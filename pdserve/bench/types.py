@@ -50,6 +50,8 @@ class RequestRecord:
     e2e_s: float | None = None
     error: str | None = None  # HTTP status and message, or the exception
     has_usage: bool = True  # False: the server sent no usage, so the token counts are 0
+    # usage.prompt_tokens_details.cached_tokens (prefix-cache hit), where the server says
+    num_cached_tokens: int | None = None
 
     @property
     def is_ok(self) -> bool:
@@ -100,3 +102,6 @@ class Summary:
     goodput: float | None = None  # requests per second meeting both SLOs
     cost_per_million_output_tokens: float | None = None  # from a price per machine-hour
     num_without_usage: int = 0  # successful requests whose server sent no usage (counted 0)
+    # Prompt tokens served from the prefix cache / prompt tokens, over the requests whose
+    # usage carried `prompt_tokens_details.cached_tokens`; None when none did.
+    prefix_cache_hit_rate: float | None = None
