@@ -37,6 +37,12 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-prefix-caching", action="store_true")
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     group.add_argument("--seed", type=int, default=0)
+    tiers = parser.add_argument_group("KV cache tiers (below the device pool; all off by default)")
+    tiers.add_argument("--kv-host-cache-gib", type=float, default=0.0, help="host RAM tier")
+    tiers.add_argument("--kv-disk-cache-dir", default=None, help="disk tier folder")
+    tiers.add_argument("--kv-disk-cache-gib", type=float, default=16.0, help="disk tier cap")
+    tiers.add_argument("--kv-redis-url", default=None, help="Redis tier, redis://host:port/db")
+    tiers.add_argument("--kv-tier-dtype", default="auto", choices=["auto", "int8"])
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +71,11 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         enable_chunked_prefill=not args.no_chunked_prefill,
         enable_prefix_caching=not args.no_prefix_caching,
         num_threads=args.threads,
+        kv_host_cache_gib=args.kv_host_cache_gib,
+        kv_disk_cache_dir=args.kv_disk_cache_dir,
+        kv_disk_cache_gib=args.kv_disk_cache_gib,
+        kv_redis_url=args.kv_redis_url,
+        kv_tier_dtype=args.kv_tier_dtype,
     )
 
 

@@ -21,6 +21,7 @@ from pdserve.errors import ConfigError, ModelLoadError
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+KV_TIER_DTYPES = ("auto", "int8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +186,14 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     seed: int = 0  # seeds requests that carry no seed of their own
+    # Tiered KV store below the device pool (pdserve/kvstore/), every tier off by default:
+    # on a CPU device host RAM *is* the pool's memory (a bigger kv_cache_memory_gib serves
+    # better than a copy), and disk or Redis need a place the operator chooses.
+    kv_host_cache_gib: float = 0.0  # host RAM tier; 0: off
+    kv_disk_cache_dir: str | None = None  # local disk tier (persists across restarts)
+    kv_disk_cache_gib: float = 16.0  # the disk tier's size cap
+    kv_redis_url: str | None = None  # shared Redis tier, e.g. redis://127.0.0.1:6379/0
+    kv_tier_dtype: str = "auto"  # auto: the pool's dtype | int8 (per block and head)
 
     def __post_init__(self) -> None:
         if self.dtype not in SUPPORTED_DTYPES:
@@ -199,3 +208,21 @@ class EngineConfig:
                 raise ConfigError(name, f"must be positive, got {value}")
         if self.kv_cache_memory_gib <= 0:
             raise ConfigError("kv_cache_memory_gib", "must be positive")
+        self._check_kv_tiers()
+
+    def _check_kv_tiers(self) -> None:
+        if self.kv_host_cache_gib < 0:
+            raise ConfigError("kv_host_cache_gib", "must be 0 (off) or positive")
+        if self.kv_disk_cache_gib <= 0:
+            raise ConfigError("kv_disk_cache_gib", "must be positive")
+        if self.kv_tier_dtype not in KV_TIER_DTYPES:
+            raise ConfigError("kv_tier_dtype", f"{self.kv_tier_dtype!r}; one of {KV_TIER_DTYPES}")
+        if self.kv_disk_cache_dir == "":
+            raise ConfigError("kv_disk_cache_dir", "empty path (leave unset to turn it off)")
+        if self.has_kv_tiers and not self.enable_prefix_caching:
+            raise ConfigError("enable_prefix_caching", "must be on when a KV tier is configured")
+
+    @property
+    def has_kv_tiers(self) -> bool:
+        """True when any KV tier below the device pool is configured."""
+        return bool(self.kv_host_cache_gib > 0 or self.kv_disk_cache_dir or self.kv_redis_url)

@@ -40,6 +40,11 @@ class LLM:
         enable_prefix_caching: bool = True,
         num_threads: int | None = None,
         skip_tokenizer_init: bool = False,
+        kv_host_cache_gib: float = 0.0,
+        kv_disk_cache_dir: str | None = None,
+        kv_disk_cache_gib: float = 16.0,
+        kv_redis_url: str | None = None,
+        kv_tier_dtype: str = "auto",
     ) -> None:
         if model is None:
             from pdserve.model.builtin import ensure_builtin_model
@@ -58,12 +63,21 @@ class LLM:
             enable_chunked_prefill=enable_chunked_prefill,
             enable_prefix_caching=enable_prefix_caching,
             num_threads=num_threads,
+            kv_host_cache_gib=kv_host_cache_gib,
+            kv_disk_cache_dir=kv_disk_cache_dir,
+            kv_disk_cache_gib=kv_disk_cache_gib,
+            kv_redis_url=kv_redis_url,
+            kv_tier_dtype=kv_tier_dtype,
         )
         self.engine = LLMEngine(model, config, skip_tokenizer_init)
         self._ids = itertools.count()
 
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def close(self) -> None:
+        """Write cached KV down to the persistent tiers (if any) and stop their writers."""
+        self.engine.core.close()
 
     def generate(
         self,

@@ -36,6 +36,8 @@ from pdserve.kv.events import EventLog
 
 @dataclass(slots=True)
 class EvictedBlock:
+    """A cached block by hash, id and token ids (evicted, or newly committed)."""
+
     block_hash: BlockHash
     block_id: int
     token_ids: tuple[int, ...]
@@ -73,6 +75,8 @@ class BlockManager:
         self.events: EventLog | None = EventLog() if record_events else None
         # Cached blocks handed out for new data since the last `drain_evicted` (with events).
         self.evicted: list[EvictedBlock] = []
+        # Blocks newly registered in the cache, when a write-through tier asks (set to []).
+        self.committed: list[EvictedBlock] | None = None
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -166,6 +170,8 @@ class BlockManager:
                 self._cached[hashes[i]] = block.block_id
                 if self.events is not None:
                     self.events.stored(hashes[i])
+                if self.committed is not None:
+                    self.committed.append(EvictedBlock(hashes[i], block.block_id, block.token_ids))
         self._num_committed[request.request_id] = num_full
 
     def free(self, request: Request) -> None:

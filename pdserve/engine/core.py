@@ -16,8 +16,15 @@ from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.limits import check_request
 from pdserve.engine.model_runner import KVAllocator, ModelRunner
 from pdserve.engine.request import Request
-from pdserve.engine.scheduler import Scheduler, SchedulerConfig
+from pdserve.engine.scheduler import (
+    ScheduledRequest,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+)
 from pdserve.errors import ConfigError, InvalidRequestError
+from pdserve.kv.events import AnyKVEvent
+from pdserve.kvstore.connector import KVTierConnector
 from pdserve.outputs import EngineCoreOutput
 from pdserve.sampling_params import SamplingParams
 
@@ -75,7 +82,10 @@ class EngineCore:
         # Prefill worker: streams KV of requests that have a destination (see transfer/).
         self.kv_streamer: KVStreamer | None = None
         self.block_manager = BlockManager(
-            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+            self.runner.num_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            record_events=config.has_kv_tiers,  # the tiers need the evicted-block list
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -86,6 +96,13 @@ class EngineCore:
             self.block_manager,
         )
         self.requests: dict[str, Request] = {}
+        # Host RAM / disk / Redis below the device pool (kvstore/); None when none is on.
+        self.kv_tiers: KVTierConnector | None = None
+        if config.has_kv_tiers:
+            self.kv_tiers = KVTierConnector.from_config(
+                config, model_config, model_dir, self.block_manager, self.runner.kv_cache
+            )
+            self.scheduler.kv_tiers = self.kv_tiers
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -137,6 +154,8 @@ class EngineCore:
         if not self.scheduler.can_reserve(request):
             return False
         self.scheduler.reserve(request)
+        if self.kv_tiers is not None:  # before the prefill worker overwrites reused blocks
+            self.kv_tiers.save_evicted()
         self.requests[request.request_id] = request
         return True
 
@@ -167,6 +186,10 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         scheduled = self.scheduler.schedule()
+        if self.kv_tiers is not None:
+            self.kv_tiers.before_execute()  # save evicted blocks, load tier hits
+        else:
+            self.block_manager.drain_evicted()  # events on but no tier: nothing to save
         if scheduled.is_empty:
             return []
         streamer = self.kv_streamer
@@ -193,6 +216,55 @@ class EngineCore:
             if request.is_finished:
                 del self.requests[request.request_id]
         return outputs
+
+    # ---- start-up -------------------------------------------------------------------------
+
+    def warmup(self) -> None:
+        """Run the model once on a prefill-sized and a decode-sized batch, outside the
+        scheduler, so that the first real request does not pay first-touch costs (weights
+        paged in, BLAS and OpenMP thread pools started, kernels loaded): ~0.3 s for the
+        built-in model on a CPU, which would otherwise land on one unlucky TTFT.
+
+        It writes KV into the first pool blocks, which no request holds yet (a serving
+        worker calls this before it registers), and zeroes them after."""
+        if self.requests:
+            raise RuntimeError("warmup must run before any request is added")
+        size = self.config.block_size
+        num_tokens = min(2 * 64, self.max_model_len - 1)  # > cpu_blas.MAX_ROWS: prefill path
+        num_blocks = -(-(num_tokens + 1) // size)
+        if num_blocks > self.block_manager.num_blocks:
+            return  # a pool this small serves nothing long enough to matter
+        vocab = self.model_config.vocab_size
+        request = Request(
+            request_id="pdserve-warmup",
+            prompt_token_ids=[(7 * i + 1) % vocab for i in range(num_tokens)],
+            sampling_params=SamplingParams(temperature=0.0, max_tokens=2),
+            max_tokens=2,
+            block_ids=list(range(num_blocks)),
+        )
+        prefill = SchedulerOutput([ScheduledRequest(request, num_tokens, 0)])
+        results = self.runner.execute(prefill)
+        request.output_token_ids.append(results[request.request_id].token_id)
+        self.runner.execute(SchedulerOutput([ScheduledRequest(request, 1, num_tokens)]))
+        self.runner.kv_cache[:, :, :num_blocks].zero_()
+        self.runner.reset_threads()
+
+    # ---- KV tiers and events -------------------------------------------------------------
+
+    def drain_kv_events(self) -> list[AnyKVEvent]:
+        """KV events since the last call: the device pool's, then the tiers'."""
+        events = self.block_manager.events.drain() if self.block_manager.events else []
+        if self.kv_tiers is not None:
+            events += self.kv_tiers.drain_events()
+        return events
+
+    def close(self, persist_kv: bool = True) -> None:
+        """Stop background KV writers; with `persist_kv`, first write the cached KV down to
+        the persistent tiers (disk, Redis) so a restarted engine finds it."""
+        if self.kv_tiers is not None:
+            self.kv_tiers.close(persist=persist_kv)
+            self.kv_tiers = None
+            self.scheduler.kv_tiers = None
 
 
 def _queue_time(request: Request) -> float | None:

@@ -11,12 +11,14 @@ Policy, in order:
    usually helped by the prefix cache), possibly the request itself.
 2. Then waiting requests, most important first, strictly in order (no skipping ahead), while
    there is budget, a free sequence slot (`max_num_seqs`) and room for their blocks. Their
-   cached prefix is taken from the prefix cache and not computed again. No admissions in a
+   cached prefix is taken from the prefix cache, extended by blocks the KV tiers hold
+   (`kv_tiers`, loaded before the step runs), and not computed again. No admissions in a
    step that had to preempt: the pool is under pressure.
 
 Disaggregation adds two paths, both plain block bookkeeping:
-- decode side: `reserve` pins fresh blocks for a prompt whose KV a prefill worker will
-  write (status WAITING_FOR_KV, outside the running list so it is never preempted);
+- decode side: `reserve` pins blocks for a prompt whose KV a prefill worker will write
+  (status WAITING_FOR_KV, outside the running list so it is never preempted): the cached
+  prefix's blocks, shared (delta hand-over: only the rest is sent), and fresh ones;
   `finish_import` then makes it a running request that has computed its prompt and holds
   its first token, or — when the KV did not arrive intact — frees the blocks and queues it
   for recompute, exactly like a preempted request.
@@ -34,9 +36,13 @@ import itertools
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from pdserve.kvstore.connector import KVTierConnector
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +89,8 @@ class Scheduler:
         self._order: dict[str, int] = {}  # arrival sequence number, kept across preemption
         self._counter = itertools.count()
         self.reserved: dict[str, Request] = {}  # WAITING_FOR_KV, by request id
+        # Extends admission prefix hits with blocks held in host/disk/Redis (kvstore/).
+        self.kv_tiers: KVTierConnector | None = None
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -129,13 +137,19 @@ class Scheduler:
 
     def can_reserve(self, request: Request) -> bool:
         num_seqs = len(self.running) + len(self.reserved)
-        return num_seqs < self.config.max_num_seqs and self.block_manager.can_allocate(
-            request, request.num_prompt_tokens
-        )
+        if num_seqs >= self.config.max_num_seqs:
+            return False
+        cached = self.block_manager.find_cached_blocks(request)
+        num_new = request.num_prompt_tokens - len(cached) * self.block_manager.block_size
+        return self.block_manager.can_allocate(request, num_new, cached)
 
     def reserve(self, request: Request) -> None:
-        """Pin fresh blocks for `request`'s prompt (call `can_reserve` first)."""
-        self.block_manager.allocate(request, request.num_prompt_tokens)
+        """Pin blocks for `request`'s prompt (call `can_reserve` first): its cached prefix
+        (`num_cached_tokens`; that KV is not sent again) and fresh blocks for the rest."""
+        cached = self.block_manager.find_cached_blocks(request)
+        num_cached = len(cached) * self.block_manager.block_size
+        self.block_manager.allocate(request, request.num_prompt_tokens - num_cached, cached)
+        request.num_cached_tokens = num_cached
         request.status = RequestStatus.WAITING_FOR_KV
         self._order[request.request_id] = next(self._counter)
         self.reserved[request.request_id] = request
@@ -196,16 +210,20 @@ class Scheduler:
         while self._num_waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self._peek_waiting()
             cached = block_manager.find_cached_blocks(request)
-            num_cached = len(cached) * block_manager.block_size
+            num_loaded = self._num_tier_tokens(request, len(cached))
+            num_cached = len(cached) * block_manager.block_size + num_loaded
             num_new = request.num_tokens - num_cached
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
-            if not block_manager.can_allocate(request, num_new, cached):
+            # Blocks loaded from the tiers take fresh device blocks but no compute budget.
+            if not block_manager.can_allocate(request, num_loaded + num_new, cached):
                 break
             self._pop_waiting()
-            block_manager.allocate(request, num_new, cached)
+            block_manager.allocate(request, num_loaded + num_new, cached)
             request.num_computed_tokens = num_cached
+            if num_loaded:
+                self.kv_tiers.schedule_load(request, len(cached))
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
@@ -214,6 +232,12 @@ class Scheduler:
             self.running.append(request)
             output.scheduled.append(ScheduledRequest(request, num_new, num_cached))
             budget -= num_new
+
+    def _num_tier_tokens(self, request: Request, num_cached_blocks: int) -> int:
+        """Prompt tokens past the device hit that the KV tiers hold (0 without tiers)."""
+        if self.kv_tiers is None:
+            return 0
+        return self.kv_tiers.lookup(request, num_cached_blocks)
 
     def update_from_output(
         self, output: SchedulerOutput, sampled_token_ids: Mapping[str, int]

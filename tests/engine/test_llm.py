@@ -322,3 +322,19 @@ def test_unavailable_device_is_a_config_error(tmp_path):
         with pytest.raises(ConfigError) as info:
             LLM(model_dir, device=device, skip_tokenizer_init=True, num_kv_blocks=8)
         assert info.value.field == "device"
+
+
+def test_warmup_leaves_no_trace(model_dir, reference):
+    """A worker's start-up warm-up runs the model outside the scheduler: afterwards the
+    pool is zero, no block is held or cached, and greedy outputs are unchanged."""
+    fresh = LLM(model_dir, num_kv_blocks=32, max_model_len=128)
+    core = fresh.engine.core
+    core.warmup()
+    assert int(core.runner.kv_cache.count_nonzero()) == 0
+    assert core.block_manager.num_free_blocks == 32
+    assert core.block_manager.num_cached_blocks == 0
+    assert [token_ids(generate(fresh, p))[0] for p in PROMPTS] == reference
+    assert_no_leaks(fresh)
+    with pytest.raises(RuntimeError, match="before any request"):
+        core.requests["x"] = None
+        core.warmup()

@@ -1,0 +1,35 @@
+"""The tiered KV store: device pool → host RAM → local disk → Redis, keyed by block hash.
+
+block.py      StoredBlock, BlockLayout and the checksummed byte format
+tier.py       the KVTier interface, its counters, the thread-safe event sink
+host.py       host RAM tier (LRU under a byte cap)
+disk.py       local disk tier (content-addressed files, survives restarts)
+redis_tier.py Redis tier (shared across workers; optional `redis` package)
+writer.py     the background writer for slow tiers (bounded; drops, never blocks)
+store.py      TieredKVStore: lookup across tiers, promotion, write-down
+connector.py  KVTierConnector: joins a store to an engine's scheduler and KV pool
+fingerprint.py a model fingerprint, so persisted KV is never read by another model
+"""
+
+from pdserve.kvstore.block import BlockLayout, CorruptBlockError, StoredBlock
+from pdserve.kvstore.connector import KVTierConnector
+from pdserve.kvstore.disk import DiskTier
+from pdserve.kvstore.host import HostTier
+from pdserve.kvstore.redis_tier import RedisTier
+from pdserve.kvstore.store import StoreStats, TieredKVStore
+from pdserve.kvstore.tier import EventSink, KVTier, TierStats
+
+__all__ = [
+    "BlockLayout",
+    "CorruptBlockError",
+    "DiskTier",
+    "EventSink",
+    "HostTier",
+    "KVTier",
+    "KVTierConnector",
+    "RedisTier",
+    "StoreStats",
+    "StoredBlock",
+    "TierStats",
+    "TieredKVStore",
+]
