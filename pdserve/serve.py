@@ -56,10 +56,18 @@ class ServeConfig:
     worker_host: str = "127.0.0.1"  # interface workers and the router's worker socket bind
     router_port: int = 0  # the socket workers report to; 0: any free port
     kv_backend: str = "auto"  # auto | shm | tcp
+    kv_wire_dtype: str = "auto"  # auto | int8 (tcp transfers only; see kv/int8.py)
     kv_layerwise: bool = True
     auto_local_prefill_tokens: int = 256
     auto_max_prefill_queue_tokens: int = 8192
     kv_transfer_timeout_s: float = 60.0
+    # Which worker of a pool: kv_aware | least_loaded | round_robin (router/selection.py).
+    routing_policy: str = "kv_aware"
+    kv_aware_prefill_weight: float = 1.0
+    kv_aware_queue_weight: float = 1.0
+    kv_aware_running_weight: float = 16.0
+    kv_aware_usage_weight: float = 512.0
+    kv_aware_load_margin: float = 4096.0
     log_level: str = "INFO"
     # Workers started elsewhere (`pdserve worker --router ...`) that readiness waits for,
     # on top of the ones this command launches.
@@ -90,7 +98,14 @@ class ServeConfig:
             auto_local_prefill_tokens=self.auto_local_prefill_tokens,
             auto_max_prefill_queue_tokens=self.auto_max_prefill_queue_tokens,
             kv_backend=self.kv_backend,
+            kv_wire_dtype=self.kv_wire_dtype,
             kv_transfer_timeout_s=self.kv_transfer_timeout_s,
+            routing_policy=self.routing_policy,
+            kv_aware_prefill_weight=self.kv_aware_prefill_weight,
+            kv_aware_queue_weight=self.kv_aware_queue_weight,
+            kv_aware_running_weight=self.kv_aware_running_weight,
+            kv_aware_usage_weight=self.kv_aware_usage_weight,
+            kv_aware_load_margin=self.kv_aware_load_margin,
         )
 
     def threads(self) -> int:
@@ -189,8 +204,19 @@ SERVE_FLAGS = {
     "worker_host": (str, "interface for internal sockets (default 127.0.0.1)"),
     "router_port": (int, "port workers report to (default: any free port)"),
     "kv_backend": (str, "auto | shm | tcp | nixl (default auto; nixl needs pip install nixl)"),
+    "kv_wire_dtype": (str, "auto | int8: int8 KV with per-block scales on tcp (default auto)"),
     "auto_local_prefill_tokens": (int, "auto mode: prompts shorter than this prefill locally"),
     "kv_transfer_timeout_s": (float, "seconds before a KV hand-over is abandoned"),
+    "routing_policy": (str, "kv_aware | least_loaded | round_robin (default kv_aware)"),
+    "kv_aware_prefill_weight": (float, "kv_aware: cost per uncached prompt token (default 1)"),
+    "kv_aware_queue_weight": (float, "kv_aware: cost per queued prompt token (default 1)"),
+    "kv_aware_running_weight": (float, "kv_aware: cost per assigned request (default 16)"),
+    "kv_aware_usage_weight": (float, "kv_aware: cost of a full KV pool (default 512)"),
+    "kv_aware_load_margin": (
+        float,
+        "kv_aware: tokens of load past the least-loaded worker beyond which a prefix hit "
+        "no longer counts (default 4096)",
+    ),
 }
 ENGINE_FLAGS = {
     "dtype": str,
@@ -202,6 +228,11 @@ ENGINE_FLAGS = {
     "num_kv_blocks": int,
     "block_size": int,
     "seed": int,
+    "kv_host_cache_gib": float,
+    "kv_disk_cache_dir": str,
+    "kv_disk_cache_gib": float,
+    "kv_redis_url": str,
+    "kv_tier_dtype": str,
 }
 
 

@@ -6,9 +6,10 @@ rejected with `msgspec.ValidationError`, and nothing received is ever unpickled.
 
 Grouped by who sends them:
 
-    router → worker      AddRequest, ReserveKV, PrefillRequest, Abort, Shutdown
+    router → worker      AddRequest, ReserveKV, PrefillRequest, Abort, Shutdown,
+                         SendKVSnapshot
     worker → router      Register, WorkerStats, StepOutputs, KVReserved, RequestFailed,
-                         KVSent
+                         KVSent, KVEvents
     prefill → decode     KVLayer (+ raw key/value frames, tcp backend), KVDone
 
 A ZeroMQ message is `[encoded message, *raw frames]`; bulk KV bytes travel as raw frames
@@ -21,6 +22,7 @@ from typing import Union
 
 import msgspec
 
+from pdserve.kv.events import AnyKVEvent
 from pdserve.outputs import EngineCoreOutput, Logprob
 from pdserve.sampling_params import SamplingParams
 
@@ -60,7 +62,11 @@ class NixlPeer(msgspec.Struct, frozen=True):
 
 
 class KVDestination(msgspec.Struct, frozen=True):
-    """Where a prefill worker sends a request's KV: the reserved blocks on a decode worker."""
+    """Where a prefill worker sends a request's KV: the reserved blocks on a decode worker.
+
+    Delta hand-over: the decode worker already holds the prompt's first `first_block`
+    blocks (its prefix cache), so `block_ids` are the destinations of the prompt's blocks
+    `first_block, first_block + 1, ...` only, and nothing before them is sent."""
 
     worker_id: str
     transfer_id: str
@@ -69,6 +75,10 @@ class KVDestination(msgspec.Struct, frozen=True):
     backend: str  # "shm" | "tcp" | "nixl"
     shm_path: str | None = None  # the decode worker's shared KV pool (shm backend)
     nixl: NixlPeer | None = None  # how to reach the decode worker's pool (nixl backend)
+    # "int8": tcp batches travel quantised (see kv/int8.py); None: in the pool's dtype.
+    # Backends that write in place (shm, nixl) ignore it and always move full precision.
+    wire_dtype: str | None = None
+    first_block: int = 0  # prompt blocks before this one are already at the destination
 
 
 class PrefillRequest(Message):
@@ -90,6 +100,11 @@ class Abort(Message):
 
 class Shutdown(Message):
     pass
+
+
+class SendKVSnapshot(Message):
+    """Send a `KVEvents` snapshot now: the router's index of this worker is out of date
+    (a gap in the sequence numbers, or a router that has just started)."""
 
 
 # ---- worker → router ---------------------------------------------------------------------
@@ -214,7 +229,10 @@ class KVReserved(Message):
     worker_id: str
     request_id: str
     transfer_id: str
-    block_ids: list[int]
+    block_ids: list[int]  # every block of the prompt, in order
+    # Leading blocks of `block_ids` that already hold the prompt's KV (prefix cache hits on
+    # the decode worker): the prefill worker sends only the blocks after them.
+    num_cached_blocks: int = 0
 
 
 class RequestFailed(Message):
@@ -234,13 +252,30 @@ class KVSent(Message):
     seconds: float
 
 
+class KVEvents(Message):
+    """Changes to the block hashes a worker holds, per tier (for the router's prefix index).
+
+    `seq` counts this worker's `KVEvents` from 0 (the first is a snapshot, sent right after
+    `Register`); the router applies them in order and asks for a snapshot
+    (`SendKVSnapshot`) when one is missing. A snapshot (`is_snapshot`) replaces everything
+    the router knew of the worker: its events are `BlocksStored` of every hash held, per
+    tier."""
+
+    worker_id: str
+    seq: int
+    events: list[AnyKVEvent]
+    is_snapshot: bool = False
+
+
 # ---- prefill worker → decode worker ------------------------------------------------------
 
 
 class KVLayer(Message):
     """One layer's KV for some of a request's blocks (tcp backend). Followed by two raw
     frames per entry of `run_lengths` — keys then values of that many blocks, each
-    `[n, block_size, heads, dim]` in the pool's dtype — covering `block_ids` in order."""
+    `[n, block_size, heads, dim]` in the pool's dtype — covering `block_ids` in order.
+    With `wire_dtype="int8"` those frames hold int8 values instead, and one more frame
+    follows: float32 scales `[2 (k, v), len(block_ids), heads]` (see kv/int8.py)."""
 
     transfer_id: str
     layer: int
@@ -248,6 +283,7 @@ class KVLayer(Message):
     checksum: int  # xxh3_64 over the raw frames, in order
     num_bytes: int  # of all raw frames
     run_lengths: list[int] = msgspec.field(default_factory=list)  # blocks per frame pair
+    wire_dtype: str | None = None  # None: the pool's dtype; "int8": quantised + scales
 
 
 class KVDone(Message):
@@ -268,12 +304,14 @@ AnyMessage = Union[  # noqa: UP007 — msgspec needs a real Union of the tagged 
     PrefillRequest,
     Abort,
     Shutdown,
+    SendKVSnapshot,
     Register,
     WorkerStats,
     StepOutputs,
     KVReserved,
     RequestFailed,
     KVSent,
+    KVEvents,
     KVLayer,
     KVDone,
 ]

@@ -6,10 +6,14 @@ stream deltas.
 
 Per request (each of its n samples is its own worker request), in `generate`:
 1. Plan (`router/policy.py`): the whole request on one worker, or prefill on a prefill
-   worker P and decode on a decode worker D.
+   worker P and decode on a decode worker D. The routing policy sees how much of the
+   prompt each worker already holds: the global prefix index (`router/kv_index.py`), fed
+   by the workers' `KVEvents`, matched against the prompt's block hashes.
 2. Remote: D reserves blocks (`ReserveKV` → `KVReserved`; D queues it while full, so
    the request waits for room); then P gets `PrefillRequest` with D's block ids and streams
-   the KV into them. P's first token comes straight back here; D continues from it.
+   the KV into them — only into the blocks past the prefix D already had cached (delta
+   hand-over: `KVReserved.num_cached_blocks`, `KVDestination.first_block`). P's first
+   token comes straight back here; D continues from it.
 3. Outputs from any worker feed the output processor; each update goes to the request's
    queue, which `generate` yields from.
 4. On finish, stop string, client disconnect, failure or a dead worker: `Abort` goes to
@@ -38,6 +42,7 @@ from pdserve.errors import InvalidRequestError, RequestFailedError, ServiceUnava
 from pdserve.ipc import messages as m
 from pdserve.outputs import StreamUpdate
 from pdserve.router.client import EngineClient, Readiness, WorkerStatus
+from pdserve.router.kv_index import KVIndex, PrefixMatch, prompt_hashes
 from pdserve.router.policy import Plan, RoutingConfig, plan_request, required_jobs
 from pdserve.router.workers import WorkerHandle, WorkerPool
 from pdserve.sampling_params import SamplingParams, child_params
@@ -46,6 +51,7 @@ from pdserve.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 ROUTER_MARGIN_S = 1.0  # the prefill deadline ends this much before the reservation's
+SNAPSHOT_RETRY_S = 2.0  # ask an unsynced worker for its KV snapshot at most this often
 
 
 @dataclass(eq=False)
@@ -98,6 +104,10 @@ class ClusterClient(EngineClient):
         self._tasks: list[asyncio.Task] = []
         self.num_kv_transfers = 0  # completed hand-offs, and their bytes
         self.num_kv_transfer_bytes = 0
+        self.kv_index = KVIndex()
+        self._snapshot_asked: dict[str, float] = {}  # worker id -> when
+        self._selector = self.routing.selector()  # keeps round-robin turns
+        self._selector_routing = self.routing
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -228,20 +238,40 @@ class ClusterClient(EngineClient):
     # ---- dispatch ---------------------------------------------------------------------------
 
     async def _dispatch(self, child: _Child, token_ids: list[int], params: SamplingParams):
-        plan = plan_request(self.pool, self.routing, len(token_ids))
+        matches = self._prefix_matches(token_ids)
+
+        def cached(worker: WorkerHandle) -> int:
+            match = matches.get(worker.worker_id)
+            return match.num_blocks * worker.info.kv_layout.block_size if match else 0
+
+        plan = plan_request(self.pool, self.routing, len(token_ids), cached, self._policy())
         if plan is None:
             raise ServiceUnavailableError(
                 f"no live worker for mode {self.routing.mode!r}; retry later"
             )
+        if self.metrics is not None:
+            worker = plan.prefill or plan.decode
+            self.metrics.observe_routing(
+                self.routing.routing_policy,
+                plan,
+                len(token_ids),
+                matches.get(worker.worker_id),
+                worker.info.kv_layout.block_size,
+            )
         if plan.prefill is None:
             self._charge(child, plan.decode, child.num_prompt_tokens + child.max_tokens)
-            self._charge_prefill(child, plan.decode)
+            self._charge_prefill(child, plan.decode, cached(plan.decode))
             plan.decode.send(m.AddRequest(child.child_id, token_ids, params))
             return
-        await self._dispatch_remote(child, plan, token_ids, params)
+        await self._dispatch_remote(child, plan, token_ids, params, cached(plan.prefill))
 
     async def _dispatch_remote(
-        self, child: _Child, plan: Plan, token_ids: list[int], params: SamplingParams
+        self,
+        child: _Child,
+        plan: Plan,
+        token_ids: list[int],
+        params: SamplingParams,
+        num_cached_on_prefill: int = 0,
     ) -> None:
         timeout = self.routing.kv_transfer_timeout_s
         transfer_id = uuid.uuid4().hex
@@ -257,18 +287,22 @@ class ClusterClient(EngineClient):
             raise ServiceUnavailableError("no decode worker had room in time") from None
         base = time.monotonic()
         prefill = plan.prefill
+        backend = self._backend(prefill, plan.decode)
+        num_cached = reserved.num_cached_blocks  # already on the decode worker: not sent
         dest = m.KVDestination(
             worker_id=plan.decode.worker_id,
             transfer_id=transfer_id,
-            block_ids=reserved.block_ids,
+            block_ids=reserved.block_ids[num_cached:],
             kv_addr=plan.decode.info.kv_addr,
-            backend=self._backend(prefill, plan.decode),
+            backend=backend,
             shm_path=plan.decode.info.shm_path,
             nixl=plan.decode.info.nixl,
+            wire_dtype=self._wire_dtype(backend),
+            first_block=num_cached,
         )
         child.prefill_worker = prefill.worker_id
         self._charge(child, prefill, child.num_prompt_tokens)
-        self._charge_prefill(child, prefill)
+        self._charge_prefill(child, prefill, num_cached_on_prefill)
         deadline = timeout - (time.monotonic() - base) - ROUTER_MARGIN_S
         prefill.send(m.PrefillRequest(child.child_id, token_ids, params, dest, deadline))
 
@@ -291,14 +325,40 @@ class ClusterClient(EngineClient):
             return "tcp"
         raise ServiceUnavailableError("the chosen workers share no KV transfer backend")
 
+    def _policy(self):
+        """The routing policy's selector, made again when `routing` was replaced."""
+        if self._selector_routing is not self.routing:
+            self._selector = self.routing.selector()
+            self._selector_routing = self.routing
+        return self._selector
+
+    def _prefix_matches(self, token_ids: list[int]) -> dict[str, PrefixMatch]:
+        """Each live worker's cached prefix of the prompt (by its block size)."""
+        by_size: dict[int, list[str]] = {}
+        for handle in self.pool.workers.values():
+            if handle.is_alive:
+                by_size.setdefault(handle.info.kv_layout.block_size, []).append(handle.worker_id)
+        matches: dict[str, PrefixMatch] = {}
+        for block_size, worker_ids in by_size.items():
+            hashes = prompt_hashes(token_ids, block_size)
+            matches.update(self.kv_index.match(hashes, worker_ids))
+        return matches
+
+    def _wire_dtype(self, backend: str) -> str | None:
+        """int8 KV on the wire is opt-in and tcp only: shm and nixl write in place."""
+        return "int8" if backend == "tcp" and self.routing.kv_wire_dtype == "int8" else None
+
     def _charge(self, child: _Child, worker: WorkerHandle, tokens: int) -> None:
         child.loads[worker.worker_id] = child.loads.get(worker.worker_id, 0) + tokens
         worker.outstanding_tokens += tokens
         worker.num_assigned += 1
 
-    def _charge_prefill(self, child: _Child, worker: WorkerHandle) -> None:
-        child.prefilling = (worker.worker_id, child.num_prompt_tokens)
-        worker.pending_prefill_tokens += child.num_prompt_tokens
+    def _charge_prefill(self, child: _Child, worker: WorkerHandle, num_cached: int) -> None:
+        """Count the prompt tokens `worker` will compute (those past its cached prefix)
+        until the first token comes back."""
+        tokens = max(0, child.num_prompt_tokens - num_cached)
+        child.prefilling = (worker.worker_id, tokens)
+        worker.pending_prefill_tokens += tokens
 
     def _prefill_done(self, child: _Child) -> None:
         if child.prefilling is None:
@@ -361,10 +421,15 @@ class ClusterClient(EngineClient):
             self.pool.register(message)
             if known is None or known.info != message:
                 logger.info("worker %s (%s) registered", message.worker_id, message.role)
+                if known is not None:  # restarted: its snapshot follows on the same socket
+                    self.kv_index.drop_worker(message.worker_id)
             return
         self.pool.touch(message.worker_id)
         if isinstance(message, m.StepOutputs):
             self._on_outputs(message)
+        elif isinstance(message, m.KVEvents):
+            if not self.kv_index.apply(message):
+                self._ask_snapshot(message.worker_id)
         elif isinstance(message, m.KVReserved):
             child = self._children.get(message.request_id)
             if child is None or child.reservation is None or child.reservation.done():
@@ -440,6 +505,19 @@ class ClusterClient(EngineClient):
             await asyncio.sleep(1.0)
             for handle in self.pool.find_dead():
                 self._on_worker_lost(handle.worker_id, "stopped responding")
+            for handle in self.pool.workers.values():
+                if handle.is_alive and not self.kv_index.is_synced(handle.worker_id):
+                    self._ask_snapshot(handle.worker_id)  # e.g. this router just started
+
+    def _ask_snapshot(self, worker_id: str) -> None:
+        """Ask a worker for its KV snapshot (its index entry is unsynced), at most every
+        `SNAPSHOT_RETRY_S`: the batches it sent meanwhile are refused too."""
+        handle = self.pool.workers.get(worker_id)
+        now = time.monotonic()
+        if handle is None or now - self._snapshot_asked.get(worker_id, -1e9) < SNAPSHOT_RETRY_S:
+            return
+        self._snapshot_asked[worker_id] = now
+        handle.send(m.SendKVSnapshot())
 
     def mark_dead(self, worker_id: str, reason: str) -> None:
         """The launcher saw the worker's process exit: stop using it now."""
@@ -450,6 +528,7 @@ class ClusterClient(EngineClient):
 
     def _on_worker_lost(self, worker_id: str, reason: str) -> None:
         logger.error("worker %s %s; failing its requests", worker_id, reason)
+        self.kv_index.drop_worker(worker_id)
         for child in list(self._children.values()):
             if worker_id in child.loads:
                 child.loads.pop(worker_id)  # nothing to abort or release there

@@ -12,6 +12,15 @@ Contract:
   `vllm:num_requests_waiting` and `vllm:kv_cache_usage_perc` from `readiness().workers` at
   scrape time (label `worker`, plus `role`), so no polling loop keeps them fresh.
 - `observe_kv_transfer(seconds, num_bytes)` is called by the cluster client per hand-over.
+- `observe_routing(policy, plan, num_prompt_tokens, match, block_size)` is called by the
+  cluster client per dispatched sample: `pdserve:routing_decisions_total{policy,role,
+  reason}` (one per worker picked, reasons in router/selection.py),
+  `pdserve:prefill_placement_total{placement,reason}` (local or remote prefill, reasons
+  in router/policy.py), and the prefix cache as the router's global index sees it:
+  `pdserve:router_prefix_cache_queries_total` (prompt tokens) and
+  `pdserve:router_prefix_cache_hits_total{tier}` (tokens of the prompt's cached prefix on
+  the worker that prefills it: `device`, or `lower` for host/disk/redis tiers beyond the
+  device part).
 
 Why measured here: the router is where a user's request arrives and its tokens leave, so
 time to first token and end-to-end latency include queueing, routing and KV hand-over, as
@@ -37,6 +46,8 @@ from pdserve.outputs import StreamUpdate
 
 if TYPE_CHECKING:
     from pdserve.router.client import Readiness
+    from pdserve.router.kv_index import PrefixMatch
+    from pdserve.router.policy import Plan
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +128,29 @@ class RouterMetrics:
         self.kv_transfer_bytes = counter(
             "pdserve:kv_transfer_bytes", "Bytes of KV cache handed over from prefill to decode."
         )
+        self.routing_decisions = Counter(
+            "pdserve:routing_decisions",
+            "Workers picked by the routing policy, by policy, pool (role) and reason.",
+            [*labels, "policy", "role", "reason"],
+            registry=self.registry,
+        )
+        self.prefill_placement = Counter(
+            "pdserve:prefill_placement",
+            "Prompts prefilled on the decode worker (local) or a prefill worker (remote).",
+            [*labels, "placement", "reason"],
+            registry=self.registry,
+        )
+        self.router_prefix_queries = counter(
+            "pdserve:router_prefix_cache_queries",
+            "Prompt tokens looked up in the router's global prefix index.",
+        )
+        hits = Counter(
+            "pdserve:router_prefix_cache_hits",
+            "Prompt tokens cached on the worker that prefills them, per the global index.",
+            [*labels, "tier"],
+            registry=self.registry,
+        )
+        self.router_prefix_hits = {t: hits.labels(model_name, t) for t in ("device", "lower")}
         self._workers = _WorkerCollector(model_name)
         self.registry.register(self._workers)
 
@@ -131,6 +165,24 @@ class RouterMetrics:
     def observe_kv_transfer(self, seconds: float, num_bytes: int) -> None:
         self.kv_transfer_seconds.observe(seconds)
         self.kv_transfer_bytes.inc(num_bytes)
+
+    def observe_routing(
+        self,
+        policy: str,
+        plan: Plan,
+        num_prompt_tokens: int,
+        match: PrefixMatch | None,
+        block_size: int,
+    ) -> None:
+        for role, reason in plan.picks:
+            self.routing_decisions.labels(self.model_name, policy, role, reason).inc()
+        if plan.placement is not None:
+            self.prefill_placement.labels(self.model_name, *plan.placement).inc()
+        self.router_prefix_queries.inc(num_prompt_tokens)
+        if match is not None:
+            device = match.num_device_blocks * block_size
+            self.router_prefix_hits["device"].inc(device)
+            self.router_prefix_hits["lower"].inc(match.num_blocks * block_size - device)
 
     def watch_workers(self, readiness: Callable[[], Readiness]) -> None:
         """Read per-worker gauges from `readiness().workers` whenever metrics are scraped."""

@@ -12,7 +12,12 @@ Modes:
   left idle while short prompts queue on the decode worker. With no prefill worker alive
   everything stays local.
 
-Within a role the least-loaded worker wins (outstanding tokens, see `router/workers.py`).
+Prompt length in `auto` means the tokens the decode worker would really compute: the
+prompt minus its cached prefix (global prefix index), so a long prompt whose prefix the
+decode worker already holds is finished locally, with no hand-over at all.
+
+Within a pool, the routing policy picks the worker (`router/selection.py`: `kv_aware` by
+default, `least_loaded`, `round_robin`).
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdserve.errors import ConfigError
+from pdserve.router.selection import SELECTORS, CachedTokens, KVAwareWeights, Selector
 from pdserve.router.workers import WorkerHandle, WorkerPool
 
 MODES = ("aggregated", "disaggregated", "auto")
 KV_BACKENDS = ("auto", "shm", "tcp", "nixl")
+KV_WIRE_DTYPES = ("auto", "int8")
 
 
 @dataclass(frozen=True)
@@ -33,22 +40,66 @@ class RoutingConfig:
     auto_max_prefill_queue_tokens: int = 8192
     kv_backend: str = "auto"  # auto: shm on one host, else nixl when both have it, else tcp
     kv_transfer_timeout_s: float = 60.0
+    # int8: tcp transfers carry int8 KV with per-block, per-head scales (0.5x the bytes of
+    # bfloat16, lossy; see kv/int8.py); auto: the pool's dtype. shm/nixl stay full precision.
+    kv_wire_dtype: str = "auto"
+    # Which worker of a pool (router/selection.py) and, for kv_aware, its cost weights
+    # (tokens per unit) and load margin (tokens).
+    routing_policy: str = "kv_aware"
+    kv_aware_prefill_weight: float = 1.0  # per uncached prompt token
+    kv_aware_queue_weight: float = 1.0  # per prompt token queued on the worker
+    kv_aware_running_weight: float = 16.0  # per request assigned to the worker
+    kv_aware_usage_weight: float = 512.0  # for a full KV pool
+    kv_aware_load_margin: float = 4096.0  # past the least-loaded: a prefix hit no longer counts
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError("mode", f"{self.mode!r}; choose one of {MODES}")
+        if self.routing_policy not in SELECTORS:
+            raise ConfigError(
+                "routing_policy", f"{self.routing_policy!r}; choose one of {sorted(SELECTORS)}"
+            )
+        for name in (
+            "kv_aware_prefill_weight",
+            "kv_aware_queue_weight",
+            "kv_aware_running_weight",
+            "kv_aware_usage_weight",
+            "kv_aware_load_margin",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, "must be >= 0")
         if self.kv_backend not in KV_BACKENDS:
             raise ConfigError("kv_backend", f"{self.kv_backend!r}; choose one of {KV_BACKENDS}")
+        if self.kv_wire_dtype not in KV_WIRE_DTYPES:
+            raise ConfigError(
+                "kv_wire_dtype", f"{self.kv_wire_dtype!r}; choose one of {KV_WIRE_DTYPES}"
+            )
         if self.auto_local_prefill_tokens < 0:
             raise ConfigError("auto_local_prefill_tokens", "must be >= 0")
         if self.kv_transfer_timeout_s <= 2:
             raise ConfigError("kv_transfer_timeout_s", "must be more than 2 seconds")
+
+    def weights(self) -> KVAwareWeights:
+        return KVAwareWeights(
+            self.kv_aware_prefill_weight,
+            self.kv_aware_queue_weight,
+            self.kv_aware_running_weight,
+            self.kv_aware_usage_weight,
+            self.kv_aware_load_margin,
+        )
+
+    def selector(self) -> Selector:
+        return SELECTORS[self.routing_policy](self.weights())
 
 
 @dataclass(frozen=True)
 class Plan:
     decode: WorkerHandle  # runs the whole request when `prefill` is None
     prefill: WorkerHandle | None = None
+    # Why: (job, reason) per worker picked (router/selection.py), and where the prompt is
+    # prefilled ("local" | "remote", reason) in auto and disaggregated modes.
+    picks: tuple[tuple[str, str], ...] = ()
+    placement: tuple[str, str] | None = None
 
 
 def required_jobs(mode: str) -> tuple[str, ...]:
@@ -56,32 +107,49 @@ def required_jobs(mode: str) -> tuple[str, ...]:
     return {"aggregated": ("mixed",), "disaggregated": ("prefill", "decode")}.get(mode, ("decode",))
 
 
-def plan_request(pool: WorkerPool, config: RoutingConfig, num_prompt_tokens: int) -> Plan | None:
-    """The workers for a new request, or None when the mode's roles have no live worker."""
+def plan_request(
+    pool: WorkerPool,
+    config: RoutingConfig,
+    num_prompt_tokens: int,
+    cached: CachedTokens | None = None,
+    selector: Selector | None = None,
+) -> Plan | None:
+    """The workers for a new request, or None when the mode's roles have no live worker.
+    `cached(worker)`: prompt tokens that worker holds (prefix index; default none);
+    `selector`: the routing policy's state (round-robin turns), else made from `config`."""
+    cached = cached or (lambda worker: 0)
+    selector = selector or config.selector()
+
+    def pick(job: str, candidates: list[WorkerHandle]) -> WorkerHandle | None:
+        if not candidates:
+            return None
+        choice = selector.pick(candidates, job, num_prompt_tokens, cached)
+        picks.append((job, choice.reason))
+        return choice.worker
+
+    picks: list[tuple[str, str]] = []
     if config.mode == "aggregated":
-        worker = pool.least_loaded("mixed")
-        return Plan(worker) if worker is not None else None
-    decode = pool.least_loaded("decode")
+        worker = pick("mixed", pool.alive("mixed"))
+        return Plan(worker, picks=tuple(picks)) if worker is not None else None
+    decode = pick("decode", pool.alive("decode"))
     if decode is None:
         return None
-    prefill = _least_loaded_other(pool, decode)
+    prefill = pick("prefill", [w for w in pool.alive("prefill") if w is not decode])
+
+    def plan(placement: str, reason: str) -> Plan:
+        remote = prefill if placement == "remote" else None
+        used = tuple(p for p in picks if remote is not None or p[0] != "prefill")
+        return Plan(decode, remote, used, (placement, reason))
+
     if config.mode == "disaggregated":
-        return Plan(decode, prefill) if prefill is not None else None
+        return plan("remote", "mode") if prefill is not None else None
     if prefill is None:
-        return Plan(decode)
-    if num_prompt_tokens < config.auto_local_prefill_tokens:
+        return plan("local", "no_prefill_worker")
+    num_uncached = num_prompt_tokens - cached(decode)  # what the decode worker would compute
+    if num_uncached < config.auto_local_prefill_tokens:
         if decode.pending_prefill_tokens > prefill.pending_prefill_tokens:
-            return Plan(decode, prefill)  # the decode worker has more prefill queued
-        return Plan(decode)
+            return plan("remote", "decode_queue")  # the decode worker has more prefill queued
+        return plan("local", "short_uncached")
     if prefill.pending_prefill_tokens > config.auto_max_prefill_queue_tokens:
-        return Plan(decode)  # the prefill pool is backed up: do it here
-    return Plan(decode, prefill)
-
-
-def _least_loaded_other(pool: WorkerPool, decode: WorkerHandle) -> WorkerHandle | None:
-    candidates = [w for w in pool.alive("prefill") if w is not decode]
-    if not candidates:
-        return None
-    return min(
-        candidates, key=lambda w: (w.pending_prefill_tokens, w.outstanding_tokens, w.num_assigned)
-    )
+        return plan("local", "prefill_backed_up")  # the prefill pool is backed up: do it here
+    return plan("remote", "long_uncached")

@@ -205,11 +205,13 @@ class Generation:
         self._trackers = [metrics.start_request(len(p.token_ids), arrival) for p in inputs]
         self._finished: set[int] = set()
         self._num_completion_tokens = 0
+        self._num_cached_tokens = [0] * len(self.inputs)
 
     @property
     def usage(self) -> UsageInfo:
         num_prompt_tokens = sum(len(p.token_ids) for p in self.inputs)
-        return UsageInfo.of(num_prompt_tokens, self._num_completion_tokens)
+        num_cached = sum(self._num_cached_tokens)
+        return UsageInfo.of(num_prompt_tokens, self._num_completion_tokens, num_cached)
 
     async def updates(self) -> AsyncIterator[Update]:
         streams = [
@@ -221,6 +223,7 @@ class Generation:
                 async for index, update in merged:
                     self._trackers[index].observe(update)
                     self._num_completion_tokens += sum(len(d.token_ids) for d in update.deltas)
+                    self._num_cached_tokens[index] = update.output.num_cached_tokens
                     if update.finished:
                         self._finished.add(index)
                     yield index, update

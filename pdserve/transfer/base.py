@@ -8,7 +8,8 @@ Two halves, as in vLLM's KV connector:
   transfer is complete (or abandoned) with a `KVDone`, which always travels over ZeroMQ
   to the decode worker's KV socket, after every data batch of the same transfer.
 - `KVReceiver` (decode side): verifies and writes data batches that arrive as messages
-  (`tcp`), and is told nothing for backends that write in place (`shm`).
+  (`tcp`), dequantising int8 batches into the pool's dtype, and is told nothing for
+  backends that write in place (`shm`, `nixl`; these always move full precision).
 
 Backends register by name in `SENDERS`; a decode worker lists the backends it accepts in
 its `Register` message. Every byte count returned is what crossed the boundary.
@@ -25,10 +26,12 @@ import xxhash
 import zmq
 
 from pdserve.ipc.messages import KVDestination, KVDone, KVLayer, KVLayout, encode
+from pdserve.kv import int8
 
 logger = logging.getLogger(__name__)
 
 SEND_TIMEOUT_MS = 5000
+WIRE_DTYPES = (None, "int8")  # KVLayer.wire_dtype: the pool's own dtype, or kv/int8.py
 
 
 def block_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
@@ -143,34 +146,75 @@ class KVReceiver:
             or min(msg.run_lengths, default=0) < 0
         ):
             return False
+        if msg.wire_dtype not in WIRE_DTYPES:
+            return False
         layer = self.kv_cache[msg.layer]  # [2, N, B, H, D]
         block_shape = layer.shape[2:]
-        block_bytes = _numel(block_shape) * layer.element_size()
-        runs = msg.run_lengths
         # NOTE: sizes are checked before `torch.frombuffer`, which raises (rather than
         # returning a short tensor) on an empty buffer or a partial element.
-        if len(frames) != 2 * len(runs) or sum(runs) != len(msg.block_ids):
-            return False
-        sizes = [n * block_bytes for n in runs for _ in (0, 1)]
-        if [len(f) for f in frames] != sizes or sum(sizes) != msg.num_bytes:
+        if not _has_announced_sizes(msg, frames, block_shape, layer.element_size()):
             return False
         digest = xxhash.xxh3_64()
         for frame in frames:
             digest.update(frame)
         if digest.intdigest() != msg.checksum:
             return False
+        if msg.wire_dtype == "int8":
+            self._write_int8(layer, msg, frames)
+            return True
         offset = 0
-        for i, n in enumerate(runs):
+        for i, n in enumerate(msg.run_lengths):
             if n == 0:
                 continue
             dst_ids = msg.block_ids[offset : offset + n]
             offset += n
             for kv in (0, 1):
                 data = torch.frombuffer(frames[2 * i + kv], dtype=layer.dtype)
-                data = data.view(n, *block_shape)
-                for src, dst, length in block_runs(list(range(n)), dst_ids):
-                    layer[kv, dst : dst + length].copy_(data[src : src + length])
+                _write_blocks(layer[kv], data.view(n, *block_shape), dst_ids)
         return True
+
+    @staticmethod
+    def _write_int8(layer: torch.Tensor, msg: KVLayer, frames: list[memoryview]) -> None:
+        """Dequantise an int8 batch into the pool's dtype (frames as in `KVLayer`)."""
+        block_shape = layer.shape[2:]  # [B, H, D]
+        num_blocks = len(msg.block_ids)
+        scales = torch.frombuffer(frames[-1], dtype=int8.SCALE_DTYPE)
+        scales = scales.view(2, num_blocks, block_shape[1]).to(layer.device)
+        offset = 0
+        for i, n in enumerate(msg.run_lengths):
+            if n == 0:
+                continue
+            dst_ids = msg.block_ids[offset : offset + n]
+            for kv in (0, 1):
+                q = torch.frombuffer(frames[2 * i + kv], dtype=torch.int8).view(n, *block_shape)
+                data = int8.dequantize(
+                    q.to(layer.device), scales[kv, offset : offset + n], layer.dtype
+                )
+                _write_blocks(layer[kv], data, dst_ids)
+            offset += n
+
+
+def _has_announced_sizes(
+    msg: KVLayer, frames: list[memoryview], block_shape: torch.Size, itemsize: int
+) -> bool:
+    """Frame count and sizes match the header: two frames per run (keys, values), plus one
+    of scales for int8, and `num_bytes` in all."""
+    runs = msg.run_lengths
+    if sum(runs) != len(msg.block_ids):
+        return False
+    if msg.wire_dtype == "int8":
+        num_heads = block_shape[1]
+        sizes = [n * _numel(block_shape) for n in runs for _ in (0, 1)]
+        sizes.append(2 * len(msg.block_ids) * num_heads * int8.SCALE_DTYPE.itemsize)
+    else:
+        sizes = [n * _numel(block_shape) * itemsize for n in runs for _ in (0, 1)]
+    return [len(f) for f in frames] == sizes and sum(sizes) == msg.num_bytes
+
+
+def _write_blocks(pool: torch.Tensor, data: torch.Tensor, dst_ids: list[int]) -> None:
+    """Copy `data` `[n, B, H, D]` into blocks `dst_ids` of `pool` `[N, B, H, D]`."""
+    for src, dst, length in block_runs(list(range(len(dst_ids))), dst_ids):
+        pool[dst : dst + length].copy_(data[src : src + length])
 
 
 def _numel(shape: tuple[int, ...]) -> int:

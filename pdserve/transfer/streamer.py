@@ -8,7 +8,10 @@ layers are sent after the forward pass instead (kept to measure what streaming b
 Which blocks: a request's prompt may take several steps (chunked prefill) and may start
 from blocks this worker already had cached; each step sends every block from the first
 one not yet sent in full up to the one holding the step's last token. A partly filled
-block is sent again with the next chunk, complete.
+block is sent again with the next chunk, complete. Delta hand-over: blocks before
+`dest.first_block` are already at the destination (its prefix cache) and are never sent;
+the prefill worker still computes them (or takes them from its own prefix cache), since
+the rest of the prompt attends to them.
 
 A failed send (destination gone, deadline passed) stops that request's transfer; the
 worker then reports it in the `KVDone` it sends after the step.
@@ -94,18 +97,20 @@ class KVStreamer:
         hand_off = item.request.kv_dest
         if not isinstance(hand_off, HandOff) or hand_off.error is not None:
             return None
-        first = hand_off.num_sent_blocks
+        skip = hand_off.dest.first_block
+        first = max(hand_off.num_sent_blocks, skip)
         end = item.start + item.num_new_tokens
         last = cdiv(end, self.block_size)
-        hand_off.num_sent_blocks = end // self.block_size
+        hand_off.num_sent_blocks = max(skip, end // self.block_size)
         src_block_ids = item.request.block_ids[first:last]
-        dst_block_ids = hand_off.dest.block_ids[first:last]
+        dst_block_ids = hand_off.dest.block_ids[first - skip : max(first, last) - skip]
         if len(dst_block_ids) != len(src_block_ids):
             hand_off.error = "the destination holds fewer blocks than the prompt needs"
             return None
         if not src_block_ids:
-            # A request preempted here restarts below the blocks already sent: nothing
-            # new until it passes them again (and an empty batch is not worth a message).
+            # Still inside the destination's cached prefix, or a request preempted here
+            # restarting below the blocks already sent: nothing new to send (and an
+            # empty batch is not worth a message).
             return None
         return _Job(hand_off, src_block_ids, dst_block_ids)
 

@@ -13,6 +13,14 @@ NOTE: frames point into the local pool until ZeroMQ has sent them. `flush()` wai
 that; the streamer calls it at the end of every step, before the scheduler may reuse the
 blocks or the next chunk rewrites a partly filled one.
 
+Opt-in int8 wire (`KVDestination.wire_dtype == "int8"`): each batch's blocks are
+quantised (`kv/int8.py`: int8 values, a float32 scale per block, layer, K/V and head) and
+go as one run: keys, values and a scales frame; the receiver dequantises into its pool's
+dtype. That is 0.5x the bytes of a bfloat16 pool and 0.25x of a float32 one (plus the
+scales, 4 bytes per `block_size * head_dim` values), at the cost of a quantisation pass on
+the sender and a lossy KV (measured in benchmarks/int8_kv.py). Quantising makes new
+tensors, so these batches never point into the pool.
+
 Gather buffers are reused once ZeroMQ reports them sent (`track=True`): a fresh multi-MiB
 buffer per layer pays a page fault per 4 KiB page on first touch.
 """
@@ -26,6 +34,7 @@ import xxhash
 import zmq
 
 from pdserve.ipc.messages import KVDestination, KVLayer, encode
+from pdserve.kv import int8
 from pdserve.transfer.base import KVSender, TransferError, block_runs, register_sender
 
 MAX_ZERO_COPY_RUNS = 8  # more runs than this: gather into one buffer first
@@ -50,7 +59,10 @@ class TcpSender(KVSender):
     ) -> int:
         local = self.kv_cache[layer]  # [2, N, B, H, D]
         runs = [(s, n) for s, _, n in block_runs(src_block_ids, src_block_ids)]
-        if len(runs) <= MAX_ZERO_COPY_RUNS:
+        if dest.wire_dtype == "int8":
+            frames = _quantized_frames(local, runs)
+            run_lengths = [len(src_block_ids)]
+        elif len(runs) <= MAX_ZERO_COPY_RUNS:
             frames = [_bytes(local[kv, s : s + n]) for s, n in runs for kv in (0, 1)]
             run_lengths = [n for _, n in runs]
         else:
@@ -61,7 +73,13 @@ class TcpSender(KVSender):
             digest.update(frame)
         num_bytes = sum(len(f) for f in frames)
         msg = KVLayer(
-            dest.transfer_id, layer, dst_block_ids, digest.intdigest(), num_bytes, run_lengths
+            dest.transfer_id,
+            layer,
+            dst_block_ids,
+            digest.intdigest(),
+            num_bytes,
+            run_lengths,
+            dest.wire_dtype,
         )
         sock = self.peers.get(dest.kv_addr)
         trackers = self._in_flight.setdefault(dest.kv_addr, [])
@@ -133,6 +151,19 @@ class TcpSender(KVSender):
     def close(self) -> None:
         self._kept.clear()
         self._in_flight.clear()
+
+
+def _quantized_frames(local: torch.Tensor, runs: list[tuple[int, int]]) -> list[memoryview]:
+    """A layer's blocks (`runs` of `local` `[2, N, B, H, D]`) as int8: keys, values and
+    their scales `[2, n, H]`, three frames of fresh tensors (ZeroMQ keeps them alive)."""
+    if len(runs) == 1:
+        s, n = runs[0]
+        blocks = local[:, s : s + n]  # [2, n, B, H, D], a view
+    else:
+        ids = torch.cat([torch.arange(s, s + n) for s, n in runs]).to(local.device)
+        blocks = local.index_select(1, ids)
+    q, scales = int8.quantize(blocks)  # [2, n, B, H, D] int8, [2, n, H] float32
+    return [_bytes(q[0].cpu()), _bytes(q[1].cpu()), _bytes(scales.cpu())]
 
 
 def _bytes(t: torch.Tensor) -> memoryview:

@@ -3,7 +3,9 @@
 Decode side (imports). `ReserveKV` queues a reservation; it is admitted, in arrival
 order, as soon as the pool has room (backpressure: a full decode worker makes requests
 wait rather than fail). Once admitted the worker answers `KVReserved` with the block ids
-and waits for the prefill worker's `KVDone`. Then:
+and how many leading ones its prefix cache already filled (delta hand-over: the prefill
+worker sends only the rest, and a batch aimed at a cached block, which other requests may
+share, is refused) and waits for the prefill worker's `KVDone`. Then:
 - intact (every announced batch arrived with a good checksum) → the request decodes from
   its first token;
 - damaged, or the prefill worker failed after sampling the first token → the prompt is
@@ -53,6 +55,7 @@ class _Pending:
 class _Import:
     request_id: str
     deadline: float
+    num_cached_blocks: int = 0  # leading blocks already held: never written by a transfer
     num_batches: int = 0
     is_damaged: bool = False
     is_aborted: bool = False
@@ -156,13 +159,17 @@ class HandOffs:
             # freed while that worker may still write into them (shm) would corrupt
             # whichever request reuses them.
             deadline = time.monotonic() + pending.timeout_s
-            self._imports[pending.transfer_id] = _Import(request.request_id, deadline)
+            num_cached_blocks = request.num_cached_tokens // self.core.block_manager.block_size
+            self._imports[pending.transfer_id] = _Import(
+                request.request_id, deadline, num_cached_blocks
+            )
             replies.append(
                 m.KVReserved(
                     self.worker_id,
                     request.request_id,
                     pending.transfer_id,
                     list(request.block_ids),
+                    num_cached_blocks,
                 )
             )
         return replies
@@ -172,7 +179,7 @@ class HandOffs:
         if imp is None or imp.is_aborted or imp.is_damaged:
             return  # a late batch of a finished, failed or aborted transfer
         request = self.core.requests.get(imp.request_id)
-        if not self._is_reserved_range(request, message.block_ids, message.layer):
+        if not self._is_reserved_range(request, imp, message.block_ids, message.layer):
             imp.is_damaged = True
             return
         if self.receiver.write_layer(message, frames):
@@ -181,11 +188,14 @@ class HandOffs:
             logger.warning("KV batch for %s failed its checksum", imp.request_id)
             imp.is_damaged = True
 
-    def _is_reserved_range(self, request: Request | None, block_ids: list[int], layer: int):
-        """A batch may only write blocks its request holds, in a layer that exists."""
+    def _is_reserved_range(
+        self, request: Request | None, imp: _Import, block_ids: list[int], layer: int
+    ) -> bool:
+        """A batch may only write blocks its request holds, past its cached prefix (those
+        may be shared), in a layer that exists."""
         if request is None or not 0 <= layer < self.receiver.kv_cache.shape[0]:
             return False
-        return set(block_ids) <= set(request.block_ids)
+        return set(block_ids) <= set(request.block_ids[imp.num_cached_blocks :])
 
     def on_kv_done(self, message: m.KVDone) -> None:
         imp = self._imports.pop(message.transfer_id, None)

@@ -4,7 +4,8 @@ Sockets (all bound to `host`, 127.0.0.1 by default, on free ports):
 - `ctrl` (PULL): commands from the router (`AddRequest`, `ReserveKV`, `PrefillRequest`,
   `Abort`, `Shutdown`);
 - `kv` (PULL): KV batches and `KVDone`s from prefill workers;
-- `out` (PUSH, connected to the router): `Register`, `StepOutputs`, `KVReserved`, ...
+- `out` (PUSH, connected to the router): `Register`, `StepOutputs`, `KVReserved`,
+  `KVEvents`, ...
 A heartbeat thread with its own socket sends `WorkerStats` every second, so the router
 sees the worker alive during a long prefill step.
 
@@ -14,13 +15,20 @@ prefills itself), a `mixed` worker anything. Only decode-capable roles put their
 in shared memory (for the `shm` backend).
 
 The loop: take every waiting message, admit reservations that now fit, expire what timed
-out, run one engine step, report. Reservation and hand-off bookkeeping lives in
+out, run one engine step, report (outputs, then the step's KV events).
+
+KV events (the router's prefix index): the block manager always logs them in a worker;
+the `KVEventPublisher` (worker/kv_events.py) sends a snapshot right after `Register`, on
+the same ordered socket, then one numbered `KVEvents` batch per loop pass that changed a
+tier, and a fresh snapshot whenever the router asks (`SendKVSnapshot`). More tiers plug
+in with `worker.kv_events.add_source(...)`. Reservation and hand-off bookkeeping lives in
 `worker/handoff.py`; this module owns sockets and the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -42,6 +50,7 @@ from pdserve.transfer.base import KVReceiver, PeerSockets, make_sender
 from pdserve.transfer.shm import TORCH_DTYPES, create_shared_pool, shm_pool_path
 from pdserve.transfer.streamer import KVStreamer
 from pdserve.worker.handoff import HandOffs
+from pdserve.worker.kv_events import CallableEvents, DeviceEvents, KVEventPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +87,7 @@ class Worker:
         self.out.connect(config.router_addr)
         self.shm_path: Path | None = None
         self.core = self._make_core()
+        self.core.warmup()  # before registering: the first request must not pay for it
         self.layout = self._layout()
         self.peers = PeerSockets(self.ctx)
         kv_cache = self.core.runner.kv_cache
@@ -89,6 +99,10 @@ class Worker:
             senders, self.layout.num_layers, self.layout.block_size, config.kv_layerwise
         )
         self.handoffs = HandOffs(self.worker_id, self.core, senders, KVReceiver(kv_cache))
+        self.kv_events = KVEventPublisher(self.worker_id, [DeviceEvents(self.core.block_manager)])
+        tiers = getattr(self.core, "kv_tiers", None)  # host / disk / redis (kvstore/)
+        if tiers is not None:
+            self.kv_events.add_source(CallableEvents(tiers.drain_events, tiers.snapshot_events))
         self.is_running = True
         self._stats = m.WorkerStats(self.worker_id, 0, 0, 0, self.layout.num_blocks)
         self._stats_sent = 0.0
@@ -116,7 +130,13 @@ class Worker:
                 )
             self.shm_path = shm_pool_path(config.worker_id)
             allocator = self._shared_allocator(model_config)
-        return EngineCore(config.model_dir, model_config, config.engine, allocator)
+        engine = config.engine
+        if engine.kv_disk_cache_dir:
+            # Each worker owns a subfolder (its id): a restarted worker finds its own blocks
+            # and no two processes clean up or cap each other's files.
+            folder = str(Path(engine.kv_disk_cache_dir) / config.worker_id)
+            engine = dataclasses.replace(engine, kv_disk_cache_dir=folder)
+        return EngineCore(config.model_dir, model_config, engine, allocator)
 
     def _shared_allocator(self, model_config: ModelConfig):
         def allocate(num_blocks: int):
@@ -141,6 +161,7 @@ class Worker:
 
     def run(self) -> None:
         self._send(self._register_message())
+        self._send(self.kv_events.snapshot())
         heartbeat = threading.Thread(target=self._heartbeat, daemon=True)
         heartbeat.start()
         poller = zmq.Poller()
@@ -158,6 +179,7 @@ class Worker:
                 self._flush(self.handoffs.tick())
                 if self.core.has_unfinished_requests():
                     self._flush(self.handoffs.after_step(self.core.step()))
+                self._publish_kv_events()
                 self._update_stats()
                 if os.getppid() != parent:
                     logger.warning("parent process exited; worker %s stops", self.worker_id)
@@ -182,6 +204,9 @@ class Worker:
         if isinstance(message, m.Shutdown):
             self.is_running = False
             return
+        if isinstance(message, m.SendKVSnapshot):
+            self._send(self.kv_events.snapshot())
+            return
         self._flush(self.handoffs.on_command(message))
 
     def _on_kv(self, message: m.Message, frames) -> None:
@@ -189,6 +214,11 @@ class Worker:
             self.handoffs.on_kv_layer(message, [f.buffer for f in frames])
         elif isinstance(message, m.KVDone):
             self.handoffs.on_kv_done(message)
+
+    def _publish_kv_events(self) -> None:
+        message = self.kv_events.poll()
+        if message is not None:
+            self._send(message)
 
     def _flush(self, messages: list[m.Message]) -> None:
         for message in messages:
@@ -268,6 +298,10 @@ class Worker:
 
     def close(self) -> None:
         self.is_running = False
+        try:
+            self.core.close()  # stop the KV tier writer; persist what RAM tiers hold
+        except Exception:  # a failed persist must not leave sockets and shm behind
+            logger.exception("worker %s: persisting KV tiers failed", self.worker_id)
         for sender in self.core.kv_streamer.senders.values():
             sender.close()
         self.peers.close()

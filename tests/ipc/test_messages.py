@@ -12,6 +12,7 @@ import msgspec
 import pytest
 
 from pdserve.ipc import messages as m
+from pdserve.kv.events import AllBlocksCleared, BlocksRemoved, BlocksStored
 from pdserve.outputs import EngineCoreOutput, Logprob
 from pdserve.sampling_params import SamplingParams
 
@@ -60,6 +61,9 @@ SAMPLES: list[m.Message] = [
     m.Abort(["r1", "r2"]),
     m.Abort(["r3"], is_writer_absent=True),
     m.Shutdown(),
+    m.SendKVSnapshot(),
+    m.KVEvents("decode-0", 0, [BlocksStored([2**64 - 1, 7]), AllBlocksCleared("disk")], True),
+    m.KVEvents("decode-0", 1, [BlocksRemoved([7], "host")]),
     m.Register(
         worker_id="decode-0",
         role="decode",

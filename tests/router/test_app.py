@@ -47,6 +47,14 @@ def events(response: httpx.Response) -> list:
     return [p if p == "[DONE]" else json.loads(p) for p in payloads]
 
 
+def plain_usage(usage: dict) -> dict:
+    """The token counts of a usage object; its cache details must be well formed."""
+    usage = dict(usage)
+    details = usage.pop("prompt_tokens_details")
+    assert 0 <= details["cached_tokens"] < usage["prompt_tokens"]
+    return usage
+
+
 def reference(llm, prompt, **params) -> list:
     """The offline API's outputs (one `CompletionOutput` per sample) for one prompt."""
     if isinstance(prompt, list):
@@ -87,7 +95,7 @@ async def test_completion_equals_offline_greedy(app, reference_llm):
     assert choice["text"] == expected.outputs[0].text
     assert (choice["index"], choice["finish_reason"]) == (0, "length")
     num_prompt = len(expected.prompt_token_ids)
-    assert body["usage"] == {
+    assert plain_usage(body["usage"]) == {
         "prompt_tokens": num_prompt,
         "completion_tokens": 8,
         "total_tokens": num_prompt + 8,
@@ -127,7 +135,7 @@ async def test_batch_of_prompts_with_n_samples(app, reference_llm, engine_client
     assert [c["text"] for c in body["choices"]] == texts
     assert texts[0] != texts[1] and texts[2] != texts[3]  # seeded samples differ
     num_prompt = sum(len(e.prompt_token_ids) for e in expected)
-    assert body["usage"] == {
+    assert plain_usage(body["usage"]) == {
         "prompt_tokens": num_prompt,
         "completion_tokens": 24,
         "total_tokens": num_prompt + 24,
@@ -192,7 +200,7 @@ async def test_chat_equals_offline_chat(app, reference_llm, engine_client):
     assert choice["message"] == {"role": "assistant", "content": expected.outputs[0].text}
     assert (choice["finish_reason"], choice["logprobs"]) == ("length", None)
     num_prompt = len(expected.prompt_token_ids)
-    assert body["usage"] == {
+    assert plain_usage(body["usage"]) == {
         "prompt_tokens": num_prompt,
         "completion_tokens": 8,
         "total_tokens": num_prompt + 8,
@@ -220,7 +228,7 @@ async def test_chat_stream_with_usage_and_n(app, reference_llm):
     assert all(f.count("length") == 1 for f in finishes)
     num_prompt = len(expected.prompt_token_ids)
     assert usage_chunk["choices"] == []
-    assert usage_chunk["usage"] == {
+    assert plain_usage(usage_chunk["usage"]) == {
         "prompt_tokens": num_prompt,
         "completion_tokens": 10,
         "total_tokens": num_prompt + 10,
@@ -481,3 +489,19 @@ def test_app_module_does_not_import_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+async def test_usage_reports_prefix_cache_hits(app, engine_client):
+    """The second identical prompt is served from the prefix cache: every full block but
+    the one holding the last token (which must be computed for the next logits)."""
+    prompt = " ".join(f"w{i}" for i in range(40))  # within max_model_len 256
+    body = {"prompt": prompt, **GREEDY}
+    first = (await post(app, CMPL, body)).json()["usage"]
+    second = (await post(app, CMPL, body)).json()["usage"]
+    num_prompt = first["prompt_tokens"]
+    assert num_prompt > 32
+    assert first["prompt_tokens_details"] == {"cached_tokens": 0}
+    block_size = 16
+    expected = (num_prompt - 1) // block_size * block_size
+    assert second["prompt_tokens_details"] == {"cached_tokens": expected}
+    await assert_engine_idle(engine_client)

@@ -248,7 +248,7 @@ def test_completion_response_json():
         created=1700000000,
         model="m",
         choices=[CompletionResponseChoice(text="hi", index=0, finish_reason="length")],
-        usage=UsageInfo.of(3, 2),
+        usage=UsageInfo.of(3, 2, 1),
     )
     assert response.model_dump() == {
         "id": "cmpl-1",
@@ -257,7 +257,12 @@ def test_completion_response_json():
         "model": "m",
         "system_fingerprint": None,
         "choices": [{"text": "hi", "index": 0, "logprobs": None, "finish_reason": "length"}],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        "usage": {
+            "prompt_tokens": 3,
+            "completion_tokens": 2,
+            "total_tokens": 5,
+            "prompt_tokens_details": {"cached_tokens": 1},
+        },
     }
 
 
@@ -287,7 +292,12 @@ def test_chat_response_json():
                 "finish_reason": "stop",
             }
         ],
-        "usage": {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5},
+        "usage": {
+            "prompt_tokens": 4,
+            "completion_tokens": 1,
+            "total_tokens": 5,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        },
     }
 
 
@@ -353,6 +363,7 @@ def test_usage_only_chunk_json():
         "prompt_tokens": 2,
         "completion_tokens": 3,
         "total_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
 
 

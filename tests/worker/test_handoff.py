@@ -297,13 +297,15 @@ def hand_off(prefill: HandOffs, decode: HandOffs, wire: Wire, request_id: str, b
     """Reserve on `decode`, prefill on `prefill`, carry the KV socket's messages across by
     hand, then decode to the end. Returns the tokens, the `KVSent` and the `KVDone`."""
     (reserved,) = decode.on_command(reserve(request_id))
+    num_cached = reserved.num_cached_blocks  # as the router does: only the rest is sent
     dest = m.KVDestination(
         DECODE,
         reserved.transfer_id,
-        reserved.block_ids,
+        reserved.block_ids[num_cached:],
         wire.addr,
         backend,
         str(shm.shm_pool_path(DECODE)),
+        first_block=num_cached,
     )
     assert prefill.on_command(m.PrefillRequest(request_id, PROMPT, GREEDY, dest, 30.0)) == []
     replies = []
@@ -351,11 +353,13 @@ def test_a_handed_off_request_decodes_to_the_local_greedy_tokens(
     prefill = prefill_worker(model_dir, wire, layerwise)
     kv = prefill.core.runner.kv_cache
     prompt_bytes = 5 * kv[:, :, :1].numel() * kv.element_size()  # 5 blocks, every layer
-    # r1 prefills in 3 chunks; r2 in one, its first 4 blocks cached on the prefill worker.
+    # r1 prefills in 3 chunks; r2 in one, its first 4 blocks cached on the prefill worker
+    # and on the decode worker too (delta hand-over: only its last block moves).
     num_batches = {"r1": 3 * 2, "r2": 1 * 2} if backend == "tcp" else {"r1": 0, "r2": 0}
+    num_bytes = {"r1": prompt_bytes, "r2": prompt_bytes // 5}
     for request_id in ("r1", "r2"):
         tokens, sent, done = hand_off(prefill, decode, wire, request_id, backend)
         assert tokens == reference
-        assert (sent.request_id, sent.num_bytes) == (request_id, prompt_bytes)
+        assert (sent.request_id, sent.num_bytes) == (request_id, num_bytes[request_id])
         assert (done.num_batches, done.error) == (num_batches[request_id], None)
         assert_idle(decode)
