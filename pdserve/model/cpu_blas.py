@@ -37,6 +37,20 @@ def host_view(weight: torch.Tensor) -> np.ndarray:
     return weight.detach().numpy().T
 
 
+def transpose_in_place(param: torch.nn.Parameter) -> np.ndarray:
+    """Re-lay a `[out, in]` weight out as `[in, out]` row-major and return that array.
+
+    OpenBLAS multiplies a few rows by a row-major `[in, out]` matrix 1.3x-2x faster than
+    by the transposed view of `[out, in]` (which it repacks on every call). The parameter
+    then views the new buffer as `[out, in]` (non-contiguous), so torch's paths, which
+    handle a transposed weight without a copy, see the same values: one copy of the
+    weights in memory, not two.
+    """
+    array = np.ascontiguousarray(param.detach().numpy().T)
+    param.data = torch.from_numpy(array).T
+    return array
+
+
 def matmul(x: torch.Tensor, weight_t: np.ndarray) -> torch.Tensor:
     """`x @ W.T` for x `[T, in]`; `weight_t` from `host_view`."""
     return torch.from_numpy(x.numpy() @ weight_t)

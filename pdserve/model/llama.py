@@ -63,7 +63,7 @@ class Linear(nn.Module):
 
     def finish_loading(self) -> None:
         if cpu_blas.is_enabled_for(self.weight):
-            self.weight_t = cpu_blas.host_view(self.weight)
+            self.weight_t = cpu_blas.transpose_in_place(self.weight)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -236,7 +236,10 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.finish_loading()
         if cpu_blas.is_enabled_for(self.lm_head):
-            self.lm_head_t = cpu_blas.host_view(self.lm_head)
+            if self.lm_head is self.embed_tokens:  # tied: embedding lookups want rows
+                self.lm_head_t = cpu_blas.host_view(self.lm_head)
+            else:
+                self.lm_head_t = cpu_blas.transpose_in_place(self.lm_head)
 
     # ---- weights ---------------------------------------------------------------------------
 
