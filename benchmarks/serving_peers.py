@@ -183,6 +183,9 @@ def measure(server, model: str | None, extra_body, specs, levels, num_requests, 
             ),
         }
         print(f"  {concurrency:>3}: {json.dumps(_rounded(rows[concurrency]))}", flush=True)
+        errors = sorted({r.error for r in result.records if r.error})
+        if errors:
+            print(f"       errors: {errors[:3]}", flush=True)
     return rows
 
 

@@ -163,7 +163,10 @@ async def run_benchmark(
     import aiohttp  # here, not at the top: `pdserve --help` should not pay for it
 
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=request_timeout_s)
-    connector = aiohttp.TCPConnector(limit=0)  # open loop: no client-side queueing
+    # limit=0: open loop, no client-side queueing. force_close: a fresh connection per
+    # request — some servers (llama-server) close kept-alive connections after a stream,
+    # and a request sent on such a pooled socket fails before the server sees it.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(
         timeout=timeout, connector=connector, read_bufsize=2**20
     ) as session:
