@@ -15,7 +15,7 @@ from pathlib import Path
 
 import common
 
-BENCHMARKS = ("offline_throughput", "decode_roofline", "kv_transfer", "ttft_disagg")
+BENCHMARKS = ("offline_throughput", "decode_roofline", "kv_transfer", "ttft_disagg", "int8_kv")
 
 
 def run(name: str, json_dir: Path | None) -> int:
