@@ -89,6 +89,10 @@ class Scheduler:
         self._order: dict[str, int] = {}  # arrival sequence number, kept across preemption
         self._counter = itertools.count()
         self.reserved: dict[str, Request] = {}  # WAITING_FOR_KV, by request id
+        # Prefix cache, over first admissions (vLLM's prefix_cache_queries/hits, tokens):
+        # hits count the device pool and every KV tier below it.
+        self.num_prefix_query_tokens = 0
+        self.num_prefix_hit_tokens = 0
         # Extends admission prefix hits with blocks held in host/disk/Redis (kvstore/).
         self.kv_tiers: KVTierConnector | None = None
 
@@ -226,6 +230,8 @@ class Scheduler:
                 self.kv_tiers.schedule_load(request, len(cached))
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_cached
+                self.num_prefix_query_tokens += request.num_tokens
+                self.num_prefix_hit_tokens += num_cached
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()

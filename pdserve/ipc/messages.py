@@ -156,6 +156,19 @@ class Register(Message):
     nixl: NixlPeer | None = None
 
 
+class KVTierCounters(msgspec.Struct, array_like=True, frozen=True):
+    """One KV tier of a worker (host, disk, redis): what it holds now, and cumulative
+    counts since the worker started."""
+
+    tier: str
+    num_blocks: int
+    used_bytes: int
+    num_hit_blocks: int
+    read_bytes: int
+    written_bytes: int
+    num_corrupt_blocks: int = 0
+
+
 class WorkerStats(Message):
     """Sent after every step that changed something, and at least once a second."""
 
@@ -165,6 +178,11 @@ class WorkerStats(Message):
     num_free_blocks: int
     num_blocks: int
     num_waiting_prefill_tokens: int = 0  # prompt tokens queued, not yet computed
+    # Cumulative prefix-cache counters (tokens, first admissions; hits from any tier).
+    num_prefix_query_tokens: int = 0
+    num_prefix_hit_tokens: int = 0
+    kv_tiers: list[KVTierCounters] = []
+    num_tier_dropped_writes: int = 0  # slow-tier writes dropped by a full writer queue
 
 
 class TokenLogprob(msgspec.Struct, array_like=True, frozen=True):

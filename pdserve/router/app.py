@@ -28,12 +28,12 @@ itself rather than letting starlette's error middleware re-raise it into the ser
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import msgspec
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -144,7 +144,7 @@ def _add_probes(app: FastAPI, client: EngineClient, metrics: RouterMetrics) -> N
         body = {
             "ready": readiness.is_ready,
             "reason": readiness.reason,
-            "workers": [dataclasses.asdict(w) for w in readiness.workers],
+            "workers": [msgspec.to_builtins(w) for w in readiness.workers],  # tiers: structs
         }
         return JSONResponse(body, 200 if readiness.is_ready else 503)
 

@@ -37,6 +37,10 @@ class WorkerStatus:
     num_running: int = 0
     num_waiting: int = 0
     kv_usage: float = 0.0  # fraction of the worker's KV blocks in use
+    num_prefix_query_tokens: int = 0  # cumulative, as the worker reports them
+    num_prefix_hit_tokens: int = 0
+    kv_tiers: list = field(default_factory=list)  # ipc.messages.KVTierCounters
+    num_tier_dropped_writes: int = 0
 
 
 @dataclass(slots=True)

@@ -191,6 +191,10 @@ class ClusterClient(EngineClient):
             s.num_running if s else 0,
             s.num_waiting if s else 0,
             usage,
+            s.num_prefix_query_tokens if s else 0,
+            s.num_prefix_hit_tokens if s else 0,
+            list(s.kv_tiers) if s else [],
+            s.num_tier_dropped_writes if s else 0,
         )
 
     async def generate(

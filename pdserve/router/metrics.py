@@ -21,6 +21,13 @@ Contract:
   `pdserve:router_prefix_cache_hits_total{tier}` (tokens of the prompt's cached prefix on
   the worker that prefills it: `device`, or `lower` for host/disk/redis tiers beyond the
   device part).
+- Per worker, from its stats (cumulative values the worker reports, exposed as counters):
+  `vllm:prefix_cache_queries_total` / `vllm:prefix_cache_hits_total` (prompt tokens at
+  first admission; hits from the device pool or any tier), and per KV tier (`tier` label:
+  host, disk, redis) `pdserve:kv_tier_blocks` / `pdserve:kv_tier_bytes` (held now),
+  `pdserve:kv_tier_hit_blocks_total`, `pdserve:kv_tier_read_bytes_total`,
+  `pdserve:kv_tier_written_bytes_total`, `pdserve:kv_tier_corrupt_blocks_total`, and
+  `pdserve:kv_tier_dropped_writes_total`.
 
 Why measured here: the router is where a user's request arrives and its tokens leave, so
 time to first token and end-to-end latency include queueing, routing and KV hand-over, as
@@ -39,7 +46,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pdserve.outputs import StreamUpdate
@@ -270,14 +277,66 @@ class _WorkerCollector:
         self.model_name = model_name
         self.readiness: Callable[[], Readiness] | None = None
 
+    # Cumulative counts each worker reports (so exposed as counters of the latest value).
+    COUNTERS = (
+        (
+            "vllm:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache, at first admission.",
+            "num_prefix_query_tokens",
+        ),
+        (
+            "vllm:prefix_cache_hits",
+            "Prompt tokens served from the prefix cache (device pool or any KV tier).",
+            "num_prefix_hit_tokens",
+        ),
+        (
+            "pdserve:kv_tier_dropped_writes",
+            "Writes to slow KV tiers dropped because the background writer was behind.",
+            "num_tier_dropped_writes",
+        ),
+    )
+    TIER_GAUGES = (
+        ("pdserve:kv_tier_blocks", "KV blocks held in the tier.", "num_blocks"),
+        ("pdserve:kv_tier_bytes", "Bytes held in the tier.", "used_bytes"),
+    )
+    TIER_COUNTERS = (
+        ("pdserve:kv_tier_hit_blocks", "Blocks found in the tier by lookups.", "num_hit_blocks"),
+        ("pdserve:kv_tier_read_bytes", "Bytes read from the tier.", "read_bytes"),
+        ("pdserve:kv_tier_written_bytes", "Bytes written to the tier.", "written_bytes"),
+        (
+            "pdserve:kv_tier_corrupt_blocks",
+            "Blocks found damaged (checksum, size, layout) and dropped.",
+            "num_corrupt_blocks",
+        ),
+    )
+
     def collect(self) -> Iterator[Metric]:
         workers = self._workers()
+        labels = ["model_name", "worker", "role"]
         for name, doc, attribute in self.GAUGES:
-            family = GaugeMetricFamily(name, doc, labels=["model_name", "worker", "role"])
+            family = GaugeMetricFamily(name, doc, labels=labels)
             for worker in workers:
-                labels = [self.model_name, worker.worker_id, worker.role]
-                family.add_metric(labels, float(getattr(worker, attribute)))
+                values = [self.model_name, worker.worker_id, worker.role]
+                family.add_metric(values, float(getattr(worker, attribute)))
             yield family
+        for name, doc, attribute in self.COUNTERS:
+            counter = CounterMetricFamily(name, doc, labels=labels)
+            for worker in workers:
+                values = [self.model_name, worker.worker_id, worker.role]
+                counter.add_metric(values, float(getattr(worker, attribute)))
+            yield counter
+        tier_labels = [*labels, "tier"]
+        for kind, specs in (
+            (GaugeMetricFamily, self.TIER_GAUGES),
+            (CounterMetricFamily, self.TIER_COUNTERS),
+        ):
+            for name, doc, attribute in specs:
+                family = kind(name, doc, labels=tier_labels)
+                for worker in workers:
+                    for tier in worker.kv_tiers:
+                        values = [self.model_name, worker.worker_id, worker.role, tier.tier]
+                        family.add_metric(values, float(getattr(tier, attribute)))
+                yield family
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # names are fixed; nothing to check at registration

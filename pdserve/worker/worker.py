@@ -276,7 +276,29 @@ class Worker:
             num_free_blocks=self.core.block_manager.num_free_blocks,
             num_blocks=self.core.block_manager.num_blocks,
             num_waiting_prefill_tokens=scheduler.num_waiting_prefill_tokens,
+            num_prefix_query_tokens=scheduler.num_prefix_query_tokens,
+            num_prefix_hit_tokens=scheduler.num_prefix_hit_tokens,
+            **self._tier_counters(),
         )
+
+    def _tier_counters(self) -> dict:
+        tiers = self.core.kv_tiers
+        if tiers is None:
+            return {}
+        stats = tiers.store.stats()
+        counters = [
+            m.KVTierCounters(
+                name,
+                t.num_blocks,
+                t.used_bytes,
+                t.num_hit_blocks,
+                t.read_bytes,
+                t.written_bytes,
+                t.num_corrupt_blocks,
+            )
+            for name, t in stats.tiers.items()
+        ]
+        return {"kv_tiers": counters, "num_tier_dropped_writes": stats.num_dropped_writes}
 
     def _heartbeat(self) -> None:
         sock = self.ctx.socket(zmq.PUSH)

@@ -137,6 +137,28 @@ def test_worker_gauges_are_read_at_scrape_time():
     assert value(metrics, "vllm:num_requests_running", worker="d0", role="decode") == 7
 
 
+def test_prefix_cache_and_kv_tier_counters_per_worker():
+    from pdserve.ipc.messages import KVTierCounters
+
+    metrics = RouterMetrics(MODEL)
+    tiers = [
+        KVTierCounters("host", 10, 2_621_440, 4, 1_048_576, 2_621_440),
+        KVTierCounters("disk", 30, 7_864_320, 6, 1_572_864, 7_864_320, num_corrupt_blocks=1),
+    ]
+    workers = [WorkerStatus("m0", "mixed", True, 1, 0, 0.25, 4096, 1024, tiers, 3)]
+    metrics.watch_workers(lambda: Readiness(True, workers=workers))
+    m0 = {"worker": "m0", "role": "mixed"}
+    assert value(metrics, "vllm:prefix_cache_queries_total", **m0) == 4096
+    assert value(metrics, "vllm:prefix_cache_hits_total", **m0) == 1024
+    assert value(metrics, "pdserve:kv_tier_dropped_writes_total", **m0) == 3
+    assert value(metrics, "pdserve:kv_tier_blocks", tier="host", **m0) == 10
+    assert value(metrics, "pdserve:kv_tier_bytes", tier="disk", **m0) == 7_864_320
+    assert value(metrics, "pdserve:kv_tier_hit_blocks_total", tier="disk", **m0) == 6
+    assert value(metrics, "pdserve:kv_tier_read_bytes_total", tier="host", **m0) == 1_048_576
+    assert value(metrics, "pdserve:kv_tier_written_bytes_total", tier="host", **m0) == 2_621_440
+    assert value(metrics, "pdserve:kv_tier_corrupt_blocks_total", tier="disk", **m0) == 1
+
+
 def test_a_failing_status_source_does_not_fail_the_scrape(caplog):
     metrics = RouterMetrics(MODEL)
 
