@@ -60,8 +60,10 @@ def test_disk_tier_serves_a_prompt_after_a_worker_crash_and_a_server_restart(
         assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
         # Written through to disk in the background, with no shutdown to flush it.
         wait_for(
-            lambda: metric(server.url, "pdserve:kv_tier_blocks", tier="disk")
-            >= num_prompt // BLOCK_SIZE,
+            lambda: (
+                metric(server.url, "pdserve:kv_tier_blocks", tier="disk")
+                >= num_prompt // BLOCK_SIZE
+            ),
             what="the write-through to disk",
         )
         (pid,) = server.worker_pids()
