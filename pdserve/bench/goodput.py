@@ -18,8 +18,10 @@ The search: probe `start_rate`; double while probes pass (or halve while they fa
 one passing and one failing rate bracket the answer; then bisect the bracket until its
 ends are within `rel_tol` of each other. Every probe costs one full run, so the number of
 probes is bounded (`max_probes`) and the answer is the highest rate that *passed* —
-never an extrapolation. It assumes attainment falls as the rate rises; a noisy probe can
-only make the answer conservative or optimistic by one bracket step.
+never an extrapolation. When every probe passed, the budget ran out before the answer was
+bracketed: the result says so (`is_lower_bound`, printed as ">="); raise `start_rate` or
+`max_probes`. It assumes attainment falls as the rate rises; a noisy probe can only make
+the answer conservative or optimistic by one bracket step.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ class GoodputResult:
     @property
     def goodput_per_core(self) -> float:
         return self.goodput / self.num_cores
+
+    @property
+    def is_lower_bound(self) -> bool:
+        """True when no probed rate failed: the goodput is at least this, maybe more."""
+        return bool(self.probes) and all(self.is_passing(p) for p in self.probes)
 
     def is_passing(self, probe: Probe) -> bool:
         return (probe.summary.slo_attainment or 0.0) >= self.attainment_target
@@ -189,8 +196,9 @@ def format_goodput(result: GoodputResult) -> str:
         "",
         f"SLO: TTFT <= {result.slo.ttft_ms:g} ms, TPOT <= {result.slo.tpot_ms:g} ms, "
         f"for >= {100 * result.attainment_target:g}% of requests",
-        f"goodput: {result.goodput:.3f} req/s per machine, "
-        f"{result.goodput_per_core:.3f} req/s per core ({result.num_cores} cores)",
+        f"goodput: {'>= ' if result.is_lower_bound else ''}{result.goodput:.3f} req/s per "
+        f"machine, {result.goodput_per_core:.3f} req/s per core ({result.num_cores} cores)"
+        + (" — every probe passed: a lower bound" if result.is_lower_bound else ""),
     ]
     return "\n".join(lines)
 

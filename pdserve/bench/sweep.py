@@ -31,7 +31,7 @@ The YAML (every key but `configurations` optional):
     search:                    # goodput search settings
       attainment: 0.9          # fraction of requests that must meet both SLOs
       num_requests: 50         # requests per probe (one probe = one run at one rate)
-      max_probes: 6            # runs per search at most
+      max_probes: 6            # runs per search at most (">=" marks an unbracketed result)
       start_rate: 1.0          # first rate probed, requests/s
       rel_tol: 0.1             # stop when the pass/fail bracket is this tight
       cores: 2                 # cores of the machine (default: this machine's)
@@ -171,7 +171,8 @@ def _search_workload(
         return
     result.searches[workload.name] = found
     log(
-        f"  {workload.name}: goodput {found.goodput:.3f} req/s, "
+        f"  {workload.name}: goodput {'>= ' if found.is_lower_bound else ''}"
+        f"{found.goodput:.3f} req/s, "
         f"{found.goodput / result.num_cores:.3f} per core ({len(found.probes)} probes)"
     )
 
@@ -243,7 +244,9 @@ def _ranking_rows(sweep: SweepResult) -> list[list[str]]:
         cells = []
         for w in names:
             s = r.searches.get(w)
-            cells.append("-" if s is None else f"{s.goodput:.3f} ({r.goodput_per_core(w):.3f})")
+            bound = ">=" if s is not None and s.is_lower_bound else ""
+            per_core = f"({r.goodput_per_core(w):.3f})"
+            cells.append("-" if s is None else f"{bound}{s.goodput:.3f} {per_core}")
         status = "ok"
         if not r.is_ok:
             status = "FAILED"

@@ -114,8 +114,10 @@ def test_defaults_and_cores_per_configuration():
 # ---- ranking --------------------------------------------------------------------------
 
 
-def found(goodput: float) -> GoodputResult:
+def found(goodput: float, is_bracketed: bool = True) -> GoodputResult:
     probes = (Probe(goodput, make_summary()),) if goodput else ()
+    if is_bracketed:  # and a rate above it that failed
+        probes += (Probe(goodput * 2 or 1.0, make_summary(slo_attainment=0.5)),)
     return GoodputResult(goodput, SLO(200.0, 30.0), 0.9, 2, probes)
 
 
@@ -125,7 +127,9 @@ def test_ranking_by_geometric_mean_of_goodput_per_core():
     )
     a = ConfigurationResult("a", {}, 2, searches={"chat": found(2.0), "code": found(8.0)})
     b = ConfigurationResult("b", {}, 1, searches={"chat": found(2.0), "code": found(1.0)})
-    c = ConfigurationResult("c", {}, 2, searches={"chat": found(4.0), "code": found(0.0)})
+    c = ConfigurationResult(
+        "c", {}, 2, searches={"chat": found(4.0, is_bracketed=False), "code": found(0.0)}
+    )
     d = ConfigurationResult("d", {}, 2, is_ok=False, error="server exited with code 1")
     sweep = SweepResult(spec, [a, b, c, d])
     assert a.score(["chat", "code"]) == pytest.approx(2.0)  # sqrt(1 * 4)
@@ -135,7 +139,7 @@ def test_ranking_by_geometric_mean_of_goodput_per_core():
         "----  -------------  -----  -----------------------  ------------------  ------------------  ------",
         "1     a                  2                    2.000       2.000 (1.000)       8.000 (4.000)      ok",
         "2     b                  1                    1.414       2.000 (2.000)       1.000 (1.000)      ok",
-        "3     c                  2                    0.000       4.000 (2.000)       0.000 (0.000)      ok",
+        "3     c                  2                    0.000     >=4.000 (2.000)       0.000 (0.000)      ok",
         "4     d                  2                    0.000                   -                   -  FAILED",
     ]
 
