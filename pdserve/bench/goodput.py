@@ -27,6 +27,7 @@ the answer conservative or optimistic by one bracket step.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -144,6 +145,7 @@ def find_goodput(
     *,
     num_requests: int | None = None,
     duration_s: float | None = None,
+    min_duration_s: float = 0.0,
     endpoint: str = "completions",
     extra_body: dict[str, Any] | None = None,
     api_key: str | None = None,
@@ -154,18 +156,23 @@ def find_goodput(
     **search: Any,
 ) -> GoodputResult:
     """`search_goodput` against a live server: each probe is a Poisson run of
-    `num_requests` (or `duration_s`) on `specs`, its config recording the SLO
+    `num_requests` (or `duration_s`) on `specs` — with `min_duration_s`, at least
+    `rate * min_duration_s` requests, so a fast rate is held long enough to reach a
+    steady state instead of measuring one burst — its config recording the SLO
     (`slo_ttft_ms`, `slo_tpot_ms`) and `config`; `search` takes `search_goodput`'s keyword
     arguments (attainment, start_rate, max_probes, rel_tol, num_cores, on_probe, ...)."""
     from pdserve.bench.loadgen import DEFAULT_REQUEST_TIMEOUT_S, Arrival, run_benchmark_sync
 
     def run_at_rate(rate: float) -> RunResult:
+        count = num_requests
+        if count is not None and min_duration_s > 0:
+            count = max(count, math.ceil(rate * min_duration_s))
         return run_benchmark_sync(
             url,
             model,
             specs,
             Arrival.poisson(rate),
-            num_requests=num_requests,
+            num_requests=count,
             duration_s=duration_s,
             endpoint=endpoint,
             extra_body=extra_body,

@@ -31,6 +31,7 @@ The YAML (every key but `configurations` optional):
     search:                    # goodput search settings
       attainment: 0.9          # fraction of requests that must meet both SLOs
       num_requests: 50         # requests per probe (one probe = one run at one rate)
+      min_duration_s: 0        # and at least rate x this: hold each rate this long
       max_probes: 6            # runs per search at most (">=" marks an unbracketed result)
       start_rate: 1.0          # first rate probed, requests/s
       rel_tol: 0.1             # stop when the pass/fail bracket is this tight
@@ -192,7 +193,11 @@ def default_search(
     from pdserve.bench.workloads import get_workload
 
     w = get_workload(workload.name)
-    specs = list(w.sample(settings.num_requests, settings.seed, None))
+    # Enough distinct requests for the longest probe (rates double from start_rate), so
+    # none is sent twice and no probe is helped by the prefix cache of an earlier one.
+    top_rate = settings.start_rate * 2 ** (settings.max_probes - 1)
+    num_specs = max(settings.num_requests, math.ceil(top_rate * settings.min_duration_s))
+    specs = list(w.sample(num_specs, settings.seed, None))
     slo = workload.slo or w.default_slo
 
     def show(probe: Probe, is_passing: bool) -> None:
@@ -206,6 +211,7 @@ def default_search(
         specs,
         slo,
         num_requests=settings.num_requests,
+        min_duration_s=settings.min_duration_s,
         endpoint="chat" if all(s.prompt is None for s in specs) else "completions",
         extra_body={"ignore_eos": True} if settings.ignore_eos else None,
         seed=settings.seed,

@@ -38,7 +38,8 @@ class WorkloadSpec:
 @dataclass(frozen=True, slots=True)
 class SearchSettings:
     attainment: float = 0.9
-    num_requests: int = 50  # per probe
+    num_requests: int = 50  # per probe, at least
+    min_duration_s: float = 0.0  # and at least rate x this many (a steady state, not a burst)
     max_probes: int = 6
     start_rate: float = 1.0
     rel_tol: float = 0.1
@@ -57,6 +58,10 @@ class SearchSettings:
         for name in positive:
             if getattr(settings, name) <= 0:
                 raise ConfigError(f"search.{name}", f"must be > 0, got {getattr(settings, name)}")
+        if settings.min_duration_s < 0:
+            raise ConfigError(
+                "search.min_duration_s", f"must be >= 0, got {settings.min_duration_s}"
+            )
         if not 0 < settings.attainment <= 1:
             raise ConfigError("search.attainment", f"must be in (0, 1], got {settings.attainment}")
         if settings.cores is not None and settings.cores < 1:

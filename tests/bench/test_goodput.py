@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pdserve.bench import goodput
-from pdserve.bench.types import SLO, RequestRecord, RunResult
+from pdserve.bench.types import SLO, RequestRecord, RequestSpec, RunResult
 from pdserve.errors import ConfigError
 
 SLO_ = SLO(ttft_ms=100, tpot_ms=10)
@@ -103,3 +103,25 @@ def test_saved_result_round_trips_and_prints():
     text = goodput.format_goodput(result)
     assert "goodput: 7.250 req/s per machine, 3.625 req/s per core (2 cores)" in text
     assert "   8.000    50.0%    6.000    4.000  " in text  # rate, attainment, req/s, goodput
+
+
+def test_min_duration_holds_fast_rates_long_enough(monkeypatch):
+    """With `min_duration_s`, a probe at rate r sends at least r x min_duration_s requests
+    (never fewer than `num_requests`), so a fast rate is not judged on a short burst."""
+    from pdserve.bench import loadgen
+
+    sent: list[tuple[float, int]] = []
+    runner, _ = stub_runner(threshold=100.0)
+
+    def fake_run(url, model, specs, arrival, *, num_requests, **kwargs) -> RunResult:
+        sent.append((arrival.rate, num_requests))
+        return runner(arrival.rate)
+
+    monkeypatch.setattr(loadgen, "run_benchmark_sync", fake_run)
+    specs = [RequestSpec(prompt="p", max_tokens=3)]
+    result = goodput.find_goodput(
+        "http://x", "m", specs, SLO_, num_requests=10, min_duration_s=5.0,
+        start_rate=1.0, max_probes=3, progress=False,
+    )  # fmt: skip
+    assert sent == [(1.0, 10), (2.0, 10), (4.0, 20)]
+    assert result.goodput == 4.0 and result.is_lower_bound
