@@ -48,7 +48,7 @@ PDSERVE_CONFIGS = {
         "mode": "aggregated",
         "mixed_workers": 1,
         "threads_per_worker": 2,
-        "engine": {"max_num_batched_tokens": 512, "kv_cache_memory_gib": 2.0},
+        "engine": {"kv_cache_memory_gib": 2.0},  # default chunk: 2048 tokens per step
     },
     "pdserve-disaggregated": {
         "mode": "disaggregated",

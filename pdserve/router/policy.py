@@ -6,11 +6,14 @@ Modes:
 - `auto` (conditional disaggregation): a long prompt (at least `auto_local_prefill_tokens`)
   is prefilled remotely, so it does not stall the decode worker's running batch, unless
   every prefill worker is backed up (more than `auto_max_prefill_queue_tokens` prompt
-  tokens waiting). A short prompt is prefilled where less prefill work is waiting: on the
-  decode worker itself (ties included: no hand-off at all) until its own queue of prompt
-  tokens grows past the prefill worker's, then remotely. So an idle prefill pool is never
-  left idle while short prompts queue on the decode worker. With no prefill worker alive
-  everything stays local.
+  tokens waiting). A short prompt is prefilled on the decode worker itself — no hand-off
+  at all — when that worker has nothing assigned (no batch to stall) or when the prefill
+  worker has more prompt tokens queued than the decode worker would have with this one;
+  otherwise remotely: a prefill worker's core is free capacity, and a prompt computed on
+  the decode worker, however short, lengthens every running request's step. (The first
+  version kept short prompts local on ties; on the `code` workload its goodput was half of
+  `disaggregated`'s, docs/benchmarks.md.) With no prefill worker alive everything stays
+  local.
 
 Prompt length in `auto` means the tokens the decode worker would really compute: the
 prompt minus its cached prefix (global prefix index), so a long prompt whose prefix the
@@ -147,9 +150,11 @@ def plan_request(
         return plan("local", "no_prefill_worker")
     num_uncached = num_prompt_tokens - cached(decode)  # what the decode worker would compute
     if num_uncached < config.auto_local_prefill_tokens:
-        if decode.pending_prefill_tokens > prefill.pending_prefill_tokens:
-            return plan("remote", "decode_queue")  # the decode worker has more prefill queued
-        return plan("local", "short_uncached")
+        if decode.num_assigned == 0:
+            return plan("local", "decode_idle")  # nothing running there to stall
+        if prefill.pending_prefill_tokens > decode.pending_prefill_tokens + num_uncached:
+            return plan("local", "prefill_queue")  # the prefill worker is the busier one
+        return plan("remote", "decode_busy")
     if prefill.pending_prefill_tokens > config.auto_max_prefill_queue_tokens:
         return plan("local", "prefill_backed_up")  # the prefill pool is backed up: do it here
     return plan("remote", "long_uncached")

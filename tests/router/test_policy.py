@@ -57,16 +57,20 @@ def test_auto_keeps_short_prompts_and_backed_up_prefill_local():
     assert ids(plan_request(pool, config, 5000)) == ("d0", None)
 
 
-def test_auto_sends_short_prompts_remote_once_the_decode_worker_has_more_queued():
+def test_auto_keeps_short_prompts_local_only_on_an_idle_or_less_queued_decode_worker():
     config = RoutingConfig(mode="auto", auto_local_prefill_tokens=256)
     pool = pool_of(("p0", "prefill", 0), ("d0", "decode", 0))
     decode, prefill = pool.workers["d0"], pool.workers["p0"]
-    decode.pending_prefill_tokens = prefill.pending_prefill_tokens = 100
-    assert ids(plan_request(pool, config, 50)) == ("d0", None)  # a tie stays local
-    decode.pending_prefill_tokens = 101
-    assert ids(plan_request(pool, config, 50)) == ("d0", "p0")
-    prefill.pending_prefill_tokens = 400
-    assert ids(plan_request(pool, config, 50)) == ("d0", None)
+    plan = plan_request(pool, config, 50)
+    assert (ids(plan), plan.placement) == (("d0", None), ("local", "decode_idle"))
+    decode.num_assigned = 3  # decoding: a local prefill would stall its batch
+    plan = plan_request(pool, config, 50)
+    assert (ids(plan), plan.placement) == (("d0", "p0"), ("remote", "decode_busy"))
+    decode.pending_prefill_tokens, prefill.pending_prefill_tokens = 100, 150
+    assert ids(plan_request(pool, config, 50)) == ("d0", "p0")  # 100 + 50 is not < 150
+    prefill.pending_prefill_tokens = 151
+    plan = plan_request(pool, config, 50)
+    assert (ids(plan), plan.placement) == (("d0", None), ("local", "prefill_queue"))
 
 
 def test_a_mixed_worker_never_prefills_for_itself():

@@ -61,7 +61,7 @@ def test_auto_prefills_locally_when_the_decode_worker_holds_most_of_the_prompt()
     plan = plan_request(pool, config, 1000)
     assert (ids(plan), plan.placement) == (("d0", "p0"), ("remote", "long_uncached"))
     plan = plan_request(pool, config, 1000, cached_on({"d0": 752}))  # 248 left to compute
-    assert (ids(plan), plan.placement) == (("d0", None), ("local", "short_uncached"))
+    assert (ids(plan), plan.placement) == (("d0", None), ("local", "decode_idle"))
     assert plan.picks == (("decode", "prefix_hit"),)  # the unused prefill pick is not counted
     plan = plan_request(pool, config, 1000, cached_on({"d0": 736}))  # 264 left
     assert ids(plan) == ("d0", "p0")
@@ -100,7 +100,7 @@ def test_routing_metrics_count_decisions_and_prefix_hits():
         'pdserve:routing_decisions_total{model_name="tiny",policy="kv_aware",'
         'reason="prefix_hit",role="decode"} 1.0',
         'pdserve:prefill_placement_total{model_name="tiny",placement="local",'
-        'reason="short_uncached"} 1.0',
+        'reason="decode_idle"} 1.0',
         'pdserve:router_prefix_cache_queries_total{model_name="tiny"} 1000.0',
         'pdserve:router_prefix_cache_hits_total{model_name="tiny",tier="device"} 640.0',
         'pdserve:router_prefix_cache_hits_total{model_name="tiny",tier="lower"} 112.0',
