@@ -15,7 +15,16 @@ from pathlib import Path
 
 import common
 
-BENCHMARKS = ("offline_throughput", "decode_roofline", "kv_transfer", "ttft_disagg", "int8_kv")
+BENCHMARKS = (
+    "offline_throughput",
+    "decode_roofline",
+    "kv_transfer",
+    "ttft_disagg",
+    "int8_kv",
+    "attention_kernel",
+    "serving_peers",  # peers skipped with a note when not built (benchmarks/peers/)
+    "kv_cache",
+)
 
 
 def run(name: str, json_dir: Path | None) -> int:
