@@ -58,6 +58,7 @@ ROLES = ("prefill", "decode", "mixed")
 HEARTBEAT_S = 1.0
 REANNOUNCE_EVERY = 5  # heartbeats
 STATS_MIN_INTERVAL_S = 0.02
+TIER_STATS_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,8 @@ class Worker:
         self.is_running = True
         self._stats = m.WorkerStats(self.worker_id, 0, 0, 0, self.layout.num_blocks)
         self._stats_sent = 0.0
+        self._tier_stats: dict = {}
+        self._tier_stats_time = -1e9
 
     def _options(self, backend: str) -> dict:
         if backend == "nixl":  # agent names must be unique, also across restarts
@@ -282,9 +285,15 @@ class Worker:
         )
 
     def _tier_counters(self) -> dict:
+        """Tier counters for the stats, refreshed at most every `TIER_STATS_INTERVAL_S`:
+        this runs once per engine step, and the counters only feed metrics."""
         tiers = self.core.kv_tiers
         if tiers is None:
             return {}
+        now = time.monotonic()
+        if now - self._tier_stats_time < TIER_STATS_INTERVAL_S:
+            return self._tier_stats
+        self._tier_stats_time = now
         stats = tiers.store.stats()
         counters = [
             m.KVTierCounters(
@@ -298,7 +307,11 @@ class Worker:
             )
             for name, t in stats.tiers.items()
         ]
-        return {"kv_tiers": counters, "num_tier_dropped_writes": stats.num_dropped_writes}
+        self._tier_stats = {
+            "kv_tiers": counters,
+            "num_tier_dropped_writes": stats.num_dropped_writes,
+        }
+        return self._tier_stats
 
     def _heartbeat(self) -> None:
         sock = self.ctx.socket(zmq.PUSH)
