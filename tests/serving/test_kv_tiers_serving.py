@@ -73,6 +73,11 @@ def test_disk_tier_serves_a_prompt_after_a_worker_crash_and_a_server_restart(
         again = complete(server.url, prompt)
         assert again["choices"][0]["text"] == first["choices"][0]["text"]
         assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == num_blocks * 16
+        # Worker stats carry tier counters at most every 0.5 s: wait for them, then exact.
+        wait_for(
+            lambda: metric(server.url, "pdserve:kv_tier_hit_blocks_total", tier="disk") > 0,
+            what="the tier counters",
+        )
         hits = metric(server.url, "pdserve:kv_tier_hit_blocks_total", tier="disk")
         assert hits == num_blocks
         assert metric(server.url, "pdserve:kv_tier_read_bytes_total", tier="disk") >= (
