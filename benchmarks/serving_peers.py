@@ -2,7 +2,8 @@
 `transformers serve`, same model, same machine, same client, same requests.
 
 Each server is started on this machine in turn, warmed up, then driven by `pdserve bench`'s
-load generator in closed loop at each concurrency (requests in flight at all times), with
+load generator in closed loop at each concurrency (requests in flight at all times, fresh
+prompts at every level so no server answers from its prefix cache), with
 `ignore_eos` so every request produces its full `max_tokens` where the server honours it.
 Token counts come from each server's `usage`. The table reports output tokens/s, TTFT p50
 and p99, TPOT p50 and p99, and pdserve's ratios against each peer at each concurrency:
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -162,12 +164,16 @@ def measure(server, model: str | None, extra_body, specs, levels, num_requests, 
         extra_body=extra_body, progress=False,
     )  # fmt: skip
     rows = {}
+    # Every level gets prompts no earlier request used: a repeated prompt would be served
+    # from whatever prefix cache the server keeps (pdserve's blocks, llama-server's slots).
+    start = warmup
     for concurrency in levels:
-        count = num_requests or max(16, 3 * concurrency)
+        count = level_requests(concurrency, num_requests)
         result = run_benchmark_sync(
-            server.url, model, specs, Arrival.closed(concurrency), num_requests=count,
-            extra_body=extra_body, progress=False,
+            server.url, model, specs[start : start + count], Arrival.closed(concurrency),
+            num_requests=count, extra_body=extra_body, progress=False,
         )  # fmt: skip
+        start += count
         s = summarize(result)
         rows[concurrency] = {
             "requests": s.num_requests,
@@ -181,12 +187,21 @@ def measure(server, model: str | None, extra_body, specs, levels, num_requests, 
             "mean_output_tokens": (
                 sum(r.num_output_tokens for r in result.records if r.is_ok) / max(1, s.num_ok)
             ),
+            # The same text is more tokens to llama.cpp (its converted tokenizer merges
+            # differently, see model/builtin.py): more prefill work for the same prompts.
+            "mean_prompt_tokens": (
+                sum(r.num_prompt_tokens for r in result.records if r.is_ok) / max(1, s.num_ok)
+            ),
         }
         print(f"  {concurrency:>3}: {json.dumps(_rounded(rows[concurrency]))}", flush=True)
         errors = sorted({r.error for r in result.records if r.error})
         if errors:
             print(f"       errors: {errors[:3]}", flush=True)
     return rows
+
+
+def level_requests(concurrency: int, num_requests: int) -> int:
+    return num_requests or max(16, 3 * concurrency)
 
 
 def _rounded(row: dict) -> dict:
@@ -202,6 +217,13 @@ def main() -> int:
     parser.add_argument("--num-requests", type=int, default=0, help="per level (0: 3x c, >=16)")
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--prompt-format",
+        choices=("text", "ids"),
+        default="text",
+        help="send prompts as text (each server tokenises) or as pdserve's token ids (the "
+        "same tokens, so the same prefill work, everywhere; transformers serve gets text)",
+    )
     parser.add_argument("--log-dir", default="/tmp/pdserve-serving-peers")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
@@ -212,8 +234,10 @@ def main() -> int:
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     workload = get_workload(args.workload)
-    num_specs = max(args.num_requests, 3 * max(levels), 16) + args.warmup
-    specs = list(workload.sample(num_specs, args.seed, Tokenizer.from_pretrained(model_dir)))
+    num_specs = args.warmup + sum(level_requests(c, args.num_requests) for c in levels)
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    specs = list(workload.sample(num_specs, args.seed, tokenizer))
+    id_specs = [dataclasses.replace(s, prompt=tokenizer.encode(s.prompt)) for s in specs]
     context = max(s.num_prompt_tokens or 0 for s in specs) + max(s.max_tokens for s in specs)
     common.print_header(
         "Serving throughput at fixed concurrency: pdserve vs llama-server vs transformers serve",
@@ -228,6 +252,7 @@ def main() -> int:
                 "fixed output length": "ignore_eos (pdserve, llama-server); min_new_tokens"
                 " (transformers serve)",
                 "sampling": "greedy (temperature 0) everywhere",
+                "prompts": args.prompt_format,
             },
         },
     )
@@ -243,9 +268,11 @@ def main() -> int:
             if not server.wait_ready(600):
                 print(f"{name}: did not become ready; see its log", file=sys.stderr)
                 continue
+            as_ids = args.prompt_format == "ids" and name != "transformers-serve"
             results[name] = measure(
-                server, model, extra_body, specs, levels, args.num_requests, args.warmup
-            )
+                server, model, extra_body, id_specs if as_ids else specs, levels,
+                args.num_requests, args.warmup,
+            )  # fmt: skip
         finally:
             server.stop()
     print_table(results, levels)

@@ -20,7 +20,7 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class RequestSpec:
-    prompt: str | None = None  # for /v1/completions
+    prompt: str | list[int] | None = None  # for /v1/completions: text or token ids
     messages: list[dict[str, str]] | None = None  # for /v1/chat/completions
     max_tokens: int = 128
     num_prompt_tokens: int | None = None  # the workload's estimate; usage is authoritative

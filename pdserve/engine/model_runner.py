@@ -116,14 +116,16 @@ class ModelRunner:
     def _assign_threads(self, num_tokens: int) -> None:
         """Give the cores to whichever thread pool does this step's heavy work.
 
-        Decode-sized steps multiply through OpenBLAS (`cpu_blas`) and the attention kernel,
-        each with its own threads; torch's OpenMP threads would spin-wait on the same cores
-        between ops (measured: batch-32 decode 160 ms/step with both pools at 2 threads,
-        60 ms with torch at 1). Prefill-sized steps run on torch with every thread.
+        Steps whose products all run on OpenBLAS (one decode row under the default `auto`
+        backend; up to 64 rows under `openblas`, see `cpu_blas`) leave torch one thread:
+        its OpenMP threads would otherwise wait on the cores OpenBLAS and the attention
+        kernel use (measured: batch-32 decode 160 ms/step with both pools at 2 threads,
+        60 ms with torch at 1). Every other step (oneDNN products, which run on torch's
+        threads) gives torch every thread.
         """
-        if self.device.type != "cpu" or not self.model.uses_cpu_blas:
+        if self.device.type != "cpu" or not self.model.max_blas_rows:
             return
-        wanted = 1 if num_tokens <= cpu_blas.MAX_ROWS else self.num_threads
+        wanted = 1 if num_tokens <= self.model.max_blas_rows else self.num_threads
         if wanted != self._torch_threads:
             torch.set_num_threads(wanted)
             self._torch_threads = wanted

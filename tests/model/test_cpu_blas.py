@@ -1,50 +1,86 @@
-"""OpenBLAS products (`cpu_blas`) equal torch's, and the engine's tokens do not depend on
-which library multiplies."""
+"""CPU products (`cpu_blas`: oneDNN, OpenBLAS) equal torch's, each backend routes the rows
+it should, and the engine's tokens do not depend on which library multiplies."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from pdserve import LLM, SamplingParams
+from pdserve.errors import ConfigError
 from pdserve.model import cpu_blas
 from tests.helpers import hf_greedy, make_hf_model_dir, torch_threads
 
 
-def test_matmul_equals_linear():
+@pytest.mark.parametrize("backend", ["auto", "onednn", "openblas"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matmul_equals_linear(backend, with_bias):
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(96, 48, generator=gen)
-    for rows in (1, 3, 64):
+    bias = torch.randn(96, generator=gen) if with_bias else None
+    param = torch.nn.Parameter(weight.clone(), requires_grad=False)
+    mm = cpu_blas.CpuMatmul.prepare(param, backend, keep_dense=False)
+    for rows in (1, 2, 3, 64, 65, 300):
         x = torch.randn(rows, 48, generator=gen)
-        got = cpu_blas.matmul(x, cpu_blas.host_view(weight))
-        torch.testing.assert_close(got, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+        got = cpu_blas.linear(x, param, bias, mm)
+        torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
 
 
-def test_only_float32_on_cpu_is_routed(monkeypatch):
+def test_backends_route_rows_and_keep_or_release_the_dense_weight():
+    def prepared(backend, keep_dense=False):
+        param = torch.nn.Parameter(torch.randn(8, 4), requires_grad=False)
+        return param, cpu_blas.CpuMatmul.prepare(param, backend, keep_dense)
+
+    param, mm = prepared("auto")
+    assert mm.max_blas_rows == 1 and mm.packed is not None and mm.rows_major is not None
+    assert param.shape == (8, 4)  # still usable by torch (a view of the [in, out] copy)
+    param, mm = prepared("openblas")
+    assert mm.max_blas_rows == cpu_blas.MAX_ROWS and mm.packed is None
+    assert mm(torch.randn(cpu_blas.MAX_ROWS + 1, 4)) is None  # torch takes prefill sizes
+    param, mm = prepared("onednn")
+    assert mm.max_blas_rows == 0 and mm.rows_major is None
+    assert param.numel() == 0  # one copy only: the packed one
+    param, mm = prepared("onednn", keep_dense=True)  # e.g. a tied embedding
+    assert param.shape == (8, 4)
+
+
+def test_backend_setting_is_checked_and_auto_respects_memory(monkeypatch):
     assert cpu_blas.is_enabled_for(torch.empty(2, 2))
     assert not cpu_blas.is_enabled_for(torch.empty(2, 2, dtype=torch.bfloat16))
     monkeypatch.setenv("PDSERVE_CPU_BLAS", "torch")
     assert not cpu_blas.is_enabled_for(torch.empty(2, 2))
+    monkeypatch.setenv("PDSERVE_CPU_BLAS", "mkl")
+    with pytest.raises(ConfigError, match="PDSERVE_CPU_BLAS"):
+        cpu_blas.backend()
+    monkeypatch.setenv("PDSERVE_CPU_BLAS", "auto")
+    monkeypatch.setattr(cpu_blas, "physical_memory_bytes", lambda: 8 * 2**30)
+    assert cpu_blas.resolve_backend(2**30) == "auto"  # two copies fit in 1/8 of RAM
+    assert cpu_blas.resolve_backend(2**30 + 1) == "onednn"
 
 
-def test_engine_tokens_match_with_and_without_openblas(tmp_path, monkeypatch):
+def test_engine_tokens_match_across_backends(tmp_path, monkeypatch):
     model_dir = make_hf_model_dir(tmp_path, "qwen2_tied")
     prompts = [[(5 * i + j) % 500 + 3 for j in range(n)] for i, n in enumerate((2, 31, 90))]
     reference = hf_greedy(model_dir, prompts, 10)
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    results = {}
-    for library in ("openblas", "torch"):
-        monkeypatch.setenv("PDSERVE_CPU_BLAS", library)
+    expected_rows = {"auto": 1, "onednn": 0, "openblas": cpu_blas.MAX_ROWS, "torch": 0}
+    for backend, rows in expected_rows.items():
+        monkeypatch.setenv("PDSERVE_CPU_BLAS", backend)
         llm = LLM(model_dir, skip_tokenizer_init=True, num_kv_blocks=64)
-        assert llm.engine.core.runner.model.uses_cpu_blas == (library == "openblas")
+        model = llm.engine.core.runner.model
+        assert model.max_blas_rows == rows
+        assert (model.lm_head_mm is None) == (backend == "torch")
+        # batched (rows > 1) and one at a time (the single-row path)
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        results[library] = [o.outputs[0].token_ids for o in outputs]
-    assert results["openblas"] == results["torch"] == reference
+        assert [o.outputs[0].token_ids for o in outputs] == reference, backend
+        single = llm.generate({"prompt_token_ids": prompts[1]}, params, use_tqdm=False)
+        assert single[0].outputs[0].token_ids == reference[1], backend
 
 
 def test_generate_gives_torch_its_threads_back(tmp_path):
-    """Decode steps run torch on one thread (OpenBLAS has the cores); afterwards torch code
-    outside pdserve must find the thread count it had."""
+    """Single-row decode steps run torch on one thread (OpenBLAS has the cores); afterwards
+    torch code outside pdserve must find the thread count it had."""
     model_dir = make_hf_model_dir(tmp_path, "llama_mha")
     with torch_threads(2):
         llm = LLM(model_dir, skip_tokenizer_init=True, num_kv_blocks=64)
