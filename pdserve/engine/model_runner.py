@@ -23,7 +23,7 @@ from pdserve.engine.request import Request
 from pdserve.engine.sampler import Sampler, SampleResult, SamplingRow
 from pdserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from pdserve.errors import ConfigError
-from pdserve.model import cpu_blas, kernels
+from pdserve.model import cpu_blas, cpu_malloc, kernels
 from pdserve.model.attention import AttentionMetadata, PrefillSpan, causal_mask_with_context
 from pdserve.model.loader import load_model
 
@@ -65,6 +65,7 @@ class ModelRunner:
         self.num_threads = engine_config.num_threads or torch.get_num_threads()
         self._torch_threads = torch.get_num_threads()
         if self.device.type == "cpu":
+            cpu_malloc.tune_malloc()
             cpu_blas.set_num_threads(self.num_threads)
             kernels.set_num_threads(self.num_threads)
 

@@ -50,7 +50,7 @@ class Sampler:
         if any(r.params.logprobs is not None for r in rows):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         _block_tokens(logits, rows)
-        token_ids = logits.argmax(dim=-1)  # greedy for every row; random rows overwrite
+        token_ids = argmax_rows(logits)  # greedy for every row; random rows overwrite
         random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
         if random_rows:
             self._sample_random(logits, token_ids, rows, random_rows)
@@ -69,7 +69,7 @@ class Sampler:
         noise = torch.empty_like(probs)
         for j, i in enumerate(random_rows):
             noise[j].exponential_(generator=self._row_generator(rows[i]))
-        token_ids[index] = (probs / noise).argmax(dim=-1)
+        token_ids[index] = argmax_rows(probs / noise)
 
     def _row_generator(self, row: SamplingRow) -> torch.Generator:
         if row.params.seed is None:
@@ -87,6 +87,15 @@ class Sampler:
                     raw_logprobs[i], token_ids[i], row.params.logprobs
                 )
         return results
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(dim=-1)` (first index of the maximum; a NaN counts as the maximum). On CPU
+    through numpy, whose vectorised argmax is ~13x torch's on `[32, 32000]` float32 rows
+    (60 vs 870 us: 3 % of a batch-32 decode step)."""
+    if x.device.type == "cpu" and x.dim() == 2 and x.dtype == torch.float32:
+        return torch.from_numpy(x.contiguous().numpy().argmax(axis=-1))
+    return x.argmax(dim=-1)
 
 
 def _block_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:

@@ -207,3 +207,17 @@ def test_sampled_frequencies_match_the_filtered_softmax(params, expected):
     for got, want in zip(observed, expected, strict=True):
         if want == 0.0:
             assert got == 0.0
+
+
+def test_argmax_rows_matches_torch_on_ties_nan_and_inf():
+    from pdserve.engine.sampler import argmax_rows
+
+    x = torch.randn(6, 50, generator=torch.Generator().manual_seed(3))
+    x[1, 7] = x[1, 30] = 100.0  # a tie: the first index wins
+    x[2, 11] = float("nan")  # NaN counts as the maximum
+    x[3] = float("-inf")  # a fully blocked row: index 0
+    x[4, 49] = float("inf")
+    got = argmax_rows(x)
+    assert got.tolist() == x.argmax(dim=-1).tolist()
+    assert got.tolist()[1:4] == [7, 11, 0]
+    assert argmax_rows(x[:, ::2]).tolist() == x[:, ::2].argmax(dim=-1).tolist()  # strided
