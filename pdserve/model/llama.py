@@ -23,7 +23,7 @@ from torch import nn
 
 from pdserve.config import ModelConfig, RopeConfig
 from pdserve.errors import ModelLoadError
-from pdserve.model import cpu_blas
+from pdserve.model import cpu_blas, kernels
 from pdserve.model.attention import AttentionMetadata, paged_attention, write_kv
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # keys, values: [num_blocks, block_size, Hkv, D]
@@ -36,7 +36,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalise x; with `residual`, first `x += residual` in place (the residual stream
+        then continues in x), as one fused pass where the C kernels apply."""
+        if kernels.fuses(x) and x.dim() == 2 and x.stride(1) == 1:
+            return kernels.rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x.add_(residual)
         # Accumulate in float32: bf16 reductions are both inexact and slow on CPU.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -108,6 +114,8 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rope(x: torch.Tensor, tables: RopeTables) -> torch.Tensor:
     cos, sin = tables  # [T, 1, D/2]
+    if kernels.fuses(x) and x.stride(2) == 1 and x.stride(1) == x.shape[2]:
+        return kernels.rope_neox_(x, cos, sin)  # in place: x is a fresh projection output
     x1, x2 = x.chunk(2, dim=-1)  # x: [T, heads, D]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -154,7 +162,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter, hidden, config.mlp_bias, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if kernels.fuses(gate_up):
+            return self.down_proj(kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -168,8 +179,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, dtype, device)
 
     def forward(self, x, rope: RopeTables, kv_cache: KVCache, meta: AttentionMetadata):
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """x: this layer's own copy of the residual stream (updated in place)."""
+        attn_out = self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
+        h = self.post_attention_layernorm(x, residual=attn_out)  # x += attn_out, then norm
+        return x + self.mlp(h)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pdserve import LLM, SamplingParams
 from pdserve.model import kernels
@@ -168,3 +169,61 @@ def test_kernel_handles_extreme_scores():
     got = kernels.paged_decode_attention(q, *case[1:], 0.125)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# ---- element-wise kernels ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize(("rows", "inter"), [(1, 16), (5, 37), (64, 1408)])
+def test_silu_mul_equals_pytorch(rows, inter, split):
+    gen = torch.Generator().manual_seed(rows)
+    wide = torch.randn(rows, 2 * inter + 3, generator=gen) * 8  # large |x|: both sigmoid branches
+    gate_up = wide[:, : 2 * inter]  # rows strided, as a view into a wider buffer
+    with torch_threads(2), pytest.MonkeyPatch.context() as mp:
+        if split:
+            mp.setattr(kernels, "MIN_FLOATS_PER_THREAD", 1)
+        got = kernels.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(got, F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize(("rows", "dim"), [(1, 8), (3, 61), (40, 512)])
+def test_rms_norm_equals_pytorch(rows, dim, with_residual, split):
+    gen = torch.Generator().manual_seed(dim)
+    x = torch.randn(rows, dim, generator=gen)
+    residual = torch.randn(rows, dim, generator=gen) if with_residual else None
+    weight = torch.randn(dim, generator=gen)
+    stream = x + residual if with_residual else x
+    expected = weight * (stream * torch.rsqrt(stream.pow(2).mean(-1, keepdim=True) + 1e-6))
+    got_x = x.clone()
+    with torch_threads(2), pytest.MonkeyPatch.context() as mp:
+        if split:
+            mp.setattr(kernels, "MIN_FLOATS_PER_THREAD", 1)
+        got = kernels.rms_norm(got_x, weight, 1e-6, residual)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_x, stream)  # the residual stream, updated in place
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize(("rows", "heads", "head_dim"), [(1, 3, 16), (7, 12, 64), (33, 2, 20)])
+def test_rope_equals_pytorch(rows, heads, head_dim, split):
+    from pdserve.model.llama import apply_rope
+
+    gen = torch.Generator().manual_seed(heads)
+    buffer = torch.randn(rows, (heads + 2) * head_dim, generator=gen)
+    x = buffer[:, : heads * head_dim].view(rows, heads, head_dim)  # strided rows, like q/k
+    angles = torch.rand(rows, 1, head_dim // 2, generator=gen) * 6
+    tables = (angles.cos(), angles.sin())
+    x1, x2 = x.chunk(2, dim=-1)
+    expected = torch.cat((x1 * tables[0] - x2 * tables[1], x2 * tables[0] + x1 * tables[1]), -1)
+    untouched = buffer[:, heads * head_dim :].clone()
+    with torch_threads(2), pytest.MonkeyPatch.context() as mp:
+        if split:
+            mp.setattr(kernels, "MIN_FLOATS_PER_THREAD", 1)
+        got = apply_rope(x, tables)
+    assert got.data_ptr() == x.data_ptr()  # in place
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(buffer[:, heads * head_dim :], untouched)  # v columns not touched

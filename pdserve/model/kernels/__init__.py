@@ -1,14 +1,15 @@
 """Hand-written CPU kernels, compiled on first use with the machine's C compiler.
 
 Only what PyTorch cannot do well without them: decode attention read straight from the
-paged KV pool (`paged_attention.c`). The kernels are plain C called through ctypes — no
+paged KV pool (`paged_attention.c`), and a decoder layer's element-wise parts fused into
+one pass each (`elementwise.c`: SiLU-and-multiply, RMSNorm with the residual add, RoPE). The kernels are plain C called through ctypes — no
 PyTorch headers, so a build takes about a second — and compiled with `-march=native` into
 a cache folder keyed by the source, the flags and the CPU, so a shared home directory on a
 mixed cluster never runs code built for another CPU.
 
 Everything here is optional: when no compiler is present, the build fails, or
-`PDSERVE_DISABLE_KERNELS=1` is set, `paged_decode_attention` is None and attention falls
-back to PyTorch ops (same maths, slower). ctypes releases the GIL during a call, which
+`PDSERVE_DISABLE_KERNELS=1` is set, `is_available()` is False and the model falls back to
+PyTorch ops (same maths, slower). ctypes releases the GIL during a call, which
 lets a batch be split across Python threads: the kernel takes a part index and a part
 count and picks its own share of the (sequence, kv head) work items, balanced by context
 length, so the caller only hands out part numbers.
@@ -32,7 +33,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_attention.c")
+SOURCES = [Path(__file__).with_name(n) for n in ("paged_attention.c", "elementwise.c")]
+HEADERS = [Path(__file__).with_name("simd.h")]
 # Exact IEEE maths except that sums may be reordered (so loops vectorise) and a*b+c fused.
 CFLAGS = [
     "-O3",
@@ -47,6 +49,8 @@ CFLAGS = [
 ]
 # Below this many KV bytes per call, splitting across threads costs more than it saves.
 MIN_BYTES_PER_THREAD = 1 << 20
+# Element-wise kernels: below this many floats per thread, one thread does the whole call.
+MIN_FLOATS_PER_THREAD = 1 << 17
 _num_threads: int | None = None  # None: torch's intra-op thread count
 
 
@@ -75,17 +79,17 @@ def _build() -> Path | None:
         logger.warning("no C compiler found: using PyTorch attention (slower)")
         return None
     key = hashlib.sha256(
-        SOURCE.read_bytes()
+        b"".join(path.read_bytes() for path in SOURCES + HEADERS)
         + " ".join(CFLAGS).encode()
         + (platform.machine() + cpu_flags()).encode()
     ).hexdigest()[:16]
-    target = _cache_dir() / f"paged_attention-{key}.so"
+    target = _cache_dir() / f"pdserve_kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        cmd = [compiler, *CFLAGS, str(SOURCE), "-o", str(built), "-lm"]
+        cmd = [compiler, *CFLAGS, *map(str, SOURCES), "-o", str(built), "-lm"]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             logger.warning("kernel build failed, using PyTorch attention:\n%s", result.stderr)
@@ -110,6 +114,13 @@ def _library() -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float]
     fn.argtypes += [ctypes.c_int64] * 2
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.silu_mul_f32.restype = None
+    lib.silu_mul_f32.argtypes = [ptr, ptr] + [i64] * 4
+    lib.rms_norm_f32.restype = None
+    lib.rms_norm_f32.argtypes = [ptr] * 4 + [i64, i64, ctypes.c_float, i64, i64]
+    lib.rope_neox_f32.restype = None
+    lib.rope_neox_f32.argtypes = [ptr] * 3 + [i64] * 5
     return lib
 
 
@@ -169,3 +180,78 @@ def paged_decode_attention(
     if any(status):
         raise MemoryError("paged attention kernel could not allocate its scratch buffer")
     return out
+
+
+# ---- element-wise kernels (elementwise.c) ---------------------------------------------------
+
+
+def fuses(x: torch.Tensor) -> bool:
+    """True when the fused element-wise kernels apply to activations like `x`."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and is_available()
+
+
+def _by_rows(fn, args: tuple, rows: int, floats: int) -> None:
+    """Call `fn(*args, begin, end)` over all rows: in this thread when small, else split into
+    contiguous row ranges across the threads (ctypes releases the GIL)."""
+    num_threads = max(1, min(_num_threads or torch.get_num_threads(), rows,
+                             floats // MIN_FLOATS_PER_THREAD))  # fmt: skip
+    if num_threads == 1:
+        fn(*args, 0, rows)
+        return
+    bounds = [rows * i // num_threads for i in range(num_threads + 1)]
+    futures = [
+        _pool(num_threads - 1).submit(fn, *args, bounds[i], bounds[i + 1])
+        for i in range(1, num_threads)
+    ]
+    fn(*args, bounds[0], bounds[1])
+    for future in futures:
+        future.result()
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` for `gate_up = [gate | up]` of shape `[T, 2 I]` (rows may be
+    strided, columns contiguous) -> `[T, I]`."""
+    rows, width = gate_up.shape
+    if gate_up.stride(1) != 1:
+        gate_up = gate_up.contiguous()
+    inter = width // 2
+    out = torch.empty(rows, inter, dtype=gate_up.dtype)
+    args = (gate_up.data_ptr(), out.data_ptr(), inter, gate_up.stride(0))
+    _by_rows(_library().silu_mul_f32, args, rows, rows * width)
+    return out
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """RMSNorm of `x` `[T, dim]` (columns contiguous). With `residual` (contiguous, same
+    shape), `x += residual` first, in place: x is then the updated residual stream."""
+    rows, dim = x.shape
+    if x.stride(1) != 1 or weight.stride(0) != 1:
+        raise ValueError("rms_norm needs contiguous rows")
+    if residual is not None:
+        residual = residual.contiguous()
+    out = torch.empty(rows, dim, dtype=x.dtype)
+    args = (
+        x.data_ptr(),
+        residual.data_ptr() if residual is not None else None,
+        weight.data_ptr(),
+        out.data_ptr(),
+        dim,
+        x.stride(0),
+        eps,
+    )
+    _by_rows(_library().rms_norm_f32, args, rows, rows * dim)
+    return out
+
+
+def rope_neox_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-halves RoPE on `x` `[T, heads, D]` in place (heads D apart, D contiguous; rows
+    may be strided, e.g. a view into the fused q/k/v output). cos, sin: `[T, 1, D/2]`."""
+    rows, heads, head_dim = x.shape
+    if x.stride(2) != 1 or x.stride(1) != head_dim:
+        raise ValueError("rope_neox_ needs each row's heads packed")
+    cos, sin = cos.contiguous(), sin.contiguous()
+    args = (x.data_ptr(), cos.data_ptr(), sin.data_ptr(), heads, head_dim, x.stride(0))
+    _by_rows(_library().rope_neox_f32, args, rows, rows * heads * head_dim)
+    return x
