@@ -22,6 +22,7 @@ BENCHMARKS = (
     "ttft_disagg",
     "int8_kv",
     "attention_kernel",
+    "cpu_gemm",
     "serving_peers",  # peers skipped with a note when not built (benchmarks/peers/)
     "kv_cache",
 )

@@ -124,6 +124,15 @@ def make_request(
     )
 
 
+def make_engine_core(model_dir: Path, allocator=None, **config: Any):
+    """An `EngineCore` on a local model folder with `EngineConfig(**config)`."""
+    from pdserve.config import EngineConfig, ModelConfig
+    from pdserve.engine.core import EngineCore
+
+    model_config = ModelConfig.from_pretrained(model_dir)
+    return EngineCore(model_dir, model_config, EngineConfig(**config), allocator)
+
+
 def make_hf_model(kind: str, seed: int = 0, **overrides: Any):
     """A randomly initialised transformers model of `kind` (see MODEL_KINDS), in float32."""
     import torch

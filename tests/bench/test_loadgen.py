@@ -334,3 +334,20 @@ def test_a_session_turn_waits_for_the_previous_turn():
     assert a1.start_s == pytest.approx(0.0, abs=0.03)
     assert b1.start_s == pytest.approx(0.0, abs=0.03)
     assert a2.start_s >= a1.start_s + a1.e2e_s
+
+
+def test_every_request_gets_a_fresh_connection_and_token_id_prompts_pass_through():
+    """Some servers (llama-server) close kept-alive connections between responses; reusing
+    one made requests fail, so each request opens its own connection."""
+    peers, prompts = [], []
+
+    async def handle(request):
+        peers.append(request.transport.get_extra_info("peername"))
+        prompts.append((await request.json())["prompt"])
+        return await streamer(["a"], usage={"prompt_tokens": 3, "completion_tokens": 1})(request)
+
+    specs = [RequestSpec(prompt=[5, 6, 7], max_tokens=1)]
+    result = run_against(handle, specs, Arrival.closed(1), num_requests=4)
+    assert [r.error for r in result.records] == [None] * 4
+    assert len(peers) == 4 and len(set(peers)) == 4  # four client ports: four connections
+    assert prompts == [[5, 6, 7]] * 4

@@ -8,11 +8,10 @@ import itertools
 
 import pytest
 
-from pdserve.config import EngineConfig, ModelConfig
 from pdserve.engine.core import EngineCore
 from pdserve.kv.events import BlocksStored
 from pdserve.sampling_params import SamplingParams
-from tests.helpers import make_hf_model_dir, torch_threads
+from tests.helpers import make_engine_core, make_hf_model_dir, torch_threads
 
 BLOCK_SIZE = 16
 NUM_BLOCKS = 16  # 256 tokens: the long prompt below evicts every other cached block
@@ -35,10 +34,9 @@ def model_dir(tmp_path_factory):
 
 
 def make_core(model_dir, **tiers) -> EngineCore:
-    config = EngineConfig(
-        block_size=BLOCK_SIZE, num_kv_blocks=NUM_BLOCKS, max_model_len=256, **tiers
+    return make_engine_core(
+        model_dir, block_size=BLOCK_SIZE, num_kv_blocks=NUM_BLOCKS, max_model_len=256, **tiers
     )
-    return EngineCore(model_dir, ModelConfig.from_pretrained(model_dir), config)
 
 
 def run(core: EngineCore, prompt: list[int]) -> tuple[list[int], int]:

@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from pdserve.config import EngineConfig, ModelConfig
+from pdserve.config import ModelConfig
 from pdserve.engine.core import EngineCore
 from pdserve.engine.request import RequestStatus
 from pdserve.ipc import messages as m
@@ -29,7 +29,7 @@ from pdserve.transfer.shm import ShmSender
 from pdserve.transfer.streamer import KVStreamer
 from pdserve.transfer.tcp import TcpSender
 from pdserve.worker.handoff import HandOffs
-from tests.helpers import make_hf_model_dir, torch_threads
+from tests.helpers import make_engine_core, make_hf_model_dir, torch_threads
 from tests.transfer.helpers import Wire, destination, xxh3
 
 
@@ -64,8 +64,9 @@ def model_dir(tmp_path_factory):
 
 
 def make_core(model_dir, allocator=None) -> EngineCore:
-    config = EngineConfig(num_kv_blocks=NUM_BLOCKS, max_num_batched_tokens=32, num_threads=1)
-    return EngineCore(model_dir, ModelConfig.from_pretrained(model_dir), config, allocator)
+    return make_engine_core(
+        model_dir, allocator, num_kv_blocks=NUM_BLOCKS, max_num_batched_tokens=32, num_threads=1
+    )
 
 
 def run_to_end(core: EngineCore) -> list[int]:

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.config import EngineConfig, ModelConfig
-from pdserve.engine.core import EngineCore
 from pdserve.ipc import messages as m
 from pdserve.kv.block_hash import hash_block_chain
 from pdserve.kv.events import BlocksRemoved, BlocksStored
 from pdserve.router.kv_index import KVIndex, prompt_hashes
 from pdserve.sampling_params import SamplingParams
 from pdserve.worker.kv_events import CallableEvents, DeviceEvents, KVEventPublisher
-from tests.helpers import make_hf_model_dir, torch_threads
+from tests.helpers import make_engine_core, make_hf_model_dir, torch_threads
 
 NUM_BLOCKS = 12
 GREEDY = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
@@ -39,8 +37,9 @@ class FakeWorker:
     """An engine core and its publisher, as `Worker` wires them."""
 
     def __init__(self, worker_id: str, model_dir) -> None:
-        config = EngineConfig(num_kv_blocks=NUM_BLOCKS, max_num_batched_tokens=64, num_threads=1)
-        self.core = EngineCore(model_dir, ModelConfig.from_pretrained(model_dir), config)
+        self.core = make_engine_core(
+            model_dir, num_kv_blocks=NUM_BLOCKS, max_num_batched_tokens=64, num_threads=1
+        )
         self.publisher = KVEventPublisher(worker_id, [DeviceEvents(self.core.block_manager)])
         self.count = 0
 

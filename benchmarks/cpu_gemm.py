@@ -1,0 +1,122 @@
+"""float32 products on CPU: torch (MKL) vs OpenBLAS vs oneDNN on prepacked weights.
+
+The evidence behind `pdserve/model/cpu_blas.py`'s backends. One "pass" is every product of a
+forward step of the model — per layer q/k/v (fused), o, gate/up (fused) and down, then the
+LM head — for `rows` tokens, the way a step runs them: one after another, weights streamed
+from memory (the model's weights exceed the L2 and mostly the L3, as in serving).
+
+- torch: `F.linear(x, W)` on the checkpoint's `[out, in]` weight (MKL in torch's CPU wheel);
+- openblas: numpy's OpenBLAS on a row-major `[in, out]` copy (`x @ Wt`);
+- onednn: `torch.ops.mkldnn._linear_pointwise` on the weight reordered once by
+  `torch.ops.mkldnn._reorder_linear_weight`.
+Every library gets the same threads (`--threads`, default 2). Time per pass is the median
+of `--repeats` passes after a warm-up pass; GFLOPS = 2 x rows x parameters / time.
+
+    .venv/bin/python benchmarks/cpu_gemm.py [--rows 1 2 8 32 256 2048] [--json-out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import common
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def model_shapes(config: dict) -> list[tuple[int, int]]:
+    """(out, in) of every product of one forward pass, in order."""
+    hidden = config["hidden_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    inter = config["intermediate_size"]
+    q, kv = heads * head_dim, kv_heads * head_dim
+    layer = [(q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter)]
+    return layer * config["num_hidden_layers"] + [(config["vocab_size"], hidden)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model folder (default: built-in)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 8, 32, 256, 2048])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--json-out", default=None)
+    args = parser.parse_args()
+
+    from threadpoolctl import threadpool_limits
+
+    model_dir = common.resolve_model_dir(args.model)
+    shapes = model_shapes(common.load_config(model_dir))
+    torch.set_num_threads(args.threads)
+    threadpool_limits(args.threads, user_api="blas")
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(out, inp, generator=gen) * 0.02 for out, inp in shapes]
+    rows_major = [np.ascontiguousarray(w.numpy().T) for w in weights]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
+    params = sum(out * inp for out, inp in shapes)
+    common.print_header(
+        "float32 products on CPU: torch vs OpenBLAS vs oneDNN (prepacked)",
+        {
+            "hardware": common.hardware_info(),
+            "model": common.model_info(model_dir),
+            "workload": {
+                "pass": f"{len(shapes)} products ({params / 1e6:.1f} M parameters)",
+                "threads": args.threads,
+                "repeats": args.repeats,
+            },
+        },
+    )
+
+    def run_pass(kind: str, inputs: dict[int, torch.Tensor]) -> None:
+        for i, (_, inp) in enumerate(shapes):
+            x = inputs[inp]
+            if kind == "torch":
+                F.linear(x, weights[i])
+            elif kind == "openblas":
+                x.numpy() @ rows_major[i]
+            else:
+                torch.ops.mkldnn._linear_pointwise(x, packed[i], None, "none", [], "")
+
+    kinds = ("torch", "openblas", "onednn")
+    results = []
+    for rows in args.rows:
+        inputs = {inp: torch.randn(rows, inp, generator=gen) for _, inp in shapes}
+        times: dict[str, list[float]] = {k: [] for k in kinds}
+        for kind in kinds:  # warm-up: page in, build oneDNN primitives for this size
+            run_pass(kind, inputs)
+        repeats = max(3, args.repeats if rows <= 256 else args.repeats // 3)
+        for r in range(repeats):
+            for kind in kinds if r % 2 == 0 else reversed(kinds):
+                start = time.perf_counter()
+                run_pass(kind, inputs)
+                times[kind].append(time.perf_counter() - start)
+        medians = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        best = min(medians, key=medians.get)
+        results.append({"rows": rows, "ms": medians, "best": best})
+        gflops = {k: 2 * rows * params / (v / 1e3) / 1e9 for k, v in medians.items()}
+        print(
+            f"rows {rows:5d}: "
+            + "  ".join(f"{k} {medians[k]:8.2f} ms ({gflops[k]:5.0f} GFLOPS)" for k in kinds),
+            flush=True,
+        )
+
+    headers = ["rows", "torch ms", "openblas ms", "onednn ms", "fastest",
+               "onednn / openblas speed", "onednn / torch speed"]  # fmt: skip
+    table = [
+        [r["rows"], r["ms"]["torch"], r["ms"]["openblas"], r["ms"]["onednn"], r["best"],
+         f"{r['ms']['openblas'] / r['ms']['onednn']:.2f}x",
+         f"{r['ms']['torch'] / r['ms']['onednn']:.2f}x"]
+        for r in results
+    ]  # fmt: skip
+    print()
+    print(common.format_table(headers, table))
+    common.write_json(args.json_out, {"threads": args.threads, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
