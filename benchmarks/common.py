@@ -21,6 +21,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+# The engine's thread-pool settings (pdserve/__init__.py sets the same defaults), applied
+# here because benchmarks import torch and numpy before pdserve and both read them at load.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
+
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,10 @@ from memory (the model's weights exceed the L2 and mostly the L3, as in serving)
 - onednn: `torch.ops.mkldnn._linear_pointwise` on the weight reordered once by
   `torch.ops.mkldnn._reorder_linear_weight`.
 Every library gets the same threads (`--threads`, default 2). Time per pass is the median
-of `--repeats` passes after a warm-up pass; GFLOPS = 2 x rows x parameters / time.
+of `--repeats` passes after a warm-up pass; GFLOPS = 2 x rows x parameters / time. Each
+library's passes run back to back, after a pause, so that one library's idle threads
+(OpenBLAS spins after a call, see pdserve/__init__.py; `common` applies the engine's
+settings) never compete with the other's.
 
     .venv/bin/python benchmarks/cpu_gemm.py [--rows 1 2 8 32 256 2048] [--json-out F]
 """
@@ -25,6 +28,8 @@ import common
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pdserve.model import cpu_malloc
 
 
 def model_shapes(config: dict) -> list[tuple[int, int]]:
@@ -49,6 +54,7 @@ def main() -> int:
 
     from threadpoolctl import threadpool_limits
 
+    cpu_malloc.tune_malloc()  # as a worker does: outputs reuse heap memory, no page faults
     model_dir = common.resolve_model_dir(args.model)
     shapes = model_shapes(common.load_config(model_dir))
     torch.set_num_threads(args.threads)
@@ -89,8 +95,10 @@ def main() -> int:
         for kind in kinds:  # warm-up: page in, build oneDNN primitives for this size
             run_pass(kind, inputs)
         repeats = max(3, args.repeats if rows <= 256 else args.repeats // 3)
-        for r in range(repeats):
-            for kind in kinds if r % 2 == 0 else reversed(kinds):
+        for kind in kinds:
+            time.sleep(0.5)  # let the previous library's threads go idle
+            run_pass(kind, inputs)  # warm again: the other libraries ran in between
+            for _ in range(repeats):
                 start = time.perf_counter()
                 run_pass(kind, inputs)
                 times[kind].append(time.perf_counter() - start)
