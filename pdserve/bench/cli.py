@@ -155,7 +155,10 @@ def cmd_goodput(args: argparse.Namespace) -> int:
     from pdserve.bench import goodput, loadgen
 
     num_requests = _num_requests(args)
-    specs, default_slo = load_specs(args, _num_specs(args, num_requests))
+    num_specs = _num_specs(args, num_requests)
+    if num_requests is not None:  # distinct requests for every probe (see find_goodput)
+        num_specs = goodput.specs_for_search(num_requests, 0.0, args.start_rate, args.max_probes)
+    specs, default_slo = load_specs(args, num_specs)
     slo = _slo(args, default_slo)
     if slo is None:
         raise ConfigError(

@@ -160,17 +160,26 @@ def find_goodput(
     `rate * min_duration_s` requests, so a fast rate is held long enough to reach a
     steady state instead of measuring one burst — its config recording the SLO
     (`slo_ttft_ms`, `slo_tpot_ms`) and `config`; `search` takes `search_goodput`'s keyword
-    arguments (attainment, start_rate, max_probes, rel_tol, num_cores, on_probe, ...)."""
+    arguments (attainment, start_rate, max_probes, rel_tol, num_cores, on_probe, ...).
+
+    Each probe starts where the previous one stopped in `specs` (wrapping around at the
+    end): a request sent again would find its prompt in the server's prefix cache and make
+    later probes look faster than the workload is. Give at least as many specs as all
+    probes send (`specs_for_search`) and no prompt is sent twice."""
     from pdserve.bench.loadgen import DEFAULT_REQUEST_TIMEOUT_S, Arrival, run_benchmark_sync
 
+    cursor = 0
+
     def run_at_rate(rate: float) -> RunResult:
+        nonlocal cursor
         count = num_requests
         if count is not None and min_duration_s > 0:
             count = max(count, math.ceil(rate * min_duration_s))
-        return run_benchmark_sync(
+        rotated = [*specs[cursor:], *specs[:cursor]]
+        result = run_benchmark_sync(
             url,
             model,
-            specs,
+            rotated,
             Arrival.poisson(rate),
             num_requests=count,
             duration_s=duration_s,
@@ -182,8 +191,19 @@ def find_goodput(
             progress=progress,
             config={"slo_ttft_ms": slo.ttft_ms, "slo_tpot_ms": slo.tpot_ms, **(config or {})},
         )
+        cursor = (cursor + len(result.records)) % len(specs)
+        return result
 
     return search_goodput(run_at_rate, slo, **search)
+
+
+def specs_for_search(
+    num_requests: int, min_duration_s: float, start_rate: float, max_probes: int
+) -> int:
+    """Requests a search can send in all (rates at most double each probe from
+    `start_rate`), so that `find_goodput` never has to send one twice."""
+    top_rate = start_rate * 2 ** (max_probes - 1)
+    return max_probes * max(num_requests, math.ceil(top_rate * min_duration_s))
 
 
 def format_goodput(result: GoodputResult) -> str:

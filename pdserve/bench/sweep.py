@@ -193,10 +193,11 @@ def default_search(
     from pdserve.bench.workloads import get_workload
 
     w = get_workload(workload.name)
-    # Enough distinct requests for the longest probe (rates double from start_rate), so
+    # Enough distinct requests for every probe (each continues where the last stopped), so
     # none is sent twice and no probe is helped by the prefix cache of an earlier one.
-    top_rate = settings.start_rate * 2 ** (settings.max_probes - 1)
-    num_specs = max(settings.num_requests, math.ceil(top_rate * settings.min_duration_s))
+    num_specs = goodput.specs_for_search(
+        settings.num_requests, settings.min_duration_s, settings.start_rate, settings.max_probes
+    )
     specs = list(w.sample(num_specs, settings.seed, None))
     slo = workload.slo or w.default_slo
 

@@ -125,3 +125,27 @@ def test_min_duration_holds_fast_rates_long_enough(monkeypatch):
     )  # fmt: skip
     assert sent == [(1.0, 10), (2.0, 10), (4.0, 20)]
     assert result.goodput == 4.0 and result.is_lower_bound
+
+
+def test_each_probe_sends_requests_no_earlier_probe_sent(monkeypatch):
+    """A prompt sent again would be served from the prefix cache: probes walk the specs."""
+    from pdserve.bench import loadgen
+
+    firsts: list[list[str]] = []
+
+    def fake_run(url, model, specs, arrival, *, num_requests, **kwargs) -> RunResult:
+        firsts.append([s.prompt for s in specs[:num_requests]])
+        records = [RequestRecord(i, 5, 3, 0.05, [0.005, 0.005], 0.06) for i in range(num_requests)]
+        return RunResult({"rate": arrival.rate}, records, duration_s=1.0)
+
+    monkeypatch.setattr(loadgen, "run_benchmark_sync", fake_run)
+    count = goodput.specs_for_search(4, 0.0, start_rate=1.0, max_probes=3)
+    assert count == 12
+    specs = [RequestSpec(prompt=f"p{i}", max_tokens=3) for i in range(count)]
+    goodput.find_goodput(
+        "http://x", "m", specs, SLO_, num_requests=4, start_rate=1.0, max_probes=3,
+        progress=False,
+    )  # fmt: skip
+    sent = [p for probe in firsts for p in probe]
+    assert len(firsts) == 3 and sorted(sent) == sorted(s.prompt for s in specs)  # none twice
+    assert firsts[1][0] == "p4" and firsts[2][0] == "p8"
