@@ -237,7 +237,11 @@ def main() -> int:
     num_specs = args.warmup + sum(level_requests(c, args.num_requests) for c in levels)
     tokenizer = Tokenizer.from_pretrained(model_dir)
     specs = list(workload.sample(num_specs, args.seed, tokenizer))
-    id_specs = [dataclasses.replace(s, prompt=tokenizer.encode(s.prompt)) for s in specs]
+    id_specs = specs
+    if args.prompt_format == "ids":
+        if any(s.prompt is None for s in specs):
+            raise SystemExit("--prompt-format ids needs a completions workload (text prompts)")
+        id_specs = [dataclasses.replace(s, prompt=tokenizer.encode(s.prompt)) for s in specs]
     context = max(s.num_prompt_tokens or 0 for s in specs) + max(s.max_tokens for s in specs)
     common.print_header(
         "Serving throughput at fixed concurrency: pdserve vs llama-server vs transformers serve",
