@@ -8,8 +8,11 @@ Reproducibility. A seeded request draws its randomness from a generator seeded w
 so its output depends only on its own prompt, parameters and seed: not on what else is in
 the batch, not on preemption, and not on which worker samples which token (the prefill
 worker samples the first token in disaggregated serving, the decode worker the rest).
-Sampling uses the exponential race (argmax p_i / E_i with E_i ~ Exp(1)), which draws from
-p exactly and needs no sort.
+Sampling inverts the distribution's CDF: one uniform u per row, and the first token whose
+cumulative weight exceeds u times the total (weights exp(logit - max), summed in float64 so
+that a token's interval keeps its width however far down the vocabulary it sits). One draw
+per row, vectorised over the batch: the exponential race it replaced (argmax p_i / E_i)
+drew a vocabulary of exponential noise per row, 26 ms of a 32 ms batch-32 decode step.
 
 All maths in float32.
 """
@@ -62,14 +65,32 @@ class Sampler:
         params = [rows[i].params for i in random_rows]
         temperature = torch.tensor([p.temperature for p in params]).unsqueeze(1)
         sub = _apply_top_k_top_p(sub / temperature, params)
-        probs = torch.softmax(sub, dim=-1)
+        # Weights relative to the row's most likely token (1.0), so min-p compares directly.
+        weights = torch.exp(sub - sub.amax(dim=-1, keepdim=True))
         min_p = torch.tensor([p.min_p for p in params]).unsqueeze(1)
         if bool((min_p > 0).any()):
-            probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
-        noise = torch.empty_like(probs)
-        for j, i in enumerate(random_rows):
-            noise[j].exponential_(generator=self._row_generator(rows[i]))
-        token_ids[index] = argmax_rows(probs / noise)
+            weights = weights.masked_fill(weights < min_p, 0.0)
+        cdf = torch.cumsum(weights, dim=-1, dtype=torch.float64)
+        u = self._uniforms([rows[i] for i in random_rows])
+        picks = torch.searchsorted(cdf, u.unsqueeze(1) * cdf[:, -1:], right=True).squeeze(1)
+        # A pick below the vocabulary size always has positive weight (its cumulative sum
+        # rises past the target there). u < 1 keeps u * total below the total, but rounding
+        # can land on it: then the pick is the last token of positive weight.
+        for j in (picks >= weights.shape[-1]).nonzero().flatten().tolist():
+            picks[j] = int((weights[j] > 0).nonzero()[-1])
+        token_ids[index] = picks
+
+    def _uniforms(self, rows: list[SamplingRow]) -> torch.Tensor:
+        """One U[0, 1) float64 per row: seeded rows from their own (seed, token index)
+        generator, the others in order from the engine's stream."""
+        u = torch.empty(len(rows), dtype=torch.float64)
+        unseeded = [j for j, r in enumerate(rows) if r.params.seed is None]
+        if unseeded:
+            u[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, generator=self._generator)
+        for j, r in enumerate(rows):
+            if r.params.seed is not None:
+                u[j] = torch.rand(1, dtype=torch.float64, generator=self._row_generator(r))
+        return u
 
     def _row_generator(self, row: SamplingRow) -> torch.Generator:
         if row.params.seed is None:

@@ -221,3 +221,37 @@ def test_argmax_rows_matches_torch_on_ties_nan_and_inf():
     assert got.tolist() == x.argmax(dim=-1).tolist()
     assert got.tolist()[1:4] == [7, 11, 0]
     assert argmax_rows(x[:, ::2]).tolist() == x[:, ::2].argmax(dim=-1).tolist()  # strided
+
+
+def test_a_token_at_the_end_of_a_large_vocabulary_keeps_its_probability():
+    # 32000 tokens: the cumulative sum runs through ~32000 terms before the last token's
+    # interval; a float32 sum would blur it, the float64 one must not.
+    vocab = 32000
+    logits = torch.zeros(NUM_DRAWS, vocab)
+    logits[:, -1] = math.log(0.3 / 0.7 * (vocab - 1))  # p(last) = 0.3, the rest share 0.7
+    picks = tokens(logits, [row(0, seed=seed) for seed in range(NUM_DRAWS)])
+    assert picks.count(vocab - 1) / NUM_DRAWS == pytest.approx(0.3, abs=0.04)
+    assert len(set(picks)) > 1000  # the flat part is really sampled, all over it
+
+
+@pytest.mark.parametrize(("u", "expected"), [(0.0, 3), (1.0, 5)])
+def test_uniform_at_either_end_picks_a_token_of_positive_weight(monkeypatch, u, expected):
+    # Tokens 0-2 and 6-9 are masked by top-k: u = 0 must give the first kept token and a
+    # draw that rounds up to the total the last kept one, never a masked neighbour.
+    logits = torch.full((1, 10), -50.0)
+    logits[0, 3:6] = torch.tensor([5.0, 5.2, 5.1])
+    monkeypatch.setattr(
+        Sampler, "_uniforms", lambda self, rows: torch.full((1,), u, dtype=torch.float64)
+    )
+    assert tokens(logits, [row(0, seed=1, top_k=3)]) == [expected]
+
+
+def test_seeded_and_unseeded_rows_in_one_batch_draw_independently():
+    logits = random_logits(4, seed=9, scale=0.2)
+    rows = [row(0), row(3, seed=5), row(0), row(3, seed=5)]
+    picks = tokens(logits, rows, sampler_seed=2)
+    # The two seeded rows have the same seed and token index: the same uniform. Their
+    # logits differ, so compare each with the row sampled alone.
+    assert picks[1] == tokens(logits[1:2], [rows[1]])[0]
+    assert picks[3] == tokens(logits[3:4], [rows[3]])[0]
+    assert tokens(logits, rows, sampler_seed=2) == picks
