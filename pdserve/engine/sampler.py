@@ -3,6 +3,12 @@
 Per request: greedy (temperature 0) or random with temperature, top-k, top-p and min-p;
 `min_tokens` masks end-of-sequence and stop ids until enough tokens exist.
 
+Top-k and top-p are thresholds, not sorts: a sort of [32, 32000] float32 rows took ~37 ms,
+more than a batch-32 decode step. Top-k keeps the logits >= the row's k-th largest
+(`torch.topk`); top-p keeps a token iff the probability mass of the strictly larger
+logits is < top_p, found by a radix select in C (`kernels/sampling.c`), with a sort-based
+PyTorch fallback of the same meaning. Both keep every token tied with the last kept one.
+
 Reproducibility. A seeded request draws its randomness from a generator seeded with
 (seed, index of the token being sampled) — not from a stream shared with other requests —
 so its output depends only on its own prompt, parameters and seed: not on what else is in
@@ -14,7 +20,7 @@ that a token's interval keeps its width however far down the vocabulary it sits)
 per row, vectorised over the batch: the exponential race it replaced (argmax p_i / E_i)
 drew a vocabulary of exponential noise per row, 26 ms of a 32 ms batch-32 decode step.
 
-All maths in float32.
+All maths in float32, except the float64 sums said so above and top-p's mass.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.model.kernels import sampling as sampling_kernels
 from pdserve.outputs import Logprob
 from pdserve.sampling_params import SamplingParams, token_seed
 
@@ -60,18 +67,19 @@ class Sampler:
         return self._results(token_ids.tolist(), rows, raw_logprobs)
 
     def _sample_random(self, logits, token_ids, rows, random_rows: list[int]) -> None:
-        index = torch.tensor(random_rows)
+        index = torch.tensor(random_rows, device=logits.device)
         sub = logits[index]
         params = [rows[i].params for i in random_rows]
-        temperature = torch.tensor([p.temperature for p in params]).unsqueeze(1)
+        temperature = torch.tensor([p.temperature for p in params], device=sub.device)
+        temperature = temperature.unsqueeze(1)
         sub = _apply_top_k_top_p(sub / temperature, params)
         # Weights relative to the row's most likely token (1.0), so min-p compares directly.
         weights = torch.exp(sub - sub.amax(dim=-1, keepdim=True))
-        min_p = torch.tensor([p.min_p for p in params]).unsqueeze(1)
+        min_p = torch.tensor([p.min_p for p in params], device=sub.device).unsqueeze(1)
         if bool((min_p > 0).any()):
             weights = weights.masked_fill(weights < min_p, 0.0)
         cdf = torch.cumsum(weights, dim=-1, dtype=torch.float64)
-        u = self._uniforms([rows[i] for i in random_rows])
+        u = self._uniforms([rows[i] for i in random_rows]).to(cdf.device)
         picks = torch.searchsorted(cdf, u.unsqueeze(1) * cdf[:, -1:], right=True).squeeze(1)
         # A pick below the vocabulary size always has positive weight (its cumulative sum
         # rises past the target there). u < 1 keeps u * total below the total, but rounding
@@ -126,23 +134,46 @@ def _block_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    needs_top_k = any(p.top_k > 0 for p in params)
-    needs_top_p = any(p.top_p < 1.0 for p in params)
-    if not (needs_top_k or needs_top_p):
-        return logits
+    """Mask to -inf, in place, the logits outside each row's top-k set and then outside its
+    top-p set (computed on what top-k left); returns `logits`. logits: [S, V]."""
+    if any(p.top_k > 0 for p in params):
+        _mask_top_k_(logits, [p.top_k for p in params])
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64)
+        if sampling_kernels.can_mask(logits):
+            sampling_kernels.top_p_mask_(logits, top_p)
+        else:
+            _mask_top_p_sorted_(logits, top_p)
+    return logits
+
+
+def _mask_top_k_(logits: torch.Tensor, top_k: list[int]) -> None:
+    """Keep the logits >= the row's k-th largest (k = 0: all). A threshold, as vLLM's: every
+    logit tied with the k-th largest is kept, so a row may keep more than k; k >= vocab
+    keeps everything. One `topk` over the batch, for the largest k that masks anything."""
     vocab = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
-    if needs_top_k:
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params]).unsqueeze(1)
-        remove |= torch.arange(vocab).unsqueeze(0) >= top_k
-    if needs_top_p:
-        top_p = torch.tensor([p.top_p for p in params]).unsqueeze(1)
-        probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # keep a token while the mass before it < p
-        remove |= mass_before >= top_p
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    k = torch.tensor([n if 0 < n < vocab else 0 for n in top_k], device=logits.device)  # 0: off
+    if not bool((k > 0).any()):
+        return
+    values = torch.topk(logits, int(k.max()), dim=-1).values  # [S, kmax], descending
+    threshold = values.gather(-1, (k - 1).clamp(min=0).unsqueeze(1))  # [S, 1]: k-th largest
+    threshold = threshold.masked_fill((k == 0).unsqueeze(1), float("-inf"))
+    logits.masked_fill_(logits < threshold, float("-inf"))
+
+
+def _mask_top_p_sorted_(logits: torch.Tensor, top_p: torch.Tensor) -> None:
+    """Top-p by a sort, for where the C kernel does not apply (GPU, other dtypes, no
+    compiler): the kernel's rule and float64 mass, so the same kept sets."""
+    sorted_logits = logits.sort(dim=-1, descending=True).values  # [S, V]
+    probs = torch.softmax(sorted_logits.double(), dim=-1)
+    # Mass before each sorted position; at a tie group's first position, the mass of the
+    # strictly larger logits.
+    mass_before = torch.nn.functional.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0))
+    top_p = top_p.to(device=logits.device, dtype=torch.float64).unsqueeze(1)  # [S, 1]
+    num_kept = (mass_before < top_p).sum(dim=-1, keepdim=True).clamp(min=1)  # a prefix
+    cut = sorted_logits.gather(-1, num_kept - 1)  # [S, 1]: the last kept value
+    cut = cut.masked_fill(top_p >= 1.0, float("-inf"))  # top_p = 1: keep all, tails too
+    logits.masked_fill_(logits < cut, float("-inf"))
 
 
 def _token_logprobs(row: torch.Tensor, token_id: int, num_top: int) -> dict[int, Logprob]:

@@ -1,5 +1,6 @@
 """Sampler: greedy equivalences of the filters, seeded reproducibility independent of the
-batch, blocked tokens, logprobs, and the sampled distribution itself."""
+batch, blocked tokens, logprobs, the sampled distribution itself, and the top-k / top-p
+masks against their definitions (the C top-p kernel and its PyTorch fallback alike)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import math
 import pytest
 import torch
 
-from pdserve.engine.sampler import Sampler, SamplingRow, token_seed
+from pdserve.engine.sampler import Sampler, SamplingRow, _apply_top_k_top_p, token_seed
+from pdserve.model import kernels
+from pdserve.model.kernels import sampling as sampling_kernels
 from pdserve.sampling_params import SamplingParams
+from tests.helpers import torch_threads
 
 VOCAB = 1000
 
@@ -255,3 +259,124 @@ def test_seeded_and_unseeded_rows_in_one_batch_draw_independently():
     assert picks[1] == tokens(logits[1:2], [rows[1]])[0]
     assert picks[3] == tokens(logits[3:4], [rows[3]])[0]
     assert tokens(logits, rows, sampler_seed=2) == picks
+
+
+# ---- top-k and top-p masks ---------------------------------------------------------------
+
+TOP_PS = (1e-6, 0.3, 0.9, 0.999, 1.0)
+
+
+def reference_top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    """The definition, in float64 with an explicit sort and cumsum: sorted descending, a
+    token is kept while the mass before it is < top_p, and so is every token tied with the
+    last kept one."""
+    out = logits.clone()
+    for r, p in enumerate(top_p):
+        if p >= 1.0:
+            continue
+        x = logits[r].double()
+        probs = torch.softmax(x, dim=0)
+        values, order = x.sort(descending=True, stable=True)
+        mass_before = torch.cat([torch.zeros(1, dtype=torch.float64), probs[order].cumsum(0)])
+        num_kept = int((mass_before[:-1] < p).sum())
+        out[r, x < values[num_kept - 1]] = float("-inf")
+    return out
+
+
+def mask_cases(vocab: int, kind: str, seed: int = 0) -> tuple[torch.Tensor, list[float]]:
+    """Rows of one kind of distribution, each top_p of TOP_PS on 3 rows."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = 3 * len(TOP_PS)
+    scale = {"flat": 0.1, "medium": 2.0, "peaked": 10.0, "masked": 2.0, "ties": 1.0}[kind]
+    logits = torch.randn(rows, vocab, generator=generator) * scale
+    if kind == "masked":  # -inf as top-k or blocked tokens leave them
+        logits[torch.rand(rows, vocab, generator=generator) < 0.6] = float("-inf")
+        logits[:, 0] = 1.0  # every row keeps a finite logit
+    if kind == "ties":
+        logits = torch.round(logits * 2) / 2
+    return logits, [p for p in TOP_PS for _ in range(3)]
+
+
+def top_p_kernel(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    out = logits.clone()
+    sampling_kernels.top_p_mask_(out, torch.tensor(top_p, dtype=torch.float64))
+    return out
+
+
+def kept(logits: torch.Tensor) -> list[list[int]]:
+    return [row.isfinite().nonzero().flatten().tolist() for row in logits]
+
+
+needs_kernels = pytest.mark.skipif(not kernels.is_available(), reason="no C compiler here")
+
+
+@needs_kernels
+@pytest.mark.parametrize("vocab", [7, 1000, 1003, 32000])
+@pytest.mark.parametrize("kind", ["flat", "medium", "peaked", "masked", "ties"])
+def test_top_p_kernel_equals_a_float64_sort_and_cumsum(vocab, kind):
+    logits, top_p = mask_cases(vocab, kind)
+    got = top_p_kernel(logits, top_p)
+    assert kept(got) == kept(reference_top_p(logits, top_p))
+    assert torch.equal(got[got.isfinite()], logits[got.isfinite()])  # kept ones untouched
+
+
+@needs_kernels
+def test_top_p_kernel_on_strided_rows_split_across_threads(monkeypatch):
+    logits, top_p = mask_cases(1000, "medium", seed=1)
+    wide = torch.full((logits.shape[0], 1024), 7.0)
+    wide[:, :1000] = logits
+    monkeypatch.setattr(kernels, "MIN_FLOATS_PER_THREAD", 1)
+    with torch_threads(2):
+        sampling_kernels.top_p_mask_(wide[:, :1000], torch.tensor(top_p))
+    assert kept(wide[:, :1000]) == kept(reference_top_p(logits, top_p))
+    assert bool((wide[:, 1000:] == 7.0).all())  # nothing written past a row's end
+
+
+@pytest.mark.parametrize("vocab", [7, 1003, 32000])
+@pytest.mark.parametrize("kind", ["flat", "peaked", "masked", "ties"])
+def test_top_p_fallback_keeps_the_same_tokens_as_the_kernel(monkeypatch, vocab, kind):
+    logits, top_p = mask_cases(vocab, kind, seed=2)
+    params = [SamplingParams(top_p=p) for p in top_p]
+    expected = reference_top_p(logits, top_p)
+    if kernels.is_available():
+        assert kept(_apply_top_k_top_p(logits.clone(), params)) == kept(expected)
+    monkeypatch.setattr(sampling_kernels, "is_available", lambda: False)
+    assert kept(_apply_top_k_top_p(logits.clone(), params)) == kept(expected)
+
+
+def test_top_p_keeps_every_token_tied_with_the_last_kept_one(monkeypatch):
+    # p = 0.447 for 2.0, 0.164 for each 1.0: the mass before the second 1.0 is 0.61.
+    logits = torch.tensor([[1.0, 2.0, 0.0, 1.0, 1.0]])
+    for use_kernel in (True, False):
+        monkeypatch.setattr(sampling_kernels, "is_available", lambda use=use_kernel: use)
+        if use_kernel and not kernels.is_available():
+            continue
+        masked = _apply_top_k_top_p(logits.clone(), [SamplingParams(top_p=0.5)])
+        assert kept(masked) == [[0, 1, 3, 4]]
+
+
+def test_top_k_keeps_ties_with_the_kth_value_and_everything_when_k_exceeds_the_vocab():
+    logits = torch.tensor(
+        [
+            [3.0, 5.0, 3.0, 1.0, 3.0, 0.0],  # k = 2: the 2nd largest is 3.0, tied thrice
+            [3.0, 5.0, 3.0, 1.0, 3.0, 0.0],  # k = 10 > vocab: all kept
+            [3.0, 5.0, 3.0, 1.0, 3.0, 0.0],  # k = 0: off
+            [0.5, float("-inf"), 2.0, float("-inf"), float("-inf"), float("-inf")],  # k = 3
+        ]
+    )
+    params = [SamplingParams(top_k=k) for k in (2, 10, 0, 3)]
+    masked = _apply_top_k_top_p(logits.clone(), params)
+    assert kept(masked) == [[0, 1, 2, 4], list(range(6)), list(range(6)), [0, 2]]
+    assert torch.equal(masked[0, [0, 1, 2, 4]], logits[0, [0, 1, 2, 4]])
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_top_p_applies_to_what_top_k_left(monkeypatch, use_kernel):
+    if use_kernel and not kernels.is_available():
+        pytest.skip("no C compiler here")
+    monkeypatch.setattr(sampling_kernels, "is_available", lambda: use_kernel)
+    logits, _ = mask_cases(1000, "medium", seed=3)
+    params = [SamplingParams(top_k=k, top_p=0.8) for k in (5, 50, 0) for _ in range(5)]
+    top_k_only = _apply_top_k_top_p(logits.clone(), [SamplingParams(top_k=p.top_k) for p in params])
+    expected = reference_top_p(top_k_only, [0.8] * len(params))
+    assert kept(_apply_top_k_top_p(logits.clone(), params)) == kept(expected)

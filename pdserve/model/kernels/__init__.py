@@ -1,8 +1,10 @@
 """Hand-written CPU kernels, compiled on first use with the machine's C compiler.
 
 Only what PyTorch cannot do well without them: decode attention read straight from the
-paged KV pool (`paged_attention.c`), and a decoder layer's element-wise parts fused into
-one pass each (`elementwise.c`: SiLU-and-multiply, RMSNorm with the residual add, RoPE). The kernels are plain C called through ctypes — no
+paged KV pool (`paged_attention.c`), a decoder layer's element-wise parts fused into one
+pass each (`elementwise.c`: SiLU-and-multiply, RMSNorm with the residual add, RoPE), and
+the sampler's top-p mask without a sort (`sampling.c`, bound in `sampling.py`). The
+kernels are plain C called through ctypes — no
 PyTorch headers, so a build takes about a second — and compiled with `-march=native` into
 a cache folder keyed by the source, the flags and the CPU, so a shared home directory on a
 mixed cluster never runs code built for another CPU.
@@ -33,7 +35,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(n) for n in ("paged_attention.c", "elementwise.c")]
+SOURCES = [
+    Path(__file__).with_name(n) for n in ("paged_attention.c", "elementwise.c", "sampling.c")
+]
 HEADERS = [Path(__file__).with_name("simd.h")]
 # Exact IEEE maths except that sums may be reordered (so loops vectorise) and a*b+c fused.
 CFLAGS = [
