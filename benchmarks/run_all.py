@@ -23,6 +23,7 @@ BENCHMARKS = (
     "int8_kv",
     "attention_kernel",
     "cpu_gemm",
+    "sampler",
     "serving_peers",  # peers skipped with a note when not built (benchmarks/peers/)
     "kv_cache",
 )

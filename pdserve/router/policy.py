@@ -6,14 +6,17 @@ Modes:
 - `auto` (conditional disaggregation): a long prompt (at least `auto_local_prefill_tokens`)
   is prefilled remotely, so it does not stall the decode worker's running batch, unless
   every prefill worker is backed up (more than `auto_max_prefill_queue_tokens` prompt
-  tokens waiting). A short prompt is prefilled on the decode worker itself — no hand-off
-  at all — when that worker has nothing assigned (no batch to stall) or when the prefill
-  worker has more prompt tokens queued than the decode worker would have with this one;
-  otherwise remotely: a prefill worker's core is free capacity, and a prompt computed on
-  the decode worker, however short, lengthens every running request's step. (The first
-  version kept short prompts local on ties; on the `code` workload its goodput was half of
-  `disaggregated`'s, docs/benchmarks.md.) With no prefill worker alive everything stays
-  local.
+  tokens waiting). A short prompt goes where it adds the least waiting, summed over the
+  requests it delays, counted in prompt tokens to compute: on the decode worker it waits
+  for that worker's queued prompt tokens, and then every request decoding there waits for
+  it (its step grows by the prompt); on the prefill worker it waits for that queue alone.
+  So it stays local — no hand-off at all — iff `decode queued + decode requests x prompt
+  <= prefill queued`: always on an idle decode worker, on a busy one only when the prefill
+  worker is backed up by that much. (The first version kept short prompts local on ties,
+  the second whenever the prefill queue exceeded the decode worker's queue plus the
+  prompt; both stalled running batches for a few queued prompts, and on the `code`
+  workload auto trailed `disaggregated`, docs/benchmarks.md.) With no prefill worker alive
+  everything stays local.
 
 Prompt length in `auto` means the tokens the decode worker would really compute: the
 prompt minus its cached prefix (global prefix index), so a long prompt whose prefix the
@@ -152,8 +155,10 @@ def plan_request(
     if num_uncached < config.auto_local_prefill_tokens:
         if decode.num_assigned == 0:
             return plan("local", "decode_idle")  # nothing running there to stall
-        if prefill.pending_prefill_tokens > decode.pending_prefill_tokens + num_uncached:
-            return plan("local", "prefill_queue")  # the prefill worker is the busier one
+        # Waiting added, in prompt tokens, summed over the requests that wait (module doc).
+        local = decode.pending_prefill_tokens + decode.num_assigned * num_uncached
+        if local <= prefill.pending_prefill_tokens:
+            return plan("local", "prefill_queue")  # the prefill worker is that backed up
         return plan("remote", "decode_busy")
     if prefill.pending_prefill_tokens > config.auto_max_prefill_queue_tokens:
         return plan("local", "prefill_backed_up")  # the prefill pool is backed up: do it here

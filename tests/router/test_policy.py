@@ -57,20 +57,26 @@ def test_auto_keeps_short_prompts_and_backed_up_prefill_local():
     assert ids(plan_request(pool, config, 5000)) == ("d0", None)
 
 
-def test_auto_keeps_short_prompts_local_only_on_an_idle_or_less_queued_decode_worker():
+def test_auto_keeps_short_prompts_local_only_where_they_add_the_least_waiting():
     config = RoutingConfig(mode="auto", auto_local_prefill_tokens=256)
     pool = pool_of(("p0", "prefill", 0), ("d0", "decode", 0))
     decode, prefill = pool.workers["d0"], pool.workers["p0"]
+    prefill.pending_prefill_tokens = 10_000  # however backed up: nothing to stall locally
     plan = plan_request(pool, config, 50)
     assert (ids(plan), plan.placement) == (("d0", None), ("local", "decode_idle"))
+    prefill.pending_prefill_tokens = 0
     decode.num_assigned = 3  # decoding: a local prefill would stall its batch
     plan = plan_request(pool, config, 50)
     assert (ids(plan), plan.placement) == (("d0", "p0"), ("remote", "decode_busy"))
-    decode.pending_prefill_tokens, prefill.pending_prefill_tokens = 100, 150
-    assert ids(plan_request(pool, config, 50)) == ("d0", "p0")  # 100 + 50 is not < 150
-    prefill.pending_prefill_tokens = 151
+    # Local: 100 queued there + 3 requests x 50 = 250 tokens of waiting; remote: the queue.
+    decode.pending_prefill_tokens, prefill.pending_prefill_tokens = 100, 249
+    assert ids(plan_request(pool, config, 50)) == ("d0", "p0")
+    prefill.pending_prefill_tokens = 250
     plan = plan_request(pool, config, 50)
     assert (ids(plan), plan.placement) == (("d0", None), ("local", "prefill_queue"))
+    decode.num_assigned = 30  # a bigger batch to stall: the same queue no longer justifies it
+    assert ids(plan_request(pool, config, 50)) == ("d0", "p0")
+    assert ids(plan_request(pool, config, 5)) == ("d0", None)  # 100 + 30 x 5 <= 250
 
 
 def test_a_mixed_worker_never_prefills_for_itself():
