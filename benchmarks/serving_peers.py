@@ -52,6 +52,14 @@ PDSERVE_CONFIGS = {
         "threads_per_worker": 2,
         "engine": {"kv_cache_memory_gib": 2.0},  # default chunk: 2048 tokens per step
     },
+    # Two single-thread engines instead of one two-thread engine: their Python and other
+    # serial parts run side by side, and no product waits for a second thread.
+    "pdserve-aggregated-2x1": {
+        "mode": "aggregated",
+        "mixed_workers": 2,
+        "threads_per_worker": 1,
+        "engine": {"kv_cache_memory_gib": 1.0},
+    },
     "pdserve-disaggregated": {
         "mode": "disaggregated",
         "prefill_workers": 1,
