@@ -101,12 +101,16 @@ class ModelRunner:
         `after_layer(i)` is called when layer i's KV is in the pool (see the model)."""
         batch = self._prepare(output.scheduled)
         self._assign_threads(len(batch.input_ids))
+        num_tokens = len(batch.input_ids)
+        # Only sampled rows need the last layer's output; a pure decode step samples every
+        # row, so it skips the selection.
+        output_rows = batch.logits_indices if len(batch.sampling) < num_tokens else None
         hidden = self.model(
-            batch.input_ids, batch.positions, self.kv_caches, batch.meta, after_layer
+            batch.input_ids, batch.positions, self.kv_caches, batch.meta, after_layer, output_rows
         )
         if not batch.sampling:
             return {}
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        logits = self.model.compute_logits(hidden)
         rows = [_sampling_row(item.request) for item in batch.sampling]
         results = self.sampler(logits, rows)
         return {

@@ -223,3 +223,36 @@ def test_seeded_sampling_is_the_same_under_every_regime(case, monkeypatch):
         assert_pool_clean(llm)
     assert all(r == results[0] for r in results)
     assert results[0] != [ref[:12] for ref in case.reference]  # really sampled, not greedy
+
+
+def test_last_layer_computes_only_the_sampled_rows(case, monkeypatch):
+    """Past its keys and values, the last layer runs on the rows whose next token is sampled
+    and no others: a prompt chunk that does not end its prompt contributes no row there,
+    a finished prompt one, a decode one. Every earlier layer runs on every row. Outputs
+    still equal transformers'."""
+    llm = make_llm(case.model_dir, max_num_batched_tokens=64)
+    runner = llm.engine.core.runner
+    layers = runner.model.layers
+    rows: dict[str, list[int]] = {"first": [], "last": []}
+    layers[0].mlp.register_forward_hook(lambda m, args, out: rows["first"].append(len(out)))
+    layers[-1].mlp.register_forward_hook(lambda m, args, out: rows["last"].append(len(out)))
+    steps: list[tuple[int, int]] = []  # (tokens scheduled, requests sampled) per step
+    real_execute = runner.execute
+
+    def execute(output, *args, **kwargs):
+        steps.append((output.num_batched_tokens, sum(s.is_sampling for s in output.scheduled)))
+        return real_execute(output, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "execute", execute)
+    assert token_ids(generate(llm, case.prompts)) == case.reference
+    # A prompt nothing is cached for, alone: how its chunks go through is known exactly.
+    # (Its greedy continuation must not start with EOS, which the reference's
+    # `min_new_tokens` blocks and `ignore_eos` does not.)
+    lone = [(token * 7 + 5) % 512 for token in case.prompts[LENGTHS.index(333)]]
+    assert token_ids(generate(llm, [lone])) == hf_greedy(case.model_dir, [lone], NUM_NEW_TOKENS)
+    assert rows["first"] == [tokens for tokens, _ in steps]
+    assert rows["last"] == [sampled for _, sampled in steps]
+    # The lone 333-token prompt: five 64-token chunks that sample nothing, then its last
+    # 13 tokens sample the first token, then one row per decode step.
+    assert steps[-NUM_NEW_TOKENS - 5 :] == [(64, 0)] * 5 + [(13, 1)] + [(1, 1)] * 15
+    assert rows["last"][-NUM_NEW_TOKENS - 5 :] == [0] * 5 + [1] * 16
