@@ -101,12 +101,8 @@ class ModelRunner:
         `after_layer(i)` is called when layer i's KV is in the pool (see the model)."""
         batch = self._prepare(output.scheduled)
         self._assign_threads(len(batch.input_ids))
-        num_tokens = len(batch.input_ids)
-        # Only sampled rows need the last layer's output; a pure decode step samples every
-        # row, so it skips the selection.
-        output_rows = batch.logits_indices if len(batch.sampling) < num_tokens else None
         hidden = self.model(
-            batch.input_ids, batch.positions, self.kv_caches, batch.meta, after_layer, output_rows
+            batch.input_ids, batch.positions, self.kv_caches, batch.meta, after_layer
         )
         if not batch.sampling:
             return {}
@@ -165,13 +161,30 @@ class ModelRunner:
         if decodes:
             self._prepare_decodes(decodes, meta)
         meta.prefills = self._prepare_prefills(prefills, start=len(decodes))
+        logits_indices_t = torch.tensor(logits_indices, dtype=torch.int64, device=device)
+        if len(sampling) < len(input_ids):  # a pure decode step keeps every row
+            self._prepare_output_rows(sampling, logits_indices_t, meta)
         return _Batch(
             input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
             positions=positions_t,
             meta=meta,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=device),
+            logits_indices=logits_indices_t,
             sampling=sampling,
         )
+
+    def _prepare_output_rows(
+        self, sampling: list[ScheduledRequest], rows: torch.Tensor, meta: AttentionMetadata
+    ) -> None:
+        """Only the sampled rows go on past the last layer's attention (see the model)."""
+        size = self.block_size
+        lens = [s.start + s.num_new_tokens for s in sampling]
+        tables = [s.request.block_ids[: -(-n // size)] for s, n in zip(sampling, lens, strict=True)]
+        width = max(map(len, tables), default=0)
+        meta.output_rows = rows
+        meta.output_block_tables = torch.tensor(
+            [t + [0] * (width - len(t)) for t in tables], dtype=torch.int64, device=self.device
+        ).view(len(tables), width)
+        meta.output_context_lens = torch.tensor(lens, dtype=torch.int64, device=self.device)
 
     def _slot_mapping(self, items: list[ScheduledRequest]) -> torch.Tensor:
         size = self.block_size

@@ -11,6 +11,10 @@ describes it with `AttentionMetadata`:
 - the rest are prefill spans (a whole prompt, or one chunk of it), attended one span at a
   time with a causal mask offset by the context already in the cache.
 
+The last layer attends for the sampled rows only (`output_rows`, see
+`LlamaForCausalLM.forward`): once every key and value of the step is in the cache, a
+prompt's last token attends like a decode, so these rows go through the decode path.
+
 NOTE: every slot of the pool must hold finite numbers, including slots past a sequence's
 length that a block table's padding points at: masked-out positions get zero weight, and
 0 * NaN would still poison the output. The pool is therefore allocated with zeros.
@@ -53,14 +57,24 @@ class AttentionMetadata:
     prefills: list[PrefillSpan] = field(default_factory=list)
     # Built on first use by the PyTorch decode path, then shared by every layer.
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks*block_size]
+    # The rows whose output is kept past the last layer's attention when that is not every
+    # row (None: every row): their index in the batch, block table and context length.
+    output_rows: torch.Tensor | None = None  # [S] int64
+    output_block_tables: torch.Tensor | None = None  # [S, max_blocks] int64
+    output_context_lens: torch.Tensor | None = None  # [S] int64
 
     def get_decode_mask(self, block_size: int) -> torch.Tensor:
         if self.decode_mask is None:
-            length = self.decode_block_tables.shape[1] * block_size
-            keys = torch.arange(length, device=self.decode_context_lens.device)
-            mask = keys.unsqueeze(0) < self.decode_context_lens.unsqueeze(1)
-            self.decode_mask = mask[:, None, None, :]
+            self.decode_mask = _length_mask(
+                self.decode_block_tables, self.decode_context_lens, block_size
+            )
         return self.decode_mask
+
+
+def _length_mask(tables: torch.Tensor, lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[S, 1, 1, max_blocks*block_size] bool: key j of row s is within its context."""
+    keys = torch.arange(tables.shape[1] * block_size, device=lens.device)
+    return (keys.unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
 
 
 def write_kv(
@@ -84,33 +98,53 @@ def paged_attention(
     meta: AttentionMetadata,
 ) -> torch.Tensor:  # [T, H, D]
     num_decodes = meta.num_decode_tokens
+    tables, lens = meta.decode_block_tables, meta.decode_context_lens
     if num_decodes == q.shape[0]:  # a pure decode step: no copy into a shared output
-        return _decode_attention(q, k_cache, v_cache, meta)
+        return _decode_attention(q, k_cache, v_cache, tables, lens, meta.get_decode_mask)
     out = torch.empty_like(q)
     if num_decodes:
-        out[:num_decodes] = _decode_attention(q[:num_decodes], k_cache, v_cache, meta)
+        out[:num_decodes] = _decode_attention(
+            q[:num_decodes], k_cache, v_cache, tables, lens, meta.get_decode_mask
+        )
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.query_len)
         out[rows] = _prefill_attention(q[rows], k[rows], v[rows], k_cache, v_cache, span)
     return out
 
 
-def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+def paged_attention_output_rows(
+    q: torch.Tensor,  # [T, H, D]
+    k_cache: torch.Tensor,  # [N, B, Hkv, D], this step's keys and values already written
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:  # [len(meta.output_rows), H, D]
+    """Attention for `meta.output_rows` only, each over its whole context in the cache."""
+    rows = meta.output_rows
+    if not len(rows):
+        return q.new_empty((0, *q.shape[1:]))
+    tables, lens = meta.output_block_tables, meta.output_context_lens
+    return _decode_attention(
+        q.index_select(0, rows),
+        k_cache,
+        v_cache,
+        tables,
+        lens,
+        lambda block_size: _length_mask(tables, lens, block_size),
+    )
+
+
+def _decode_attention(q, k_cache, v_cache, tables, lens, get_mask) -> torch.Tensor:
+    """One query row per sequence over its `lens` tokens; `get_mask(block_size)` gives the
+    PyTorch path's length mask."""
     if q.device.type == "cpu" and q.dtype == torch.float32 and kernels.is_available():
         return kernels.paged_decode_attention(
-            q.contiguous(),
-            k_cache,
-            v_cache,
-            meta.decode_block_tables,
-            meta.decode_context_lens,
-            q.shape[-1] ** -0.5,
+            q.contiguous(), k_cache, v_cache, tables, lens, q.shape[-1] ** -0.5
         )
-    return _decode_attention_torch(q, k_cache, v_cache, meta)
+    return _decode_attention_torch(q, k_cache, v_cache, tables, get_mask)
 
 
-def _decode_attention_torch(q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-    tables = meta.decode_block_tables  # [S, M]
-    num_seqs, max_blocks = tables.shape
+def _decode_attention_torch(q, k_cache, v_cache, tables, get_mask) -> torch.Tensor:
+    num_seqs, max_blocks = tables.shape  # [S, M]
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     length = max_blocks * block_size
     # [S, M, B, Hkv, D] -> [S, Hkv, M*B, D]
@@ -119,7 +153,7 @@ def _decode_attention_torch(q, k_cache, v_cache, meta: AttentionMetadata) -> tor
     values = v_cache.index_select(0, flat_tables).view(num_seqs, length, num_kv_heads, head_dim)
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)
     query = q.unsqueeze(2)  # [S, H, 1, D]
-    mask = meta.get_decode_mask(block_size)
+    mask = get_mask(block_size)
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
     return out.squeeze(2)
 

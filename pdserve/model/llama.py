@@ -24,7 +24,12 @@ from torch import nn
 from pdserve.config import ModelConfig, RopeConfig
 from pdserve.errors import ModelLoadError
 from pdserve.model import cpu_blas, kernels
-from pdserve.model.attention import AttentionMetadata, paged_attention, write_kv
+from pdserve.model.attention import (
+    AttentionMetadata,
+    paged_attention,
+    paged_attention_output_rows,
+    write_kv,
+)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # keys, values: [num_blocks, block_size, Hkv, D]
 RopeTables = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [T, 1, D/2]
@@ -139,15 +144,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype, device)
 
     def forward(
-        self,
-        x,
-        rope: RopeTables,
-        kv_cache: KVCache,
-        meta: AttentionMetadata,
-        keep_rows: torch.Tensor | None = None,
+        self, x, rope: RopeTables, kv_cache: KVCache, meta: AttentionMetadata, last: bool
     ):
-        """`keep_rows`: return the output of these rows only (every row's keys and values
-        still go into the cache)."""
+        """In the `last` layer, the output of `meta.output_rows` only (when set); every
+        row's keys and values still go into the cache."""
         num_tokens = x.shape[0]
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) D]
@@ -159,11 +159,11 @@ class Attention(nn.Module):
         q, k = qk.split([heads, kv_heads], dim=1)
         k_cache, v_cache = kv_cache
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = paged_attention(q, k, v, k_cache, v_cache, meta)  # [T, H, D]
-        out = out.view(num_tokens, self.q_size)
-        if keep_rows is not None:
-            out = out.index_select(0, keep_rows)
-        return self.o_proj(out)
+        if last and meta.output_rows is not None:
+            out = paged_attention_output_rows(q, k_cache, v_cache, meta)  # [S, H, D]
+        else:
+            out = paged_attention(q, k, v, k_cache, v_cache, meta)  # [T, H, D]
+        return self.o_proj(out.view(out.shape[0], self.q_size))
 
 
 class MLP(nn.Module):
@@ -191,18 +191,13 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, dtype, device)
 
     def forward(
-        self,
-        x,
-        rope: RopeTables,
-        kv_cache: KVCache,
-        meta: AttentionMetadata,
-        keep_rows: torch.Tensor | None = None,
+        self, x, rope: RopeTables, kv_cache: KVCache, meta: AttentionMetadata, last: bool
     ):
-        """x: this layer's own copy of the residual stream (updated in place). With
-        `keep_rows`, only those rows go on past attention (see `LlamaForCausalLM.forward`)."""
-        attn_out = self.self_attn(self.input_layernorm(x), rope, kv_cache, meta, keep_rows)
-        if keep_rows is not None:
-            x = x.index_select(0, keep_rows)
+        """x: this layer's own copy of the residual stream (updated in place). In the `last`
+        layer only `meta.output_rows` go on past attention (see `LlamaForCausalLM.forward`)."""
+        attn_out = self.self_attn(self.input_layernorm(x), rope, kv_cache, meta, last)
+        if last and meta.output_rows is not None:
+            x = x.index_select(0, meta.output_rows)
         h = self.post_attention_layernorm(x, residual=attn_out)  # x += attn_out, then norm
         return x + self.mlp(h)
 
@@ -237,14 +232,13 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[KVCache],  # one per layer
         meta: AttentionMetadata,
         after_layer: Callable[[int], None] | None = None,
-        output_rows: torch.Tensor | None = None,
-    ) -> torch.Tensor:  # [T, hidden], or [len(output_rows), hidden]
-        """Final hidden states of every token, or only of `output_rows` (the rows whose
-        next token is sampled): nothing reads the others' last-layer outputs, so the last
-        layer computes their keys and values for the cache and stops there, skipping its
-        output projection and MLP on every prompt token but a prompt's last (about a tenth
-        of a prefill's work with 8 layers). Rows are computed one by one in every product,
-        so the kept rows' values do not depend on the skipped ones.
+    ) -> torch.Tensor:  # [T, hidden], or [len(meta.output_rows), hidden]
+        """Final hidden states of every token, or only of `meta.output_rows` when set (the
+        rows whose next token is sampled): nothing reads the others' last-layer outputs, so
+        the last layer computes their keys and values for the cache and stops there,
+        skipping its attention, output projection and MLP on every prompt token but a
+        prompt's last (about a tenth of a prefill's products with 8 layers). The kept rows
+        attend over their whole context in the cache, each like a decode.
 
         `after_layer(i)` runs once layer i has written this step's keys and values
         into the cache: a prefill worker streams them to a decode worker from there."""
@@ -252,7 +246,7 @@ class LlamaForCausalLM(nn.Module):
         rope = self.rotary.tables(positions)
         last = len(self.layers) - 1
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
-            x = layer(x, rope, kv_cache, meta, output_rows if i == last else None)
+            x = layer(x, rope, kv_cache, meta, i == last)
             if after_layer is not None:
                 after_layer(i)
         return self.norm(x)

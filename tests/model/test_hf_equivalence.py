@@ -226,16 +226,19 @@ def test_seeded_sampling_is_the_same_under_every_regime(case, monkeypatch):
 
 
 def test_last_layer_computes_only_the_sampled_rows(case, monkeypatch):
-    """Past its keys and values, the last layer runs on the rows whose next token is sampled
-    and no others: a prompt chunk that does not end its prompt contributes no row there,
+    """Past its keys and values, the last layer (attention, output projection, MLP) runs on
+    the rows whose next token is sampled and no others: a prompt chunk that does not end its prompt contributes no row there,
     a finished prompt one, a decode one. Every earlier layer runs on every row. Outputs
     still equal transformers'."""
     llm = make_llm(case.model_dir, max_num_batched_tokens=64)
     runner = llm.engine.core.runner
     layers = runner.model.layers
-    rows: dict[str, list[int]] = {"first": [], "last": []}
+    rows: dict[str, list[int]] = {"first": [], "last": [], "last_attention": []}
     layers[0].mlp.register_forward_hook(lambda m, args, out: rows["first"].append(len(out)))
     layers[-1].mlp.register_forward_hook(lambda m, args, out: rows["last"].append(len(out)))
+    layers[-1].self_attn.o_proj.register_forward_hook(
+        lambda m, args, out: rows["last_attention"].append(len(args[0]))
+    )
     steps: list[tuple[int, int]] = []  # (tokens scheduled, requests sampled) per step
     real_execute = runner.execute
 
@@ -251,7 +254,7 @@ def test_last_layer_computes_only_the_sampled_rows(case, monkeypatch):
     lone = [(token * 7 + 5) % 512 for token in case.prompts[LENGTHS.index(333)]]
     assert token_ids(generate(llm, [lone])) == hf_greedy(case.model_dir, [lone], NUM_NEW_TOKENS)
     assert rows["first"] == [tokens for tokens, _ in steps]
-    assert rows["last"] == [sampled for _, sampled in steps]
+    assert rows["last"] == rows["last_attention"] == [sampled for _, sampled in steps]
     # The lone 333-token prompt: five 64-token chunks that sample nothing, then its last
     # 13 tokens sample the first token, then one row per decode step.
     assert steps[-NUM_NEW_TOKENS - 5 :] == [(64, 0)] * 5 + [(13, 1)] + [(1, 1)] * 15

@@ -49,7 +49,7 @@ def test_kernel_equals_pytorch(
     meta = AttentionMetadata(
         slot_mapping=torch.empty(0), decode_block_tables=tables, decode_context_lens=lens
     )
-    expected = _decode_attention_torch(q, k_cache, v_cache, meta)
+    expected = _decode_attention_torch(q, k_cache, v_cache, tables, meta.get_decode_mask)
     # Force the threaded split even for small inputs.
     with torch_threads(num_threads), pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernels, "MIN_BYTES_PER_THREAD", 1)
