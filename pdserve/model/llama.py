@@ -143,9 +143,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype, device)
 
-    def forward(
-        self, x, rope: RopeTables, kv_cache: KVCache, meta: AttentionMetadata, last: bool
-    ):
+    def forward(self, x, rope: RopeTables, kv_cache: KVCache, meta: AttentionMetadata, last: bool):
         """In the `last` layer, the output of `meta.output_rows` only (when set); every
         row's keys and values still go into the cache."""
         num_tokens = x.shape[0]
@@ -190,9 +188,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, device)
         self.mlp = MLP(config, dtype, device)
 
-    def forward(
-        self, x, rope: RopeTables, kv_cache: KVCache, meta: AttentionMetadata, last: bool
-    ):
+    def forward(self, x, rope: RopeTables, kv_cache: KVCache, meta: AttentionMetadata, last: bool):
         """x: this layer's own copy of the residual stream (updated in place). In the `last`
         layer only `meta.output_rows` go on past attention (see `LlamaForCausalLM.forward`)."""
         attn_out = self.self_attn(self.input_layernorm(x), rope, kv_cache, meta, last)
