@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup redis-server serve test lint format bench clean
+.PHONY: setup redis-server browser serve test lint format bench clean
 
 setup: $(STAMP) redis-server
 
@@ -30,10 +30,24 @@ redis-server:
 		echo "setup: apt-get could not install redis-server: Redis tier tests will skip"; \
 	fi
 
+# The HTML report tests render reports in headless Chromium through chromedriver (`make
+# test` only: serving does not need a browser). Same rules as redis-server: install where
+# apt-get can, else say why (those tests then skip).
+browser:
+	@if command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "setup: chromium/chromedriver missing and not root: browser tests will skip"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "setup: chromium/chromedriver missing and no apt-get: browser tests will skip"; \
+	elif ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends chromium chromium-driver) >/dev/null 2>&1; then \
+		echo "setup: apt-get could not install chromium: browser tests will skip"; \
+	fi
+
 serve: setup
 	$(VENV)/bin/pdserve serve $(ARGS)
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q tests
 
 lint: setup
