@@ -24,6 +24,7 @@ BENCHMARKS = (
     "attention_kernel",
     "cpu_gemm",
     "sampler",
+    "prefill_last_layer",
     "serving_peers",  # peers skipped with a note when not built (benchmarks/peers/)
     "kv_cache",
 )

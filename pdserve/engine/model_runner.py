@@ -106,6 +106,8 @@ class ModelRunner:
         )
         if not batch.sampling:
             return {}
+        if len(hidden) > len(batch.sampling):  # a model that returned every row
+            hidden = hidden[batch.logits_indices]
         logits = self.model.compute_logits(hidden)
         rows = [_sampling_row(item.request) for item in batch.sampling]
         results = self.sampler(logits, rows)
