@@ -259,3 +259,16 @@ def test_last_layer_computes_only_the_sampled_rows(case, monkeypatch):
     # 13 tokens sample the first token, then one row per decode step.
     assert steps[-NUM_NEW_TOKENS - 5 :] == [(64, 0)] * 5 + [(13, 1)] + [(1, 1)] * 15
     assert rows["last"][-NUM_NEW_TOKENS - 5 :] == [0] * 5 + [1] * 16
+
+
+def test_a_model_that_returns_every_row_still_samples_the_right_ones(case, monkeypatch):
+    """Without output rows the last layer runs on every row (as a model that does not prune
+    would): the runner then picks the sampled rows itself, and outputs do not change."""
+    llm = make_llm(case.model_dir, max_num_batched_tokens=64)
+    runner = llm.engine.core.runner
+    monkeypatch.setattr(runner, "_prepare_output_rows", lambda *args: None)
+    rows: dict[str, list[int]] = {"first": [], "last": []}
+    for name, layer in (("first", runner.model.layers[0]), ("last", runner.model.layers[-1])):
+        layer.mlp.register_forward_hook(lambda m, args, out, n=name: rows[n].append(len(out)))
+    assert token_ids(generate(llm, case.prompts)) == case.reference
+    assert rows["last"] == rows["first"]  # every row, every step
