@@ -5,7 +5,20 @@ from __future__ import annotations
 
 from html.parser import HTMLParser
 
+from pdserve.bench.goodput import GoodputResult, Probe, search_goodput
 from pdserve.bench.types import SLO, Percentiles, RequestRecord, RunResult, Summary
+
+# The plots of a report of runs and goodput probes, in page order (a report comparing
+# several runs adds "Ratios to <first run>").
+RUN_PLOT_TITLES = [
+    "TTFT CDF",
+    "TPOT CDF",
+    "E2E latency CDF",
+    "TTFT percentiles",
+    "TPOT percentiles",
+    "SLO attainment vs rate",
+    "Throughput vs rate",
+]
 
 
 def make_record(
@@ -28,6 +41,30 @@ def make_run(label: str, ttft_ms: float = 50.0, tpot_ms: float = 20.0, n: int = 
     records.append(RequestRecord(start_s=0.1 * n, error="HTTP 503: no worker"))
     config = {"label": label, "url": "http://127.0.0.1:8000", "workload": "chat", "rate": 4.0}
     return RunResult(config=config, records=records, duration_s=10.0)
+
+
+def two_runs() -> list[tuple[str, RunResult, Summary]]:
+    """`agg`, then `disagg` with a slower TTFT and a faster TPOT."""
+    return [
+        ("agg", make_run("agg"), make_summary()),
+        ("disagg", make_run("disagg", ttft_ms=80.0, tpot_ms=15.0), make_summary(2.0)),
+    ]
+
+
+def two_runs_probes() -> dict[str, list[Probe]]:
+    """Goodput probes of the two runs, unsorted by rate."""
+    return {
+        "agg": [Probe(2.0, make_summary(2.0)), Probe(1.0, make_summary())],
+        "disagg": [Probe(1.0, make_summary()), Probe(3.0, make_summary(2.0))],
+    }
+
+
+def two_goodput_searches() -> dict[str, GoodputResult]:
+    """`a` finds 2 req/s in 3 probes; `b` fails at every rate it tries (2 probes)."""
+    slo = make_summary().slo
+    passed = search_goodput(lambda rate: make_run("a", ttft_ms=60.0 * rate), slo, max_probes=3)
+    failed = search_goodput(lambda rate: make_run("b", ttft_ms=500.0), slo, max_probes=2)
+    return {"a": passed, "b": failed}
 
 
 def make_summary(scale: float = 1.0, **changes) -> Summary:

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from pdserve.bench import metrics
-from pdserve.bench.goodput import Probe, search_goodput
 from pdserve.bench.report import (
     cmd_compare,
     compare,
@@ -22,25 +21,26 @@ from pdserve.bench.report import (
     write_json,
 )
 from pdserve.bench.types import RequestRecord, RunResult
-from tests.bench.report_builders import Page, make_run, make_summary
+from tests.bench.report_builders import (
+    RUN_PLOT_TITLES,
+    Page,
+    make_run,
+    make_summary,
+    two_goodput_searches,
+    two_runs,
+    two_runs_probes,
+)
 
 
-@pytest.fixture(scope="module")
-def two_runs():
-    return [
-        ("agg", make_run("agg"), make_summary()),
-        ("disagg", make_run("disagg", ttft_ms=80.0, tpot_ms=15.0), make_summary(2.0)),
-    ]
+@pytest.fixture(scope="module", name="two_runs")
+def two_runs_fixture():
+    return two_runs()
 
 
 @pytest.fixture(scope="module")
 def full_report(tmp_path_factory, two_runs) -> tuple[str, Page]:
-    probes = {
-        "agg": [Probe(2.0, make_summary(2.0)), Probe(1.0, make_summary())],
-        "disagg": [Probe(1.0, make_summary()), Probe(3.0, make_summary(2.0))],
-    }
     path = tmp_path_factory.mktemp("report") / "report.html"
-    write_html(path, two_runs, probes, attainment_target=0.9)
+    write_html(path, two_runs, two_runs_probes(), attainment_target=0.9)
     text = path.read_text(encoding="utf-8")
     return text, Page(text)
 
@@ -80,16 +80,7 @@ def test_html_has_every_section_and_plot(full_report):
     text, page = full_report
     assert page.sections == ["config", "summary", "latency", "percentiles", "goodput", "comparison"]
     assert text.count("<svg") == 8
-    assert page.svg_titles == [
-        "TTFT CDF",
-        "TPOT CDF",
-        "E2E latency CDF",
-        "TTFT percentiles",
-        "TPOT percentiles",
-        "SLO attainment vs rate",
-        "Throughput vs rate",
-        "Ratios to agg",
-    ]
+    assert page.svg_titles == [*RUN_PLOT_TITLES, "Ratios to agg"]
 
 
 def test_html_tables_hold_the_numbers(full_report):
@@ -187,12 +178,11 @@ def test_cmd_compare_prints_the_table_and_writes_html(tmp_path, capsys):
 
 
 def test_goodput_html_shows_the_run_at_each_goodput_rate(tmp_path):
-    slo = make_summary().slo
-    passed = search_goodput(lambda rate: make_run("a", ttft_ms=60.0 * rate), slo, max_probes=3)
-    failed = search_goodput(lambda rate: make_run("b", ttft_ms=500.0), slo, max_probes=2)
+    searches = two_goodput_searches()
+    passed, failed = searches["a"], searches["b"]
     assert (passed.goodput, failed.goodput, failed.best_run) == (2.0, 0.0, None)
     assert goodput_runs("b", failed) == []
-    path = write_goodput_html(tmp_path / "g.html", {"a": passed, "b": failed})
+    path = write_goodput_html(tmp_path / "g.html", searches)
     page = Page(path.read_text())
     assert page.sections == ["config", "summary", "latency", "percentiles", "goodput"]
     assert page.tables[1][0] == ["metric", "a"]  # only the search that found a rate

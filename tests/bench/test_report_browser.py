@@ -14,9 +14,13 @@ import shutil
 import numpy as np
 import pytest
 
-from pdserve.bench.goodput import Probe, search_goodput
 from pdserve.bench.report import write_goodput_html, write_html
-from tests.bench.report_builders import make_run, make_summary
+from tests.bench.report_builders import (
+    RUN_PLOT_TITLES,
+    two_goodput_searches,
+    two_runs,
+    two_runs_probes,
+)
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 # matplotlib's first two cycle colours: the first and second run of every plot.
@@ -91,26 +95,11 @@ def assert_laid_out(plots: list[dict], titles: list[str]) -> None:
 
 
 def test_full_report_draws_every_plot(browser, tmp_path):
-    runs = [
-        ("agg", make_run("agg"), make_summary()),
-        ("disagg", make_run("disagg", ttft_ms=80.0, tpot_ms=15.0), make_summary(2.0)),
-    ]
-    probes = {
-        "agg": [Probe(2.0, make_summary(2.0)), Probe(1.0, make_summary())],
-        "disagg": [Probe(1.0, make_summary()), Probe(3.0, make_summary(2.0))],
-    }
-    path = write_html(tmp_path / "report.html", runs, probes, attainment_target=0.9)
+    path = write_html(
+        tmp_path / "report.html", two_runs(), two_runs_probes(), attainment_target=0.9
+    )
     plots = load(browser, path)
-    assert_laid_out(plots, [
-        "TTFT CDF",
-        "TPOT CDF",
-        "E2E latency CDF",
-        "TTFT percentiles",
-        "TPOT percentiles",
-        "SLO attainment vs rate",
-        "Throughput vs rate",
-        "Ratios to agg",
-    ])  # fmt: skip
+    assert_laid_out(plots, [*RUN_PLOT_TITLES, "Ratios to agg"])
     for index, plot in enumerate(plots):
         colours = painted_colours(browser, index)
         assert colours["ink"] > 0.01, (plot["title"], colours)  # axes, ticks, labels
@@ -119,20 +108,9 @@ def test_full_report_draws_every_plot(browser, tmp_path):
 
 
 def test_goodput_report_draws_every_plot(browser, tmp_path):
-    slo = make_summary().slo
-    passed = search_goodput(lambda rate: make_run("a", ttft_ms=60.0 * rate), slo, max_probes=3)
-    failed = search_goodput(lambda rate: make_run("b", ttft_ms=500.0), slo, max_probes=2)
-    path = write_goodput_html(tmp_path / "g.html", {"a": passed, "b": failed})
+    path = write_goodput_html(tmp_path / "g.html", two_goodput_searches())
     plots = load(browser, path)
-    assert_laid_out(plots, [
-        "TTFT CDF",
-        "TPOT CDF",
-        "E2E latency CDF",
-        "TTFT percentiles",
-        "TPOT percentiles",
-        "SLO attainment vs rate",
-        "Throughput vs rate",
-    ])  # fmt: skip
+    assert_laid_out(plots, RUN_PLOT_TITLES)
     # Both searches' probes are on the rate plots; only "a" found a rate, so one run
     # (one colour) on the latency plots.
     for index in (5, 6):
