@@ -7,6 +7,8 @@
     pdserve serve [--config serve.yaml] [flags]   router + workers: the OpenAI HTTP server
     pdserve router [flags]                 the router alone (workers join from elsewhere)
     pdserve worker --role prefill|decode|mixed --router ADDR   one worker process
+    pdserve bench ...                      load tests and reports (pdserve/bench/cli.py)
+    pdserve profile | sim | plan ...       cost profile, simulator, planner (pdserve/sim/cli.py)
 
 Heavy imports (torch, the engine) happen inside the commands so `--help` stays instant.
 """
@@ -253,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pdserve.bench.cli import add_bench_parser
 
     add_bench_parser(commands)
+    from pdserve.sim.cli import add_sim_parsers
+
+    add_sim_parsers(commands)
     return parser
 
 

@@ -1,0 +1,184 @@
+"""The cost model: seconds of one engine step, from what the step computes.
+
+One implementation, used by everything that predicts time: the simulator (`sim/cluster.py`),
+the planner (`sim/plan.py`) and the elastic planner's "propose" step. A profile
+(`sim/profile.py`) holds one `StepCost` per worker size (CPU threads, or GPUs per worker
+for analytic profiles), measured by `pdserve profile` or derived from a hardware
+description (`sim/analytic.py`).
+
+The model, for a step computing N tokens of which S rows are sampled:
+
+    seconds = tokens(N)                       piecewise-linear in N over measured knots
+            + row_s * (S - 1)                 each sampled row past the first: lm_head + sampler
+            + prefill_attention_s * Σ q·(c+q) over prefill spans (q new tokens after c)
+            + decode_attention_s  * Σ (c+1)   over decode rows (the context each one reads)
+            + step_overhead_s
+
+`tokens(N)` carries the weight-bound and compute-bound regimes of the linear layers (flat
+while a step is bound by reading the weights, then rising with N); the attention terms
+carry the context. Past its last knot `tokens(N)` continues along its last segment. Every
+term is a number a reader can check against a measurement, which is why it is not a
+black-box regression. `fit_step_cost` fits it to timed samples by least squares on
+relative error (a 10 ms decode step counts as much as a 1 s prefill).
+
+Torch-free; numpy only for the fit.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class StepShape:
+    """What one step computes, as the cost model sees it."""
+
+    num_tokens: int
+    num_sampled: int
+    prefill_attention: int  # Σ q·(c+q) over prefill spans
+    decode_context: int  # Σ (c+1) over decode rows
+
+
+def shape_of(scheduled: Iterable[Any]) -> StepShape:
+    """The shape of a scheduler step (`ScheduledRequest`s: `num_new_tokens`, `start`,
+    `is_sampling`). A one-token span is a decode row, as the model runner treats it."""
+    num_tokens = num_sampled = prefill = decode = 0
+    for item in scheduled:
+        q = item.num_new_tokens
+        num_tokens += q
+        num_sampled += item.is_sampling
+        if q == 1:
+            decode += item.start + 1
+        else:
+            prefill += q * (item.start + q)
+    return StepShape(num_tokens, num_sampled, prefill, decode)
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Seconds of one step for one worker size; see the module docstring."""
+
+    token_knots: tuple[int, ...]
+    token_seconds: tuple[float, ...]
+    row_s: float
+    prefill_attention_s: float
+    decode_attention_s: float
+    step_overhead_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if len(self.token_knots) != len(self.token_seconds) or not self.token_knots:
+            raise ValueError("token_knots and token_seconds must be non-empty and equally long")
+        if list(self.token_knots) != sorted(set(self.token_knots)):
+            raise ValueError("token_knots must be strictly increasing")
+
+    def tokens_seconds(self, num_tokens: int) -> float:
+        knots, values = self.token_knots, self.token_seconds
+        if num_tokens <= knots[0]:
+            return values[0]
+        if len(knots) == 1:
+            return values[0] * num_tokens / knots[0]
+        i = bisect.bisect_left(knots, num_tokens)
+        i = min(i, len(knots) - 1)  # past the end: continue the last segment
+        x0, x1, y0, y1 = knots[i - 1], knots[i], values[i - 1], values[i]
+        return y0 + (y1 - y0) * (num_tokens - x0) / (x1 - x0)
+
+    def seconds(self, shape: StepShape) -> float:
+        if shape.num_tokens == 0:
+            return 0.0
+        return (
+            self.tokens_seconds(shape.num_tokens)
+            + self.row_s * max(0, shape.num_sampled - 1)
+            + self.prefill_attention_s * shape.prefill_attention
+            + self.decode_attention_s * shape.decode_context
+            + self.step_overhead_s
+        )
+
+    def step_seconds(self, scheduled: Iterable[Any]) -> float:
+        """Seconds of a scheduler step (its `ScheduledRequest`s)."""
+        return self.seconds(shape_of(scheduled))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["token_knots"] = list(self.token_knots)
+        data["token_seconds"] = list(self.token_seconds)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepCost:
+        return cls(
+            token_knots=tuple(int(k) for k in data["token_knots"]),
+            token_seconds=tuple(float(v) for v in data["token_seconds"]),
+            row_s=float(data["row_s"]),
+            prefill_attention_s=float(data["prefill_attention_s"]),
+            decode_attention_s=float(data["decode_attention_s"]),
+            step_overhead_s=float(data.get("step_overhead_s", 0.0)),
+        )
+
+    def scaled(self, factor: float) -> StepCost:
+        """Every term times `factor` (e.g. a slowdown from cores shared with others)."""
+        return StepCost(
+            self.token_knots,
+            tuple(v * factor for v in self.token_seconds),
+            self.row_s * factor,
+            self.prefill_attention_s * factor,
+            self.decode_attention_s * factor,
+            self.step_overhead_s * factor,
+        )
+
+
+# ---- fitting -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TimedStep:
+    shape: StepShape
+    seconds: float
+
+
+def fit_step_cost(samples: Sequence[TimedStep], step_overhead_s: float = 0.0) -> StepCost:
+    """Least squares on relative error over the model's parameters: the value of
+    `tokens(N)` at every distinct N measured (hat functions), `row_s` and the two
+    attention coefficients. Negative coefficients (noise) are clipped to 0 and the rest
+    refitted. The samples must pin every parameter: for every N, a step whose other terms
+    are known (e.g. a fresh prefill and a prefill after context at the same N)."""
+    import numpy as np
+
+    knots = sorted({s.shape.num_tokens for s in samples})
+    extras = ["row", "prefill_attention", "decode_attention"]
+    num_params = len(knots) + len(extras)
+    rows, targets = [], []
+    for sample in samples:
+        row = [0.0] * num_params
+        row[knots.index(sample.shape.num_tokens)] = 1.0
+        row[len(knots)] = max(0, sample.shape.num_sampled - 1)
+        row[len(knots) + 1] = sample.shape.prefill_attention
+        row[len(knots) + 2] = sample.shape.decode_context
+        weight = 1.0 / sample.seconds
+        rows.append([v * weight for v in row])
+        targets.append((sample.seconds - step_overhead_s) * weight)
+    a, b = np.asarray(rows), np.asarray(targets)
+    free = list(range(num_params))
+    for _ in range(num_params):
+        solution = np.zeros(num_params)
+        solution[free] = np.linalg.lstsq(a[:, free], b, rcond=None)[0]
+        negative = [i for i in free if solution[i] < 0 and i >= len(knots)]
+        if not negative:
+            break
+        free = [i for i in free if i not in negative]
+    values = [max(0.0, float(v)) for v in solution]
+    return StepCost(
+        token_knots=tuple(knots),
+        token_seconds=tuple(values[: len(knots)]),
+        row_s=values[len(knots)],
+        prefill_attention_s=values[len(knots) + 1],
+        decode_attention_s=values[len(knots) + 2],
+        step_overhead_s=step_overhead_s,
+    )
+
+
+def relative_errors(cost: StepCost, samples: Sequence[TimedStep]) -> list[float]:
+    """(predicted - measured) / measured per sample."""
+    return [(cost.seconds(s.shape) - s.seconds) / s.seconds for s in samples]

@@ -1,0 +1,188 @@
+"""A simulated worker: pdserve's real `Scheduler` and `BlockManager`, without a model.
+
+Everything a worker decides runs here as in `worker/worker.py`, `worker/handoff.py` and
+`engine/core.py`: admission, chunked prefill under the token budget, `max_num_seqs`,
+preemption by recompute, prefix-cache hits, reservations for KV coming from a prefill
+worker (queued in arrival order until the pool has room), imports, and the prefill side's
+stop after the first token (`Request.kv_dest`). Only the model is missing: a step's
+duration comes from the cost model (`StepCost.step_seconds` of the scheduled batch) and
+the sampled token of each row is a made-up id that never stops a request (outputs run to
+`max_tokens`, as with `ignore_eos`).
+
+Its KV events come from the block manager through the real `KVEventPublisher`, so the
+router's prefix index (`router/kv_index.py`) is fed exactly as in a deployment.
+
+The event loop (sim/cluster.py) calls, per loop pass of a real worker: `on_*` for the
+messages that arrived, `admit` (reservations that now fit), `start_step` → (batch,
+seconds), and after those seconds `finish_step` → the outputs.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import deque
+from dataclasses import dataclass
+
+from pdserve.config import EngineConfig
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from pdserve.sampling_params import SamplingParams
+from pdserve.sim.cost_model import StepCost
+from pdserve.worker.kv_events import DeviceEvents, KVEventPublisher
+
+DEFAULT_TOKEN_BUDGET = 2048  # NOTE: the same rule as engine/core.py (which imports torch)
+
+
+def token_budget(config: EngineConfig, max_model_len: int) -> int:
+    budget = config.max_num_batched_tokens
+    if config.enable_chunked_prefill:
+        return budget or DEFAULT_TOKEN_BUDGET
+    return budget if budget is not None else max(DEFAULT_TOKEN_BUDGET, max_model_len)
+
+
+@dataclass(frozen=True, slots=True)
+class Reserved:
+    """`KVReserved`: the decode worker's blocks for a prompt, the first `num_cached_blocks`
+    already filled by its prefix cache (not sent)."""
+
+    request_id: str
+    num_blocks: int
+    num_cached_blocks: int
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One token of a request from one step (`StepOutputs` entry)."""
+
+    request_id: str
+    token_id: int
+    is_finished: bool  # the request ends here (length): not for a hand-off
+    is_handed_off: bool  # prefill side: the first token; the KV goes to the decode worker
+    num_cached_tokens: int
+
+
+class SimWorker:
+    def __init__(
+        self,
+        worker_id: str,
+        role: str,
+        engine: EngineConfig,
+        cost: StepCost,
+        num_blocks: int,
+        max_model_len: int,
+        threads: int = 1,
+    ) -> None:
+        self.worker_id = worker_id
+        self.role = role
+        self.cost = cost
+        self.threads = threads
+        self.block_manager = BlockManager(
+            num_blocks, engine.block_size, engine.enable_prefix_caching, record_events=True
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=engine.max_num_seqs,
+                max_num_batched_tokens=token_budget(engine, max_model_len),
+                enable_chunked_prefill=engine.enable_chunked_prefill,
+            ),
+            self.block_manager,
+        )
+        self.kv_events = KVEventPublisher(worker_id, [DeviceEvents(self.block_manager)])
+        self.requests: dict[str, Request] = {}
+        self._pending: deque[Request] = deque()  # reservations waiting for room
+        self.num_steps = 0
+        self.num_preemptions = 0
+        self.busy_s = 0.0
+
+    @property
+    def block_size(self) -> int:
+        return self.block_manager.block_size
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- commands ------------------------------------------------------------------------
+
+    def on_add(self, request: Request, kv_dest: object | None = None) -> None:
+        """`AddRequest` (whole request) or, with `kv_dest`, `PrefillRequest`."""
+        request.kv_dest = kv_dest
+        self.requests[request.request_id] = request
+        self.scheduler.add_request(request)
+
+    def on_reserve(self, request: Request) -> list[Reserved]:
+        """`ReserveKV`: queue it; returns the reservations admitted now (in order)."""
+        self._pending.append(request)
+        return self.admit()
+
+    def admit(self) -> list[Reserved]:
+        admitted = []
+        while self._pending and self.scheduler.can_reserve(self._pending[0]):
+            request = self._pending.popleft()
+            self.scheduler.reserve(request)
+            self.requests[request.request_id] = request
+            num_cached = request.num_cached_tokens // self.block_size
+            admitted.append(Reserved(request.request_id, len(request.block_ids), num_cached))
+        return admitted
+
+    def on_kv_done(self, request_id: str, first_token_id: int, is_finished: bool) -> None:
+        """`KVDone`: the prompt's KV is in the reserved blocks (always intact here)."""
+        request = self.requests[request_id]
+        if is_finished:
+            self.scheduler.abort_requests([request])
+            del self.requests[request_id]
+            return
+        self.scheduler.finish_import(request, first_token_id, is_intact=True)
+
+    # ---- steps ---------------------------------------------------------------------------
+
+    def start_step(self) -> tuple[SchedulerOutput, float] | None:
+        """Schedule the next step; None when nothing can run. Seconds at full speed."""
+        output = self.scheduler.schedule()
+        self.block_manager.drain_evicted()
+        if output.is_empty:
+            return None
+        return output, self.cost.step_seconds(output.scheduled)
+
+    def finish_step(self, output: SchedulerOutput) -> list[Output]:
+        sampled = {
+            item.request.request_id: sampled_token(item.request)
+            for item in output.scheduled
+            if item.is_sampling
+        }
+        self.num_steps += 1
+        self.num_preemptions += len(output.preempted_ids)
+        outputs = []
+        for request in self.scheduler.update_from_output(output, sampled):
+            handed_off = request.status == RequestStatus.FINISHED_HANDED_OFF
+            outputs.append(
+                Output(
+                    request.request_id,
+                    sampled[request.request_id],
+                    request.is_finished and not handed_off,
+                    handed_off,
+                    request.num_cached_tokens,
+                )
+            )
+            if request.is_finished:
+                del self.requests[request.request_id]
+        return outputs
+
+    def free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+
+def sampled_token(request: Request) -> int:
+    """A made-up token id, fixed by the request and its position (never an EOS: the
+    simulated requests carry no EOS ids)."""
+    base = zlib.crc32(request.request_id.encode())
+    return (base + 7919 * request.num_output_tokens) % 30000 + 1000
+
+
+def make_request(
+    request_id: str, token_ids: list[int], max_tokens: int, arrival_s: float
+) -> Request:
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return Request(
+        request_id, list(token_ids), params, max_tokens=max_tokens, arrival_time=arrival_s
+    )

@@ -1,0 +1,79 @@
+"""`pdserve profile`, `pdserve sim`: command-line round trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pdserve.bench import metrics
+from pdserve.cli import main
+from pdserve.sim.profile import Profile
+from tests.sim.builders import make_profile
+
+
+@pytest.fixture()
+def profile_path(tmp_path):
+    path = tmp_path / "profile.json"
+    make_profile().save(path)
+    return path
+
+
+def test_sim_writes_a_bench_run_that_compare_reads(tmp_path, profile_path, capsys):
+    runs = []
+    for mode in ("aggregated", "disaggregated"):
+        out = tmp_path / f"{mode}.json"
+        args = ["sim", "--profile", str(profile_path), "--mode", mode, "--threads-per-worker", "1"]
+        args += ["--workload", "code", "--rate", "4", "--num-requests", "20", "--out", str(out)]
+        assert main(args) == 0
+        runs.append(out)
+    result = metrics.from_json(runs[0].read_text())
+    assert len(result.records) == 20 and all(r.is_ok for r in result.records)
+    assert result.config["simulated"] is True
+    assert result.config["layout"]["mode"] == "aggregated"
+    assert result.config["slo_ttft_ms"] == 400  # the code workload's default
+    html = tmp_path / "compare.html"
+    assert main(["bench", "compare", *map(str, runs), "--html", str(html)]) == 0
+    assert html.stat().st_size > 0
+    assert "simulated" in capsys.readouterr().out
+
+
+def test_sim_reads_a_serve_yaml(tmp_path, profile_path):
+    serve_yaml = tmp_path / "serve.yaml"
+    serve_yaml.write_text("mode: aggregated\nmixed_workers: 2\nthreads_per_worker: 1\n")
+    out = tmp_path / "run.json"
+    args = ["sim", "--profile", str(profile_path), "--config", str(serve_yaml)]
+    args += ["--workload", "random:in=64,out=8", "--num-requests", "5", "--out", str(out)]
+    assert main(args) == 0
+    layout = json.loads(out.read_text())["config"]["layout"]
+    assert layout == {**layout, "mode": "aggregated", "mixed_workers": 2}
+
+
+def test_sim_rejects_a_thread_count_the_profile_lacks(profile_path, capsys):
+    args = ["sim", "--profile", str(profile_path), "--threads-per-worker", "4"]
+    assert main([*args, "--num-requests", "2"]) == 2
+    assert "threads_per_worker" in capsys.readouterr().err
+
+
+def test_analytic_profile_round_trip(tmp_path, builtin_model_dir):
+    out = tmp_path / "h100.yaml"
+    assert main(["profile", "--analytic", "h100", "--sizes", "1,2", "--out", str(out)]) == 0
+    profile = Profile.load(out)
+    assert profile.kind == "analytic" and profile.sizes == [1, 2]
+    assert profile.hardware["name"] == "H100-SXM5-80GB"
+    assert "ESTIMATE" in profile.notes[0]
+
+
+def test_measured_quick_profile(tmp_path, builtin_model_dir):
+    out = tmp_path / "quick.json"
+    assert main(["profile", "--quick", "--threads", "1", "--out", str(out)]) == 0
+    profile = Profile.load(out)
+    assert profile.kind == "measured" and profile.sizes == [1]
+    assert profile.model["name"] == builtin_model_dir.name
+    assert profile.model["kv_bytes_per_token"] == 2 * 8 * 4 * 64 * 4  # fp32, 8 layers, 4 heads
+    assert profile.hardware["cores"] >= 1 and profile.hardware["cpu_model"]
+    # Timings are noisy on a shared machine: check what was measured, not how fast.
+    assert profile.cost(1).token_knots == (1, 4, 16, 64, 256, 1024)
+    samples = profile.checks["runs"]["1"]["samples"]
+    assert len(samples) == 11 and all(s["seconds"] > 0 for s in samples)
+    assert set(profile.transfer) >= {"shm", "tcp"}

@@ -1,0 +1,53 @@
+"""The cost model: its terms, interpolation, and the fit recovering known parameters."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.engine.request import Request
+from pdserve.engine.scheduler import ScheduledRequest
+from pdserve.sampling_params import SamplingParams
+from pdserve.sim.cost_model import StepCost, StepShape, TimedStep, fit_step_cost, shape_of
+
+
+def test_tokens_interpolate_between_knots_and_extend_the_last_segment():
+    cost = StepCost((1, 11, 21), (0.01, 0.02, 0.05), 0.0, 0.0, 0.0)
+    assert cost.tokens_seconds(1) == 0.01
+    assert cost.tokens_seconds(6) == pytest.approx(0.015)
+    assert cost.tokens_seconds(16) == pytest.approx(0.035)
+    assert cost.tokens_seconds(31) == pytest.approx(0.08)  # slope of the last segment
+
+
+def test_every_term_adds_up():
+    cost = StepCost((1, 101), (0.01, 0.02), 0.001, 1e-6, 1e-5, step_overhead_s=0.002)
+    shape = StepShape(num_tokens=51, num_sampled=3, prefill_attention=1000, decode_context=200)
+    expected = 0.015 + 2 * 0.001 + 1000 * 1e-6 + 200 * 1e-5 + 0.002
+    assert cost.seconds(shape) == pytest.approx(expected)
+    assert cost.seconds(StepShape(0, 0, 0, 0)) == 0.0
+
+
+def test_shape_of_a_scheduler_step():
+    params = SamplingParams()
+    decode = Request("d", list(range(11)), params)  # 10 computed, the 11th is new
+    chunk = Request("p", list(range(300)), params)
+    scheduled = [ScheduledRequest(decode, 1, 10), ScheduledRequest(chunk, 100, 50)]
+    assert shape_of(scheduled) == StepShape(101, 1, 100 * 150, 11)
+
+
+def test_the_fit_recovers_the_parameters_that_made_the_samples():
+    truth = StepCost((1, 16, 64, 256), (0.008, 0.012, 0.03, 0.1), 0.0004, 2e-7, 1e-6)
+    shapes = [StepShape(q, 1, q * q, 0) for q in (16, 64, 256)]
+    shapes += [StepShape(q, 1, q * (q + 512), 0) for q in (64, 256)]
+    shapes += [StepShape(b, b, 0, b * c) for b in (1, 16, 64) for c in (64, 1024)]
+    samples = [TimedStep(s, truth.seconds(s)) for s in shapes]
+    fitted = fit_step_cost(samples)
+    assert fitted.token_knots == truth.token_knots
+    assert fitted.token_seconds == pytest.approx(truth.token_seconds, rel=1e-6)
+    assert fitted.row_s == pytest.approx(truth.row_s, rel=1e-6)
+    assert fitted.prefill_attention_s == pytest.approx(truth.prefill_attention_s, rel=1e-6)
+    assert fitted.decode_attention_s == pytest.approx(truth.decode_attention_s, rel=1e-6)
+
+
+def test_round_trip_through_a_dict():
+    cost = StepCost((1, 8), (0.01, 0.02), 0.001, 1e-7, 1e-6, 0.0005)
+    assert StepCost.from_dict(cost.to_dict()) == cost
