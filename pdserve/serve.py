@@ -33,6 +33,7 @@ from typing import Any
 
 from pdserve.config import EngineConfig
 from pdserve.errors import ConfigError, PdserveError
+from pdserve.router.gateway.config import GatewayConfig
 from pdserve.router.policy import RoutingConfig
 
 logger = logging.getLogger("pdserve.serve")
@@ -72,10 +73,29 @@ class ServeConfig:
     # Workers started elsewhere (`pdserve worker --router ...`) that readiness waits for,
     # on top of the ones this command launches.
     external_workers: int = 0
+    # The HTTP edge (router/gateway/; every field documented in GatewayConfig).
+    api_keys: str | None = None  # YAML keys file with quotas
+    protect_probes: bool = False
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_n: int = 128
+    max_prompts: int = 64
+    max_stop: int = 16
+    max_stop_chars: int = 256
+    max_stop_token_ids: int = 64
+    max_prompt_bytes: int | None = None
+    admission_ttft_ms: float | None = None
+    admission_prefill_tokens_per_s: float = 2000.0
+    max_queued_requests: int | None = None
+    request_timeout_s: float | None = None
+    limit_concurrency: int | None = None  # uvicorn: connections + tasks; past it 503
+    backlog: int = 2048  # uvicorn: pending TCP connections
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         self.routing()  # validates the routing fields
+        self.gateway()  # validates the gateway fields
+        if self.limit_concurrency is not None and self.limit_concurrency <= 0:
+            raise ConfigError("limit_concurrency", "must be positive")
         counts = self.worker_counts()
         if sum(counts.values()) + self.external_workers == 0:
             raise ConfigError("workers", "no workers configured")
@@ -107,6 +127,10 @@ class ServeConfig:
             kv_aware_usage_weight=self.kv_aware_usage_weight,
             kv_aware_load_margin=self.kv_aware_load_margin,
         )
+
+    def gateway(self) -> GatewayConfig:
+        names = [f.name for f in dataclasses.fields(GatewayConfig) if f.name != "api_keys_file"]
+        return GatewayConfig(**{n: getattr(self, n) for n in names}, api_keys_file=self.api_keys)
 
     def threads(self) -> int:
         if self.threads_per_worker is not None:
@@ -141,7 +165,7 @@ class ServeConfig:
         if not isinstance(engine, dict):
             raise ConfigError("engine", "must be a mapping of engine settings")
         engine = dict(engine)
-        for name in [*SERVE_FLAGS, "kv_layerwise"]:
+        for name in [*SERVE_FLAGS, "kv_layerwise", "protect_probes"]:
             value = getattr(args, name)
             if value is not None:
                 data[name] = value
@@ -217,6 +241,23 @@ SERVE_FLAGS = {
         "kv_aware: tokens of load past the least-loaded worker beyond which a prefix hit "
         "no longer counts (default 4096)",
     ),
+    "api_keys": (str, "YAML file of API keys with quotas (keys: [{name, key, ...}])"),
+    "max_body_bytes": (int, "request bodies above this get 413 (default 4 MiB)"),
+    "max_n": (int, "most samples per prompt (default 128)"),
+    "max_prompts": (int, "most prompts in one completions request (default 64)"),
+    "max_stop": (int, "most stop strings (default 16)"),
+    "max_stop_chars": (int, "longest stop string (default 256)"),
+    "max_stop_token_ids": (int, "most stop token ids (default 64)"),
+    "max_prompt_bytes": (
+        int,
+        "prompt text bytes refused untokenised (default: context x longest token)",
+    ),
+    "admission_ttft_ms": (float, "429 at once when a request's predicted TTFT exceeds this"),
+    "admission_prefill_tokens_per_s": (float, "admission's prefill rate until measured (2000)"),
+    "max_queued_requests": (int, "429 past this many requests waiting for a first token"),
+    "request_timeout_s": (float, "abort requests running longer (default: none)"),
+    "limit_concurrency": (int, "uvicorn: most connections and tasks; 503 past it"),
+    "backlog": (int, "uvicorn: pending TCP connections (default 2048)"),
 }
 ENGINE_FLAGS = {
     "dtype": str,
@@ -247,6 +288,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     )
     for name, (kind, help_text) in SERVE_FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
+    parser.add_argument(
+        "--protect-probes",
+        dest="protect_probes",
+        action="store_const",
+        const=True,
+        default=None,
+        help="require an API key on /metrics, /ready and /docs too",
+    )
     parser.add_argument(
         "--no-kv-layerwise",
         dest="kv_layerwise",
@@ -308,8 +357,16 @@ async def _serve(config: ServeConfig, model_dir: Path, http_sock: socket.socket)
     )
     client.metrics = RouterMetrics(client.model_name)
     await client.start()
-    app = build_app(client, client.metrics, config.api_key)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    app = build_app(client, client.metrics, gateway=config.gateway())
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            lifespan="off",
+            limit_concurrency=config.limit_concurrency,
+            backlog=config.backlog,
+        )
+    )
 
     # uvicorn handles SIGINT/SIGTERM while it serves and re-raises them afterwards; these
     # handlers receive that re-raise so shutdown continues below instead of dying mid-way.

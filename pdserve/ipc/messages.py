@@ -40,6 +40,7 @@ class AddRequest(Message):
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    priority: int = 0  # lower runs first (the engine's priority scheduling)
 
 
 class ReserveKV(Message):
@@ -51,6 +52,7 @@ class ReserveKV(Message):
     prompt_token_ids: list[int]
     params: SamplingParams
     timeout_s: float  # from admission (KVReserved): free the blocks if no KV arrived by then
+    priority: int = 0
 
 
 class NixlPeer(msgspec.Struct, frozen=True):
@@ -89,6 +91,7 @@ class PrefillRequest(Message):
     params: SamplingParams
     dest: KVDestination
     deadline_s: float  # seconds from receipt; past it the reserved blocks may be reused
+    priority: int = 0
 
 
 class Abort(Message):

@@ -1,22 +1,32 @@
 """The OpenAI-compatible HTTP app: routes, API keys, and errors as OpenAI shapes them.
 
-`build_app(client, metrics, api_key)` serves one `EngineClient` (router/client.py):
+`build_app(client, metrics, api_key, gateway)` serves one `EngineClient` (router/client.py):
 
     POST /v1/completions        POST /v1/chat/completions     GET /v1/models
     GET  /health  (the router is up)   GET /ready  (503 until workers are)   GET /metrics
 
 This module owns the HTTP surface; `serving.py` runs generations and `responses.py` builds
-the bodies. It imports no torch, so the router starts fast.
+the bodies. The gateway (`router/gateway/`, configured by `GatewayConfig`) checks keys,
+quotas, limits and admission; this module calls it in order (see `gateway/gate.py`). It
+imports no torch, so the router starts fast.
 
 Errors (always `{"error": {"message", "type", "param", "code"}}`):
 
     400 invalid_request_error  malformed JSON, a body that does not parse (param = the
-                               field, e.g. `messages[0].role`), InvalidRequestError
+                               field, e.g. `messages[0].role`), a limit passed, an
+                               unsupported field, InvalidRequestError
     401 invalid_request_error  missing or wrong API key (code invalid_api_key when wrong)
     404 invalid_request_error  unknown model (code model_not_found) or route
-    500 server_error           RequestFailedError, or anything unexpected (logged with its
-                               traceback; the body says only "internal server error")
-    503 server_error           ServiceUnavailableError (code service_unavailable)
+    408 invalid_request_error  the request's deadline passed (code deadline_exceeded)
+    413 invalid_request_error  body over max_body_bytes (code request_too_large)
+    429 requests | tokens      a key's quota (code rate_limit_exceeded), with Retry-After
+        | overloaded           and x-ratelimit-* headers; admission (code queue_full,
+                               ttft_unattainable, evicted), with Retry-After
+    500 server_error           RequestFailedError after output started, or anything
+                               unexpected (logged with its traceback; the body says only
+                               "internal server error")
+    503 server_error           ServiceUnavailableError (code service_unavailable), also a
+                               request that failed before producing anything; Retry-After
 
 A client that hangs up before its answer is ready gets 499 (nginx's "client closed
 request"), which only logs will ever see.
@@ -28,7 +38,6 @@ itself rather than letting starlette's error middleware re-raise it into the ser
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -43,6 +52,8 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from pdserve.router.client import EngineClient
+from pdserve.router.gateway import Gateway, GatewayConfig
+from pdserve.router.gateway.limits import read_body
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.protocol import (
     ChatCompletionRequest,
@@ -58,6 +69,7 @@ from pdserve.router.serving import (
     ClientDisconnected,
     Serving,
     describe_error,
+    error_headers,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,19 +78,31 @@ BodyModel = TypeVar("BodyModel", bound=BaseModel)
 
 
 def build_app(
-    client: EngineClient, metrics: RouterMetrics | None = None, api_key: str | None = None
+    client: EngineClient,
+    metrics: RouterMetrics | None = None,
+    api_key: str | None = None,
+    gateway: GatewayConfig | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `client`. `metrics` defaults to a fresh `RouterMetrics`;
-    with `api_key`, every `/v1` route requires `Authorization: Bearer <api_key>`."""
+    `gateway` to the default limits with `api_key` (if any) as the one key: with a key,
+    every `/v1` route requires `Authorization: Bearer <key>`."""
     metrics = metrics if metrics is not None else RouterMetrics(client.model_name)
     metrics.watch_workers(client.readiness)
-    serving = Serving(client, metrics)
-    app = FastAPI(title="pdserve", summary="OpenAI-compatible LLM serving")
+    config = gateway if gateway is not None else GatewayConfig(api_key=api_key)
+    gate = Gateway(config, client, metrics.registry)
+    serving = Serving(client, metrics, gate)
+    # protect_probes: FastAPI's own open schema and docs routes are not added (ours are)
+    docs = dict(docs_url=None, redoc_url=None, openapi_url=None) if config.protect_probes else {}
+    app = FastAPI(title="pdserve", summary="OpenAI-compatible LLM serving", **docs)
     app.router.route_class = _OpenAIRoute  # the probes too: no exception escapes a route
     app.state.client = client
     app.state.metrics = metrics
-    _add_probes(app, client, metrics)
-    app.include_router(_v1_router(client, serving, api_key))
+    app.state.gateway = gate
+    probe_auth = [Depends(_bearer_auth(gate))] if config.protect_probes else []
+    _add_probes(app, client, metrics, probe_auth)
+    if config.protect_probes:
+        _add_docs(app, probe_auth)
+    app.include_router(_v1_router(client, serving, gate))
     app.add_exception_handler(HTTPException, _http_exception)
     return app
 
@@ -101,8 +125,8 @@ class _OpenAIRoute(APIRoute):
         return guarded
 
 
-def _v1_router(client: EngineClient, serving: Serving, api_key: str | None) -> APIRouter:
-    dependencies = [Depends(_bearer_auth(api_key))] if api_key else []
+def _v1_router(client: EngineClient, serving: Serving, gate: Gateway) -> APIRouter:
+    dependencies = [Depends(_bearer_auth(gate))]
     router = APIRouter(prefix="/v1", route_class=_OpenAIRoute, dependencies=dependencies)
 
     @router.get("/models")
@@ -114,27 +138,46 @@ def _v1_router(client: EngineClient, serving: Serving, api_key: str | None) -> A
 
     @router.post("/completions")
     async def create_completion(request: Request) -> Response:
-        body = await _parse_body(request, CompletionRequest)
-        _check_model(client, body.model)
-        return await serving.completions(body, request)
+        return await _generate(request, gate, CompletionRequest, serving.completions)
 
     @router.post("/chat/completions")
     async def create_chat_completion(request: Request) -> Response:
-        body = await _parse_body(request, ChatCompletionRequest)
-        _check_model(client, body.model)
-        return await serving.chat(body, request)
+        return await _generate(request, gate, ChatCompletionRequest, serving.chat)
+
+    async def _generate(request: Request, gate: Gateway, model: type, run: Callable) -> Response:
+        """The gateway's steps around one generation; the lease is closed on any error
+        (a stream closes it when it ends)."""
+        lease = gate.open(request.state.api_key)
+        try:
+            body = await _parse_body(request, model, gate.config.max_body_bytes)
+            gate.check(body)
+            _check_model(client, body.model)
+            response = await run(body, request, lease)
+        except BaseException as exc:
+            lease.close()
+            gate.note_refusal(exc)
+            if isinstance(exc, Exception):
+                response = error_response(exc)
+                response.headers.update(lease.headers)
+                return response
+            raise
+        response.headers.update(lease.headers)
+        return response
 
     return router
 
 
-def _add_probes(app: FastAPI, client: EngineClient, metrics: RouterMetrics) -> None:
-    """Liveness, readiness and metrics: open even when an API key is set."""
+def _add_probes(
+    app: FastAPI, client: EngineClient, metrics: RouterMetrics, dependencies: list
+) -> None:
+    """Liveness, readiness and metrics: open unless `protect_probes` (then readiness and
+    metrics need a key; liveness never does)."""
 
     @app.get("/health")
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    @app.get("/ready")
+    @app.get("/ready", dependencies=dependencies)
     async def ready() -> JSONResponse:
         try:
             readiness = client.readiness()
@@ -148,7 +191,7 @@ def _add_probes(app: FastAPI, client: EngineClient, metrics: RouterMetrics) -> N
         }
         return JSONResponse(body, 200 if readiness.is_ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=dependencies)
     async def prometheus_metrics() -> Response:
         content, content_type = metrics.render()
         return Response(content, media_type=content_type)
@@ -157,25 +200,44 @@ def _add_probes(app: FastAPI, client: EngineClient, metrics: RouterMetrics) -> N
 # -- request checks -------------------------------------------------------------------------
 
 
-def _bearer_auth(api_key: str) -> Callable:
-    expected = api_key.encode()
+def _add_docs(app: FastAPI, dependencies: list) -> None:
+    """The OpenAPI schema and Swagger page behind a key (`protect_probes`)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=dependencies)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=dependencies)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="pdserve")
+
+
+def _bearer_auth(gate: Gateway) -> Callable:
+    """A dependency that sets `request.state.api_key` (None when keys are off) or
+    raises 401. The key check itself is constant-time (`gateway/keys.py`)."""
 
     async def check(request: Request) -> None:
         header = request.headers.get("authorization")
-        if header is None:
-            raise ApiError(
-                401, "You didn't provide an API key: send the header 'Authorization: Bearer <key>'."
-            )
-        scheme, _, token = header.partition(" ")
-        # compare_digest: the time taken must not reveal how much of the key matched.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
-            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        token = None
+        if header is not None:
+            scheme, _, token = header.partition(" ")
+            token = token.strip() if scheme.lower() == "bearer" else ""
+        try:
+            request.state.api_key = gate.authenticate(token)
+        except LookupError:
+            if header is None:
+                raise ApiError(
+                    401,
+                    "You didn't provide an API key: send the header 'Authorization: Bearer <key>'.",
+                ) from None
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key") from None
 
     return check
 
 
-async def _parse_body(request: Request, model: type[BodyModel]) -> BodyModel:
-    raw = await request.body()
+async def _parse_body(request: Request, model: type[BodyModel], max_bytes: int) -> BodyModel:
+    raw = await read_body(request, max_bytes)
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
@@ -212,7 +274,7 @@ def error_response(exc: BaseException) -> Response:
     if isinstance(exc, RequestValidationError):
         exc = _as_api_error(None, list(exc.errors()))
     status_code, body = describe_error(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if status_code == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if status_code == 401 else error_headers(exc)
     return JSONResponse(body, status_code, headers=headers)
 
 

@@ -69,8 +69,10 @@ class EngineClient(abc.ABC):
         prompt: str | None,
         prompt_token_ids: list[int],
         params: SamplingParams,
+        priority: int = 0,
     ) -> AsyncGenerator[StreamUpdate, None]:
-        """Run one request (all `params.n` samples); see the module docstring."""
+        """Run one request (all `params.n` samples); see the module docstring. `priority`:
+        lower is scheduled first (vLLM's convention)."""
 
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None:
@@ -79,3 +81,8 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     def readiness(self) -> Readiness:
         """Whether every role the configured mode needs has a live worker."""
+
+    def queued_prefill_tokens(self) -> int | None:
+        """Prompt tokens waiting to be prefilled on the workers (admission's view of load
+        it did not admit itself); None when unknown."""
+        return None

@@ -44,6 +44,7 @@ from pdserve.outputs import StreamUpdate
 from pdserve.router.client import EngineClient, Readiness, WorkerStatus
 from pdserve.router.kv_index import KVIndex, PrefixMatch, prompt_hashes
 from pdserve.router.policy import Plan, RoutingConfig, plan_request, required_jobs
+from pdserve.router.stream_queue import UpdateQueue
 from pdserve.router.workers import WorkerHandle, WorkerPool
 from pdserve.sampling_params import SamplingParams, child_params
 from pdserve.tokenizer import Tokenizer
@@ -66,11 +67,12 @@ class _Child:
     prefilling: tuple[str, int] | None = None  # (worker id, prompt tokens) until 1st token
     prefill_worker: str | None = None
     reservation: asyncio.Future | None = None
+    priority: int = 0
 
 
 @dataclass(eq=False)
 class _Stream:
-    queue: asyncio.Queue
+    queue: UpdateQueue
     children: list[_Child]
 
 
@@ -170,6 +172,14 @@ class ClusterClient(EngineClient):
             num_blocks=smallest.num_blocks if smallest else None,
         )
 
+    def queued_prefill_tokens(self) -> int:
+        """Per live worker, the larger of what the router assigned and what it reports."""
+        return sum(
+            max(w.pending_prefill_tokens, w.num_waiting_prefill_tokens)
+            for w in self.pool.workers.values()
+            if w.is_alive
+        )
+
     def readiness(self) -> Readiness:
         workers = [self._status(w) for w in self.pool.workers.values()]
         num_alive = sum(w.is_alive for w in workers)
@@ -203,18 +213,20 @@ class ClusterClient(EngineClient):
         prompt: str | None,
         prompt_token_ids: list[int],
         params: SamplingParams,
+        priority: int = 0,
     ) -> AsyncGenerator[StreamUpdate, None]:
         self.validate(prompt_token_ids, params)
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         child_ids = self.processor.add_request(request_id, prompt, prompt_token_ids, params)
         max_tokens = params.max_tokens or (self.max_model_len - len(prompt_token_ids))
-        stream = _Stream(asyncio.Queue(), [])
+        stream = _Stream(UpdateQueue(), [])  # merges updates its reader has not taken
         self._streams[request_id] = stream
         is_finished = False
         try:
             for index, child_id in enumerate(child_ids):
                 child = _Child(child_id, request_id, len(prompt_token_ids), max_tokens)
+                child.priority = priority
                 stream.children.append(child)
                 self._children[child_id] = child
                 await self._dispatch(child, prompt_token_ids, child_params(params, index))
@@ -265,7 +277,7 @@ class ClusterClient(EngineClient):
         if plan.prefill is None:
             self._charge(child, plan.decode, child.num_prompt_tokens + child.max_tokens)
             self._charge_prefill(child, plan.decode, cached(plan.decode))
-            plan.decode.send(m.AddRequest(child.child_id, token_ids, params))
+            plan.decode.send(m.AddRequest(child.child_id, token_ids, params, child.priority))
             return
         await self._dispatch_remote(child, plan, token_ids, params, cached(plan.prefill))
 
@@ -281,7 +293,9 @@ class ClusterClient(EngineClient):
         transfer_id = uuid.uuid4().hex
         child.reservation = asyncio.get_running_loop().create_future()
         self._charge(child, plan.decode, child.max_tokens)
-        plan.decode.send(m.ReserveKV(child.child_id, transfer_id, token_ids, params, timeout))
+        plan.decode.send(
+            m.ReserveKV(child.child_id, transfer_id, token_ids, params, timeout, child.priority)
+        )
         try:
             # NOTE: asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
             # cancellation (client gone) that races with the reservation arriving.
@@ -308,7 +322,9 @@ class ClusterClient(EngineClient):
         self._charge(child, prefill, child.num_prompt_tokens)
         self._charge_prefill(child, prefill, num_cached_on_prefill)
         deadline = timeout - (time.monotonic() - base) - ROUTER_MARGIN_S
-        prefill.send(m.PrefillRequest(child.child_id, token_ids, params, dest, deadline))
+        prefill.send(
+            m.PrefillRequest(child.child_id, token_ids, params, dest, deadline, child.priority)
+        )
 
     def _backend(self, prefill: WorkerHandle, decode: WorkerHandle) -> str:
         wanted = self.routing.kv_backend

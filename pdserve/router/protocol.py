@@ -13,9 +13,14 @@ Two kinds of rejection, both a 400 for the client:
   not supported yet. `SamplingParams` validates its own ranges; its errors pass through
   unchanged so there is one message per rule.
 
-Unknown fields are ignored, as OpenAI's SDKs expect of compatible servers; vLLM's extra
-sampling fields (`top_k`, `min_p`, ...) are kept so vLLM clients keep working. `stop`
-takes any number of strings (OpenAI caps it at 4; vLLM does not, and neither do we).
+Hostile values fail to parse (400): non-finite floats (`1e400` is inf in JSON parsers)
+and integers outside int64 (they could not even be sent to a worker). Unknown fields are
+kept in `model_extra`: the gateway (`router/gateway/limits.py`) refuses those that ask for
+an unsupported feature (`tools`, `response_format`, ...) and ignores the rest, as OpenAI's
+SDKs expect of compatible servers. vLLM's extra sampling fields (`top_k`, `min_p`,
+`priority`, ...) are kept so vLLM clients keep working; `timeout` (seconds) is pdserve's
+own per-request deadline. Counts and lengths (`n`, `stop`, prompts) are bounded by the
+gateway's configurable limits.
 """
 
 from __future__ import annotations
@@ -37,8 +42,11 @@ SSE_DONE = "data: [DONE]\n\n"
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions `logprobs`
 MAX_CHAT_TOP_LOGPROBS = 20  # OpenAI's limit for /v1/chat/completions `top_logprobs`
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
 NonEmpty = Field(min_length=1)
-TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], NonEmpty]
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]], NonEmpty]
 # NOTE: every list form is non-empty, so `prompt: []` fails to parse rather than producing
 # no requests; `prompts` relies on this to look at element 0.
 Prompt = str | Annotated[list[str], NonEmpty] | TokenIds | Annotated[list[TokenIds], NonEmpty]
@@ -66,25 +74,28 @@ class StreamOptions(BaseModel):
 class _SamplingRequest(BaseModel):
     """Fields shared by both endpoints; `None` means "the default" as in OpenAI's API."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str | None = None  # None: the one model served
     temperature: float | None = 1.0
     top_p: float | None = 1.0
-    n: int | None = 1
+    n: Int64 | None = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     user: str | None = None  # accepted and ignored
     # vLLM extras
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
-    min_tokens: int = 0
+    min_tokens: Int64 = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int64] | None = None
+    priority: Int64 = 0  # lower runs first, and is shed last under overload
+    # pdserve: seconds until the request is aborted (default: the server's request_timeout_s)
+    timeout: Annotated[float, Field(gt=0)] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -121,8 +132,8 @@ class CompletionRequest(_SamplingRequest):
     """Body of `POST /v1/completions`."""
 
     prompt: Prompt
-    max_tokens: int | None = 16  # OpenAI's default for completions
-    logprobs: int | None = None
+    max_tokens: Int64 | None = 16  # OpenAI's default for completions
+    logprobs: Int64 | None = None
     echo: bool = False
 
     @property
@@ -184,10 +195,10 @@ class ChatCompletionRequest(_SamplingRequest):
     """Body of `POST /v1/chat/completions`."""
 
     messages: Annotated[list[ChatMessage], NonEmpty]
-    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
-    max_completion_tokens: int | None = None
+    max_tokens: Int64 | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: Int64 | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int64 | None = None
 
     def to_sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
         """`default_max_tokens` applies when neither max_completion_tokens nor max_tokens is set."""

@@ -5,14 +5,25 @@ them, before any work starts), the client's streams run together, disconnects no
 unfinished requests aborted — and the choice between one JSON body and an SSE stream.
 
 Contract with the client (`router/client.py`): each prompt becomes one `generate` call under
-its own id `{request_id}-{prompt_index}`; when the HTTP request ends before a prompt's final
-update (client gone, another prompt failed, the stream was closed) the app calls
-`client.abort(id)` and closes the iterator, whichever way it ended.
+its own id `{request_id}-{prompt_index}`, run by `router/generation.py`; when the HTTP
+request ends before a prompt's final update (client gone, another prompt failed, the
+stream was closed) the generation calls `client.abort(id)` and closes the iterator,
+whichever way it ended.
 
 Errors: everything raised before the response starts propagates to `app.py`, which maps it
 to a status code. A streaming response is committed only after its first update has
-arrived, so a request that cannot start (503) or fails at once (500) still gets a proper
-status; after that, failures become an error event followed by `data: [DONE]`.
+arrived, so a request that cannot start (503), is refused (429) or fails before its first
+token (503: nothing was produced, so a retry is safe) still gets a proper status; after
+that, failures become an error event followed by `data: [DONE]`.
+
+Gateway (`router/gateway/`): prompts are tokenised off the event loop when large; then the
+request's `Lease` charges its key's token quota and passes admission (429s), and the
+generation runs under the lease's deadline (408) until the lease's ticket is evicted
+(429). Every exit closes the lease.
+
+Memory: the client's queue of updates holds deltas, and a consumer that falls behind
+(a client not reading its stream) finds them merged, not piled up: see
+`router/gateway/stream_queue.py`.
 
 Disconnects: a non-streaming request (and a stream waiting for its first update) races the
 generation against the ASGI `http.disconnect` message; a started stream is cancelled by
@@ -23,11 +34,9 @@ on every exit so the aborts run at once, not whenever the generator is garbage c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 import anyio
@@ -35,14 +44,20 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from pdserve.errors import InvalidRequestError, RequestFailedError, ServiceUnavailableError
-from pdserve.outputs import RequestOutput, StreamUpdate
 from pdserve.router.client import EngineClient
+from pdserve.router.gateway import Gateway, Lease
+from pdserve.router.gateway.errors import (
+    DeadlineExceededError,
+    PayloadTooLargeError,
+    RateLimitedError,
+)
+from pdserve.router.gateway.limits import off_loop
+from pdserve.router.generation import Generation, PromptInput, Update
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.protocol import (
     SSE_DONE,
     ChatCompletionRequest,
     CompletionRequest,
-    UsageInfo,
     error_body,
     random_id,
     sse_event,
@@ -61,7 +76,6 @@ from pdserve.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Update = tuple[int, StreamUpdate]  # (prompt index, update)
 STATUS_CLIENT_CLOSED = 499  # nginx's code; nobody is left to read it
 
 
@@ -93,6 +107,12 @@ def describe_error(exc: BaseException) -> tuple[int, dict[str, Any]]:
         return exc.status_code, exc.body
     if isinstance(exc, InvalidRequestError):
         return 400, error_body(str(exc), param=exc.param)
+    if isinstance(exc, RateLimitedError):
+        return 429, error_body(str(exc), exc.type, code=exc.code)
+    if isinstance(exc, PayloadTooLargeError):
+        return 413, error_body(str(exc), code="request_too_large")
+    if isinstance(exc, DeadlineExceededError):
+        return 408, error_body(str(exc), code="deadline_exceeded")
     if isinstance(exc, ServiceUnavailableError):
         return 503, error_body(str(exc), "server_error", code="service_unavailable")
     if isinstance(exc, RequestFailedError):
@@ -101,53 +121,72 @@ def describe_error(exc: BaseException) -> tuple[int, dict[str, Any]]:
     return 500, error_body("internal server error", "server_error")
 
 
-@dataclass(frozen=True, slots=True)
-class PromptInput:
-    text: str | None  # the prompt's text when it came as text (or was rendered from chat)
-    token_ids: list[int]
-    params: SamplingParams
+def error_headers(exc: BaseException) -> dict[str, str] | None:
+    """Headers that go with the error response of `exc` (Retry-After, rate limits)."""
+    if isinstance(exc, RateLimitedError):
+        return exc.response_headers()
+    if isinstance(exc, ServiceUnavailableError):
+        return {"retry-after": "1"}
+    return None
 
 
 class Serving:
     """The two generation endpoints over one `EngineClient`."""
 
-    def __init__(self, client: EngineClient, metrics: RouterMetrics) -> None:
+    def __init__(self, client: EngineClient, metrics: RouterMetrics, gateway: Gateway) -> None:
         self.client = client
         self.metrics = metrics
+        self.gateway = gateway
         self.texts = TokenTexts(client.tokenizer)
 
-    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+    async def completions(
+        self, body: CompletionRequest, request: Request, lease: Lease
+    ) -> Response:
         arrival = time.monotonic()
+        lease.set_deadline(body.timeout, arrival)
         tokenizer = self.client.tokenizer
         inputs = []
         for prompt in body.prompts:
             if isinstance(prompt, str):
-                inputs.append(self._prepare(prompt, tokenizer.encode(prompt), body))
+                token_ids = await off_loop(len(prompt), tokenizer.encode, prompt)
+                inputs.append(self._prepare(prompt, token_ids, body))
             else:
                 inputs.append(self._prepare(None, prompt, body))
         echo_texts = [self._prompt_text(i) for i in inputs] if body.echo else None
         meta = self._meta(random_id("cmpl"), inputs[0].params)
-        generation = Generation(self.client, meta.request_id, inputs, self.metrics, arrival)
+        _admit(lease, meta.request_id, inputs, body.priority, self.client.max_model_len)
+        generation = Generation(
+            self.client, meta.request_id, inputs, self.metrics, arrival, lease, body.priority
+        )
         if body.stream:
             chunks = CompletionChunks(meta, echo_texts, self.texts)
             return await stream(request, generation, chunks, _include_usage(body))
         outputs = await until_disconnect(request, generation.collect())
         return _json(completion_response(meta, outputs, echo_texts, self.texts, generation.usage))
 
-    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+    async def chat(self, body: ChatCompletionRequest, request: Request, lease: Lease) -> Response:
         arrival = time.monotonic()
-        tokenizer = self.client.tokenizer
+        lease.set_deadline(body.timeout, arrival)
         messages = [{"role": m.role, "content": m.text} for m in body.messages]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        # The template writes BOS itself; encoding must not add a second one.
-        prompt = self._prepare(text, tokenizer.encode(text, add_special_tokens=False), body)
+        size = sum(len(m["content"]) for m in messages)
+        text, token_ids = await off_loop(size, self._render_chat, messages)
+        prompt = self._prepare(text, token_ids, body)
         meta = self._meta(random_id("chatcmpl"), prompt.params)
-        generation = Generation(self.client, meta.request_id, [prompt], self.metrics, arrival)
+        _admit(lease, meta.request_id, [prompt], body.priority, self.client.max_model_len)
+        generation = Generation(
+            self.client, meta.request_id, [prompt], self.metrics, arrival, lease, body.priority
+        )
         if body.stream:
             chunks = ChatChunks(meta, self.texts)
             return await stream(request, generation, chunks, _include_usage(body))
         (output,) = await until_disconnect(request, generation.collect())
         return _json(chat_response(meta, output, self.texts, generation.usage))
+
+    def _render_chat(self, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
+        tokenizer = self.client.tokenizer
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        # The template writes BOS itself; encoding must not add a second one.
+        return text, tokenizer.encode(text, add_special_tokens=False)
 
     def _prepare(
         self,
@@ -173,121 +212,25 @@ class Serving:
         )
 
 
+def _admit(
+    lease: Lease, request_id: str, inputs: list[PromptInput], priority: int, max_model_len: int
+) -> None:
+    """Charge the key's tokens (prompt + max_tokens, per sample), then pass admission."""
+    num_queued = sum(len(p.token_ids) * p.params.n for p in inputs)
+    worst_case = sum(
+        len(p.token_ids) + (p.params.max_tokens or max_model_len - len(p.token_ids)) * p.params.n
+        for p in inputs
+    )
+    lease.charge(worst_case)
+    lease.admit(request_id, num_queued, priority)
+
+
 def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
     return body.stream_options is not None and body.stream_options.include_usage
 
 
 def _json(body: Any) -> JSONResponse:
     return JSONResponse(body.model_dump(mode="json"))
-
-
-# -- one HTTP request's generation ----------------------------------------------------------
-
-
-class Generation:
-    """The client streams of one HTTP request's prompts, run together.
-
-    `updates()` yields `(prompt_index, update)` as they arrive; however it ends, every
-    prompt without its final update is aborted and its stream closed.
-    """
-
-    def __init__(
-        self,
-        client: EngineClient,
-        request_id: str,
-        inputs: Sequence[PromptInput],
-        metrics: RouterMetrics,
-        arrival: float,
-    ) -> None:
-        self.client = client
-        self.inputs = list(inputs)
-        self.request_ids = [f"{request_id}-{i}" for i in range(len(inputs))]
-        self._trackers = [metrics.start_request(len(p.token_ids), arrival) for p in inputs]
-        self._finished: set[int] = set()
-        self._num_completion_tokens = 0
-        self._num_cached_tokens = [0] * len(self.inputs)
-
-    @property
-    def usage(self) -> UsageInfo:
-        num_prompt_tokens = sum(len(p.token_ids) for p in self.inputs)
-        num_cached = sum(self._num_cached_tokens)
-        return UsageInfo.of(num_prompt_tokens, self._num_completion_tokens, num_cached)
-
-    async def updates(self) -> AsyncIterator[Update]:
-        streams = [
-            self.client.generate(request_id, p.text, p.token_ids, p.params)
-            for request_id, p in zip(self.request_ids, self.inputs, strict=True)
-        ]
-        try:
-            async with contextlib.aclosing(merge_streams(streams)) as merged:
-                async for index, update in merged:
-                    self._trackers[index].observe(update)
-                    self._num_completion_tokens += sum(len(d.token_ids) for d in update.deltas)
-                    self._num_cached_tokens[index] = update.output.num_cached_tokens
-                    if update.finished:
-                        self._finished.add(index)
-                    yield index, update
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._close(streams)
-
-    async def collect(self) -> list[RequestOutput]:
-        """Run to the end; the final output of each prompt, in prompt order."""
-        outputs: dict[int, RequestOutput] = {}
-        async with contextlib.aclosing(self.updates()) as updates:
-            async for index, update in updates:
-                outputs[index] = update.output
-        if len(self._finished) < len(self.inputs):
-            raise RequestFailedError("a stream ended before its request finished")
-        return [outputs[i] for i in range(len(self.inputs))]
-
-    async def _close(self, streams: list[AsyncIterator[StreamUpdate]]) -> None:
-        for index, request_id in enumerate(self.request_ids):
-            if index not in self._finished:
-                self._trackers[index].abort(self.inputs[index].params.n)
-                await self.client.abort(request_id)
-        for stream_ in streams:
-            aclose = getattr(stream_, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-
-async def merge_streams(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
-    """Items of several async iterators as they arrive, tagged with the iterator's index.
-
-    One stream (the common case) is iterated directly; several are each advanced by a task
-    of their own, and pending tasks are cancelled when the merge is closed.
-    """
-    if len(streams) == 1:
-        async for item in streams[0]:
-            yield 0, item
-        return
-    pending = {asyncio.ensure_future(_anext(s)): i for i, s in enumerate(streams)}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in sorted(done, key=pending.__getitem__):
-                index = pending.pop(task)
-                is_item, item = task.result()
-                if is_item:
-                    pending[asyncio.ensure_future(_anext(streams[index]))] = index
-                    yield index, item
-    finally:
-        for task in pending:
-            task.cancel()
-        if pending:
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait(pending)
-            for task in pending:  # a failure after the merge was closed: nobody wants it
-                if not task.cancelled():
-                    task.exception()
-
-
-async def _anext(stream_: AsyncIterator[T]) -> tuple[bool, T | None]:
-    try:
-        return True, await stream_.__anext__()
-    except StopAsyncIteration:
-        return False, None
 
 
 # -- disconnects and streaming --------------------------------------------------------------

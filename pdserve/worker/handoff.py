@@ -86,10 +86,18 @@ class HandOffs:
     def on_command(self, message: m.Message) -> list[m.Message]:
         try:
             if isinstance(message, m.AddRequest):
-                self.core.add_request(message.request_id, message.prompt_token_ids, message.params)
+                self.core.add_request(
+                    message.request_id,
+                    message.prompt_token_ids,
+                    message.params,
+                    priority=message.priority,
+                )
             elif isinstance(message, m.ReserveKV):
                 request = self.core.make_request(
-                    message.request_id, message.prompt_token_ids, message.params
+                    message.request_id,
+                    message.prompt_token_ids,
+                    message.params,
+                    priority=message.priority,
                 )
                 deadline = time.monotonic() + message.timeout_s
                 self._pending.append(
@@ -103,6 +111,7 @@ class HandOffs:
                     message.request_id,
                     message.prompt_token_ids,
                     message.params,
+                    priority=message.priority,
                     kv_dest=hand_off,
                 )
                 self._hand_offs[message.request_id] = hand_off

@@ -65,10 +65,12 @@ class InProcessEngineClient(EngineClient):
         prompt: str | None,
         prompt_token_ids: list[int],
         params: SamplingParams,
+        priority: int = 0,
     ) -> AsyncIterator[StreamUpdate]:
         updates: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        self._commands.put(("add", request_id, prompt, prompt_token_ids, params, loop, updates))
+        command = ("add", request_id, prompt, prompt_token_ids, params, priority, loop, updates)
+        self._commands.put(command)
         is_done = False
         try:
             while (item := await updates.get()) is not _END:
@@ -126,11 +128,11 @@ class InProcessEngineClient(EngineClient):
     def _apply(self, command: tuple) -> None:
         kind, *args = command
         if kind == "add":
-            request_id, prompt, token_ids, params, loop, updates = args
+            request_id, prompt, token_ids, params, priority, loop, updates = args
             self._subscribers[request_id] = (loop, updates)
             try:
                 self.engine.add_request(
-                    request_id, {"prompt": prompt, "prompt_token_ids": token_ids}, params
+                    request_id, {"prompt": prompt, "prompt_token_ids": token_ids}, params, priority
                 )
             except Exception as exc:
                 self._deliver(request_id, exc)
@@ -192,7 +194,8 @@ def _resolve(future: asyncio.Future, value: Any) -> None:
 
 class ScriptedEngineClient(EngineClient):
     """Plays back `script` (lists of (text, token_ids) deltas of sample 0), then raises
-    `fail_with` if given; `unavailable` makes it not ready and raise at generate."""
+    `fail_with` if given; `unavailable` makes it not ready and raise at generate. With
+    `finish`, the last scripted update finishes the request (finish reason "length")."""
 
     def __init__(
         self,
@@ -202,6 +205,7 @@ class ScriptedEngineClient(EngineClient):
         fail_with: BaseException | None = None,
         unavailable: bool = False,
         hang: bool = False,
+        finish: bool = False,
         model_name: str = "scripted",
         max_model_len: int = 256,
     ) -> None:
@@ -212,22 +216,31 @@ class ScriptedEngineClient(EngineClient):
         self.fail_with = fail_with
         self.unavailable = unavailable
         self.hang = hang  # after the script, wait forever (until cancelled)
+        self.finish = finish
         self.aborts: list[str] = []
         self.started: list[str] = []
+        self.priorities: list[int] = []
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         pass
 
-    async def generate(self, request_id, prompt, prompt_token_ids, params):
+    async def generate(self, request_id, prompt, prompt_token_ids, params, priority=0):
+        self.priorities.append(priority)
         if self.unavailable:
             raise ServiceUnavailableError("no decode worker is alive")
         self.started.append(request_id)
         text, token_ids = "", []
-        for piece, ids in self.script:
+        for step, (piece, ids) in enumerate(self.script, 1):
             text, token_ids = text + piece, token_ids + ids
-            sample = CompletionOutput(0, text, list(token_ids))
-            output = RequestOutput(request_id, prompt, prompt_token_ids, [sample], False)
-            yield StreamUpdate([SampleDelta(0, piece, ids)], output)
+            done = self.finish and step == len(self.script)
+            reason = "length" if done else None
+            samples = [
+                CompletionOutput(i, text, list(token_ids), finish_reason=reason)
+                for i in range(params.n)
+            ]
+            output = RequestOutput(request_id, prompt, prompt_token_ids, samples, done)
+            deltas = [SampleDelta(i, piece, ids, finish_reason=reason) for i in range(params.n)]
+            yield StreamUpdate(deltas, output, done)
         if self.hang:
             await asyncio.Event().wait()
         if self.fail_with is not None:

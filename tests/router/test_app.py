@@ -337,10 +337,15 @@ async def test_service_unavailable_is_503(tokenizer):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_failure_before_the_first_update_is_500(tokenizer, stream):
+async def test_failure_before_the_first_update_is_503_and_retryable(tokenizer, stream):
+    # Nothing was produced (overload, e.g. "prefill did not finish in time", or a lost
+    # worker), so a retry is safe: 503 with Retry-After, never a 500.
     client = ScriptedEngineClient(tokenizer, fail_with=RequestFailedError("worker w1 died"))
-    failure = error(await post(build_app(client), CMPL, {"prompt": PROMPT, "stream": stream}), 500)
-    assert (failure["message"], failure["type"]) == ("worker w1 died", "server_error")
+    response = await post(build_app(client), CMPL, {"prompt": PROMPT, "stream": stream})
+    failure = error(response, 503)
+    assert failure["message"] == "worker w1 died; retry later"
+    assert (failure["type"], failure["code"]) == ("server_error", "service_unavailable")
+    assert response.headers["retry-after"] == "1"
     assert client.aborts == client.started
 
 

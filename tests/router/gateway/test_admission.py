@@ -1,0 +1,111 @@
+"""Admission: queued prompt tokens -> predicted TTFT -> refuse early; the queue cap sheds
+the lowest priority first; the TTFT model learns the rate from measured TTFTs."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.router.gateway.admission import Admission, TtftModel
+from pdserve.router.gateway.config import GatewayConfig
+from pdserve.router.gateway.errors import RateLimitedError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(clock=None, elsewhere=lambda: None, **config) -> Admission:
+    return Admission(GatewayConfig(**config), elsewhere, clock or Clock())
+
+
+def test_off_by_default():
+    assert not make().is_active
+    assert make(max_queued_requests=3).is_active
+    assert make(admission_ttft_ms=500).is_active
+
+
+def test_ttft_prediction_refuses_what_would_miss_with_the_time_to_wait():
+    # Prior: 1000 tokens/s. Target 100 ms. 150 tokens queued -> another 10 predicts 160 ms.
+    admission = make(admission_ttft_ms=100, admission_prefill_tokens_per_s=1000)
+    first = admission.admit("a", 150)  # nothing ahead: admitted whatever its size
+    assert admission.num_queued_tokens == 150
+    with pytest.raises(RateLimitedError) as info:
+        admission.admit("b", 10)
+    assert info.value.code == "ttft_unattainable"
+    assert info.value.retry_after_s == pytest.approx(0.060)
+    assert info.value.response_headers()["retry-after-ms"] == "60"
+    assert info.value.response_headers()["retry-after"] == "1"
+    admission.started(first)  # its first token: the queue is empty again
+    assert admission.num_queued_tokens == 0
+    admission.admit("b", 10)
+
+
+def test_priority_only_waits_behind_equal_or_more_important_work():
+    admission = make(admission_ttft_ms=100, admission_prefill_tokens_per_s=1000)
+    admission.admit("low", 150, priority=5)
+    with pytest.raises(RateLimitedError):
+        admission.admit("low2", 10, priority=5)
+    admission.admit("urgent", 90, priority=0)  # 150 low-priority tokens are not ahead
+    assert admission.tokens_ahead(0) == 90
+    assert admission.tokens_ahead(5) == 240
+
+
+def test_queue_cap_refuses_or_evicts_the_newest_lowest_priority():
+    admission = make(max_queued_requests=2)
+    evicted = []
+    old = admission.admit("old", 10, priority=3)
+    new = admission.admit("new", 10, priority=3)
+    new.on_evict.append(lambda: evicted.append("new"))
+    with pytest.raises(RateLimitedError) as info:
+        admission.admit("same", 10, priority=3)  # not more important: refused
+    assert info.value.code == "queue_full"
+    urgent = admission.admit("urgent", 10, priority=1)
+    assert evicted == ["new"] and new.is_evicted and not new.is_queued
+    assert old.is_queued and urgent.is_queued and admission.num_queued == 2
+    admission.release(new)  # the evicted request's end: nothing left to release
+    assert admission.num_queued == 2 and admission.num_queued_tokens == 20
+
+
+def test_release_is_idempotent_and_partial_starts_count_down():
+    admission = make(max_queued_requests=4)
+    ticket = admission.admit("r", 30)
+    admission.started(ticket, 10)
+    assert admission.num_queued_tokens == 20 and admission.num_queued == 1
+    admission.release(ticket)
+    admission.release(ticket)
+    assert admission.num_queued_tokens == 0 and admission.num_queued == 0
+
+
+def test_load_reported_by_the_client_beyond_the_ledger_counts_for_everyone():
+    reported = {"tokens": 0}
+    admission = make(elsewhere=lambda: reported["tokens"], max_queued_requests=9)
+    admission.admit("a", 100)
+    reported["tokens"] = 100  # the same request, seen by the workers
+    assert admission.tokens_ahead(0) == 100
+    reported["tokens"] = 400  # 300 more from elsewhere (another router)
+    assert admission.tokens_ahead(-5) == 300
+
+
+def test_the_model_learns_base_and_rate_from_measured_ttfts():
+    clock = Clock()
+    admission = make(clock, admission_ttft_ms=1000, admission_prefill_tokens_per_s=100)
+    # True system: 50 ms + 1 ms per token (1000 tokens/s).
+    for i, work in enumerate([100, 400, 200, 800, 300, 600] * 3):
+        ticket = admission.admit(f"r{i}", work)
+        clock.now += 0.050 + work / 1000
+        admission.started(ticket)
+    base, per_token = admission.model.coefficients()
+    assert base == pytest.approx(0.050, rel=1e-6)
+    assert per_token == pytest.approx(0.001, rel=1e-6)
+
+
+def test_equal_works_fall_back_to_the_mean_time_per_token():
+    model = TtftModel(prior_tokens_per_s=10)
+    assert model.predict(50) == pytest.approx(5.0)  # the prior
+    for _ in range(5):
+        model.observe(100, 0.5)
+    assert model.coefficients() == (0.0, pytest.approx(0.005))
