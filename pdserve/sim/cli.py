@@ -71,6 +71,10 @@ def add_sim_parsers(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 is Poisson")
     sim.set_defaults(func=cmd_sim)
 
+    from pdserve.sim.plan_cli import add_plan_parser
+
+    add_plan_parser(subparsers)
+
 
 def add_layout_args(parser: argparse.ArgumentParser) -> None:
     from pdserve.serve import ENGINE_FLAGS, SERVE_FLAGS

@@ -79,8 +79,12 @@ class _Step:
 
 
 class ClusterSim:
-    def __init__(self, serve: ServeConfig, profile: Profile) -> None:
+    def __init__(self, serve: ServeConfig, profile: Profile, max_blocks: int | None = None) -> None:
+        """`max_blocks`: cap each KV pool (the planner's shortcut: a pool larger than its
+        requests can ever fill only costs set-up time, but it also keeps more prefixes
+        cached, so the cap should be generous)."""
         self.serve = serve
+        self.max_blocks = max_blocks
         self.profile = profile
         self.routing = serve.routing()
         self.selector = self.routing.selector()
@@ -107,6 +111,8 @@ class ClusterSim:
     def _add_worker(self, worker_id: str, role: str) -> None:
         engine = self.serve.engine
         num_blocks = num_kv_blocks(self.profile, engine, self.threads)
+        if self.max_blocks is not None:
+            num_blocks = min(num_blocks, self.max_blocks)
         cost = self.profile.cost(self.threads)
         worker = SimWorker(
             worker_id, role, engine, cost, num_blocks, self.max_model_len, self.threads
@@ -178,8 +184,11 @@ class ClusterSim:
         del self._steps[worker_id]
         worker = step.worker
         worker.busy_s += self.now - step.since
-        for out in worker.finish_step(step.output):
+        outputs = worker.finish_step(step.output)
+        for out in outputs:
             self._on_worker_output(worker, out, self.now - step.since)
+        if outputs:  # one `StepOutputs` message per step
+            self._to_router(self._on_step_outputs, worker.worker_id, outputs)
         self._reschedule(None)
         inbox = self._inbox[worker_id]
         while inbox:
@@ -297,7 +306,6 @@ class ClusterSim:
         flight = self._flights[out.request_id]
         if flight.prefill is not None and worker.worker_id == flight.prefill.worker_id:
             self._send_kv_done(flight, out, step_s)
-        self._to_router(self._on_token, flight, worker.worker_id, out)
 
     def _send_kv_done(self, flight: _Flight, out: Output, step_s: float) -> None:
         """`KVDone` with the first token, at the decode worker once the KV is there."""
@@ -314,6 +322,10 @@ class ClusterSim:
         if not self.serve.kv_layerwise:
             return total
         return max(total / self.profile.model["num_layers"], total - step_s)
+
+    def _on_step_outputs(self, worker_id: str, outputs: list[Output]) -> None:
+        for out in outputs:
+            self._on_token(self._flights[out.request_id], worker_id, out)
 
     def _on_token(self, flight: _Flight, worker_id: str, out: Output) -> None:
         """`ClusterClient._on_outputs` for one output, and the client's clock."""

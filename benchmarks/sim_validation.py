@@ -1,0 +1,157 @@
+"""Simulated vs measured: `pdserve sim` against real `pdserve serve` runs on this machine.
+
+For each case (a configuration of the headline sweep, a workload, a Poisson rate) the
+script starts the real server, sends the workload with the load generator of `pdserve
+bench run` (ignore_eos, seeded), stops it, and right after simulates the same requests,
+arrivals and layout from a profile measured at the start of the run (`pdserve profile`,
+full grid, 1 and 2 threads) — so model and machine are measured close together. It prints
+TTFT/TPOT p50/p99, output throughput and goodput of both with the relative error
+(sim / real - 1) and writes both runs as bench JSON (`pdserve bench compare` reads them).
+
+    python benchmarks/sim_validation.py [--profile FILE] [--out-dir DIR] [--only NAME,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import common  # noqa: F401  (sys.path and thread settings, like every benchmark)
+import yaml
+
+HEADLINE = Path(__file__).with_name("sweeps") / "headline.yaml"
+# (configuration, workload, SLO override or None, rate req/s): near each configuration's
+# goodput in the headline sweep, where the model's errors matter most.
+CASES = (
+    ("aggregated", "code", None, 8.0),
+    ("aggregated", "chat", None, 4.0),
+    ("aggregated", "random:in=1024,out=128", (5000, 50), 1.0),
+    ("aggregated-2x1", "code", None, 8.0),
+    ("aggregated-2x1", "chat", None, 4.0),
+    ("disaggregated", "code", None, 8.0),
+    ("disaggregated", "chat", None, 4.0),
+    ("disaggregated", "random:in=1024,out=128", (5000, 50), 1.5),
+    ("auto", "code", None, 8.0),
+    ("auto", "chat", None, 4.0),
+    ("auto", "random:in=1024,out=128", (5000, 50), 1.5),
+)
+MIN_DURATION_S = 20.0
+SEED = 0
+
+
+def configurations() -> dict[str, dict]:
+    data = yaml.safe_load(HEADLINE.read_text())
+    return {c.pop("name"): c for c in data["configurations"]}
+
+
+def real_run(settings: dict, specs, slo, rate: float, num_requests: int, log_dir: Path):
+    from pdserve.bench import loadgen
+    from pdserve.bench.launcher import ServeProcess
+
+    proc = ServeProcess(settings, log_dir / "serve.log")
+    try:
+        if not proc.wait_ready(300):
+            raise RuntimeError(f"server not ready: {proc.log_tail()[-5:]}")
+        return loadgen.run_benchmark_sync(
+            proc.url,
+            loadgen.fetch_model_id(proc.url),
+            specs,
+            loadgen.Arrival.poisson(rate),
+            num_requests=num_requests,
+            endpoint="completions",
+            extra_body={"ignore_eos": True},
+            seed=SEED,
+            progress=False,
+            config=_config(slo),
+        )
+    finally:
+        proc.stop()
+
+
+def sim_run(settings: dict, profile, specs, slo, rate: float, num_requests: int):
+    from pdserve.bench.loadgen import Arrival
+    from pdserve.serve import ServeConfig
+    from pdserve.sim.run import simulate
+
+    serve = ServeConfig.from_dict(settings)
+    return simulate(
+        serve,
+        profile,
+        specs,
+        Arrival.poisson(rate),
+        num_requests=num_requests,
+        seed=SEED,
+        config=_config(slo),
+    )
+
+
+def _config(slo) -> dict:
+    return {"slo_ttft_ms": slo.ttft_ms, "slo_tpot_ms": slo.tpot_ms}
+
+
+def row(summary) -> dict:
+    return {
+        "ttft_p50": summary.ttft_ms.p50,
+        "ttft_p99": summary.ttft_ms.p99,
+        "tpot_p50": summary.tpot_ms.p50 if summary.tpot_ms else None,
+        "tpot_p99": summary.tpot_ms.p99 if summary.tpot_ms else None,
+        "throughput": summary.output_throughput,
+        "goodput": summary.goodput,
+    }
+
+
+def error(sim: float | None, real: float | None) -> str:
+    if sim is None or real is None or real == 0:
+        return "-"
+    return f"{100 * (sim / real - 1):+.0f}%"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pdserve.bench import metrics
+    from pdserve.bench.types import SLO
+    from pdserve.bench.workloads import get_workload
+    from pdserve.sim.profile import Profile, format_profile, measure_profile
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--profile", default=None, help="default: measure one now (full grid)")
+    p.add_argument("--out-dir", type=Path, default=Path("sim-validation"))
+    p.add_argument("--only", default=None, help="configuration names, comma-separated")
+    p.add_argument("--json-out", type=Path, default=None)
+    args = p.parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        profile = Profile.load(args.profile)
+    else:
+        profile = measure_profile([1, 2])
+        profile.save(args.out_dir / "profile.json")
+    print(format_profile(profile), flush=True)
+    configs = configurations()
+    results = []
+    for name, workload_name, slo_override, rate in CASES:
+        if args.only and name not in args.only.split(","):
+            continue
+        workload = get_workload(workload_name)
+        slo = SLO(*slo_override) if slo_override else workload.default_slo
+        num_requests = max(20, min(160, int(rate * MIN_DURATION_S)))
+        specs = workload.sample(num_requests, SEED)
+        started = time.strftime("%H:%M:%S")
+        real = real_run(configs[name], specs, slo, rate, num_requests, args.out_dir)
+        sim = sim_run(configs[name], profile, specs, slo, rate, num_requests)
+        tag = f"{name}_{workload_name.split(':')[0]}"
+        for kind, run in (("real", real), ("sim", sim)):
+            text = metrics.to_json(run, metrics.summarize(run, slo))
+            (args.out_dir / f"{tag}_{kind}.json").write_text(text + "\n")
+        r, s = row(metrics.summarize(real, slo)), row(metrics.summarize(sim, slo))
+        results.append({"case": [name, workload_name, rate], "at": started, "real": r, "sim": s})
+        cells = " | ".join(f"{r[k]:.1f} / {s[k]:.1f} ({error(s[k], r[k])})" for k in r)
+        print(f"| {name} | {workload_name} | {rate:g} | {cells} |", flush=True)
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"profile": profile.to_dict(), "results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
