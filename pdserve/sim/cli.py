@@ -95,17 +95,33 @@ def add_layout_args(parser: argparse.ArgumentParser) -> None:
 
 def serve_config(args: argparse.Namespace):
     """The `ServeConfig` `pdserve serve` would build from the same YAML and flags."""
-    from pdserve.serve import ENGINE_FLAGS, SERVE_FLAGS, ServeConfig
+    from pdserve.serve import ServeConfig
 
-    values = {name: getattr(args, name, None) for name in SERVE_FLAGS}
-    values |= {f"engine_{n}": getattr(args, f"engine_{n}", None) for n in ENGINE_FLAGS}
-    namespace = argparse.Namespace(
-        **values,
-        config=args.config,
-        kv_layerwise=args.kv_layerwise,
-        serve_log_level=None,
-    )
-    return ServeConfig.from_args(namespace)
+    data = _read_yaml(args.config) if args.config else {}
+    engine = dict(data.get("engine") or {})
+    for name in LAYOUT_FLAGS:
+        if getattr(args, name, None) is not None:
+            data[name] = getattr(args, name)
+    if args.kv_layerwise is not None:
+        data["kv_layerwise"] = args.kv_layerwise
+    for name in ENGINE_LAYOUT_FLAGS:
+        if getattr(args, f"engine_{name}", None) is not None:
+            engine[name] = getattr(args, f"engine_{name}")
+    return ServeConfig.from_dict({**data, "engine": engine})
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    from pdserve.errors import ConfigError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError("config", f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("engine") or {}, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of pdserve serve settings")
+    return data
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
