@@ -37,6 +37,11 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--block-size", type=int, default=16)
     group.add_argument("--no-chunked-prefill", action="store_true")
     group.add_argument("--no-prefix-caching", action="store_true")
+    group.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="logits of a row bitwise independent of its batch (CPU float32)",
+    )
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     group.add_argument("--seed", type=int, default=0)
     tiers = parser.add_argument_group("KV cache tiers (below the device pool; all off by default)")
@@ -78,6 +83,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         kv_disk_cache_gib=args.kv_disk_cache_gib,
         kv_redis_url=args.kv_redis_url,
         kv_tier_dtype=args.kv_tier_dtype,
+        batch_invariant=args.batch_invariant,
     )
 
 

@@ -194,6 +194,10 @@ class EngineConfig:
     kv_disk_cache_gib: float = 16.0  # the disk tier's size cap
     kv_redis_url: str | None = None  # shared Redis tier, e.g. redis://127.0.0.1:6379/0
     kv_tier_dtype: str = "auto"  # auto: the pool's dtype | int8 (per block and head)
+    # A row's logits bitwise independent of its batch (size, other rows, position, chunking,
+    # decode vs prefill): CPU float32 kernels with one fixed summation order per output
+    # element (see docs/architecture.md, "Batch-invariant mode").
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in SUPPORTED_DTYPES:
@@ -209,6 +213,20 @@ class EngineConfig:
         if self.kv_cache_memory_gib <= 0:
             raise ConfigError("kv_cache_memory_gib", "must be positive")
         self._check_kv_tiers()
+        self._check_batch_invariant()
+
+    def _check_batch_invariant(self) -> None:
+        if not self.batch_invariant:
+            return
+        if self.device.split(":")[0] != "cpu":
+            raise ConfigError(
+                "batch_invariant",
+                f"is implemented for device 'cpu' only, not {self.device!r}",
+            )
+        if self.dtype != "float32":
+            raise ConfigError(
+                "batch_invariant", f"is implemented for dtype 'float32' only, not {self.dtype!r}"
+            )
 
     def _check_kv_tiers(self) -> None:
         if self.kv_host_cache_gib < 0:

@@ -45,6 +45,7 @@ class LLM:
         kv_disk_cache_gib: float = 16.0,
         kv_redis_url: str | None = None,
         kv_tier_dtype: str = "auto",
+        batch_invariant: bool = False,
     ) -> None:
         if model is None:
             from pdserve.model.builtin import ensure_builtin_model
@@ -68,6 +69,7 @@ class LLM:
             kv_disk_cache_gib=kv_disk_cache_gib,
             kv_redis_url=kv_redis_url,
             kv_tier_dtype=kv_tier_dtype,
+            batch_invariant=batch_invariant,
         )
         self.engine = LLMEngine(model, config, skip_tokenizer_init)
         self._ids = itertools.count()

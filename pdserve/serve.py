@@ -171,7 +171,7 @@ class ServeConfig:
                 data[name] = value
         if args.serve_log_level:
             data["log_level"] = args.serve_log_level
-        for name in ENGINE_FLAGS:
+        for name in [*ENGINE_FLAGS, "batch_invariant"]:
             value = getattr(args, f"engine_{name}")
             if value is not None:
                 engine[name] = value
@@ -309,6 +309,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         group.add_argument(
             "--" + name.replace("_", "-"), dest=f"engine_{name}", type=kind, default=None
         )
+    group.add_argument(
+        "--batch-invariant",
+        dest="engine_batch_invariant",
+        action="store_const",
+        const=True,
+        default=None,
+        help="logits of a row bitwise independent of its batch (CPU float32)",
+    )
 
 
 # ---- the launcher -------------------------------------------------------------------------
@@ -539,6 +547,8 @@ def engine_flags(engine: EngineConfig) -> list[str]:
         flags.append("--no-chunked-prefill")
     if not engine.enable_prefix_caching:
         flags.append("--no-prefix-caching")
+    if engine.batch_invariant:
+        flags.append("--batch-invariant")
     return flags
 
 

@@ -5,6 +5,12 @@ Batch layout per step: single-token rows (decodes) first, then prefill spans, al
 into `[T]` token ids with their positions and pool slots. The scheduler deals in block ids;
 only this class touches tensors.
 
+Batch-invariant mode (`EngineConfig.batch_invariant`): every token, prompt or decode, is laid
+out as a single-token row attending over its own causal context in the pool (its position
++ 1 keys), so all rows go through the one per-row attention kernel; the model's products
+and norms run on the batch-invariant kernels, and the sampler works row by row. A row's
+logits then depend on its tokens alone, not on the batch, chunk or step it ran in.
+
 The KV pool is one tensor `[num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads,
 head_dim]`, zero-filled at start (see `model/attention.py` for why zeros) and allocated once:
 later issues back it with shared memory so a prefill worker can write into it directly.
@@ -57,11 +63,16 @@ class ModelRunner:
         self.dtype = DTYPES[engine_config.dtype]
         self.block_size = engine_config.block_size
         self._warn_if_bf16_is_emulated()
-        self.model = load_model(model_dir, self.dtype, self.device, max_model_len, model_config)
+        self.batch_invariant = engine_config.batch_invariant
+        if self.batch_invariant:
+            _check_batch_invariant_kernels()
+        self.model = load_model(
+            model_dir, self.dtype, self.device, max_model_len, model_config, self.batch_invariant
+        )
         self.num_blocks = self._decide_num_blocks()
         self.kv_cache = (kv_allocator or self._allocate_kv_cache)(self.num_blocks)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
-        self.sampler = Sampler(engine_config.seed)
+        self.sampler = Sampler(engine_config.seed, self.batch_invariant)
         self.num_threads = engine_config.num_threads or torch.get_num_threads()
         self._torch_threads = torch.get_num_threads()
         if self.device.type == "cpu":
@@ -160,9 +171,12 @@ class ModelRunner:
             slot_mapping=self._slot_mapping(decodes + prefills),
             num_decode_tokens=len(decodes),
         )
-        if decodes:
-            self._prepare_decodes(decodes, meta)
-        meta.prefills = self._prepare_prefills(prefills, start=len(decodes))
+        if self.batch_invariant:
+            self._prepare_rows(decodes + prefills, meta)
+        else:
+            if decodes:
+                self._prepare_decodes(decodes, meta)
+            meta.prefills = self._prepare_prefills(prefills, start=len(decodes))
         logits_indices_t = torch.tensor(logits_indices, dtype=torch.int64, device=device)
         if len(sampling) < len(input_ids):  # a pure decode step keeps every row
             self._prepare_output_rows(sampling, logits_indices_t, meta)
@@ -207,6 +221,19 @@ class ModelRunner:
             [d.start + 1 for d in decodes], dtype=torch.int64, device=self.device
         )
 
+    def _prepare_rows(self, items: list[ScheduledRequest], meta: AttentionMetadata) -> None:
+        """Batch-invariant mode: every token a single-token row over its causal context (the
+        kernel reads only the first ceil(len / block_size) entries of a row's table)."""
+        size = self.block_size
+        tables = [s.request.block_ids[: -(-(s.start + s.num_new_tokens) // size)] for s in items]
+        width = max(map(len, tables))
+        per_item = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
+        counts = torch.tensor([s.num_new_tokens for s in items], dtype=torch.int64)
+        lens = [p + 1 for s in items for p in range(s.start, s.start + s.num_new_tokens)]
+        meta.num_decode_tokens = len(lens)
+        meta.decode_block_tables = per_item.repeat_interleave(counts, dim=0).to(self.device)
+        meta.decode_context_lens = torch.tensor(lens, dtype=torch.int64, device=self.device)
+
     def _prepare_prefills(self, prefills: list[ScheduledRequest], start: int) -> list[PrefillSpan]:
         spans = []
         size = self.block_size
@@ -244,6 +271,17 @@ def _sampling_row(request: Request) -> SamplingRow:
         eos = () if params.ignore_eos else request.eos_token_ids
         blocked = eos + params.stop_token_ids
     return SamplingRow(params, request.num_output_tokens, blocked)
+
+
+def _check_batch_invariant_kernels() -> None:
+    from pdserve.model.kernels import invariant
+
+    if not invariant.is_available():
+        raise ConfigError(
+            "batch_invariant",
+            "needs the C kernels, which could not be built here (a C compiler is required; "
+            "PDSERVE_DISABLE_KERNELS must be unset)",
+        )
 
 
 def _checked_device(name: str) -> torch.device:

@@ -21,6 +21,11 @@ per row, vectorised over the batch: the exponential race it replaced (argmax p_i
 drew a vocabulary of exponential noise per row: 21-26 ms at batch 32, most of a decode step.
 
 All maths in float32, except the float64 sums said so above and top-p's mass.
+
+Batch-invariant mode (`batch_invariant=True`): the exp, the cumulative sum and the
+log-softmax run row by row in C (`kernels/categorical.c`), one fixed order per row, so a
+row's token and logprobs do not depend on the other rows; everything else here (masks,
+division by the temperature, argmax, top-k values) is exact element by element already.
 """
 
 from __future__ import annotations
@@ -50,15 +55,20 @@ class SampleResult:
 
 
 class Sampler:
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, batch_invariant: bool = False) -> None:
         # Stream for unseeded requests: reproducible per engine, not per request.
         self._generator = torch.Generator().manual_seed(seed)
+        self.batch_invariant = batch_invariant
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampleResult]:
         # logits: [S, V] float32, one row per entry of `rows`
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):
-            raw_logprobs = torch.log_softmax(logits, dim=-1)
+            raw_logprobs = (
+                sampling_kernels.log_softmax_rows(logits)
+                if self._per_row(logits)
+                else torch.log_softmax(logits, dim=-1)
+            )
         _block_tokens(logits, rows)
         token_ids = argmax_rows(logits)  # greedy for every row; random rows overwrite
         random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
@@ -73,6 +83,11 @@ class Sampler:
         temperature = torch.tensor([p.temperature for p in params], device=sub.device)
         temperature = temperature.unsqueeze(1)
         sub = _apply_top_k_top_p(sub / temperature, params)
+        if self._per_row(sub):
+            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float64)
+            u = self._uniforms([rows[i] for i in random_rows])
+            token_ids[index] = sampling_kernels.sample_rows(sub, min_p, u)
+            return
         # Weights relative to the row's most likely token (1.0), so min-p compares directly.
         weights = torch.exp(sub - sub.amax(dim=-1, keepdim=True))
         min_p = torch.tensor([p.min_p for p in params], device=sub.device).unsqueeze(1)
@@ -87,6 +102,9 @@ class Sampler:
         for j in (picks >= weights.shape[-1]).nonzero().flatten().tolist():
             picks[j] = int((weights[j] > 0).nonzero()[-1])
         token_ids[index] = picks
+
+    def _per_row(self, logits: torch.Tensor) -> bool:
+        return self.batch_invariant and sampling_kernels.can_mask(logits)
 
     def _uniforms(self, rows: list[SamplingRow]) -> torch.Tensor:
         """One U[0, 1) float64 per row: seeded rows from their own (seed, token index)

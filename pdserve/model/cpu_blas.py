@@ -17,7 +17,10 @@ Backends, chosen with `PDSERVE_CPU_BLAS`:
   1/8 of physical memory, and falls back to `onednn` above that;
 - `onednn`: the packed weights only (one copy: the dense weights are released);
 - `openblas`: OpenBLAS up to `MAX_ROWS` rows, torch above (the previous default);
-- `torch`: plain `F.linear` everywhere.
+- `torch`: plain `F.linear` everywhere;
+- `invariant` (chosen by `EngineConfig.batch_invariant`, not by the variable): the
+  batch-invariant product of `kernels/gemm.c` for every row count, whose rows do not
+  depend on the batch they are in (one copy of the weights, packed).
 GPUs, bfloat16 and float16 always stay on torch.
 
 Threads: oneDNN runs on torch's OpenMP threads; OpenBLAS keeps its own pool, sized with
@@ -35,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.errors import ConfigError
+from pdserve.model.kernels import invariant as invariant_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -96,17 +100,23 @@ class CpuMatmul:
     `onednn`): afterwards go through this object, not through `F.linear` on the parameter.
     """
 
-    __slots__ = ("max_blas_rows", "packed", "rows_major")
+    __slots__ = ("invariant", "max_blas_rows", "packed", "rows_major")
 
     def __init__(self) -> None:
         self.packed: torch.Tensor | None = None  # oneDNN blocked layout
         self.rows_major: np.ndarray | None = None  # `[in, out]` row-major, for OpenBLAS
         self.max_blas_rows = 0  # products with at most this many rows go to OpenBLAS
+        self.invariant: invariant_kernels.PackedLinear | None = None  # `invariant` backend
 
     @classmethod
     def prepare(cls, param: torch.nn.Parameter, backend_name: str, keep_dense: bool):
         """`keep_dense`: the parameter's values are still needed (e.g. a tied embedding)."""
         mm = cls()
+        if backend_name == "invariant":
+            mm.invariant = invariant_kernels.PackedLinear.prepare(param.detach())
+            if not keep_dense:
+                param.data = torch.empty(0, dtype=param.dtype)  # as for `onednn` below
+            return mm
         if backend_name in ("auto", "onednn"):
             mm.packed = torch.ops.mkldnn._reorder_linear_weight(param.detach(), None)
         if backend_name in ("auto", "openblas"):
@@ -123,6 +133,8 @@ class CpuMatmul:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
         """The product, or None when torch should compute it (`openblas` above MAX_ROWS)."""
+        if self.invariant is not None:
+            return self.invariant(x, bias)
         rows = x.shape[0]
         if rows <= self.max_blas_rows:
             y = torch.from_numpy(x.numpy() @ self.rows_major)

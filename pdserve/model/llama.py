@@ -40,12 +40,18 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), False)
         self.eps = eps
+        # Batch-invariant mode: every input through the C kernel (one fixed order per row);
+        # torch's reduction over the last dim of a 3-D input picks its order by shape.
+        self.always_fused = False
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """Normalise x; with `residual`, first `x += residual` in place (the residual stream
         then continues in x), as one fused pass where the C kernels apply."""
         if kernels.fuses(x) and x.dim() == 2 and x.stride(1) == 1:
             return kernels.rms_norm(x, self.weight, self.eps, residual)
+        if self.always_fused and residual is None:  # q/k norms: [T, heads, D]
+            rows = x.reshape(-1, x.shape[-1]).contiguous()
+            return kernels.rms_norm(rows, self.weight, self.eps).view(x.shape)
         if residual is not None:
             x.add_(residual)
         # Accumulate in float32: bf16 reductions are both inexact and slow on CPU.
@@ -257,14 +263,19 @@ class LlamaForCausalLM(nn.Module):
         """Products of at most this many rows run on OpenBLAS's threads, not torch's."""
         return self.lm_head_mm.max_blas_rows if self.lm_head_mm is not None else 0
 
-    def finish_loading(self) -> None:
+    def finish_loading(self, batch_invariant: bool = False) -> None:
         """Hand float32 products on CPU to oneDNN / OpenBLAS once the weights are in place
-        (see `cpu_blas`: 1.5-2x faster than torch's MKL path on AMD CPUs)."""
-        if not cpu_blas.is_enabled_for(self.lm_head):
+        (see `cpu_blas`: 1.5-2x faster than torch's MKL path on AMD CPUs), or with
+        `batch_invariant` to the batch-invariant kernels (the caller checked they exist)."""
+        if batch_invariant:
+            for norm in self.modules():
+                if isinstance(norm, RMSNorm):
+                    norm.always_fused = True
+        elif not cpu_blas.is_enabled_for(self.lm_head):
             return
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         weight_bytes = sum(m.weight.nbytes for m in linears) + self.lm_head.nbytes
-        backend = cpu_blas.resolve_backend(weight_bytes)
+        backend = "invariant" if batch_invariant else cpu_blas.resolve_backend(weight_bytes)
         for module in linears:
             module.finish_loading(backend)
         tied = self.lm_head is self.embed_tokens  # embedding lookups still need the rows

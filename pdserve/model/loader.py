@@ -59,6 +59,7 @@ def load_model(
     device: torch.device | str,
     max_len: int,
     config: ModelConfig | None = None,
+    batch_invariant: bool = False,
 ) -> LlamaForCausalLM:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -67,5 +68,5 @@ def load_model(
     files = weight_files(model_dir)
     model = LlamaForCausalLM(config, max_len=max_len, dtype=dtype, device=device)
     model.load_weights(iterate_weights(files))
-    model.finish_loading()
+    model.finish_loading(batch_invariant)
     return model.eval()

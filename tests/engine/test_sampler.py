@@ -238,8 +238,13 @@ def test_a_token_at_the_end_of_a_large_vocabulary_keeps_its_probability():
     assert len(set(picks)) > 1000  # the flat part is really sampled, all over it
 
 
+@pytest.mark.parametrize("batch_invariant", [False, True])
 @pytest.mark.parametrize(("u", "expected"), [(0.0, 3), (1.0, 5)])
-def test_uniform_at_either_end_picks_a_token_of_positive_weight(monkeypatch, u, expected):
+def test_uniform_at_either_end_picks_a_token_of_positive_weight(
+    monkeypatch, u, expected, batch_invariant
+):
+    if batch_invariant and not kernels.is_available():
+        pytest.skip("no C compiler here")
     # Tokens 0-2 and 6-9 are masked by top-k: u = 0 must give the first kept token and a
     # draw that rounds up to the total the last kept one, never a masked neighbour.
     logits = torch.full((1, 10), -50.0)
@@ -247,7 +252,8 @@ def test_uniform_at_either_end_picks_a_token_of_positive_weight(monkeypatch, u, 
     monkeypatch.setattr(
         Sampler, "_uniforms", lambda self, rows: torch.full((1,), u, dtype=torch.float64)
     )
-    assert tokens(logits, [row(0, seed=1, top_k=3)]) == [expected]
+    picked = Sampler(0, batch_invariant)(logits, [row(0, seed=1, top_k=3)])
+    assert [r.token_id for r in picked] == [expected]
 
 
 def test_seeded_and_unseeded_rows_in_one_batch_draw_independently():
@@ -380,3 +386,64 @@ def test_top_p_applies_to_what_top_k_left(monkeypatch, use_kernel):
     top_k_only = _apply_top_k_top_p(logits.clone(), [SamplingParams(top_k=p.top_k) for p in params])
     expected = reference_top_p(top_k_only, [0.8] * len(params))
     assert kept(_apply_top_k_top_p(logits.clone(), params)) == kept(expected)
+
+
+# ---- batch-invariant mode: the maths row by row in C (kernels/categorical.c) --------------
+
+needs_kernels = pytest.mark.skipif(not kernels.is_available(), reason="no C compiler here")
+MIXED_PARAMS = [
+    {"temperature": 1.0},
+    {"temperature": 0.7, "top_k": 50},
+    {"temperature": 1.3, "top_p": 0.9},
+    {"temperature": 1.0, "min_p": 0.05},
+    {"temperature": 0.0},
+]
+
+
+@needs_kernels
+def test_per_row_sampler_picks_what_the_default_one_picks():
+    logits = random_logits(40, seed=4, scale=2.0)
+    rows = [row(i % 3, seed=100 + i, logprobs=2, **MIXED_PARAMS[i % 5]) for i in range(40)]
+    default = sample(logits, rows)
+    per_row = Sampler(0, batch_invariant=True)(logits.clone(), rows)
+    assert [r.token_id for r in per_row] == [r.token_id for r in default]
+    for a, b in zip(per_row, default, strict=True):
+        assert a.logprobs.keys() == b.logprobs.keys()
+        for token, lp in a.logprobs.items():
+            assert lp.rank == b.logprobs[token].rank
+            assert lp.logprob == pytest.approx(b.logprobs[token].logprob, abs=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_per_row_maths_of_a_row_do_not_depend_on_the_batch(num_threads, monkeypatch):
+    # An odd vocabulary (a tail shorter than a vector) and threads forced on small inputs.
+    monkeypatch.setattr(kernels, "MIN_FLOATS_PER_THREAD", 1)
+    logits = torch.randn(33, 1001, generator=torch.Generator().manual_seed(5)) * 4
+    min_p = torch.tensor([0.0, 0.02, 0.3] * 11, dtype=torch.float64)
+    u = torch.rand(33, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    with torch_threads(num_threads):
+        batch_ids = sampling_kernels.sample_rows(logits, min_p, u)
+        batch_lp = sampling_kernels.log_softmax_rows(logits)
+        for i in range(33):
+            for lo, hi in ((i, i + 1), (max(0, i - 5), min(33, i + 9))):
+                ids = sampling_kernels.sample_rows(logits[lo:hi], min_p[lo:hi], u[lo:hi])
+                assert ids[i - lo] == batch_ids[i]
+                assert torch.equal(sampling_kernels.log_softmax_rows(logits[lo:hi])[i - lo],
+                                   batch_lp[i])  # fmt: skip
+    torch.testing.assert_close(batch_lp, torch.log_softmax(logits, -1), rtol=0, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [({"temperature": 1.0}, PROBS), ({"temperature": 1.0, "min_p": 0.5}, [0.625, 0.375, 0.0])],
+    ids=["t=1", "min_p=0.5"],
+)
+def test_per_row_sampled_frequencies_match_the_filtered_softmax(params, expected):
+    logits = torch.tensor([[math.log(p) for p in PROBS]]).expand(NUM_DRAWS, 3)
+    rows = [row(0, seed=seed, **params) for seed in range(NUM_DRAWS)]
+    picks = [r.token_id for r in Sampler(0, batch_invariant=True)(logits.clone(), rows)]
+    observed = [picks.count(i) / NUM_DRAWS for i in range(3)]
+    assert observed == pytest.approx(expected, abs=0.04)
+    assert all(got == 0.0 for got, want in zip(observed, expected, strict=True) if want == 0.0)

@@ -149,6 +149,14 @@ def test_cold_then_warm_prefix_cache(case, block_size, budget):
     assert_pool_clean(llm)
 
 
+def test_batch_invariant_mode(case):
+    """The batch-invariant kernels (one fixed summation order per output element) round
+    differently from the default ones, but not enough to change a greedy token."""
+    llm = make_llm(case.model_dir, batch_invariant=True, max_num_batched_tokens=64)
+    assert token_ids(generate(llm, case.prompts)) == case.reference
+    assert_pool_clean(llm)
+
+
 def test_one_request_at_a_time_up_to_the_context_length(case):
     longest = max(len(p) for p in case.prompts) + NUM_NEW_TOKENS
     llm = make_llm(

@@ -67,6 +67,8 @@ def test_yaml_then_flags_win(tmp_path, monkeypatch):
         ("port: eighty\n", "port"),
         ("kv_layerwise: 3\n", "kv_layerwise"),
         ("engine: {max_num_seqs: 1.5}\n", "engine.max_num_seqs"),
+        ("engine: {batch_invariant: 1}\n", "engine.batch_invariant"),
+        ("engine: {batch_invariant: true, device: cuda}\n", "batch_invariant"),
     ],
 )
 def test_bad_settings_name_the_field(tmp_path, yaml_text, field):
@@ -89,6 +91,7 @@ def test_engine_flags_recreate_the_engine_config():
         enable_prefix_caching=False,
         max_model_len=1024,
         seed=3,
+        batch_invariant=True,
     )
     args = build_parser().parse_args(
         ["worker", "--role", "decode", "--router", "tcp://x:1", *engine_flags(engine)]
@@ -96,3 +99,11 @@ def test_engine_flags_recreate_the_engine_config():
     from pdserve.cli import _engine_kwargs
 
     assert EngineConfig(**{**_engine_kwargs(args), "num_threads": None}) == engine
+
+
+def test_batch_invariant_from_yaml_or_flag(tmp_path):
+    assert parse().engine.batch_invariant is False
+    assert parse("--batch-invariant").engine.batch_invariant is True
+    path = tmp_path / "serve.yaml"
+    path.write_text("engine:\n  batch_invariant: true\n")
+    assert parse("--config", str(path)).engine.batch_invariant is True

@@ -3,7 +3,9 @@
 Only what PyTorch cannot do well without them: decode attention read straight from the
 paged KV pool (`paged_attention.c`), a decoder layer's element-wise parts fused into one
 pass each (`elementwise.c`: SiLU-and-multiply, RMSNorm with the residual add, RoPE), and
-the sampler's top-p mask without a sort (`sampling.c`, bound in `sampling.py`). The
+the sampler's top-p mask without a sort (`sampling.c`, bound in `sampling.py`), the
+sampler's maths row by row for the batch-invariant mode (`categorical.c`, same binding),
+and that mode's matrix product (`gemm.c`, its own library: `invariant.py`). The
 kernels are plain C called through ctypes — no
 PyTorch headers, so a build takes about a second — and compiled with `-march=native` into
 a cache folder keyed by the source, the flags and the CPU, so a shared home directory on a
@@ -36,7 +38,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = [
-    Path(__file__).with_name(n) for n in ("paged_attention.c", "elementwise.c", "sampling.c")
+    Path(__file__).with_name(n)
+    for n in ("paged_attention.c", "elementwise.c", "sampling.c", "categorical.c")
 ]
 HEADERS = [Path(__file__).with_name("simd.h")]
 # Exact IEEE maths except that sums may be reordered (so loops vectorise) and a*b+c fused.
@@ -77,23 +80,28 @@ def cpu_flags() -> str:
         return ""
 
 
-def _build() -> Path | None:
+def _build(
+    name: str = "pdserve_kernels",
+    sources: list[Path] = SOURCES,
+    headers: list[Path] = HEADERS,
+    cflags: list[str] = CFLAGS,
+) -> Path | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         logger.warning("no C compiler found: using PyTorch attention (slower)")
         return None
     key = hashlib.sha256(
-        b"".join(path.read_bytes() for path in SOURCES + HEADERS)
-        + " ".join(CFLAGS).encode()
+        b"".join(path.read_bytes() for path in sources + headers)
+        + " ".join(cflags).encode()
         + (platform.machine() + cpu_flags()).encode()
     ).hexdigest()[:16]
-    target = _cache_dir() / f"pdserve_kernels-{key}.so"
+    target = _cache_dir() / f"{name}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        cmd = [compiler, *CFLAGS, *map(str, SOURCES), "-o", str(built), "-lm"]
+        cmd = [compiler, *cflags, *map(str, sources), "-o", str(built), "-lm", "-lpthread"]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             logger.warning("kernel build failed, using PyTorch attention:\n%s", result.stderr)

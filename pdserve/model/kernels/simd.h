@@ -52,4 +52,32 @@ INLINE v8sf exp8(v8sf x) {
     return (v8sf)(((v8si)p + (n << 23)) & keep);
 }
 
+/* 8 doubles: one AVX-512 register, two AVX2 ones (the compiler splits it) */
+typedef double v8df __attribute__((vector_size(64)));
+typedef double v8df_u __attribute__((vector_size(64), aligned(8), may_alias));
+
+/* e^(x - max) in double for logits x <= max, within ~4e-15 (relative) of the exact value;
+   0 below e^-87 and for -inf. x - max = n ln2 + r, n picked in float (it only needs to be
+   near the nearest integer of (x - max) / ln2: |r| <= 0.35), r in double (where x - max
+   of two floats is exact), e^r by its degree-12 Taylor polynomial (truncation < 3e-16),
+   times 2^n built as a float (exact for n >= -126). Measured: <= 3.1e-15 from exp for
+   x - max in [-87, 0]. */
+INLINE v8df exp_diff8(v8sf x, float max) {
+    x = max8(x, splat8(max - 100.0f)); /* -inf, NaN, far tails: finite, weight 0 below */
+    /* round to nearest by truncation toward zero, valid because the argument is <= 0 */
+    const v8si n = __builtin_convertvector((x - max) * 1.44269504088896341f - 0.5f, v8si);
+    const v8sf scale = (v8sf)(((n + 127) << 23) & (n >= -126));
+    const v8df r = (__builtin_convertvector(x, v8df) - (double)max) -
+                   __builtin_convertvector(n, v8df) * 0.69314718055994530942;
+    const double inv_factorial[] = {
+        1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
+        1.0 / 5040.0,     1.0 / 720.0,     1.0 / 120.0,    1.0 / 24.0,
+        1.0 / 6.0,        0.5,             1.0,            1.0,
+    };
+    v8df p = r * (1.0 / 479001600.0) + inv_factorial[0];
+#pragma GCC unroll 11
+    for (int k = 1; k < 12; ++k) p = p * r + inv_factorial[k];
+    return p * __builtin_convertvector(scale, v8df);
+}
+
 #endif /* PDSERVE_SIMD_H */
