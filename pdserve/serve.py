@@ -11,6 +11,10 @@ when every one has, the URL is printed. Shutdown (Ctrl-C or SIGTERM): HTTP stops
 get `Shutdown`, then SIGTERM, then SIGKILL if still alive; each child also dies with this
 process (PR_SET_PDEATHSIG) and checks its parent, so no worker outlives the launcher.
 Shared-memory KV pools of children are removed.
+
+While serving, the watchdog (control/launcher.py) restarts a worker that exits, with
+exponential backoff and no lifetime cap; a worker whose lease runs out (hung) is killed
+and restarted the same way. Its requests migrate to the others (control/migration.py).
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 import typing
@@ -32,6 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from pdserve.config import EngineConfig
+from pdserve.control.launcher import LocalLauncher, Watchdog, python_module_command
+from pdserve.control.membership import DEFAULT_LEASE_S
+from pdserve.control.migration import MigrationConfig
 from pdserve.errors import ConfigError, PdserveError
 from pdserve.router.gateway.config import GatewayConfig
 from pdserve.router.policy import RoutingConfig
@@ -39,7 +45,6 @@ from pdserve.router.policy import RoutingConfig
 logger = logging.getLogger("pdserve.serve")
 
 READY_TIMEOUT_S = 300.0
-MAX_RESTARTS = 3
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    admin_key: str | None = None  # for /admin/* (or PDSERVE_ADMIN_KEY); None: admin off
     mode: str = "auto"  # aggregated | disaggregated | auto
     prefill_workers: int | None = None  # default: 1 (0 in aggregated mode)
     decode_workers: int | None = None  # default: 1 (0 in aggregated mode)
@@ -69,6 +75,11 @@ class ServeConfig:
     kv_aware_running_weight: float = 16.0
     kv_aware_usage_weight: float = 512.0
     kv_aware_load_margin: float = 4096.0
+    # Fault tolerance (control/): a worker silent or stalled this long is dead; a request
+    # moves at most `max_migrations` times, waiting up to `migration_wait_s` for a worker.
+    worker_lease_s: float = DEFAULT_LEASE_S
+    max_migrations: int = 3
+    migration_wait_s: float = 30.0
     log_level: str = "INFO"
     # Workers started elsewhere (`pdserve worker --router ...`) that readiness waits for,
     # on top of the ones this command launches.
@@ -103,6 +114,15 @@ class ServeConfig:
             raise ConfigError("workers", f"negative worker count in {counts}")
         if not 0 < self.port < 65536:
             raise ConfigError("port", f"{self.port} is not a TCP port")
+        if self.worker_lease_s <= 0:
+            raise ConfigError("worker_lease_s", "must be > 0")
+        for name in ("api_key", "admin_key"):
+            if getattr(self, name) == "":
+                raise ConfigError(name, "is empty; omit it to turn the check off")
+        self.migration()  # validates the migration fields
+
+    def migration(self) -> MigrationConfig:
+        return MigrationConfig(self.max_migrations, self.migration_wait_s)
 
     def worker_counts(self) -> dict[str, int]:
         aggregated = self.mode == "aggregated"
@@ -177,6 +197,8 @@ class ServeConfig:
                 engine[name] = value
         if args.api_key is None and os.environ.get("PDSERVE_API_KEY"):
             data["api_key"] = os.environ["PDSERVE_API_KEY"]
+        if args.admin_key is None and os.environ.get("PDSERVE_ADMIN_KEY"):
+            data["admin_key"] = os.environ["PDSERVE_ADMIN_KEY"]
         data["engine"] = engine
         return cls.from_dict(data)
 
@@ -220,6 +242,7 @@ SERVE_FLAGS = {
     "host": (str, "HTTP interface (default 127.0.0.1)"),
     "port": (int, "HTTP port (default 8000)"),
     "api_key": (str, "require this bearer key on /v1 (or set PDSERVE_API_KEY)"),
+    "admin_key": (str, "bearer key for /admin/* (or set PDSERVE_ADMIN_KEY; default: off)"),
     "mode": (str, "aggregated | disaggregated | auto (default auto)"),
     "prefill_workers": (int, "prefill workers (default 1)"),
     "decode_workers": (int, "decode workers (default 1)"),
@@ -232,6 +255,9 @@ SERVE_FLAGS = {
     "auto_local_prefill_tokens": (int, "auto mode: prompts shorter than this prefill locally"),
     "kv_transfer_timeout_s": (float, "seconds before a KV hand-over is abandoned"),
     "routing_policy": (str, "kv_aware | least_loaded | round_robin (default kv_aware)"),
+    "worker_lease_s": (float, "a worker silent or stalled this long is dead (default 5)"),
+    "max_migrations": (int, "times a request may move to another worker (default 3)"),
+    "migration_wait_s": (float, "wait this long for a worker to move a request to (30)"),
     "kv_aware_prefill_weight": (float, "kv_aware: cost per uncached prompt token (default 1)"),
     "kv_aware_queue_weight": (float, "kv_aware: cost per queued prompt token (default 1)"),
     "kv_aware_running_weight": (float, "kv_aware: cost per assigned request (default 16)"),
@@ -362,10 +388,12 @@ async def _serve(config: ServeConfig, model_dir: Path, http_sock: socket.socket)
         model_name=config.model_name,
         max_model_len=config.engine.max_model_len,
         min_workers=sum(counts.values()) + config.external_workers,
+        lease_s=config.worker_lease_s,
+        migration=config.migration(),
     )
     client.metrics = RouterMetrics(client.model_name)
     await client.start()
-    app = build_app(client, client.metrics, gateway=config.gateway())
+    app = build_app(client, client.metrics, gateway=config.gateway(), admin_key=config.admin_key)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -386,6 +414,7 @@ async def _serve(config: ServeConfig, model_dir: Path, http_sock: socket.socket)
         signal.signal(sig, on_signal)
     server_task = asyncio.create_task(server.serve(sockets=[http_sock]))
     workers = WorkerProcesses(config, model_dir, client.router_addr)
+    client.on_worker_expired = workers.kill  # fencing: a hung worker's process is killed
     try:
         workers.start(counts)
         if config.external_workers:
@@ -402,7 +431,7 @@ async def _serve(config: ServeConfig, model_dir: Path, http_sock: socket.socket)
             f"workers {counts})",
             flush=True,
         )
-        watchdog = asyncio.create_task(_watch_workers(client, workers))
+        watchdog = asyncio.create_task(Watchdog(workers, client.mark_dead).run())
         await server_task
         watchdog.cancel()
         return 0
@@ -436,61 +465,21 @@ async def _wait_ready(client, workers: WorkerProcesses, server_task: asyncio.Tas
     return False
 
 
-async def _watch_workers(client, workers: WorkerProcesses) -> None:
-    """A worker process that exits is marked dead at once (its requests fail with an
-    error instead of waiting for the liveness timeout) and restarted, up to
-    `MAX_RESTARTS` times each."""
-    while True:
-        await asyncio.sleep(0.2)
-        worker_id = workers.failed()
-        if worker_id is None:
-            continue
-        code = workers.procs[worker_id].returncode
-        client.mark_dead(worker_id, f"exited with code {code}")
-        if workers.restarts.get(worker_id, 0) < MAX_RESTARTS:
-            logger.warning("restarting worker %s", worker_id)
-            workers.restart(worker_id)
-        else:
-            logger.error("worker %s keeps failing; not restarting it", worker_id)
-            workers.procs.pop(worker_id)
-
-
-class WorkerProcesses:
+class WorkerProcesses(LocalLauncher):
     """The worker child processes of one `pdserve serve`."""
 
     def __init__(self, config: ServeConfig, model_dir: Path, router_addr: str) -> None:
+        super().__init__(self._command, self._environment)
         self.config = config
         self.model_dir = model_dir
         self.router_addr = router_addr
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.roles: dict[str, str] = {}
-        self.restarts: dict[str, int] = {}
 
-    def start(self, counts: dict[str, int]) -> None:
-        for role, count in counts.items():
-            for i in range(count):
-                self._spawn(role, f"{role}-{i}")
+    def _environment(self, role: str) -> dict[str, str]:
+        return dict(os.environ, OMP_NUM_THREADS=str(self.config.threads()))
 
-    def _spawn(self, role: str, worker_id: str) -> None:
-        threads = self.config.threads()
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        self.roles[worker_id] = role
-        self.procs[worker_id] = subprocess.Popen(
-            self._command(role, worker_id, threads), env=env, preexec_fn=_die_with_parent
-        )
-
-    def restart(self, worker_id: str) -> None:
-        old = self.procs.pop(worker_id)
-        _remove_shm_pools([old.pid])
-        self.restarts[worker_id] = self.restarts.get(worker_id, 0) + 1
-        self._spawn(self.roles[worker_id], worker_id)
-
-    def _command(self, role: str, worker_id: str, threads: int) -> list[str]:
+    def _command(self, role: str, worker_id: str) -> list[str]:
         c = self.config
-        cmd = [
-            sys.executable,
-            "-m",
-            "pdserve.cli",
+        cmd = python_module_command(
             "--log-level",
             c.log_level,
             "worker",
@@ -505,35 +494,13 @@ class WorkerProcesses:
             "--model",
             str(self.model_dir),
             "--threads",
-            str(threads),
-        ]
+            str(c.threads()),
+        )
         if c.kv_backend != "auto":
             cmd += ["--kv-backends", c.kv_backend]
         if not c.kv_layerwise:
             cmd.append("--no-kv-layerwise")
         return cmd + engine_flags(c.engine)
-
-    def failed(self) -> str | None:
-        for worker_id, proc in self.procs.items():
-            if proc.poll() is not None:
-                return worker_id
-        return None
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        for proc in self.procs.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(max(0.0, deadline - time.monotonic()))
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(3)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        _remove_shm_pools([p.pid for p in self.procs.values()])
 
 
 def engine_flags(engine: EngineConfig) -> list[str]:
@@ -550,20 +517,3 @@ def engine_flags(engine: EngineConfig) -> list[str]:
     if engine.batch_invariant:
         flags.append("--batch-invariant")
     return flags
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the launcher dies (Linux)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _remove_shm_pools(pids: list[int]) -> None:
-    from pdserve.transfer import SHM_DIR, SHM_PREFIX
-
-    for pid in pids:
-        for path in SHM_DIR.glob(f"{SHM_PREFIX}*-{pid}"):
-            path.unlink(missing_ok=True)

@@ -7,7 +7,9 @@ that a worker process runs only this and exchanges token ids.
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +32,18 @@ from pdserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pdserve.transfer.streamer import KVStreamer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFailure:
+    """A request the engine dropped: `retryable` when it was not the request's fault (the
+    step it ran in failed), so another engine may run it again."""
+
+    request_id: str
+    message: str
+    retryable: bool
 
 
 def resolve_max_model_len(model_config: ModelConfig, engine_config: EngineConfig) -> int:
@@ -96,6 +110,7 @@ class EngineCore:
             self.block_manager,
         )
         self.requests: dict[str, Request] = {}
+        self.failures: list[RequestFailure] = []
         # Host RAM / disk / Redis below the device pool (kvstore/); None when none is on.
         self.kv_tiers: KVTierConnector | None = None
         if config.has_kv_tiers:
@@ -114,10 +129,15 @@ class EngineCore:
         priority: int = 0,
         arrival_time: float | None = None,
         kv_dest: object | None = None,
+        output_token_ids: list[int] | None = None,
     ) -> Request:
         """Queue a request. With `kv_dest` (prefill worker) it stops after its first token
-        and the `kv_streamer` sends its KV there."""
-        request = self.make_request(request_id, prompt_token_ids, params, priority, arrival_time)
+        and the `kv_streamer` sends its KV there. With `output_token_ids` it resumes a
+        request that generated those tokens elsewhere (migration): prompt + outputs are
+        recomputed, as after a preemption, and sampling continues at the next index."""
+        request = self.make_request(
+            request_id, prompt_token_ids, params, priority, arrival_time, output_token_ids
+        )
         request.kv_dest = kv_dest
         self.requests[request_id] = request
         self.scheduler.add_request(request)
@@ -130,11 +150,19 @@ class EngineCore:
         params: SamplingParams,
         priority: int = 0,
         arrival_time: float | None = None,
+        output_token_ids: list[int] | None = None,
     ) -> Request:
         """A validated `Request`, not yet queued."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         max_tokens = self.validate_request(prompt_token_ids, params)
+        outputs = list(output_token_ids or ())
+        if outputs:
+            vocab = self.model_config.vocab_size
+            if min(outputs) < 0 or max(outputs) >= vocab:
+                raise InvalidRequestError(f"output token ids must be in [0, {vocab})")
+            if len(outputs) >= max_tokens:
+                raise InvalidRequestError("a resumed request has no output budget left")
         return Request(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
@@ -143,6 +171,7 @@ class EngineCore:
             max_tokens=max_tokens,
             priority=priority,
             arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
+            output_token_ids=outputs,
         )
 
     # ---- decode worker: KV from a prefill worker ------------------------------------------
@@ -194,10 +223,19 @@ class EngineCore:
             return []
         streamer = self.kv_streamer
         after_layer = streamer.begin_step(scheduled.scheduled) if streamer is not None else None
-        results = self.runner.execute(scheduled, after_layer)
+        try:
+            results = self.runner.execute(scheduled, after_layer)
+        except Exception as e:  # the whole step is lost; the engine's state is not
+            ids = [item.request.request_id for item in scheduled.scheduled]
+            logger.exception("engine step failed; failing its %d requests", len(ids))
+            if streamer is not None:
+                streamer.abandon_step()
+            self._fail(ids, f"the engine step failed: {e!r}", retryable=True)
+            return []
         if streamer is not None:
             streamer.end_step()
-        sampled = {rid: result.token_id for rid, result in results.items()}
+        failed = [rid for rid, result in results.items() if result.error is not None]
+        sampled = {rid: r.token_id for rid, r in results.items() if r.error is None}
         outputs = []
         for request in self.scheduler.update_from_output(scheduled, sampled):
             result = results[request.request_id]
@@ -215,7 +253,24 @@ class EngineCore:
             )
             if request.is_finished:
                 del self.requests[request.request_id]
+        for rid in failed:  # its own parameters broke the sampler: retrying cannot help
+            self._fail([rid], results[rid].error or "", retryable=False)
         return outputs
+
+    def _fail(self, request_ids: list[str], message: str, retryable: bool) -> None:
+        """Drop requests the engine cannot continue (blocks freed); `take_failures` says
+        which and why, so the caller can fail or move them."""
+        self.abort_requests(request_ids)
+        self.failures += [RequestFailure(rid, message, retryable) for rid in request_ids]
+
+    def take_failures(self) -> list[RequestFailure]:
+        """Requests dropped by `step` since the last call."""
+        failures, self.failures = self.failures, []
+        return failures
+
+    def fail_all(self, message: str) -> None:
+        """Drop every request (the engine's state can no longer be trusted for them)."""
+        self._fail(list(self.requests), message, retryable=True)
 
     # ---- start-up -------------------------------------------------------------------------
 

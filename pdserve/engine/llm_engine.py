@@ -15,7 +15,7 @@ import torch
 from pdserve.config import EngineConfig, ModelConfig
 from pdserve.engine.core import EngineCore
 from pdserve.engine.output_processor import OutputProcessor
-from pdserve.errors import InvalidRequestError
+from pdserve.errors import InvalidRequestError, RequestFailedError
 from pdserve.outputs import RequestOutput
 from pdserve.sampling_params import SamplingParams, child_params
 from pdserve.tokenizer import Tokenizer
@@ -82,4 +82,9 @@ class LLMEngine:
         outputs, stopped = self.processor.process(self.core.step())
         if stopped:
             self.core.abort_requests(stopped)
+        failures = self.core.take_failures()
+        if failures:  # one engine, nowhere to move them: their requests fail
+            for child_id in {f.request_id for f in failures}:
+                self.abort_request(child_id.partition("#")[0])  # child_request_id's parent
+            raise RequestFailedError("; ".join(f"{f.request_id}: {f.message}" for f in failures))
         return outputs

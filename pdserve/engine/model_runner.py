@@ -121,11 +121,24 @@ class ModelRunner:
             hidden = hidden[batch.logits_indices]
         logits = self.model.compute_logits(hidden)
         rows = [_sampling_row(item.request) for item in batch.sampling]
-        results = self.sampler(logits, rows)
+        results = self._sample(logits, rows)
         return {
             item.request.request_id: result
             for item, result in zip(batch.sampling, results, strict=True)
         }
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampleResult]:
+        """Sample every row at once; if that raises, each row alone, so one request's
+        parameters that break the sampler fail that request only (`SampleResult.error`)
+        and the rest of the batch still gets its tokens."""
+        try:
+            return self.sampler(logits, rows)
+        except Exception as e:
+            if len(rows) == 1:
+                logger.warning("sampling failed: %r", e)
+                return [SampleResult(0, error=f"sampling failed: {e!r}")]
+            logger.warning("sampling a batch failed (%r); sampling its rows one by one", e)
+        return [self._sample(logits[i : i + 1], [row])[0] for i, row in enumerate(rows)]
 
     def _assign_threads(self, num_tokens: int) -> None:
         """Give the cores to whichever thread pool does this step's heavy work.

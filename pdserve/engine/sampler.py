@@ -52,6 +52,7 @@ class SamplingRow:
 class SampleResult:
     token_id: int
     logprobs: dict[int, Logprob] | None = None
+    error: str | None = None  # this row could not be sampled; `token_id` means nothing
 
 
 class Sampler:

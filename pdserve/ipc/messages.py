@@ -7,9 +7,9 @@ rejected with `msgspec.ValidationError`, and nothing received is ever unpickled.
 Grouped by who sends them:
 
     router → worker      AddRequest, ReserveKV, PrefillRequest, Abort, Shutdown,
-                         SendKVSnapshot
+                         SendKVSnapshot, Fence
     worker → router      Register, WorkerStats, StepOutputs, KVReserved, RequestFailed,
-                         KVSent, KVEvents
+                         KVSent, KVEvents, Draining
     prefill → decode     KVLayer (+ raw key/value frames, tcp backend), KVDone
 
 A ZeroMQ message is `[encoded message, *raw frames]`; bulk KV bytes travel as raw frames
@@ -35,12 +35,18 @@ class Message(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
 
 
 class AddRequest(Message):
-    """Run a whole request (prefill and decode) on this worker."""
+    """Run a whole request (prefill and decode) on this worker.
+
+    `output_token_ids`: tokens the request already generated elsewhere (a migrated
+    request: its worker died or was drained). The engine recomputes prompt + these, as
+    after a preemption, and continues from the next output index, so budgets, stop state
+    and seeded sampling go on exactly where they stopped."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int = 0  # lower runs first (the engine's priority scheduling)
+    output_token_ids: list[int] = []
 
 
 class ReserveKV(Message):
@@ -105,6 +111,14 @@ class Shutdown(Message):
     pass
 
 
+class Fence(Message):
+    """The router declared this worker incarnation dead (its lease ran out) and moved its
+    requests elsewhere: drop every request without writing any more KV, then register
+    again as a new incarnation. Stale outputs of the old incarnation are ignored."""
+
+    incarnation: str
+
+
 class SendKVSnapshot(Message):
     """Send a `KVEvents` snapshot now: the router's index of this worker is out of date
     (a gap in the sequence numbers, or a router that has just started)."""
@@ -157,6 +171,9 @@ class Register(Message):
     hostname: str = ""  # the shm backend needs both workers on one host
     shm_path: str | None = None
     nixl: NixlPeer | None = None
+    # Unique per worker process start (and per re-registration after a `Fence`): the
+    # router tells a restarted or fenced worker from the one it knew by this.
+    incarnation: str = ""
 
 
 class KVTierCounters(msgspec.Struct, array_like=True, frozen=True):
@@ -186,6 +203,11 @@ class WorkerStats(Message):
     num_prefix_hit_tokens: int = 0
     kv_tiers: list[KVTierCounters] = []
     num_tier_dropped_writes: int = 0  # slow-tier writes dropped by a full writer queue
+    # Liveness: seconds since the worker's engine loop last completed a pass, as measured
+    # by the heartbeat thread. A hung loop (deadlock, a step stuck in a KV send) keeps the
+    # heartbeat alive but this grows; the router's lease covers both.
+    loop_stalled_s: float = 0.0
+    incarnation: str = ""
 
 
 class TokenLogprob(msgspec.Struct, array_like=True, frozen=True):
@@ -257,11 +279,23 @@ class KVReserved(Message):
 
 
 class RequestFailed(Message):
-    """A request cannot continue on this worker; it has been dropped and its blocks freed."""
+    """A request cannot continue on this worker; it has been dropped and its blocks freed.
+
+    `retryable`: the failure was not the request's own (a step that raised, a transfer
+    that timed out): the router may migrate it. Otherwise (bad parameters) it fails."""
 
     worker_id: str
     request_id: str
     message: str
+    retryable: bool = False
+
+
+class Draining(Message):
+    """The worker is shutting down (SIGTERM): send it no new work and move what it holds;
+    it exits once the router sends `Shutdown` or its grace period ends."""
+
+    worker_id: str
+    incarnation: str = ""
 
 
 class KVSent(Message):
@@ -326,6 +360,7 @@ AnyMessage = Union[  # noqa: UP007 — msgspec needs a real Union of the tagged 
     Abort,
     Shutdown,
     SendKVSnapshot,
+    Fence,
     Register,
     WorkerStats,
     StepOutputs,
@@ -333,6 +368,7 @@ AnyMessage = Union[  # noqa: UP007 — msgspec needs a real Union of the tagged 
     RequestFailed,
     KVSent,
     KVEvents,
+    Draining,
     KVLayer,
     KVDone,
 ]

@@ -4,6 +4,7 @@
 
     POST /v1/completions        POST /v1/chat/completions     GET /v1/models
     GET  /health  (the router is up)   GET /ready  (503 until workers are)   GET /metrics
+    /admin/*  (router/admin.py: drain, resume, list workers; admin key only)
 
 This module owns the HTTP surface; `serving.py` runs generations and `responses.py` builds
 the bodies. The gateway (`router/gateway/`, configured by `GatewayConfig`) checks keys,
@@ -51,6 +52,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
+from pdserve.router.admin import admin_router
 from pdserve.router.client import EngineClient
 from pdserve.router.gateway import Gateway, GatewayConfig
 from pdserve.router.gateway.limits import read_body
@@ -82,10 +84,12 @@ def build_app(
     metrics: RouterMetrics | None = None,
     api_key: str | None = None,
     gateway: GatewayConfig | None = None,
+    admin_key: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `client`. `metrics` defaults to a fresh `RouterMetrics`;
     `gateway` to the default limits with `api_key` (if any) as the one key: with a key,
-    every `/v1` route requires `Authorization: Bearer <key>`."""
+    every `/v1` route requires `Authorization: Bearer <key>`. The `/admin` routes
+    (router/admin.py) require `admin_key` and are closed without one."""
     metrics = metrics if metrics is not None else RouterMetrics(client.model_name)
     metrics.watch_workers(client.readiness)
     config = gateway if gateway is not None else GatewayConfig(api_key=api_key)
@@ -103,6 +107,7 @@ def build_app(
     if config.protect_probes:
         _add_docs(app, probe_auth)
     app.include_router(_v1_router(client, serving, gate))
+    app.include_router(admin_router(client, admin_key, _OpenAIRoute))
     app.add_exception_handler(HTTPException, _http_exception)
     return app
 

@@ -4,20 +4,18 @@ It tokenises nothing (the HTTP layer does) and detokenises everything: workers e
 token ids only, and one `OutputProcessor` here turns them into text, stop strings and
 stream deltas.
 
-Per request (each of its n samples is its own worker request), in `generate`:
-1. Plan (`router/policy.py`): the whole request on one worker, or prefill on a prefill
-   worker P and decode on a decode worker D. The routing policy sees how much of the
-   prompt each worker already holds: the global prefix index (`router/kv_index.py`), fed
-   by the workers' `KVEvents`, matched against the prompt's block hashes.
-2. Remote: D reserves blocks (`ReserveKV` → `KVReserved`; D queues it while full, so
-   the request waits for room); then P gets `PrefillRequest` with D's block ids and streams
-   the KV into them — only into the blocks past the prefix D already had cached (delta
-   hand-over: `KVReserved.num_cached_blocks`, `KVDestination.first_block`). P's first
-   token comes straight back here; D continues from it.
-3. Outputs from any worker feed the output processor; each update goes to the request's
-   queue, which `generate` yields from.
-4. On finish, stop string, client disconnect, failure or a dead worker: `Abort` goes to
-   every worker the request touched, and its load is released.
+Per request, each of its n samples is a `_Sample`, placed on workers by one `Attempt` at
+a time (router/dispatch.py: local, or prefill on P and decode on D with KV hand-over),
+charged to the load ledger (router/ledger.py). Outputs from any worker feed the output
+processor; each update goes to the request's queue, which `generate` yields from.
+
+Rooms: membership and leases live in `control/membership.py`, the retry budget in
+`control/migration.py`; this module joins them to the data path:
+- a worker that dies, is fenced, drained, or fails a step a sample ran in ends that
+  sample's attempt (`Abort` to every other worker involved, charges released) and the
+  sample *migrates*: a new attempt resumes it from the tokens already streamed;
+- on finish, stop string, client disconnect or a failure, `Abort` goes to every worker
+  the attempt touched, and its load is released.
 """
 
 from __future__ import annotations
@@ -26,8 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,14 +33,24 @@ import zmq
 import zmq.asyncio
 
 from pdserve.config import ModelConfig
+from pdserve.control.membership import DEFAULT_LEASE_S, Membership, Outcome
+from pdserve.control.migration import MigrationConfig, attempt_request_id
 from pdserve.engine.limits import check_request
 from pdserve.engine.output_processor import OutputProcessor
-from pdserve.errors import InvalidRequestError, RequestFailedError, ServiceUnavailableError
+from pdserve.errors import (
+    InvalidRequestError,
+    PdserveError,
+    RequestFailedError,
+    ServiceUnavailableError,
+)
 from pdserve.ipc import messages as m
 from pdserve.outputs import StreamUpdate
 from pdserve.router.client import EngineClient, Readiness, WorkerStatus
-from pdserve.router.kv_index import KVIndex, PrefixMatch, prompt_hashes
-from pdserve.router.policy import Plan, RoutingConfig, plan_request, required_jobs
+from pdserve.router.dispatch import Attempt, AttemptLost, Dispatcher
+from pdserve.router.drain import DrainReport, Drains
+from pdserve.router.kv_index import KVIndex
+from pdserve.router.ledger import Charges, LoadLedger
+from pdserve.router.policy import RoutingConfig, required_jobs
 from pdserve.router.stream_queue import UpdateQueue
 from pdserve.router.workers import WorkerHandle, WorkerPool
 from pdserve.sampling_params import SamplingParams, child_params
@@ -51,29 +58,37 @@ from pdserve.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-ROUTER_MARGIN_S = 1.0  # the prefill deadline ends this much before the reservation's
 SNAPSHOT_RETRY_S = 2.0  # ask an unsynced worker for its KV snapshot at most this often
+LIVENESS_PERIOD_S = 0.25
+ORPHAN_GRACE_S = 3.0  # a worker busy with nothing of ours this long lost its router
 
 
 @dataclass(eq=False)
-class _Child:
-    """One sample of a request, as assigned to workers."""
+class _Sample:
+    """One sample of a request, across the attempts that run it."""
 
     child_id: str
     parent_id: str
-    num_prompt_tokens: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
     max_tokens: int
-    loads: dict[str, int] = field(default_factory=dict)  # worker id -> tokens charged
-    prefilling: tuple[str, int] | None = None  # (worker id, prompt tokens) until 1st token
-    prefill_worker: str | None = None
-    reservation: asyncio.Future | None = None
-    priority: int = 0
+    priority: int = 0  # lower runs first (the engine's priority scheduling)
+    output_token_ids: list[int] = field(default_factory=list)  # received, in order
+    attempt: Attempt | None = None
+    num_attempts: int = 0
+    num_migrations: int = 0
+    moving: asyncio.Task | None = None  # a migration waiting for or placing an attempt
+    avoid: set[str] = field(default_factory=set)  # workers it was lost or failed on
+
+    @property
+    def reservation(self) -> asyncio.Future | None:
+        return self.attempt.reservation if self.attempt is not None else None
 
 
 @dataclass(eq=False)
 class _Stream:
     queue: UpdateQueue
-    children: list[_Child]
+    samples: list[_Sample]
 
 
 class ClusterClient(EngineClient):
@@ -86,7 +101,8 @@ class ClusterClient(EngineClient):
         max_model_len: int | None = None,
         min_workers: int = 1,
         metrics=None,
-        liveness_timeout_s: float = 10.0,
+        lease_s: float = DEFAULT_LEASE_S,
+        migration: MigrationConfig | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.model_config = ModelConfig.from_pretrained(model_dir)
@@ -94,22 +110,32 @@ class ClusterClient(EngineClient):
         self.model_name = model_name or self.model_dir.name
         self._max_model_len = max_model_len or self.model_config.max_position_embeddings
         self.routing = routing or RoutingConfig()
+        self.migration = migration or MigrationConfig()
         self.router_addr = router_addr
         self.min_workers = min_workers
         self.metrics = metrics
         self.ctx = zmq.asyncio.Context()
-        self.pool = WorkerPool(self.ctx, liveness_timeout_s)
+        self.pool = WorkerPool(self.ctx)
+        self.membership = Membership(self.pool, lease_s)
+        self.ledger = LoadLedger(self.pool)
+        self.kv_index = KVIndex()
+        self.dispatcher = Dispatcher(
+            self.pool, self.ledger, self.kv_index, lambda: self.routing, lambda: self.metrics
+        )
+        self.drains = Drains(self)
         self.processor = OutputProcessor(self.tokenizer)
         self._streams: dict[str, _Stream] = {}
-        self._children: dict[str, _Child] = {}
+        self._children: dict[str, _Sample] = {}  # by child id
+        self._attempts: dict[str, Attempt] = {}  # by worker-side request id
         self._socket: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
         self.num_kv_transfers = 0  # completed hand-offs, and their bytes
         self.num_kv_transfer_bytes = 0
-        self.kv_index = KVIndex()
+        self.num_migrations = 0  # attempts started again elsewhere
         self._snapshot_asked: dict[str, float] = {}  # worker id -> when
-        self._selector = self.routing.selector()  # keeps round-robin turns
-        self._selector_routing = self.routing
+        # Called with a worker id when its lease runs out: the launcher kills the process,
+        # so a fenced worker cannot keep writing KV (control/launcher.py).
+        self.on_worker_expired: Callable[[str], None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -225,11 +251,17 @@ class ClusterClient(EngineClient):
         is_finished = False
         try:
             for index, child_id in enumerate(child_ids):
-                child = _Child(child_id, request_id, len(prompt_token_ids), max_tokens)
-                child.priority = priority
-                stream.children.append(child)
-                self._children[child_id] = child
-                await self._dispatch(child, prompt_token_ids, child_params(params, index))
+                sample = _Sample(
+                    child_id,
+                    request_id,
+                    list(prompt_token_ids),
+                    child_params(params, index),
+                    max_tokens,
+                    priority,
+                )
+                stream.samples.append(sample)
+                self._children[child_id] = sample
+                await self._place(sample)
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):
@@ -248,173 +280,161 @@ class ClusterClient(EngineClient):
         self.processor.abort_request(request_id)
         if stream is None:
             return
-        for child in stream.children:
-            self._abort_child(child)
+        for sample in stream.samples:
+            self._abort_sample(sample)
 
-    # ---- dispatch ---------------------------------------------------------------------------
+    # ---- placing samples, and moving them --------------------------------------------------
 
-    async def _dispatch(self, child: _Child, token_ids: list[int], params: SamplingParams):
-        matches = self._prefix_matches(token_ids)
-
-        def cached(worker: WorkerHandle) -> int:
-            match = matches.get(worker.worker_id)
-            return match.num_blocks * worker.info.kv_layout.block_size if match else 0
-
-        plan = plan_request(self.pool, self.routing, len(token_ids), cached, self._policy())
-        if plan is None:
-            raise ServiceUnavailableError(
-                f"no live worker for mode {self.routing.mode!r}; retry later"
-            )
-        if self.metrics is not None:
-            worker = plan.prefill or plan.decode
-            self.metrics.observe_routing(
-                self.routing.routing_policy,
-                plan,
-                len(token_ids),
-                matches.get(worker.worker_id),
-                worker.info.kv_layout.block_size,
-            )
-        if plan.prefill is None:
-            self._charge(child, plan.decode, child.num_prompt_tokens + child.max_tokens)
-            self._charge_prefill(child, plan.decode, cached(plan.decode))
-            plan.decode.send(m.AddRequest(child.child_id, token_ids, params, child.priority))
-            return
-        await self._dispatch_remote(child, plan, token_ids, params, cached(plan.prefill))
-
-    async def _dispatch_remote(
-        self,
-        child: _Child,
-        plan: Plan,
-        token_ids: list[int],
-        params: SamplingParams,
-        num_cached_on_prefill: int = 0,
-    ) -> None:
-        timeout = self.routing.kv_transfer_timeout_s
-        transfer_id = uuid.uuid4().hex
-        child.reservation = asyncio.get_running_loop().create_future()
-        self._charge(child, plan.decode, child.max_tokens)
-        plan.decode.send(
-            m.ReserveKV(child.child_id, transfer_id, token_ids, params, timeout, child.priority)
-        )
-        try:
-            # NOTE: asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
-            # cancellation (client gone) that races with the reservation arriving.
-            async with asyncio.timeout(timeout):
-                reserved = await child.reservation
-        except TimeoutError:
-            raise ServiceUnavailableError("no decode worker had room in time") from None
-        base = time.monotonic()
-        prefill = plan.prefill
-        backend = self._backend(prefill, plan.decode)
-        num_cached = reserved.num_cached_blocks  # already on the decode worker: not sent
-        dest = m.KVDestination(
-            worker_id=plan.decode.worker_id,
-            transfer_id=transfer_id,
-            block_ids=reserved.block_ids[num_cached:],
-            kv_addr=plan.decode.info.kv_addr,
-            backend=backend,
-            shm_path=plan.decode.info.shm_path,
-            nixl=plan.decode.info.nixl,
-            wire_dtype=self._wire_dtype(backend),
-            first_block=num_cached,
-        )
-        child.prefill_worker = prefill.worker_id
-        self._charge(child, prefill, child.num_prompt_tokens)
-        self._charge_prefill(child, prefill, num_cached_on_prefill)
-        deadline = timeout - (time.monotonic() - base) - ROUTER_MARGIN_S
-        prefill.send(
-            m.PrefillRequest(child.child_id, token_ids, params, dest, deadline, child.priority)
-        )
-
-    def _backend(self, prefill: WorkerHandle, decode: WorkerHandle) -> str:
-        wanted = self.routing.kv_backend
-        common = set(prefill.info.backends) & set(decode.info.backends)
-        if wanted != "auto":
-            if wanted not in common:
-                raise ServiceUnavailableError(
-                    f"workers {prefill.worker_id} and {decode.worker_id} do not both "
-                    f"support KV backend {wanted!r}"
+    async def _place(self, sample: _Sample) -> None:
+        """Start an attempt for `sample` and send it to workers; start again while the
+        workers it is placed on are lost, within the migration budget."""
+        while True:
+            attempt = self._new_attempt(sample)
+            try:
+                await self.dispatcher.dispatch(
+                    attempt,
+                    sample.prompt_token_ids,
+                    sample.params,
+                    sample.max_tokens,
+                    list(sample.output_token_ids),
+                    frozenset(sample.avoid),
+                    sample.priority,
                 )
-            return wanted
-        same_host = prefill.info.hostname == decode.info.hostname
-        if same_host and "shm" in common and decode.info.shm_path:
-            return "shm"
-        if "nixl" in common and decode.info.nixl is not None:
-            return "nixl"
-        if "tcp" in common:
-            return "tcp"
-        raise ServiceUnavailableError("the chosen workers share no KV transfer backend")
+                return
+            except AttemptLost as e:
+                self._end_attempt(attempt)
+                self._count_migration(sample, str(e))
+                await self._wait_for_worker(sample)
 
-    def _policy(self):
-        """The routing policy's selector, made again when `routing` was replaced."""
-        if self._selector_routing is not self.routing:
-            self._selector = self.routing.selector()
-            self._selector_routing = self.routing
-        return self._selector
+    def _new_attempt(self, sample: _Sample) -> Attempt:
+        outputs = sample.output_token_ids
+        request_id = attempt_request_id(sample.child_id, sample.num_attempts)
+        sample.num_attempts += 1
+        num_tokens = len(sample.prompt_token_ids) + len(outputs)
+        attempt = Attempt(request_id, sample, Charges(num_tokens), is_resumed=bool(outputs))
+        sample.attempt = attempt
+        self._attempts[request_id] = attempt
+        return attempt
 
-    def _prefix_matches(self, token_ids: list[int]) -> dict[str, PrefixMatch]:
-        """Each live worker's cached prefix of the prompt (by its block size)."""
-        by_size: dict[int, list[str]] = {}
-        for handle in self.pool.workers.values():
-            if handle.is_alive:
-                by_size.setdefault(handle.info.kv_layout.block_size, []).append(handle.worker_id)
-        matches: dict[str, PrefixMatch] = {}
-        for block_size, worker_ids in by_size.items():
-            hashes = prompt_hashes(token_ids, block_size)
-            matches.update(self.kv_index.match(hashes, worker_ids))
-        return matches
-
-    def _wire_dtype(self, backend: str) -> str | None:
-        """int8 KV on the wire is opt-in and tcp only: shm and nixl write in place."""
-        return "int8" if backend == "tcp" and self.routing.kv_wire_dtype == "int8" else None
-
-    def _charge(self, child: _Child, worker: WorkerHandle, tokens: int) -> None:
-        child.loads[worker.worker_id] = child.loads.get(worker.worker_id, 0) + tokens
-        worker.outstanding_tokens += tokens
-        worker.num_assigned += 1
-
-    def _charge_prefill(self, child: _Child, worker: WorkerHandle, num_cached: int) -> None:
-        """Count the prompt tokens `worker` will compute (those past its cached prefix)
-        until the first token comes back."""
-        tokens = max(0, child.num_prompt_tokens - num_cached)
-        child.prefilling = (worker.worker_id, tokens)
-        worker.pending_prefill_tokens += tokens
-
-    def _prefill_done(self, child: _Child) -> None:
-        if child.prefilling is None:
+    def _end_attempt(
+        self, attempt: Attempt, lost_worker: str | None = None, writer_gone: bool = False
+    ) -> None:
+        """Stop `attempt` on its workers (not `lost_worker`, which dropped it already) and
+        release its charges. Idempotent. A reservation whose prefill worker was told to
+        write is freed only once that worker is known not to (`writer_gone`, or its
+        `KVDone`): with shm it writes straight into the decode worker's pool."""
+        if self._attempts.pop(attempt.request_id, None) is None:
             return
-        worker_id, tokens = child.prefilling
-        child.prefilling = None
-        handle = self.pool.workers.get(worker_id)
-        if handle is not None:
-            handle.pending_prefill_tokens -= tokens
-
-    def _release(self, child: _Child, worker_id: str) -> None:
-        if child.prefilling is not None and child.prefilling[0] == worker_id:
-            self._prefill_done(child)
-        tokens = child.loads.pop(worker_id, 0)
-        handle = self.pool.workers.get(worker_id)
-        if handle is not None and tokens:
-            handle.outstanding_tokens -= tokens
-            handle.num_assigned -= 1
-
-    def _abort_child(self, child: _Child) -> None:
-        for worker_id in list(child.loads):
+        writer = attempt.prefill_worker
+        is_writer_absent = writer is None or (writer == lost_worker and writer_gone)
+        for worker_id in attempt.workers:
             handle = self.pool.workers.get(worker_id)
-            if handle is not None:
-                handle.send(m.Abort([child.child_id], child.prefill_worker is None))
-            self._release(child, worker_id)
-        if child.reservation is not None and not child.reservation.done():
-            child.reservation.cancel()
-        self._children.pop(child.child_id, None)
+            if worker_id != lost_worker and handle is not None and handle.is_alive:
+                handle.send(m.Abort([attempt.request_id], is_writer_absent))
+        self.ledger.release_all(attempt.charges)
+        sample = attempt.sample
+        if isinstance(sample, _Sample) and sample.attempt is attempt:
+            sample.attempt = None
+
+    def _migrate(
+        self, attempt: Attempt, reason: str, lost_worker: str | None, writer_gone: bool
+    ) -> None:
+        """End `attempt` and resume its sample elsewhere."""
+        sample = attempt.sample
+        if lost_worker is not None:
+            sample.avoid.add(lost_worker)
+        self._end_attempt(attempt, lost_worker, writer_gone)
+        assert isinstance(sample, _Sample)
+        if attempt.reservation is not None and not attempt.reservation.done():
+            attempt.reservation.set_exception(AttemptLost(reason))  # `_place` starts again
+            return
+        if sample.child_id not in self._children or sample.moving is not None:
+            return
+        try:
+            self._count_migration(sample, reason)
+        except PdserveError as e:
+            self._fail_request(sample.parent_id, e)
+            return
+        sample.moving = asyncio.get_running_loop().create_task(self._resume(sample))
+
+    def _count_migration(self, sample: _Sample, reason: str) -> None:
+        sample.num_migrations += 1
+        self.num_migrations += 1
+        logger.warning(
+            "moving %s (%d tokens generated): %s",
+            sample.child_id,
+            len(sample.output_token_ids),
+            reason,
+        )
+        if self.metrics is not None:
+            self.metrics.observe_migration(len(sample.output_token_ids))
+        if sample.num_migrations > self.migration.max_migrations:
+            raise ServiceUnavailableError(
+                f"the request lost its worker {sample.num_migrations} times "
+                f"(max_migrations={self.migration.max_migrations}); last: {reason}"
+            )
+
+    async def _resume(self, sample: _Sample) -> None:
+        try:
+            await self._wait_for_worker(sample)
+            await self._place(sample)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            error = e if isinstance(e, PdserveError) else RequestFailedError(repr(e))
+            self._fail_request(sample.parent_id, error)
+        finally:
+            sample.moving = None
+
+    async def _wait_for_worker(self, sample: _Sample) -> None:
+        """Until a worker can take `sample` again, at most `migration_wait_s`."""
+        mode = self.routing.mode
+        if sample.output_token_ids:
+            jobs: tuple[str, ...] = ("mixed",) if mode == "aggregated" else ("decode",)
+        else:
+            jobs = required_jobs(mode)
+        deadline = time.monotonic() + self.migration.migration_wait_s
+        while not all(self.pool.alive(job) for job in jobs):
+            if time.monotonic() > deadline:
+                raise ServiceUnavailableError(
+                    f"no live worker to continue the request on within "
+                    f"{self.migration.migration_wait_s:g} s (migration_wait_s)"
+                )
+            await asyncio.sleep(0.05)
+
+    def _abort_sample(self, sample: _Sample) -> None:
+        if sample.moving is not None:
+            sample.moving.cancel()
+            sample.moving = None
+        attempt = sample.attempt
+        if attempt is not None:
+            self._end_attempt(attempt)
+            if attempt.reservation is not None and not attempt.reservation.done():
+                attempt.reservation.cancel()
+        self._children.pop(sample.child_id, None)
 
     def _forget(self, request_id: str) -> None:
         stream = self._streams.pop(request_id, None)
         if stream is not None:
-            for child in stream.children:
-                if child.loads:
-                    self._abort_child(child)
-                self._children.pop(child.child_id, None)
+            for sample in stream.samples:
+                self._abort_sample(sample)
+
+    # ---- operations (admin API) -----------------------------------------------------------
+
+    def attempts_on(self, worker_id: str) -> list[Attempt]:
+        return [a for a in self._attempts.values() if worker_id in a.workers]
+
+    def move_off(self, worker_id: str, reason: str) -> int:
+        """Migrate every attempt placed on `worker_id` (alive: it is told to abort)."""
+        attempts = self.attempts_on(worker_id)
+        for attempt in attempts:
+            self._migrate(attempt, reason, lost_worker=None, writer_gone=False)
+        return len(attempts)
+
+    async def drain(
+        self, worker_id: str, migrate: bool = True, timeout_s: float = 60.0
+    ) -> DrainReport:
+        return await self.drains.drain(worker_id, migrate, timeout_s)
 
     # ---- messages from workers -----------------------------------------------------------
 
@@ -434,30 +454,22 @@ class ClusterClient(EngineClient):
 
     def _handle(self, message: m.Message) -> None:
         if isinstance(message, m.WorkerStats):
-            self.pool.on_stats(message)
+            self._on_stats(message)
             return
         if isinstance(message, m.Register):
-            known = self.pool.workers.get(message.worker_id)
-            self.pool.register(message)
-            if known is None or known.info != message:
-                logger.info("worker %s (%s) registered", message.worker_id, message.role)
-                if known is not None:  # restarted: its snapshot follows on the same socket
-                    self.kv_index.drop_worker(message.worker_id)
+            self._on_register(message)
             return
-        self.pool.touch(message.worker_id)
+        handle = self.pool.workers.get(getattr(message, "worker_id", ""))
+        if handle is not None and not handle.is_alive:
+            return  # a fenced incarnation: what it says about requests is stale
+        self.membership.touch(message.worker_id)
         if isinstance(message, m.StepOutputs):
             self._on_outputs(message)
         elif isinstance(message, m.KVEvents):
             if not self.kv_index.apply(message):
                 self._ask_snapshot(message.worker_id)
         elif isinstance(message, m.KVReserved):
-            child = self._children.get(message.request_id)
-            if child is None or child.reservation is None or child.reservation.done():
-                handle = self.pool.workers.get(message.worker_id)
-                if handle is not None:  # nobody waits, and no writer was told: free now
-                    handle.send(m.Abort([message.request_id], is_writer_absent=True))
-                return
-            child.reservation.set_result(message)
+            self._on_reserved(message)
         elif isinstance(message, m.RequestFailed):
             self._on_failed(message)
         elif isinstance(message, m.KVSent):
@@ -465,30 +477,106 @@ class ClusterClient(EngineClient):
             self.num_kv_transfer_bytes += message.num_bytes
             if self.metrics is not None:
                 self.metrics.observe_kv_transfer(message.seconds, message.num_bytes)
+        elif isinstance(message, m.Draining):
+            self.drains.on_worker_draining(message.worker_id)
+
+    def _on_register(self, message: m.Register) -> None:
+        known = self.pool.workers.get(message.worker_id)
+        outcome, _ = self.membership.on_register(message)
+        if outcome is Outcome.FENCED:
+            self._tell_fenced(message.worker_id, message.ctrl_addr, message.incarnation)
+            return
+        if outcome is Outcome.REFRESHED:
+            return
+        logger.info(
+            "worker %s (%s) registered (%s)", message.worker_id, message.role, outcome.value
+        )
+        if outcome is Outcome.REPLACED:  # restarted: its old incarnation's requests move
+            self.kv_index.drop_worker(message.worker_id)  # its snapshot follows
+            if known is not None and known.is_alive:
+                self._on_worker_lost(message.worker_id, "restarted", writer_gone=True)
+
+    def _on_stats(self, stats: m.WorkerStats) -> None:
+        outcome = self.membership.on_stats(stats)
+        if outcome is Outcome.FENCED:
+            handle = self.pool.workers[stats.worker_id]
+            self._tell_fenced(stats.worker_id, handle.info.ctrl_addr, stats.incarnation)
+        elif outcome is Outcome.REFRESHED:
+            if stats.num_running + stats.num_waiting > 0:
+                self._abort_orphans(stats)
+            else:
+                self.pool.workers[stats.worker_id].orphans_since = None
+
+    def _abort_orphans(self, stats: m.WorkerStats) -> None:
+        """A worker runs requests this router never gave it (the router restarted):
+        nobody will read them, so it drops them and registers afresh."""
+        handle = self.pool.workers[stats.worker_id]
+        if handle.num_assigned or self.attempts_on(stats.worker_id):
+            handle.orphans_since = None
+            return
+        now = time.monotonic()
+        if handle.orphans_since is None:  # stats can trail an abort: wait to be sure
+            handle.orphans_since = now
+        elif now - handle.orphans_since > ORPHAN_GRACE_S:
+            logger.warning("worker %s holds orphaned requests; fencing it", handle.worker_id)
+            self.membership.fence(handle)
+            self._tell_fenced(handle.worker_id, handle.info.ctrl_addr, handle.incarnation)
+
+    def _tell_fenced(self, worker_id: str, ctrl_addr: str, incarnation: str) -> None:
+        if not self.membership.should_tell_fenced(worker_id, incarnation):
+            return
+        handle = self.pool.workers.get(worker_id)
+        if handle is not None and handle.info.ctrl_addr == ctrl_addr:
+            handle.send(m.Fence(incarnation))
+
+    def _on_reserved(self, message: m.KVReserved) -> None:
+        attempt = self._attempts.get(message.request_id)
+        if attempt is None or attempt.reservation is None or attempt.reservation.done():
+            handle = self.pool.workers.get(message.worker_id)
+            if handle is not None:  # nobody waits, and no writer was told: free now
+                handle.send(m.Abort([message.request_id], is_writer_absent=True))
+            return
+        attempt.reservation.set_result(message)
 
     def _on_outputs(self, message: m.StepOutputs) -> None:
         outputs = []
         for out in message.outputs:
-            child = self._children.get(out.request_id)
-            if child is None:
-                continue
-            self._prefill_done(child)  # any output means the prompt is computed
-            if out.finish_reason is not None or message.worker_id == child.prefill_worker:
-                self._release(child, message.worker_id)  # done on that worker
+            attempt = self._attempts.get(out.request_id)
+            if attempt is None:
+                continue  # finished, aborted, or an attempt that was moved elsewhere
+            sample = attempt.sample
+            assert isinstance(sample, _Sample)
+            self.ledger.prefill_done(attempt.charges)  # any output: the prompt is computed
+            if out.finish_reason is not None or message.worker_id == attempt.prefill_worker:
+                self.ledger.release(attempt.charges, message.worker_id)  # done on that worker
+                attempt.workers.discard(message.worker_id)
             if out.finish_reason is not None:
-                self._release_all(child)
-            if out.queue_time_s is not None:
-                self._note_queue_time(child.parent_id, out.queue_time_s)
-            outputs.append(out.to_engine_output())
+                self._finish_attempt(attempt)
+            if out.queue_time_s is not None and not attempt.is_resumed:
+                self._note_queue_time(sample.parent_id, out.queue_time_s)
+            sample.output_token_ids += out.new_token_ids
+            engine_out = out.to_engine_output()
+            engine_out.request_id = sample.child_id
+            if attempt.is_resumed:  # its prompt included outputs: not the client's cache
+                engine_out.num_cached_tokens = 0
+            outputs.append(engine_out)
         updates, stopped = self.processor.process_stream(outputs)
         for child_id in stopped:  # finished by a stop string: stop the workers too
-            child = self._children.get(child_id)
-            if child is not None:
-                self._abort_child(child)
+            sample = self._children.get(child_id)
+            if sample is not None:
+                self._abort_sample(sample)
         for request_id, update in updates.items():
             stream = self._streams.get(request_id)
             if stream is not None:
                 stream.queue.put_nowait(update)
+
+    def _finish_attempt(self, attempt: Attempt) -> None:
+        self._attempts.pop(attempt.request_id, None)
+        self.ledger.release_all(attempt.charges)
+        sample = attempt.sample
+        assert isinstance(sample, _Sample)
+        sample.attempt = None
+        self._children.pop(sample.child_id, None)
 
     def _note_queue_time(self, request_id: str, queue_time_s: float) -> None:
         """The worker measured its queue on its own clock; place it on ours."""
@@ -496,38 +584,51 @@ class ClusterClient(EngineClient):
         if state is not None and state.metrics.first_scheduled_time is None:
             state.metrics.first_scheduled_time = state.metrics.arrival_time + queue_time_s
 
-    def _release_all(self, child: _Child) -> None:
-        for worker_id in list(child.loads):
-            self._release(child, worker_id)
-        self._children.pop(child.child_id, None)
-
     def _on_failed(self, message: m.RequestFailed) -> None:
-        child = self._children.get(message.request_id)
-        if child is None:
+        attempt = self._attempts.get(message.request_id)
+        if attempt is None:
             return
-        error = RequestFailedError(f"worker {message.worker_id}: {message.message}")
-        if child.reservation is not None and not child.reservation.done():
-            child.reservation.set_exception(ServiceUnavailableError(message.message))
+        reason = f"worker {message.worker_id}: {message.message}"
+        if message.retryable:
+            self._migrate(attempt, reason, lost_worker=message.worker_id, writer_gone=False)
             return
-        self._fail_request(child.parent_id, error)
+        sample = attempt.sample
+        assert isinstance(sample, _Sample)
+        if attempt.reservation is not None and not attempt.reservation.done():
+            self._end_attempt(attempt, lost_worker=message.worker_id)
+            attempt.reservation.set_exception(ServiceUnavailableError(message.message))
+            return
+        self._fail_request(sample.parent_id, RequestFailedError(reason))
 
     def _fail_request(self, request_id: str, error: Exception) -> None:
         stream = self._streams.get(request_id)
         if stream is None:
             return
-        for child in stream.children:
-            self._abort_child(child)
+        for sample in stream.samples:
+            self._abort_sample(sample)
         self.processor.abort_request(request_id)
         stream.queue.put_nowait(error)
 
+    # ---- liveness --------------------------------------------------------------------------
+
     async def _liveness_loop(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
-            for handle in self.pool.find_dead():
-                self._on_worker_lost(handle.worker_id, "stopped responding")
-            for handle in self.pool.workers.values():
-                if handle.is_alive and not self.kv_index.is_synced(handle.worker_id):
-                    self._ask_snapshot(handle.worker_id)  # e.g. this router just started
+            await asyncio.sleep(LIVENESS_PERIOD_S)
+            try:
+                self._check_liveness()
+            except Exception:  # this loop must outlive any bug in one pass
+                logger.exception("liveness check failed")
+
+    def _check_liveness(self) -> None:
+        for expiry in self.membership.find_expired():
+            worker_id = expiry.handle.worker_id
+            self.membership.fence(expiry.handle)
+            self._on_worker_lost(worker_id, expiry.reason, writer_gone=False)
+            if self.on_worker_expired is not None:
+                self.on_worker_expired(worker_id)
+        for handle in self.pool.workers.values():
+            if handle.is_alive and not self.kv_index.is_synced(handle.worker_id):
+                self._ask_snapshot(handle.worker_id)  # e.g. this router just started
 
     def _ask_snapshot(self, worker_id: str) -> None:
         """Ask a worker for its KV snapshot (its index entry is unsynced), at most every
@@ -542,20 +643,15 @@ class ClusterClient(EngineClient):
     def mark_dead(self, worker_id: str, reason: str) -> None:
         """The launcher saw the worker's process exit: stop using it now."""
         handle = self.pool.workers.get(worker_id)
-        if handle is not None and handle.is_alive:
-            handle.is_alive = False
-            self._on_worker_lost(worker_id, reason)
+        if handle is None:
+            return
+        was_alive = handle.is_alive
+        self.membership.fence(handle)
+        if was_alive:
+            self._on_worker_lost(worker_id, reason, writer_gone=True)
 
-    def _on_worker_lost(self, worker_id: str, reason: str) -> None:
-        logger.error("worker %s %s; failing its requests", worker_id, reason)
+    def _on_worker_lost(self, worker_id: str, reason: str, writer_gone: bool) -> None:
+        logger.error("worker %s %s; moving its requests", worker_id, reason)
         self.kv_index.drop_worker(worker_id)
-        for child in list(self._children.values()):
-            if worker_id in child.loads:
-                child.loads.pop(worker_id)  # nothing to abort or release there
-                if child.prefilling is not None and child.prefilling[0] == worker_id:
-                    self._prefill_done(child)
-                if child.prefill_worker == worker_id:
-                    child.prefill_worker = None  # a dead writer: the decode side frees at once
-                self._fail_request(
-                    child.parent_id, RequestFailedError(f"worker {worker_id} {reason}")
-                )
+        for attempt in self.attempts_on(worker_id):
+            self._migrate(attempt, f"worker {worker_id} {reason}", worker_id, writer_gone)

@@ -158,6 +158,14 @@ class RouterMetrics:
             registry=self.registry,
         )
         self.router_prefix_hits = {t: hits.labels(model_name, t) for t in ("device", "lower")}
+        self.migrations = counter(
+            "pdserve:request_migrations",
+            "Request samples moved to another worker (worker died, fenced, drained, failed).",
+        )
+        self.migrated_tokens = counter(
+            "pdserve:migrated_tokens",
+            "Generated tokens carried over by migrations (recomputed or served from cache).",
+        )
         self._workers = _WorkerCollector(model_name)
         self.registry.register(self._workers)
 
@@ -190,6 +198,10 @@ class RouterMetrics:
             device = match.num_device_blocks * block_size
             self.router_prefix_hits["device"].inc(device)
             self.router_prefix_hits["lower"].inc(match.num_blocks * block_size - device)
+
+    def observe_migration(self, num_generated_tokens: int) -> None:
+        self.migrations.inc()
+        self.migrated_tokens.inc(num_generated_tokens)
 
     def watch_workers(self, readiness: Callable[[], Readiness]) -> None:
         """Read per-worker gauges from `readiness().workers` whenever metrics are scraped."""

@@ -119,12 +119,16 @@ def plan_request(
     num_prompt_tokens: int,
     cached: CachedTokens | None = None,
     selector: Selector | None = None,
+    avoid: frozenset[str] = frozenset(),
 ) -> Plan | None:
     """The workers for a new request, or None when the mode's roles have no live worker.
     `cached(worker)`: prompt tokens that worker holds (prefix index; default none);
-    `selector`: the routing policy's state (round-robin turns), else made from `config`."""
+    `selector`: the routing policy's state (round-robin turns), else made from `config`;
+    `avoid`: worker ids to pass over while another worker of the role is alive (a
+    request moving off a worker that failed it)."""
     cached = cached or (lambda worker: 0)
     selector = selector or config.selector()
+    pool = _Avoiding(pool, avoid) if avoid else pool
 
     def pick(job: str, candidates: list[WorkerHandle]) -> WorkerHandle | None:
         if not candidates:
@@ -163,3 +167,15 @@ def plan_request(
     if prefill.pending_prefill_tokens > config.auto_max_prefill_queue_tokens:
         return plan("local", "prefill_backed_up")  # the prefill pool is backed up: do it here
     return plan("remote", "long_uncached")
+
+
+class _Avoiding:
+    """`pool`, with `avoid` left out of each role's live workers unless nothing else is."""
+
+    def __init__(self, pool: WorkerPool, avoid: frozenset[str]) -> None:
+        self._pool = pool
+        self._avoid = avoid
+
+    def alive(self, job: str) -> list[WorkerHandle]:
+        workers = self._pool.alive(job)
+        return [w for w in workers if w.worker_id not in self._avoid] or workers

@@ -1,9 +1,9 @@
-"""The router's view of its workers: who is registered, alive, and how loaded.
+"""The router's view of its workers: who is registered, in which state, and how loaded.
 
-Workers announce themselves (`Register`) on the router's socket and then send
-`WorkerStats` at least once a second (from a heartbeat thread, so a long prefill step
-does not look like a death). A worker silent for `liveness_timeout_s` is dead: it gets no
-new requests and the requests it holds fail.
+A `WorkerHandle` is what the data path reads: the worker's registration, its last
+`WorkerStats`, its load, and whether it may take new work (`is_alive and not
+is_draining`). Who is alive is decided by the control plane (`control/membership.py`:
+leases, incarnations, fencing); this module only holds the result.
 
 Load is counted here, on the router, as *outstanding tokens*: prompt tokens still to be
 prefilled plus output tokens still to be decoded for every request assigned to the worker.
@@ -11,11 +11,12 @@ The router knows these the instant it assigns a request, whereas stats from a wo
 up to a second old. `pending_prefill_tokens` counts the prompt part alone (until the first
 token comes back): the queue a new prompt would wait behind. Selection picks the live
 worker with the fewest outstanding tokens (ties: fewest running requests, then
-registration order).
+registration order). The ledger that charges and releases these is `router/ledger.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ ROLE_CAN = {
 @dataclass(eq=False)
 class WorkerHandle:
     info: m.Register
-    ctrl: zmq.asyncio.Socket
+    ctrl: zmq.Socket
     last_seen: float = field(default_factory=time.monotonic)
     stats: m.WorkerStats | None = None
     stats_time: float = 0.0  # time.monotonic() when `stats` arrived
@@ -42,6 +43,16 @@ class WorkerHandle:
     pending_prefill_tokens: int = 0  # prompt tokens assigned whose first token is not back
     num_assigned: int = 0
     is_alive: bool = True
+    is_draining: bool = False  # takes no new work (drain, SIGTERM, role switch)
+    orphans_since: float | None = None  # busy with requests the router does not know
+
+    @property
+    def is_accepting(self) -> bool:
+        return self.is_alive and not self.is_draining
+
+    @property
+    def incarnation(self) -> str:
+        return self.info.incarnation
 
     @property
     def worker_id(self) -> str:
@@ -57,7 +68,14 @@ class WorkerHandle:
         return job in ROLE_CAN[self.role]
 
     def send(self, message: m.Message) -> None:
-        self.ctrl.send(m.encode(message))
+        """Queue a command; never blocks the router (a worker that stopped reading loses
+        commands past the socket's queue, and its lease runs out anyway)."""
+        with contextlib.suppress(zmq.Again):
+            self.ctrl.send(m.encode(message), zmq.NOBLOCK)
+
+    def close(self) -> None:
+        if self.ctrl is not None:
+            self.ctrl.close(linger=0)
 
     @property
     def num_waiting_prefill_tokens(self) -> int:
@@ -65,54 +83,30 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    def __init__(self, ctx: zmq.asyncio.Context, liveness_timeout_s: float = 10.0) -> None:
+    """The registered workers by id. Membership (`control/membership.py`) adds, replaces
+    and marks them; dispatch asks `alive(job)`."""
+
+    def __init__(self, ctx: zmq.asyncio.Context | None) -> None:
         self.ctx = ctx
-        self.liveness_timeout_s = liveness_timeout_s
         self.workers: dict[str, WorkerHandle] = {}
 
-    def register(self, info: m.Register) -> WorkerHandle:
-        """Add a worker, or replace one that restarted under the same id. A worker
-        re-announces itself periodically (so a restarted router learns of it); the same
-        announcement again only refreshes it."""
-        current = self.workers.get(info.worker_id)
-        if current is not None and current.info == info:
-            current.last_seen = time.monotonic()
-            current.is_alive = True
-            return current
+    def connect(self, info: m.Register) -> WorkerHandle:
+        """A handle with a command socket to the worker `info` describes, replacing (and
+        closing) any handle under the same id."""
         old = self.workers.pop(info.worker_id, None)
         if old is not None:
-            old.ctrl.close(linger=0)
-        ctrl = self.ctx.socket(zmq.PUSH)
+            old.close()
+        # A plain (not asyncio) socket: sends are NOBLOCK and never wait for a peer.
+        ctrl = self.ctx.socket(zmq.PUSH, socket_class=zmq.Socket)
         ctrl.setsockopt(zmq.LINGER, 0)
         ctrl.connect(info.ctrl_addr)
         handle = WorkerHandle(info, ctrl)
         self.workers[info.worker_id] = handle
         return handle
 
-    def on_stats(self, stats: m.WorkerStats) -> None:
-        handle = self.workers.get(stats.worker_id)
-        if handle is not None:
-            handle.stats = stats
-            handle.last_seen = handle.stats_time = time.monotonic()
-            handle.is_alive = True
-
-    def touch(self, worker_id: str) -> None:
-        handle = self.workers.get(worker_id)
-        if handle is not None:
-            handle.last_seen = time.monotonic()
-
-    def find_dead(self) -> list[WorkerHandle]:
-        """Mark and return workers that went silent since the last call."""
-        now = time.monotonic()
-        dead = []
-        for handle in self.workers.values():
-            if handle.is_alive and now - handle.last_seen > self.liveness_timeout_s:
-                handle.is_alive = False
-                dead.append(handle)
-        return dead
-
     def alive(self, job: str) -> list[WorkerHandle]:
-        return [w for w in self.workers.values() if w.is_alive and w.can(job)]
+        """Workers that may take new work of `job` (alive and not draining)."""
+        return [w for w in self.workers.values() if w.is_accepting and w.can(job)]
 
     def least_loaded(self, job: str) -> WorkerHandle | None:
         candidates = self.alive(job)
@@ -122,5 +116,5 @@ class WorkerPool:
 
     def close(self) -> None:
         for handle in self.workers.values():
-            handle.ctrl.close(linger=0)
+            handle.close()
         self.workers.clear()

@@ -77,6 +77,13 @@ class KVStreamer:
             self._flush()
         self._jobs = []
 
+    def abandon_step(self) -> None:
+        """The step failed: send nothing more of it (its requests are being aborted), but
+        wait until what was sent no longer reads the pool."""
+        if self._jobs:
+            self._flush()
+        self._jobs = []
+
     def _flush(self) -> None:
         """Wait until sent data no longer reads the pool: the scheduler may reuse these
         blocks, or the next chunk rewrite a partly filled one, from the next step on."""

@@ -32,7 +32,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from pdserve.engine.core import EngineCore
+from pdserve.engine.core import EngineCore, RequestFailure
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.errors import InvalidRequestError
 from pdserve.ipc import messages as m
@@ -91,6 +91,7 @@ class HandOffs:
                     message.prompt_token_ids,
                     message.params,
                     priority=message.priority,
+                    output_token_ids=message.output_token_ids,
                 )
             elif isinstance(message, m.ReserveKV):
                 request = self.core.make_request(
@@ -148,6 +149,28 @@ class HandOffs:
                 self._finish_hand_off(request_id, hand_off, None, error="aborted")
         self.core.abort_requests(to_abort)
         return []
+
+    def on_failures(self, failures: list[RequestFailure]) -> list[m.Message]:
+        """Requests the engine dropped in a step: tell their decode workers (hand-offs)
+        and the router, which moves the retryable ones elsewhere."""
+        replies: list[m.Message] = []
+        for failure in failures:
+            hand_off = self._hand_offs.pop(failure.request_id, None)
+            if hand_off is not None:
+                self._finish_hand_off(failure.request_id, hand_off, None, error=failure.message)
+            replies.append(
+                m.RequestFailed(
+                    self.worker_id, failure.request_id, failure.message, failure.retryable
+                )
+            )
+        return replies
+
+    def drop_all(self) -> None:
+        """Drop every request, reservation and hand-off (fenced, or the router is gone).
+        Reservations a prefill worker may still write into stay held until its `KVDone`
+        or their deadline, as for any abort."""
+        ids = [p.request.request_id for p in self._pending] + list(self.core.requests)
+        self._abort(ids, is_writer_absent=False)
 
     # ---- decode side: reservations and imports ----------------------------------------------
 

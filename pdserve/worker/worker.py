@@ -7,7 +7,21 @@ Sockets (all bound to `host`, 127.0.0.1 by default, on free ports):
 - `out` (PUSH, connected to the router): `Register`, `StepOutputs`, `KVReserved`,
   `KVEvents`, ...
 A heartbeat thread with its own socket sends `WorkerStats` every second, so the router
-sees the worker alive during a long prefill step.
+sees the worker alive during a long prefill step; each beat says how long the engine loop
+has not completed a pass (`loop_stalled_s`), so a hung loop is seen too (the router's
+lease, control/membership.py).
+
+Failure handling:
+- a step that raises fails its requests as *retryable* (`RequestFailed`): the router moves
+  them elsewhere; a request whose own parameters break the sampler fails alone (the
+  engine samples row by row then, engine/model_runner.py); the process keeps serving;
+- `Fence` (the router declared this incarnation dead): every request is dropped without
+  writing more KV and the worker registers again under a new incarnation;
+- SIGTERM: the worker tells the router it is `Draining` and keeps serving while the
+  router moves its requests away; it exits on `Shutdown`, or once idle, or after
+  `DRAIN_GRACE_S`; a second SIGTERM (or SIGINT) exits at once;
+- the output socket never blocks the loop: if the router stops reading (it died), the
+  queue fills, messages are dropped and every request is aborted (nobody is waiting).
 
 Roles are what the router sends, not different code: a `prefill` worker gets
 `PrefillRequest`s, a `decode` worker `ReserveKV`s (and `AddRequest`s for prompts it
@@ -36,6 +50,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +71,10 @@ logger = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode", "mixed")
 HEARTBEAT_S = 1.0
+OUT_QUEUE_MESSAGES = 100_000  # queued for a router that stopped reading, then dropped
+DRAIN_GRACE_S = 30.0  # after SIGTERM, exit by then even if the router never says Shutdown
+DRAIN_IDLE_S = 1.0  # after SIGTERM, exit once idle this long (no router, or it moved all)
+MAX_CONSECUTIVE_LOOP_ERRORS = 5  # then the state is beyond repair: exit, to be restarted
 REANNOUNCE_EVERY = 5  # heartbeats
 STATS_MIN_INTERVAL_S = 0.02
 TIER_STATS_INTERVAL_S = 0.5
@@ -85,7 +104,15 @@ class Worker:
         self.kv = self._bind(zmq.PULL)
         self.out = self.ctx.socket(zmq.PUSH)
         self.out.setsockopt(zmq.LINGER, 2000)
+        self.out.setsockopt(zmq.SNDHWM, OUT_QUEUE_MESSAGES)
         self.out.connect(config.router_addr)
+        self.incarnation = uuid.uuid4().hex
+        self.loop_time = time.monotonic()  # the engine loop's last completed pass
+        self.drain_started: float | None = None  # SIGTERM: draining since
+        self._idle_since: float | None = None
+        self._drain_announced = False
+        self._num_dropped = 0
+        self._is_router_gone = False
         self.shm_path: Path | None = None
         self.core = self._make_core()
         self.core.warmup()  # before registering: the first request must not pay for it
@@ -105,7 +132,9 @@ class Worker:
         if tiers is not None:
             self.kv_events.add_source(CallableEvents(tiers.drain_events, tiers.snapshot_events))
         self.is_running = True
-        self._stats = m.WorkerStats(self.worker_id, 0, 0, 0, self.layout.num_blocks)
+        self._stats = m.WorkerStats(
+            self.worker_id, 0, 0, 0, self.layout.num_blocks, incarnation=self.incarnation
+        )
         self._stats_sent = 0.0
         self._tier_stats: dict = {}
         self._tier_stats_time = -1e9
@@ -163,32 +192,85 @@ class Worker:
     # ---- the loop ------------------------------------------------------------------------
 
     def run(self) -> None:
-        self._send(self._register_message())
-        self._send(self.kv_events.snapshot())
+        self.loop_time = time.monotonic()  # loading and warm-up are not a stalled loop
+        self._announce()
         heartbeat = threading.Thread(target=self._heartbeat, daemon=True)
         heartbeat.start()
         poller = zmq.Poller()
         poller.register(self.ctrl, zmq.POLLIN)
         poller.register(self.kv, zmq.POLLIN)
         parent = os.getppid()
+        num_errors = 0
         try:
             while self.is_running:
-                busy = self.core.has_unfinished_requests()
-                events = dict(poller.poll(0 if busy else 50))
-                if self.kv in events:
-                    self._drain(self.kv, self._on_kv)
-                if self.ctrl in events:
-                    self._drain(self.ctrl, self._on_ctrl)
-                self._flush(self.handoffs.tick())
-                if self.core.has_unfinished_requests():
-                    self._flush(self.handoffs.after_step(self.core.step()))
-                self._publish_kv_events()
-                self._update_stats()
+                try:
+                    self._loop_pass(poller)
+                    num_errors = 0
+                except Exception:  # never let one bad pass take the process down
+                    num_errors += 1
+                    logger.exception("worker %s: loop pass failed", self.worker_id)
+                    self._fail_everything("the worker's engine loop failed")
+                    if num_errors >= MAX_CONSECUTIVE_LOOP_ERRORS:
+                        raise
+                self.loop_time = time.monotonic()
                 if os.getppid() != parent:
                     logger.warning("parent process exited; worker %s stops", self.worker_id)
                     break
+                if self._drain_is_over():
+                    break
         finally:
             self.close()
+
+    def _loop_pass(self, poller: zmq.Poller) -> None:
+        busy = self.core.has_unfinished_requests()
+        events = dict(poller.poll(0 if busy else 50))
+        if self.kv in events:
+            self._drain(self.kv, self._on_kv)
+        if self.ctrl in events:
+            self._drain(self.ctrl, self._on_ctrl)
+        self._flush(self.handoffs.tick())
+        if self.core.has_unfinished_requests():
+            outputs = self.core.step()
+            self._flush(self.handoffs.after_step(outputs))
+            self._flush(self.handoffs.on_failures(self.core.take_failures()))
+        self._publish_kv_events()
+        self._update_stats()
+        if self._is_router_gone:
+            self._is_router_gone = False
+            self.handoffs.drop_all()
+
+    def _fail_everything(self, message: str) -> None:
+        """After an error outside any one request: drop every request as retryable (the
+        router moves them) and report, keeping the process."""
+        with contextlib.suppress(Exception):
+            self.core.fail_all(message)
+            self._flush(self.handoffs.on_failures(self.core.take_failures()))
+
+    def _announce(self) -> None:
+        self._send(self._register_message())
+        self._send(self.kv_events.snapshot())
+
+    def start_draining(self) -> None:
+        """SIGTERM (a signal handler: only flags; the loop tells the router)."""
+        if self.drain_started is not None:
+            raise KeyboardInterrupt  # a second SIGTERM: exit now
+        self.drain_started = time.monotonic()
+
+    def _drain_is_over(self) -> bool:
+        if self.drain_started is None:
+            return False
+        if not self._drain_announced:
+            self._drain_announced = True
+            logger.info("worker %s draining (SIGTERM)", self.worker_id)
+            self._send(m.Draining(self.worker_id, self.incarnation))
+        now = time.monotonic()
+        if now - self.drain_started > DRAIN_GRACE_S:
+            return True
+        if self.core.has_unfinished_requests() or self.handoffs.num_pending:
+            self._idle_since = None
+            return False
+        self._idle_since = self._idle_since or now
+        return now - self._idle_since > DRAIN_IDLE_S
 
     def _drain(self, sock: zmq.Socket, handle) -> None:
         while True:
@@ -207,10 +289,24 @@ class Worker:
         if isinstance(message, m.Shutdown):
             self.is_running = False
             return
+        if isinstance(message, m.Fence):
+            self._on_fence(message)
+            return
         if isinstance(message, m.SendKVSnapshot):
             self._send(self.kv_events.snapshot())
             return
         self._flush(self.handoffs.on_command(message))
+
+    def _on_fence(self, message: m.Fence) -> None:
+        """The router declared this incarnation dead and moved its requests: drop them
+        all (no more KV is written for them) and join again as a new incarnation."""
+        if message.incarnation != self.incarnation:
+            return  # about an incarnation this process already left behind
+        logger.warning("worker %s was fenced by the router; rejoining", self.worker_id)
+        self.handoffs.drop_all()
+        self.incarnation = uuid.uuid4().hex
+        self._stats = msgspec.structs.replace(self._stats, incarnation=self.incarnation)
+        self._announce()
 
     def _on_kv(self, message: m.Message, frames) -> None:
         if isinstance(message, m.KVLayer):
@@ -228,7 +324,18 @@ class Worker:
             self._send(message)
 
     def _send(self, message: m.Message) -> None:
-        self.out.send(m.encode(message))
+        try:
+            self.out.send(m.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            self._on_router_gone()
+
+    def _on_router_gone(self) -> None:
+        """The router has not read `OUT_QUEUE_MESSAGES` messages: it is gone. Nobody will
+        read these requests' outputs; stop computing them (a new router fences us)."""
+        self._num_dropped += 1
+        if self._num_dropped == 1 or self._num_dropped % 1000 == 0:
+            logger.error("worker %s: router not reading; dropping output", self.worker_id)
+        self._is_router_gone = True  # the loop drops every request after this pass
 
     # ---- registration and load -------------------------------------------------------------
 
@@ -245,6 +352,7 @@ class Worker:
             hostname=socket.gethostname(),
             shm_path=str(self.shm_path) if self.shm_path else None,
             nixl=self._nixl_info(),
+            incarnation=self.incarnation,
         )
 
     def _nixl_info(self) -> m.NixlPeer | None:
@@ -281,6 +389,7 @@ class Worker:
             num_waiting_prefill_tokens=scheduler.num_waiting_prefill_tokens,
             num_prefix_query_tokens=scheduler.num_prefix_query_tokens,
             num_prefix_hit_tokens=scheduler.num_prefix_hit_tokens,
+            incarnation=self.incarnation,
             **self._tier_counters(),
         )
 
@@ -316,15 +425,19 @@ class Worker:
     def _heartbeat(self) -> None:
         sock = self.ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100)
         sock.connect(self.config.router_addr)
         try:
-            register = m.encode(self._register_message())
             for beat in itertools.count():
                 if not self.is_running:
                     break
-                if beat % REANNOUNCE_EVERY == REANNOUNCE_EVERY - 1:
-                    sock.send(register)  # a restarted router learns of this worker
-                sock.send(m.encode(self._stats))
+                with contextlib.suppress(zmq.Again):
+                    if beat % REANNOUNCE_EVERY == REANNOUNCE_EVERY - 1:
+                        # A restarted router learns of this worker.
+                        sock.send(m.encode(self._register_message()), zmq.NOBLOCK)
+                    stalled = time.monotonic() - self.loop_time
+                    beat_stats = msgspec.structs.replace(self._stats, loop_stalled_s=stalled)
+                    sock.send(m.encode(beat_stats), zmq.NOBLOCK)
                 time.sleep(HEARTBEAT_S)
         except zmq.ZMQError:
             pass  # context closed at shutdown
@@ -348,13 +461,17 @@ class Worker:
 
 
 def run_worker(config: WorkerConfig) -> None:
-    """Entry point of `pdserve worker`: SIGTERM/SIGINT stop the loop cleanly."""
+    """Entry point of `pdserve worker`: SIGTERM drains (a second one stops at once);
+    SIGINT stops the loop cleanly."""
+    worker: Worker | None = None
 
-    def stop(signum, frame):
-        raise KeyboardInterrupt
+    def on_sigterm(signum, frame):
+        if worker is None:
+            raise KeyboardInterrupt  # still loading: nothing to drain
+        worker.start_draining()
 
-    signal.signal(signal.SIGTERM, stop)
-    worker = Worker(config)
-    logger.info("worker %s (%s) ready", config.worker_id, config.role)
+    signal.signal(signal.SIGTERM, on_sigterm)
     with contextlib.suppress(KeyboardInterrupt):
+        worker = Worker(config)
+        logger.info("worker %s (%s) ready", config.worker_id, config.role)
         worker.run()

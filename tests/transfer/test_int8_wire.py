@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import msgspec
 import pytest
 import torch
@@ -21,7 +19,7 @@ import torch
 from pdserve.errors import ConfigError
 from pdserve.ipc import messages as m
 from pdserve.kv import int8
-from pdserve.router.cluster import ClusterClient
+from pdserve.router.dispatch import Dispatcher
 from pdserve.router.policy import RoutingConfig
 from pdserve.serve import ServeConfig
 from pdserve.transfer.base import KVReceiver
@@ -174,8 +172,8 @@ def test_routing_option_is_validated_and_reaches_tcp_destinations_only():
         RoutingConfig(kv_wire_dtype="int4")
     assert ServeConfig(kv_wire_dtype="int8").routing().kv_wire_dtype == "int8"
     assert RoutingConfig().kv_wire_dtype == "auto"
-    client = SimpleNamespace(routing=RoutingConfig(kv_wire_dtype="int8"))
-    wire_dtype = ClusterClient._wire_dtype
-    assert [wire_dtype(client, b) for b in ("tcp", "shm", "nixl")] == ["int8", None, None]
-    client = SimpleNamespace(routing=RoutingConfig())
-    assert wire_dtype(client, "tcp") is None
+    routing = RoutingConfig(kv_wire_dtype="int8")
+    dispatcher = Dispatcher(None, None, None, lambda: routing, lambda: None)
+    assert [dispatcher._wire_dtype(b) for b in ("tcp", "shm", "nixl")] == ["int8", None, None]
+    routing = RoutingConfig()
+    assert dispatcher._wire_dtype("tcp") is None

@@ -1,0 +1,120 @@
+"""The operator's HTTP API, `/admin/*`, behind its own key.
+
+    GET  /admin/workers                  every registered worker: role, state, load
+    POST /admin/workers/{id}/drain       stop new work, move (or finish) what it holds;
+                                         answers when the worker holds nothing
+    POST /admin/workers/{id}/resume      take new work again after a drain
+
+Auth: `Authorization: Bearer <admin key>` (`--admin-key` or `PDSERVE_ADMIN_KEY`); no
+header → 401, another key (an API key included) → 403. Without an admin key configured
+the routes answer 403 and say how to turn them on: an operator API must never be open by
+default.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+
+import msgspec
+from fastapi import APIRouter, Depends, Request
+from fastapi.routing import APIRoute
+from starlette.responses import JSONResponse
+
+from pdserve.router.client import EngineClient
+from pdserve.router.drain import UnknownWorkerError
+from pdserve.router.serving import ApiError
+
+DEFAULT_DRAIN_TIMEOUT_S = 60.0
+
+
+class DrainBody(msgspec.Struct, forbid_unknown_fields=True):
+    migrate: bool = True  # move requests now; False: let them finish for `timeout_s` first
+    timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+
+
+def admin_router(
+    client: EngineClient, admin_key: str | None, route_class: type[APIRoute]
+) -> APIRouter:
+    router = APIRouter(
+        prefix="/admin", route_class=route_class, dependencies=[Depends(_admin_auth(admin_key))]
+    )
+
+    @router.get("/workers")
+    async def list_workers() -> JSONResponse:
+        return JSONResponse({"workers": [_describe(client, w) for w in _pool(client).values()]})
+
+    @router.post("/workers/{worker_id}/drain")
+    async def drain(worker_id: str, request: Request) -> JSONResponse:
+        body = await _body(request)
+        _worker(client, worker_id)
+        report = await client.drain(worker_id, body.migrate, body.timeout_s)  # type: ignore[attr-defined]
+        return JSONResponse(msgspec.to_builtins(report) | {"status": "drained"})
+
+    @router.post("/workers/{worker_id}/resume")
+    async def resume(worker_id: str) -> JSONResponse:
+        _worker(client, worker_id)
+        client.drains.resume(worker_id)  # type: ignore[attr-defined]
+        return JSONResponse({"worker_id": worker_id, "status": "serving"})
+
+    return router
+
+
+def _admin_auth(admin_key: str | None) -> Callable:
+    expected = admin_key.encode() if admin_key else None
+
+    async def check(request: Request) -> None:
+        if expected is None:
+            raise ApiError(403, "the admin API is off: start pdserve with --admin-key")
+        header = request.headers.get("authorization")
+        if header is None:
+            raise ApiError(401, "the admin API needs 'Authorization: Bearer <admin key>'")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+            raise ApiError(403, "this key may not use the admin API", code="invalid_admin_key")
+
+    return check
+
+
+async def _body(request: Request) -> DrainBody:
+    raw = await request.body()
+    try:
+        return msgspec.json.decode(raw or b"{}", type=DrainBody)
+    except msgspec.ValidationError as e:
+        raise ApiError(400, f"invalid drain request: {e}") from None
+    except msgspec.DecodeError as e:
+        raise ApiError(400, f"We could not parse the JSON body of your request: {e}") from None
+
+
+def _pool(client: EngineClient) -> dict:
+    pool = getattr(client, "pool", None)
+    if pool is None:
+        raise ApiError(501, "this engine client has no workers to administer")
+    return pool.workers
+
+
+def _worker(client: EngineClient, worker_id: str):
+    handle = _pool(client).get(worker_id)
+    if handle is None:
+        raise ApiError(404, f"no worker {worker_id!r}", param="worker_id", code="worker_not_found")
+    return handle
+
+
+def _describe(client: EngineClient, handle) -> dict:
+    stats = handle.stats
+    state = "dead" if not handle.is_alive else "draining" if handle.is_draining else "serving"
+    return {
+        "worker_id": handle.worker_id,
+        "role": handle.role,
+        "state": state,
+        "incarnation": handle.incarnation,
+        "pid": handle.info.pid,
+        "num_requests": len(client.attempts_on(handle.worker_id)),  # type: ignore[attr-defined]
+        "num_running": stats.num_running if stats else 0,
+        "num_waiting": stats.num_waiting if stats else 0,
+        "num_free_blocks": stats.num_free_blocks if stats else None,
+        "num_blocks": stats.num_blocks if stats else None,
+    }
+
+
+__all__ = ["UnknownWorkerError", "admin_router"]

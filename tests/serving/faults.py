@@ -1,0 +1,104 @@
+"""Builders for fault-injection tests against a real `pdserve serve`: concurrent streams
+whose every chunk is recorded, worker pids by id, and the router's migration counter."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx2 as httpx
+
+from tests.serving.server import ServerProcess, pids_with_arg
+
+ADMIN_KEY = "test-admin-key"
+
+
+@dataclass
+class Stream:
+    """One streamed completion: its text deltas in order, usage, and any error event."""
+
+    prompt: str
+    chunks: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int | None = None
+    error: dict | None = None
+    status_code: int | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+
+def run_stream(url: str, prompt: str, max_tokens: int, stream: Stream, **params) -> None:
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **params,
+    }
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+        stream.status_code = r.status_code
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                stream.error = event["error"]
+                continue
+            for choice in event.get("choices", []):
+                stream.chunks.append(choice.get("text", ""))
+                stream.finish_reason = choice.get("finish_reason") or stream.finish_reason
+            if event.get("usage"):
+                stream.completion_tokens = event["usage"]["completion_tokens"]
+
+
+def run_streams(url: str, prompts: list[str], max_tokens: int, **params) -> list[Stream]:
+    """Start every stream at once; returns (streams, threads) still running."""
+    streams = [Stream(p) for p in prompts]
+    threads = [
+        threading.Thread(target=run_stream, args=(url, p, max_tokens, s), kwargs=params)
+        for p, s in zip(prompts, streams, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    return streams, threads
+
+
+def wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def worker_pid(server: ServerProcess, worker_id: str) -> int:
+    (pid,) = pids_with_arg(f"--worker-id {worker_id} --router {server.router_addr}")
+    return pid
+
+
+def admin(server: ServerProcess, method: str, path: str, **kwargs) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    return httpx.request(method, server.url + path, headers=headers, timeout=120, **kwargs)
+
+
+def workers(server: ServerProcess) -> dict[str, dict]:
+    return {w["worker_id"]: w for w in admin(server, "GET", "/admin/workers").json()["workers"]}
+
+
+def counter(server: ServerProcess, name: str) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    match = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def prompts(n: int, words: int = 40) -> list[str]:
+    """Distinct prompts of about `words` words each."""
+    vocab = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+    return [" ".join(vocab[(i * 7 + j * 3 + j // 5) % 8] for j in range(words)) for i in range(n)]

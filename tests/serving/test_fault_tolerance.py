@@ -1,0 +1,189 @@
+"""A worker death loses no request: kill -9 of a decode, prefill or mixed worker under
+streaming load, a hung worker (kill -STOP), a drain, and repeated crashes, against a real
+`pdserve serve`. Every request must complete with exactly the text and token count of an
+undisturbed run: nothing lost, duplicated or changed (control/migration.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import httpx2 as httpx
+import pytest
+
+from tests.serving.faults import (
+    ADMIN_KEY,
+    admin,
+    counter,
+    prompts,
+    run_streams,
+    wait_for,
+    worker_pid,
+    workers,
+)
+from tests.serving.server import ServerProcess
+
+MAX_TOKENS = 48
+COMMON = ["--threads-per-worker", "1", "--admin-key", ADMIN_KEY, "--max-num-seqs", "8"]
+
+
+def reference(server: ServerProcess, texts: list[str]) -> list[str]:
+    """The undisturbed outputs, one request at a time."""
+    outputs = []
+    for text in texts:
+        streams, threads = run_streams(server.url, [text], MAX_TOKENS)
+        threads[0].join()
+        assert streams[0].error is None, streams[0].error
+        outputs.append(streams[0].text)
+    return outputs
+
+
+def assert_all_exact(streams, expected: list[str]) -> None:
+    for stream, text in zip(streams, expected, strict=True):
+        assert stream.error is None, stream.error
+        assert stream.status_code == 200
+        assert stream.completion_tokens == MAX_TOKENS
+        assert stream.finish_reason == "length"
+        assert stream.text == text
+
+
+def kill_under_load(server, victim: str, texts: list[str], when) -> list:
+    streams, threads = run_streams(server.url, texts, MAX_TOKENS)
+    wait_for(lambda: when(streams), what="the streams to reach the kill point")
+    os.kill(worker_pid(server, victim), signal.SIGKILL)
+    for t in threads:
+        t.join(120)
+    return streams
+
+
+@pytest.mark.parametrize(
+    ("layout", "victim", "moment"),
+    [
+        (
+            ["--mode", "disaggregated", "--prefill-workers", "1", "--decode-workers", "2"],
+            "decode-0",
+            "decoding",
+        ),
+        (
+            ["--mode", "disaggregated", "--prefill-workers", "2", "--decode-workers", "1"],
+            "prefill-0",
+            "arrived",
+        ),
+        (["--mode", "aggregated", "--mixed-workers", "2"], "mixed-0", "decoding"),
+    ],
+    ids=["decode", "prefill", "mixed"],
+)
+def test_kill_9_loses_no_request(builtin_model_dir, layout, victim, moment):
+    server = ServerProcess(*layout, *COMMON)
+    try:
+        texts = prompts(8, words=60 if moment == "arrived" else 30)
+        expected = reference(server, texts)
+        before = counter(server, "pdserve:request_migrations_total")
+        if moment == "decoding":
+            when = lambda streams: all(len(s.chunks) >= 3 for s in streams)  # noqa: E731
+        else:  # every request dispatched, none has its first token yet
+            when = lambda streams: workers(server)[victim]["num_requests"] > 0  # noqa: E731
+        streams = kill_under_load(server, victim, texts, when)
+        assert_all_exact(streams, expected)
+        assert counter(server, "pdserve:request_migrations_total") > before
+        wait_for(lambda: workers(server)[victim]["state"] == "serving", 60, "the restart")
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_hung_worker_is_fenced_killed_and_its_requests_move(builtin_model_dir):
+    """kill -STOP: the heartbeat stops with the loop; within the lease the router declares
+    the worker dead, moves its requests and has the launcher kill it (fencing)."""
+    server = ServerProcess(
+        "--mode", "aggregated", "--mixed-workers", "2", "--worker-lease-s", "2", *COMMON
+    )
+    try:
+        texts = prompts(6, words=30)
+        expected = reference(server, texts)
+        hung = worker_pid(server, "mixed-0")
+        streams, threads = run_streams(server.url, texts, MAX_TOKENS)
+        wait_for(lambda: all(len(s.chunks) >= 3 for s in streams), what="decoding")
+        os.kill(hung, signal.SIGSTOP)
+        for t in threads:
+            t.join(120)
+        assert_all_exact(streams, expected)
+        wait_for(lambda: not os.path.exists(f"/proc/{hung}") or _is_dead(hung), 30, "the kill")
+        wait_for(lambda: workers(server)["mixed-0"]["state"] == "serving", 60, "the restart")
+        assert worker_pid(server, "mixed-0") != hung
+    finally:
+        assert server.stop() == 0
+
+
+def _is_dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] in "ZX"
+    except OSError:
+        return True
+
+
+def test_drain_through_the_admin_api_moves_requests_exactly(builtin_model_dir):
+    server = ServerProcess("--mode", "aggregated", "--mixed-workers", "2", *COMMON)
+    try:
+        url = server.url + "/admin/workers/mixed-0/drain"
+        assert httpx.post(url).status_code == 401
+        wrong = httpx.post(url, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 403 and wrong.json()["error"]["code"] == "invalid_admin_key"
+        assert admin(server, "POST", "/admin/workers/nobody/drain").status_code == 404
+        texts = prompts(6, words=30)
+        expected = reference(server, texts)
+        streams, threads = run_streams(server.url, texts, MAX_TOKENS)
+        wait_for(lambda: workers(server)["mixed-0"]["num_requests"] > 0, what="work on mixed-0")
+        wait_for(lambda: all(len(s.chunks) >= 2 for s in streams), what="decoding")
+        r = admin(server, "POST", "/admin/workers/mixed-0/drain", json={"migrate": True})
+        assert r.status_code == 200 and r.json()["status"] == "drained"
+        assert r.json()["num_migrated"] > 0
+        drained = workers(server)["mixed-0"]
+        assert (drained["state"], drained["num_requests"]) == ("draining", 0)
+        for t in threads:
+            t.join(120)
+        assert_all_exact(streams, expected)
+        assert admin(server, "POST", "/admin/workers/mixed-0/resume").json()["status"] == "serving"
+        assert workers(server)["mixed-0"]["state"] == "serving"
+    finally:
+        assert server.stop() == 0
+
+
+def test_sigterm_drains_a_worker_before_it_exits(builtin_model_dir):
+    server = ServerProcess("--mode", "aggregated", "--mixed-workers", "2", *COMMON)
+    try:
+        texts = prompts(6, words=30)
+        expected = reference(server, texts)
+        pid = worker_pid(server, "mixed-1")
+        streams, threads = run_streams(server.url, texts, MAX_TOKENS)
+        wait_for(lambda: workers(server)["mixed-1"]["num_requests"] > 0, what="work on mixed-1")
+        wait_for(lambda: all(len(s.chunks) >= 2 for s in streams), what="decoding")
+        os.kill(pid, signal.SIGTERM)
+        for t in threads:
+            t.join(120)
+        assert_all_exact(streams, expected)
+        wait_for(lambda: _is_dead(pid), 30, "the drained worker to exit")
+        wait_for(lambda: any("mixed-1 exited" in line for line in server.lines), 10, "the log")
+        exits = [line for line in server.lines if "mixed-1 exited" in line]
+        assert "mixed-1 exited with code 0" in exits[0], server.lines
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_worker_that_keeps_crashing_keeps_coming_back(builtin_model_dir):
+    """No restart cap: /ready recovers every time (backoff 0.5, 1, 2, 4 s)."""
+    server = ServerProcess("--mode", "aggregated", *COMMON)
+    try:
+        pids = []
+        for _ in range(4):
+            wait_for(lambda: httpx.get(server.url + "/ready").status_code == 200, 60, "ready")
+            pid = worker_pid(server, "mixed-0")
+            assert pid not in pids
+            pids.append(pid)
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: httpx.get(server.url + "/ready").status_code == 503, 10, "not ready")
+        wait_for(lambda: httpx.get(server.url + "/ready").status_code == 200, 60, "ready")
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200
+    finally:
+        assert server.stop() == 0
