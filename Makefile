@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup redis-server browser serve test lint format bench clean
+.PHONY: setup redis-server browser serve test lint format bench soak clean
 
 setup: $(STAMP) redis-server
 
@@ -60,6 +60,10 @@ format: setup
 
 bench: setup
 	$(PY) benchmarks/run_all.py
+
+# 30 minutes of steady load with the RSS of router and workers sampled (docs/benchmarks.md).
+soak: setup
+	$(PY) benchmarks/soak.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -27,6 +27,7 @@ BENCHMARKS = (
     "prefill_last_layer",
     "serving_peers",  # peers skipped with a note when not built (benchmarks/peers/)
     "kv_cache",
+    "overload_admission",
 )
 
 

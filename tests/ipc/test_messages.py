@@ -58,6 +58,8 @@ SAMPLES: list[m.Message] = [
     ADD,
     RESERVE,
     m.PrefillRequest("r2", [5, 6, 7, 8], PARAMS, DEST, deadline_s=29.0),
+    m.PrefillRequest("r4", [5], PARAMS, DEST, deadline_s=1.0, priority=-3),
+    m.AddRequest("r5", [1], PARAMS, priority=2**62),
     m.Abort(["r1", "r2"]),
     m.Abort(["r3"], is_writer_absent=True),
     m.Shutdown(),

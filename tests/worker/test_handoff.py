@@ -117,6 +117,15 @@ def test_reserve_answers_with_the_blocks_it_holds(decode):
     assert not decode.core.has_unfinished_requests()  # reservations only wait
 
 
+def test_priority_reaches_the_engine_requests(decode):
+    decode.on_command(m.AddRequest("local", PROMPT[:20], GREEDY, priority=-4))
+    decode.on_command(m.ReserveKV("remote", "t-remote", PROMPT[:20], GREEDY, 30.0, priority=7))
+    assert decode.core.requests["local"].priority == -4
+    assert decode.core.requests["remote"].priority == 7
+    decode.on_command(m.Abort(["local", "remote"], is_writer_absent=True))
+    assert_idle(decode)
+
+
 def test_a_silent_prefill_worker_times_out_and_frees_the_blocks(decode):
     decode.on_command(reserve("r1", timeout_s=0.2))
     assert decode.tick() == []

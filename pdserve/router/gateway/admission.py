@@ -13,7 +13,10 @@ exponential forgetting) to the TTFTs this router measured: each admitted request
 contributes (its `ahead + w` at admission, its measured TTFT) when its first token
 arrives. The fit therefore absorbs everything on the path, routing, KV hand-over, decode
 steps interleaved with prefill, in the units that matter: the TTFT clients see. Until
-enough samples exist, `admission_prefill_tokens_per_s` is the rate.
+enough samples exist, `admission_prefill_tokens_per_s` is the rate. A fit lags the load
+it learns from (a TTFT is known only when it has passed), so each prediction is also
+scaled by the 90th percentile of the last `NUM_RATIOS` measured/predicted ratios: when
+the last requests took 20 % longer than predicted, the next prediction is 20 % longer.
 
 Decisions, in order, when a request arrives:
 1. `max_queued_requests` reached: the newest queued request of the numerically highest
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,6 +41,9 @@ from pdserve.router.gateway.errors import RateLimitedError
 
 MIN_SAMPLES = 4.0  # (decayed) samples before the fit replaces the prior rate
 DECAY = 0.98  # per sample: the fit follows the last ~50 requests
+NUM_RATIOS = 64  # measured/predicted TTFT ratios kept for the correction
+MIN_RATIOS = 8  # ratios before the correction applies
+RATIO_QUANTILE = 0.9
 
 
 class TtftModel:
@@ -86,6 +93,7 @@ class Ticket:
     num_tokens: int  # prompt tokens x n still counted in the queue
     work: int  # tokens ahead of it at admission + its own: the TTFT model's input
     admitted_at: float
+    predicted_s: float  # the model's TTFT at admission, before the correction
     is_queued: bool = True
     is_evicted: bool = False
     on_evict: list[Callable[[], None]] = field(default_factory=list)
@@ -101,6 +109,7 @@ class Admission:
         self.target_s = config.admission_ttft_ms / 1000 if config.admission_ttft_ms else None
         self.max_queued = config.max_queued_requests
         self.model = TtftModel(config.admission_prefill_tokens_per_s)
+        self._ratios: deque[float] = deque(maxlen=NUM_RATIOS)
         self.queued_elsewhere = queued_elsewhere
         self.clock = clock
         self._tokens: dict[int, int] = {}  # priority -> queued tokens
@@ -131,13 +140,14 @@ class Admission:
                 raise RateLimitedError(
                     f"the server has {self.num_queued} requests waiting for their first "
                     f"token (max_queued_requests {self.max_queued}); retry later",
-                    self.model.predict(self.num_queued_tokens),
+                    self.model.predict(self.num_queued_tokens) * self.correction,
                     type="overloaded",
                     code="queue_full",
                 )
         ahead = self.tokens_ahead(priority)
+        raw = self.model.predict(ahead + num_tokens)
         if self.target_s is not None and ahead > 0:
-            predicted = self.model.predict(ahead + num_tokens)
+            predicted = raw * self.correction
             if predicted > self.target_s:
                 raise RateLimitedError(
                     f"the server cannot start this request within its TTFT target of "
@@ -149,7 +159,7 @@ class Admission:
                 )
         if victim is not None:
             self.evict(victim)
-        ticket = Ticket(request_id, priority, num_tokens, ahead + num_tokens, self.clock())
+        ticket = Ticket(request_id, priority, num_tokens, ahead + num_tokens, self.clock(), raw)
         self._tokens[priority] = self._tokens.get(priority, 0) + num_tokens
         self._queued.setdefault(priority, {})[request_id] = ticket
         self.num_queued += 1
@@ -178,7 +188,19 @@ class Admission:
         self._take(ticket.priority, done)
         if ticket.num_tokens == 0:
             self._dequeue(ticket)
-            self.model.observe(ticket.work, self.clock() - ticket.admitted_at)
+            ttft = self.clock() - ticket.admitted_at
+            self.model.observe(ticket.work, ttft)
+            if ticket.predicted_s > 0:
+                self._ratios.append(ttft / ticket.predicted_s)
+
+    @property
+    def correction(self) -> float:
+        """How much longer than the fit's predictions TTFTs have lately been (a high
+        quantile, so that most accepted requests meet the target); 1 until measured."""
+        if len(self._ratios) < MIN_RATIOS:
+            return 1.0
+        ordered = sorted(self._ratios)
+        return ordered[min(len(ordered) - 1, int(RATIO_QUANTILE * len(ordered)))]
 
     def release(self, ticket: Ticket) -> None:
         """The request ended (any way); idempotent."""
@@ -204,4 +226,4 @@ class Admission:
 
     def retry_after_hint(self) -> float:
         """Seconds for the current queue to drain (for a 503 with nothing better)."""
-        return max(1.0, math.ceil(self.model.predict(self.num_queued_tokens)))
+        return max(1.0, math.ceil(self.model.predict(self.num_queued_tokens) * self.correction))

@@ -109,3 +109,22 @@ def test_equal_works_fall_back_to_the_mean_time_per_token():
     for _ in range(5):
         model.observe(100, 0.5)
     assert model.coefficients() == (0.0, pytest.approx(0.005))
+
+
+def test_predictions_scale_by_how_late_recent_requests_were():
+    # The fit says 1 ms per token (prior, no base); requests actually take 1.5x that.
+    clock = Clock()
+    admission = make(clock, admission_ttft_ms=1000, admission_prefill_tokens_per_s=1000)
+    assert admission.correction == 1.0
+    for i in range(8):
+        admission.model = TtftModel(1000)  # hold the fit still: only the ratios learn
+        ticket = admission.admit(f"r{i}", 400)
+        clock.now += 0.6  # predicted 0.4 s
+        admission.started(ticket)
+    assert admission.correction == pytest.approx(1.5)
+    admission.model = TtftModel(1000)
+    admission.admit("a", 300)  # alone: admitted
+    admission.admit("b", 300)  # 600 tokens: 0.6 s raw, 0.9 s corrected: fits 1 s
+    with pytest.raises(RateLimitedError) as info:
+        admission.admit("c", 100)  # 700: 0.7 s raw would fit; 1.05 s corrected does not
+    assert "predicted 1050 ms" in str(info.value)

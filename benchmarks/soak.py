@@ -1,0 +1,174 @@
+"""Soak: steady load on `pdserve serve` for a long time, RSS of every process sampled.
+
+A leak in the router (a request's state never freed, metrics labels without bound) or in
+a worker (blocks, tensors, transfer buffers) shows as memory that keeps growing under a
+load that does not. This runs a closed loop of `--concurrency` streaming clients (a mix:
+most requests complete, some are abandoned mid-stream, some are refused by a key's quota,
+some are invalid) for `--minutes`, sampling the resident set size (VmRSS) of the router
+and of each worker every `--sample-s` seconds.
+
+Reported: RSS per process at the end of the warm-up (`--warmup-minutes`) and at the end,
+the growth in per cent (goal: within 5 %), and requests by outcome.
+
+    python benchmarks/soak.py [--minutes 30] [--warmup-minutes 5] [--concurrency 8]
+        [--mode disaggregated]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import common
+from overload_admission import Server
+
+KEY = "sk-soak"
+GOAL_GROWTH = 0.05
+
+
+def rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of `pid` (the workers of `pdserve serve`)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def request_body(rng: random.Random, vocab_size: int) -> tuple[str, dict]:
+    """One request of the mix: (kind, body)."""
+    kind = rng.choices(["complete", "abandon", "invalid"], weights=[80, 15, 5])[0]
+    prompt = [rng.randrange(3, vocab_size) for _ in range(rng.randrange(16, 256))]
+    body = {"prompt": prompt, "max_tokens": rng.randrange(4, 48), "stream": True}
+    if kind == "invalid":
+        body["temperature"] = "hot"
+    return kind, body
+
+
+async def client(url: str, end: float, vocab_size: int, seed: int, counts: dict) -> None:
+    rng = random.Random(seed)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        while time.monotonic() < end:
+            kind, body = request_body(rng, vocab_size)
+            try:
+                async with http.post(url + "/v1/completions", data=json.dumps(body)) as r:
+                    key = f"{kind}:{r.status}"
+                    if r.status == 200 and kind == "abandon":
+                        await r.content.readline()  # the first event, then hang up
+                    else:
+                        await r.read()
+            except aiohttp.ClientError as exc:
+                key = f"{kind}:{type(exc).__name__}"
+            counts[key] = counts.get(key, 0) + 1
+            if key.endswith(":429"):
+                await asyncio.sleep(0.5)  # refused by the quota: back off a little
+
+
+async def sample(pids: dict[str, int], end: float, every_s: float, samples: list) -> None:
+    start = time.monotonic()
+    while time.monotonic() < end:
+        samples.append((time.monotonic() - start, {n: rss_mib(p) for n, p in pids.items()}))
+        await asyncio.sleep(every_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--minutes", type=float, default=30)
+    p.add_argument("--warmup-minutes", type=float, default=5)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--mode", default="disaggregated")
+    p.add_argument("--sample-s", type=float, default=10)
+    p.add_argument("--json-out", default=None)
+    args = p.parse_args(argv)
+    model_dir = common.resolve_model_dir(None)
+    vocab_size = common.load_config(model_dir)["vocab_size"]
+    keys = Path(tempfile.mkdtemp()) / "keys.yaml"
+    # A quota the mix exceeds now and then, so refusals are part of the soak.
+    keys.write_text(f"keys:\n  - {{name: soak, key: {KEY}, requests_per_minute: 240}}\n")
+    extra = ["--mode", args.mode, "--api-keys", str(keys), "--request-timeout-s", "60"]
+    server = Server("soak", extra, threads=1)
+    workload = {k: v for k, v in vars(args).items() if k != "json_out"}
+    common.print_header(
+        "Soak: RSS under steady load",
+        {
+            "hardware": common.hardware_info(),
+            "model": common.model_info(model_dir),
+            "workload": workload,
+            "server": {"command": server.command},
+        },
+    )
+    samples: list = []
+    counts: dict[str, int] = {}
+    try:
+        server.wait_ready()
+        pids = {"router": server.proc.pid}
+        for pid in children(server.proc.pid):
+            pids[f"worker-{pid}"] = pid
+        end = time.monotonic() + args.minutes * 60
+
+        async def run() -> None:
+            users = [
+                client(server.url, end, vocab_size, seed, counts)
+                for seed in range(args.concurrency)
+            ]
+            await asyncio.gather(sample(pids, end, args.sample_s, samples), *users)
+
+        asyncio.run(run())
+    finally:
+        server.stop()
+    result = summarise(samples, args.warmup_minutes * 60)
+    print(f"requests by outcome: {dict(sorted(counts.items()))}")
+    rows = [
+        [name, f"{r['warm_mib']:.0f}", f"{r['end_mib']:.0f}", f"{r['growth'] * 100:+.1f} %"]
+        for name, r in result.items()
+    ]
+    print(
+        common.format_table(["process", "RSS after warm-up MiB", "RSS at end MiB", "growth"], rows)
+    )
+    worst = max((r["growth"] for r in result.values()), default=0.0)
+    print(f"worst growth {worst * 100:+.1f} % (goal within {GOAL_GROWTH * 100:.0f} %)")
+    common.write_json(
+        args.json_out, {"workload": workload, "counts": counts, "rss": result, "samples": samples}
+    )
+    return 0
+
+
+def summarise(samples: list, warmup_s: float) -> dict:
+    """Per process: median RSS of the samples in the minute after warm-up and in the last
+    minute (a median, so one sample caught mid-allocation does not decide)."""
+    result = {}
+    names = samples[0][1].keys() if samples else []
+    end_s = samples[-1][0] if samples else 0
+    for name in names:
+        warm = [s[name] for t, s in samples if warmup_s <= t < warmup_s + 60 and s[name]]
+        last = [s[name] for t, s in samples if t >= end_s - 60 and s[name]]
+        if warm and last:
+            w, e = sorted(warm)[len(warm) // 2], sorted(last)[len(last) // 2]
+            result[name] = {"warm_mib": w, "end_mib": e, "growth": e / w - 1}
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
