@@ -25,6 +25,7 @@ BENCHMARKS = (
     "cpu_gemm",
     "sampler",
     "prefill_last_layer",
+    "batch_invariant",
     "serving_peers",  # peers skipped with a note when not built (benchmarks/peers/)
     "kv_cache",
     "overload_admission",

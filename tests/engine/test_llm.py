@@ -33,7 +33,8 @@ def model_dir(tmp_path_factory, builtin_model_dir):
 
 @pytest.fixture(scope="module")
 def llm(model_dir) -> LLM:
-    return LLM(model_dir, num_kv_blocks=32, max_model_len=128)
+    # Batch-invariant: tests compare a prompt's tokens alone and in batches.
+    return LLM(model_dir, num_kv_blocks=32, max_model_len=128, batch_invariant=True)
 
 
 def generate(llm: LLM, prompts, params=GREEDY, **kwargs):

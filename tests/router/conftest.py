@@ -10,7 +10,13 @@ from collections.abc import Iterator
 
 import pytest
 
-ENGINE_OPTIONS = {"max_model_len": 256, "num_kv_blocks": 64, "num_threads": 1}
+# Batch-invariant: HTTP answers are compared with the offline engine's, run in other batches.
+ENGINE_OPTIONS = {
+    "max_model_len": 256,
+    "num_kv_blocks": 64,
+    "num_threads": 1,
+    "batch_invariant": True,
+}
 
 
 @pytest.fixture

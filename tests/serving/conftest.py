@@ -24,7 +24,11 @@ from pdserve.router.policy import RoutingConfig
 from pdserve.sampling_params import SamplingParams
 from pdserve.serve import ServeConfig, WorkerProcesses
 
-ENGINE = EngineConfig(max_num_batched_tokens=64, num_kv_blocks=512, max_model_len=2048)
+# Batch-invariant: tests compare the cluster's greedy and seeded tokens with the offline
+# engine's, run in other batches; only this mode makes that exact on every CPU.
+ENGINE = EngineConfig(
+    max_num_batched_tokens=64, num_kv_blocks=512, max_model_len=2048, batch_invariant=True
+)
 NUM_BLOCKS = 512
 
 

@@ -38,6 +38,7 @@ def expected(builtin_model_dir, prompts) -> list[list[int]]:
         max_num_batched_tokens=ENGINE.max_num_batched_tokens,
         num_kv_blocks=ENGINE.num_kv_blocks,
         num_threads=1,
+        batch_invariant=ENGINE.batch_invariant,
     )
     outputs = offline.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)
     return [out.outputs[0].token_ids for out in outputs]

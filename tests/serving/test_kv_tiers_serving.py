@@ -51,7 +51,9 @@ def test_disk_tier_serves_a_prompt_after_a_worker_crash_and_a_server_restart(
 ):
     prompt = " ".join(f"tier{i}" for i in range(150))
     args = ("--mode", "aggregated", "--threads-per-worker", "1")
-    args += ("--kv-disk-cache-dir", str(tmp_path))
+    # Batch-invariant: a prompt served from the cache (only its last token computed) gives
+    # the tokens of its cold prefill exactly, on every CPU.
+    args += ("--kv-disk-cache-dir", str(tmp_path), "--batch-invariant")
     server = ServerProcess(*args)
     try:
         first = complete(server.url, prompt)

@@ -41,6 +41,7 @@ def offline(builtin_model_dir):
         max_num_batched_tokens=ENGINE.max_num_batched_tokens,
         num_kv_blocks=ENGINE.num_kv_blocks,
         num_threads=1,
+        batch_invariant=ENGINE.batch_invariant,
     )
 
 

@@ -22,7 +22,8 @@ def _transfer_bytes(url: str) -> float:
 
 
 def test_disaggregated_over_nixl_matches_offline(builtin_model_dir):
-    offline = LLM(str(builtin_model_dir), num_threads=1, num_kv_blocks=128)
+    # Batch-invariant on both sides: the comparison is then exact on every CPU.
+    offline = LLM(str(builtin_model_dir), num_threads=1, num_kv_blocks=128, batch_invariant=True)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     expected = offline.generate([PROMPT], params)[0].outputs[0].text
     server = ServerProcess(
@@ -34,6 +35,7 @@ def test_disaggregated_over_nixl_matches_offline(builtin_model_dir):
         "1",
         "--kv-cache-memory-gib",
         "0.25",
+        "--batch-invariant",
     )
     try:
         body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True}

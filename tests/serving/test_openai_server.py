@@ -25,6 +25,7 @@ SHORT_PROMPT = "def fibonacci(n):"
 @pytest.fixture(scope="module")
 def server(builtin_model_dir):
     s = ServerProcess(
+        "--batch-invariant",  # outputs are compared with the offline engine's, exactly
         "--threads-per-worker",
         "1",
         "--max-num-batched-tokens",
@@ -46,7 +47,7 @@ def client(server) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def offline(builtin_model_dir) -> LLM:
-    return LLM(str(builtin_model_dir), num_threads=1, num_kv_blocks=256)
+    return LLM(str(builtin_model_dir), num_threads=1, num_kv_blocks=256, batch_invariant=True)
 
 
 @pytest.fixture(scope="module")
