@@ -84,6 +84,9 @@ def write_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [T]
 ) -> None:
+    fused = kernels.fuses(k) and kernels.fuses(k_cache)
+    if fused and kernels.write_kv(k, v, k_cache, v_cache, slot_mapping):
+        return
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
@@ -137,8 +140,8 @@ def _decode_attention(q, k_cache, v_cache, tables, lens, get_mask) -> torch.Tens
     """One query row per sequence over its `lens` tokens; `get_mask(block_size)` gives the
     PyTorch path's length mask."""
     if q.device.type == "cpu" and q.dtype == torch.float32 and kernels.is_available():
-        return kernels.paged_decode_attention(
-            q.contiguous(), k_cache, v_cache, tables, lens, q.shape[-1] ** -0.5
+        return kernels.paged_decode_attention(  # q may be a strided view of q/k/v
+            q, k_cache, v_cache, tables, lens, q.shape[-1] ** -0.5
         )
     return _decode_attention_torch(q, k_cache, v_cache, tables, get_mask)
 

@@ -61,6 +61,21 @@ def test_product_is_the_same_on_one_thread_and_two():
     assert torch.equal(linear(x), one)
 
 
+def test_product_from_several_python_threads_at_once():
+    """The C pool serves one call at a time; concurrent callers queue and all get their own
+    right answers (ctypes releases the GIL, so the calls really overlap)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = torch.Generator().manual_seed(1)
+    linear = invariant.PackedLinear.prepare(torch.randn(500, 48, generator=gen))
+    inputs = [torch.randn(1 + i % 7, 48, generator=gen) for i in range(60)]
+    torch.set_num_threads(2)
+    expected = [linear(x) for x in inputs]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(linear, inputs))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
 # ---- the engine ------------------------------------------------------------------------
 
 

@@ -227,3 +227,30 @@ def test_rope_equals_pytorch(rows, heads, head_dim, split):
     assert got.data_ptr() == x.data_ptr()  # in place
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(buffer[:, heads * head_dim :], untouched)  # v columns not touched
+
+
+def test_kernel_reads_a_strided_query_as_its_contiguous_copy():
+    """q straight from a view of the fused q/k/v output (rows wider than H x D)."""
+    q, k_cache, v_cache, tables, lens = _random_case(4, 8, 2, 64, 16)
+    wide = torch.randn(4, 12, 64)
+    wide[:, :8] = q
+    strided = wide[:, :8]
+    assert not strided.is_contiguous()
+    got = kernels.paged_decode_attention(strided, k_cache, v_cache, tables, lens, 0.125)
+    assert torch.equal(
+        got, kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125)
+    )
+
+
+def test_write_kv_equals_index_copy_and_checks_the_slots():
+    gen = torch.Generator().manual_seed(2)
+    qkv = torch.randn(5, 16, 8, generator=gen)  # k and v: strided views, as in the model
+    k, v = qkv[:, 8:12], qkv[:, 12:]
+    slots = torch.tensor([3, 17, 0, 63, 40])
+    caches = [torch.zeros(4, 16, 4, 8) for _ in range(4)]
+    assert kernels.write_kv(k, v, caches[0], caches[1], slots)
+    caches[2].view(-1, 4, 8).index_copy_(0, slots, k)
+    caches[3].view(-1, 4, 8).index_copy_(0, slots, v)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    with pytest.raises(IndexError):
+        kernels.write_kv(k, v, caches[0], caches[1], torch.tensor([0, 1, 2, 3, 64]))

@@ -125,7 +125,7 @@ def _library() -> ctypes.CDLL | None:
     fn = lib.paged_decode_attention_f32
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float]
-    fn.argtypes += [ctypes.c_int64] * 2
+    fn.argtypes += [ctypes.c_int64] * 3
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.silu_mul_f32.restype = None
     lib.silu_mul_f32.argtypes = [ptr, ptr] + [i64] * 4
@@ -133,6 +133,8 @@ def _library() -> ctypes.CDLL | None:
     lib.rms_norm_f32.argtypes = [ptr] * 4 + [i64, i64, ctypes.c_float, i64, i64]
     lib.rope_neox_f32.restype = None
     lib.rope_neox_f32.argtypes = [ptr] * 3 + [i64] * 5
+    lib.write_kv_f32.restype = None
+    lib.write_kv_f32.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64]
     return lib
 
 
@@ -146,7 +148,7 @@ def is_available() -> bool:
 
 
 def paged_decode_attention(
-    q: torch.Tensor,  # [S, H, D] float32, contiguous
+    q: torch.Tensor,  # [S, H, D] float32, heads contiguous (rows may be strided)
     k_cache: torch.Tensor,  # [N, B, Hkv, D] float32, contiguous
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,  # [S, M] int64, contiguous
@@ -157,8 +159,10 @@ def paged_decode_attention(
     if lib is None:
         raise RuntimeError("paged attention kernel is not available")
     num_seqs, num_heads, head_dim = q.shape
+    if q.stride(2) != 1 or q.stride(1) != head_dim:
+        q = q.contiguous()
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype)
     args = (
         q.data_ptr(),
         k_cache.data_ptr(),
@@ -173,6 +177,7 @@ def paged_decode_attention(
         head_dim,
         block_size,
         scale,
+        q.stride(0),
     )
     kv_bytes = 2 * int(context_lens.sum()) * num_kv_heads * head_dim * 4
     num_threads = max(
@@ -267,3 +272,35 @@ def rope_neox_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     args = (x.data_ptr(), cos.data_ptr(), sin.data_ptr(), heads, head_dim, x.stride(0))
     _by_rows(_library().rope_neox_f32, args, rows, rows * heads * head_dim)
     return x
+
+
+def write_kv(
+    k: torch.Tensor,  # [T, Hkv, D], heads contiguous (rows may be strided)
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [N, B, Hkv, D] contiguous
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T] int64
+) -> bool:
+    """Copy each row's keys and values into its pool slot, in this thread; False (nothing
+    done) when the layouts are not the plain ones this copy handles."""
+    rows, heads, head_dim = k.shape
+    plain = all(x.stride(2) == 1 and x.stride(1) == head_dim for x in (k, v))
+    if not (plain and k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return False
+    slots = slot_mapping.contiguous()
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    if rows and not (int(slots.min()) >= 0 and int(slots.max()) < num_slots):
+        raise IndexError(f"KV slot out of range [0, {num_slots})")  # as index_copy_ would
+    _library().write_kv_f32(
+        k.data_ptr(),
+        v.data_ptr(),
+        k.stride(0),
+        v.stride(0),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        slots.data_ptr(),
+        heads * head_dim,
+        0,
+        rows,
+    )
+    return True

@@ -20,7 +20,8 @@
  * in registers for the whole K loop (AVX-512: MR = 6, 12 zmm; AVX2: MR = 3, 12 ymm pairs).
  * Per k it loads two vectors of the panel and MR broadcasts of x. Rows left over at the end
  * take a smaller MR — the same sequence of FMAs per element. Threads split the panels (the
- * N dimension), never K. The panel of a part stays in L2 while every row tile passes over it.
+ * N dimension) into chunks they claim (parallel.c), never K. A panel stays in L2 while every
+ * row tile passes over it.
  */
 #include <stdint.h>
 #include <string.h>
@@ -45,7 +46,7 @@ INLINE v16 splat16(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x
 typedef struct {
     const float *x, *packed, *bias;
     float *y;
-    int64_t m, n, k, ldx, ldy;
+    int64_t m, n, k, ldx, ldy, panels_per_chunk;
 } Gemm;
 
 /* Rows [m0, m0 + MR) x panel p. MR is a compile-time constant at every call site. */
@@ -102,10 +103,12 @@ static void panel_rows(const Gemm *g, int64_t p, int64_t m0, int64_t m1) {
     }
 }
 
-static void gemm_part(void *ctx, int64_t part, int64_t parts) {
+/* Chunk c: panels [c * panels_per_chunk, ...), every row. */
+static void gemm_chunk(void *ctx, int64_t chunk) {
     const Gemm *g = ctx;
     const int64_t panels = (g->n + PANEL - 1) / PANEL;
-    const int64_t p0 = panels * part / parts, p1 = panels * (part + 1) / parts;
+    const int64_t p0 = chunk * g->panels_per_chunk;
+    const int64_t p1 = p0 + g->panels_per_chunk < panels ? p0 + g->panels_per_chunk : panels;
     for (int64_t p = p0; p < p1; ++p) panel_rows(g, p, 0, g->m);
 }
 
@@ -126,8 +129,11 @@ void gemm_pack_f32(const float *w, int64_t n, int64_t k, int64_t ldw, float *pac
    `threads` threads. */
 void gemm_f32(const float *x, const float *packed, const float *bias, float *y, int64_t m,
               int64_t n, int64_t k, int64_t ldx, int64_t ldy, int64_t threads) {
-    Gemm g = {x, packed, bias, y, m, n, k, ldx, ldy};
     const int64_t panels = (n + PANEL - 1) / PANEL;
-    if (threads > panels) threads = panels;
-    parallel_run(gemm_part, &g, threads < 1 ? 1 : threads);
+    /* A few chunks per thread, so a thread that gets its core late leaves less undone;
+       with enough rows, whole panels per chunk keep each panel's K x 32 weights in L2. */
+    int64_t chunks = threads > 1 ? 4 * threads : 1;
+    if (chunks > panels) chunks = panels;
+    Gemm g = {x, packed, bias, y, m, n, k, ldx, ldy, (panels + chunks - 1) / chunks};
+    parallel_run(gemm_chunk, &g, (panels + g.panels_per_chunk - 1) / g.panels_per_chunk, threads);
 }

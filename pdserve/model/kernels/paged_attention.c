@@ -7,7 +7,7 @@
  * each sequence's block table and reads every key and value once, in one sweep.
  *
  * Layout (see pdserve/model/attention.py):
- *   q            [S, H, D]              contiguous
+ *   q            [S, H, D]              heads contiguous, rows q_stride floats apart
  *   k/v cache    [N, B, Hkv, D]         contiguous (one layer)
  *   block_tables [S, M] int64           padded rows; only the first ceil(len/B) are read
  *   context_lens [S] int64
@@ -148,6 +148,7 @@ typedef struct {
     float *out;
     int64_t max_blocks, num_heads, num_kv_heads, head_dim, block_size, group;
     float scale;
+    int64_t q_stride;
 } Problem;
 
 /* Per-call scratch, sized for every query head of one sequence. */
@@ -195,7 +196,7 @@ static void attend(const Problem *pb, const Scratch *sc, int64_t s, int64_t h_be
     const int64_t D = pb->head_dim, G = pb->group, len = pb->context_lens[s];
     const int64_t token_stride = pb->num_kv_heads * D;
     const int64_t num_q = (h_end - h_begin) * G;
-    const float *q = pb->q + (s * pb->num_heads + h_begin * G) * D;
+    const float *q = pb->q + s * pb->q_stride + h_begin * G * D;
     const int64_t *table = pb->block_tables + s * pb->max_blocks;
     for (int64_t i = 0; i < num_q * D; ++i) sc->q[i] = q[i] * pb->scale;
     memset(sc->acc, 0, sizeof(float) * (size_t)(num_q * D));
@@ -252,12 +253,12 @@ int paged_decode_attention_f32(const float *q, const float *k_cache, const float
                                const int64_t *block_tables, const int64_t *context_lens,
                                float *out, int64_t num_seqs, int64_t max_blocks,
                                int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                               int64_t block_size, float scale, int64_t part,
-                               int64_t num_parts) {
+                               int64_t block_size, float scale, int64_t q_stride,
+                               int64_t part, int64_t num_parts) {
     const Problem pb = {q,         k_cache,    v_cache,      block_tables,
                         context_lens, out,     max_blocks,   num_heads,
                         num_kv_heads, head_dim, block_size,  num_heads / num_kv_heads,
-                        scale};
+                        scale,     q_stride};
     const size_t floats = (size_t)(num_heads * (2 * head_dim + 2 * TOKENS + 1));
     float *buf = malloc(sizeof(float) * floats);
     if (!buf) return 1;

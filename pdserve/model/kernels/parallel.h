@@ -4,10 +4,10 @@
 
 #include <stdint.h>
 
-typedef void (*part_fn)(void *ctx, int64_t part, int64_t parts);
+typedef void (*chunk_fn)(void *ctx, int64_t chunk);
 
-/* fn(ctx, part, parts) for every part in [0, parts), in parallel; returns when all are done.
-   May run fewer parts than asked (if threads cannot be created): fn gets the real count. */
-void parallel_run(part_fn fn, void *ctx, int64_t parts);
+/* fn(ctx, chunk) for every chunk in [0, num_chunks), on the calling thread and up to
+   threads - 1 pool threads; returns when all are done. */
+void parallel_run(chunk_fn fn, void *ctx, int64_t num_chunks, int64_t threads);
 
 #endif /* PDSERVE_PARALLEL_H */
