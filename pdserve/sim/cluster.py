@@ -43,6 +43,7 @@ from pdserve.errors import InvalidRequestError
 from pdserve.router.kv_index import KVIndex, prompt_hashes
 from pdserve.router.policy import plan_request
 from pdserve.serve import ServeConfig
+from pdserve.sim.cost_model import StepCost
 from pdserve.sim.handles import SimHandle, SimPool, SimStats
 from pdserve.sim.profile import ITEMSIZE, Profile
 from pdserve.sim.worker import Output, Reserved, SimWorker, make_request
@@ -79,12 +80,20 @@ class _Step:
 
 
 class ClusterSim:
-    def __init__(self, serve: ServeConfig, profile: Profile, max_blocks: int | None = None) -> None:
+    def __init__(
+        self,
+        serve: ServeConfig,
+        profile: Profile,
+        max_blocks: int | None = None,
+        role_costs: dict[str, StepCost] | None = None,
+    ) -> None:
         """`max_blocks`: cap each KV pool (the planner's shortcut: a pool larger than its
         requests can ever fill only costs set-up time, but it also keeps more prefixes
-        cached, so the cap should be generous)."""
+        cached, so the cap should be generous). `role_costs`: a cost per role instead of
+        the profile's (the planner times one phase alone by making the other free)."""
         self.serve = serve
         self.max_blocks = max_blocks
+        self.role_costs = role_costs or {}
         self.profile = profile
         self.routing = serve.routing()
         self.selector = self.routing.selector()
@@ -113,7 +122,7 @@ class ClusterSim:
         num_blocks = num_kv_blocks(self.profile, engine, self.threads)
         if self.max_blocks is not None:
             num_blocks = min(num_blocks, self.max_blocks)
-        cost = self.profile.cost(self.threads)
+        cost = self.role_costs.get(role) or self.profile.cost(self.threads)
         worker = SimWorker(
             worker_id, role, engine, cost, num_blocks, self.max_model_len, self.threads
         )

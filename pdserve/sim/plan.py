@@ -6,8 +6,10 @@ device of the unit: aggregated (`m` mixed workers), disaggregated or auto (`p` p
 `d` decode workers), each worker `t` threads or devices (the profile's worker sizes),
 with a chunk size (`max_num_batched_tokens`) and a batch limit (`max_num_seqs`). Each
 candidate's unit goodput — the highest Poisson rate at which ≥ `attainment` of requests
-meet both SLOs — comes from the goodput search of `pdserve bench goodput`
-(`bench/goodput.py`: double, then bisect), with `pdserve sim` as the server. The budget
+meet both SLOs — comes from the goodput search of `pdserve bench goodput` with `pdserve
+sim` as the server (sim/search.py); a unit with many candidates (a GPU node) is first
+ranked from one worker's goodput per phase (DistServe's rule: a P:D split serves
+min(p x prefill rate, d x decode rate)) and its best candidates checked whole. The budget
 (cores, devices, nodes or $/hour) buys whole units; units are independent replicas behind
 a load balancer, so the cluster's goodput is `replicas x unit goodput`: a 1,000-node plan
 simulates one node per candidate, never 1,000.
@@ -24,14 +26,11 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pdserve.bench.goodput import search_goodput
-from pdserve.bench.loadgen import Arrival
-from pdserve.bench.types import SLO, RequestSpec, RunResult
+from pdserve.bench.types import SLO, RequestSpec
 from pdserve.config import EngineConfig
 from pdserve.serve import ServeConfig
-from pdserve.sim.cost_model import StepShape
 from pdserve.sim.profile import Profile
-from pdserve.sim.run import simulate
+from pdserve.sim.search import Found, PhaseRates, SearchSettings, phase_rates, search_rate
 
 MODES = ("aggregated", "disaggregated", "auto")
 
@@ -63,6 +62,7 @@ class Plan:
     output_throughput: float  # tok/s of one unit at its goodput rate
     replicas: int
     price_per_unit_hour: float | None
+    is_estimate: bool = False  # from per-worker phase rates, not a whole-unit search
 
     @property
     def goodput(self) -> float:
@@ -140,77 +140,6 @@ def replicas(profile: Profile, budget: Budget, price: float | None) -> int:
     return max(1, min(limits)) if limits else 1
 
 
-def estimate_rate(candidate: Candidate, specs: Sequence[RequestSpec]) -> float:
-    """A first probe for the search: the unit's prefill capacity in requests/s from the
-    cost model (prompt tokens in chunks), capped by a decode estimate."""
-    cost = candidate.profile.cost(candidate.serve.threads_per_worker or 1)
-    counts = candidate.serve.worker_counts()
-    prompts = [s.num_prompt_tokens or _words(s) for s in specs]
-    mean_prompt = sum(prompts) / len(prompts)
-    mean_output = sum(s.max_tokens for s in specs) / len(specs)
-    chunk = candidate.serve.engine.max_num_batched_tokens or 2048
-    q = min(mean_prompt, chunk)
-    prefill_s = cost.seconds(StepShape(int(q), 1, int(q * q), 0)) * mean_prompt / q
-    batch = min(32, candidate.serve.engine.max_num_seqs)
-    decode_s = cost.seconds(StepShape(batch, batch, 0, int(batch * mean_prompt))) / batch
-    prefillers = counts["prefill"] + counts["mixed"] or counts["decode"]
-    decoders = counts["decode"] + counts["mixed"]
-    return max(0.05, min(prefillers / prefill_s, decoders / (decode_s * mean_output)))
-
-
-def _words(spec: RequestSpec) -> int:
-    if isinstance(spec.prompt, str):
-        return len(spec.prompt.split()) + 1
-    return sum(len(m.get("content", "").split()) + 2 for m in spec.messages or []) + 1
-
-
-def evaluate(
-    candidate: Candidate,
-    specs: Sequence[RequestSpec],
-    slo: SLO,
-    *,
-    attainment: float = 0.9,
-    min_duration_s: float = 20.0,
-    min_requests: int = 40,
-    max_requests: int = 400,
-    max_probes: int = 8,
-    rel_tol: float = 0.1,
-    seed: int = 0,
-) -> tuple[float, bool, float]:
-    """(unit goodput, is a lower bound, output tok/s at that rate) of one candidate."""
-
-    # Pools larger than every running request at its longest, twice over, change nothing
-    # but set-up time (a GPU's pool holds ~10^5 blocks).
-    longest = max((s.num_prompt_tokens or _words(s)) + s.max_tokens for s in specs)
-    engine = candidate.serve.engine
-    max_blocks = 2 * engine.max_num_seqs * -(-longest // engine.block_size)
-
-    def run_at_rate(rate: float) -> RunResult:
-        n = max(min_requests, min(max_requests, math.ceil(rate * min_duration_s)))
-        return simulate(
-            candidate.serve,
-            candidate.profile,
-            specs,
-            Arrival.poisson(rate),
-            num_requests=n,
-            seed=seed,
-            max_blocks=max_blocks,
-        )
-
-    result = search_goodput(
-        run_at_rate,
-        slo,
-        attainment=attainment,
-        start_rate=estimate_rate(candidate, specs),
-        max_probes=max_probes,
-        rel_tol=rel_tol,
-        num_cores=candidate.num_devices,
-    )
-    best = next((p for p in result.probes if p.rate == result.goodput), None)
-    throughput = best.summary.output_throughput if best else 0.0
-    return result.goodput, result.is_lower_bound, throughput
-
-
 def make_plans(
     profiles: Sequence[tuple[Profile, float | None]],
     specs: Sequence[RequestSpec],
@@ -218,20 +147,81 @@ def make_plans(
     budget: Budget,
     space: SearchSpace,
     on_plan: Callable[[Plan], None] | None = None,
-    **search,
+    settings: SearchSettings | None = None,
+    exhaustive_limit: int = 12,
+    num_verified: int = 1,
 ) -> list[Plan]:
-    """Every candidate of every (profile, price per unit-hour), ranked best first."""
+    """Every candidate of every (profile, price per unit-hour), ranked best first. Up to
+    `exhaustive_limit` candidates a profile, each is searched as a whole unit; past that,
+    from per-worker phase rates (sim/search.py), the best `num_verified` then checked as
+    whole units."""
+    settings = settings or SearchSettings()
     plans = []
     for profile, price in profiles:
         num_units = replicas(profile, budget, price)
-        for candidate in candidates(profile, space):
-            goodput, is_lower, throughput = evaluate(candidate, specs, slo, **search)
-            plan = Plan(candidate, goodput, is_lower, throughput, num_units, price)
-            plans.append(plan)
-            if on_plan is not None:
-                on_plan(plan)
+        found = candidates(profile, space)
+        if len(found) <= exhaustive_limit:
+            for candidate in found:
+                result = search_rate(candidate.serve, profile, specs, slo, settings)
+                plans.append(_plan(candidate, result, num_units, price, on_plan))
+        else:
+            estimated = _estimates(found, specs, slo, settings, num_units, price)
+            estimated.sort(key=lambda p: -p.unit_goodput)
+            for plan in estimated[:num_verified]:
+                serve, guess = plan.candidate.serve, plan.unit_goodput
+                result = search_rate(serve, profile, specs, slo, settings, start_rate=guess)
+                plans.append(_plan(plan.candidate, result, num_units, price, on_plan))
+            for plan in estimated[num_verified:]:
+                plans.append(plan)
+                if on_plan is not None:
+                    on_plan(plan)
     cost = lambda p: p.cost_per_million_output_tokens or math.inf  # noqa: E731
-    return sorted(plans, key=lambda p: (-p.goodput, cost(p)))
+    return sorted(plans, key=lambda p: (-p.goodput, p.is_estimate, cost(p)))
+
+
+def _plan(candidate, result: Found, num_units, price, on_plan) -> Plan:
+    plan = Plan(
+        candidate,
+        result.goodput,
+        result.is_lower_bound,
+        result.output_throughput,
+        num_units,
+        price,
+    )
+    if on_plan is not None:
+        on_plan(plan)
+    return plan
+
+
+def _estimates(found, specs, slo, settings, num_units, price) -> list[Plan]:
+    """Each candidate's unit goodput from one worker's phase rates: m x mixed, or
+    min(p x prefill, d x decode) (auto: the same as its disaggregated split)."""
+    # Screening is coarse (short probes, a loose bracket); the best are re-checked whole.
+    settings = dataclasses.replace(
+        settings,
+        min_duration_s=min(settings.min_duration_s, 5.0),
+        max_requests=min(settings.max_requests, 300),
+        max_probes=min(settings.max_probes, 5),
+        rel_tol=max(settings.rel_tol, 0.25),
+    )
+    rates: dict[tuple, PhaseRates] = {}
+    mean_output = sum(s.max_tokens for s in specs) / len(specs)
+    plans = []
+    for candidate in found:
+        serve = candidate.serve
+        key = (serve.threads_per_worker, serve.engine)
+        if key not in rates:
+            rates[key] = phase_rates(candidate.profile, *key, specs, slo, settings)
+        r, counts = rates[key], serve.worker_counts()
+        if serve.mode == "aggregated":
+            goodput = counts["mixed"] * r.mixed.goodput
+        else:
+            goodput = min(
+                counts["prefill"] * r.prefill.goodput, counts["decode"] * r.decode.goodput
+            )
+        plan = Plan(candidate, goodput, False, goodput * mean_output, num_units, price)
+        plans.append(dataclasses.replace(plan, is_estimate=True))
+    return plans
 
 
 def launch_yaml(plan: Plan) -> str:

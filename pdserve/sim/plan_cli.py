@@ -46,7 +46,8 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
     space.add_argument("--sizes", default=None, help="threads/devices per worker")
     space.add_argument("--kv-cache-memory-gib", type=float, default=None, help="CPU pools")
     space.add_argument("--min-duration", type=float, default=20.0, help="s per probe")
-    space.add_argument("--max-requests", type=int, default=400, help="per probe")
+    space.add_argument("--max-requests", type=int, default=2000, help="per probe")
+    space.add_argument("--verify", type=int, default=1, help="large units: plans re-checked whole")
     p.add_argument("--top", type=int, default=10, help="plans printed")
     p.add_argument("--yaml-out", default=None, help="write the best plan's serve YAML")
     p.add_argument("--json-out", default=None, help="write every plan as JSON")
@@ -55,6 +56,7 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from pdserve.sim import plan as planner
+    from pdserve.sim.search import SearchSettings
 
     profiles = _profiles(args)
     specs, slo = _load(args)
@@ -81,16 +83,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
         budget,
         space,
         on_plan=lambda plan: print(f"  {_line(plan)}", flush=True),
-        attainment=args.attainment,
-        min_duration_s=args.min_duration,
-        max_requests=args.max_requests,
-        seed=args.seed,
+        settings=SearchSettings(
+            attainment=args.attainment,
+            min_duration_s=args.min_duration,
+            max_requests=args.max_requests,
+            seed=args.seed,
+        ),
+        num_verified=args.verify,
     )
     print(
         f"\n{len(plans)} layouts in {time.perf_counter() - start:.1f} s; "
         f"SLO TTFT {slo.ttft_ms:g} ms, TPOT {slo.tpot_ms:g} ms, {args.attainment:.0%}"
     )
     print(format_plans(plans[: args.top]))
+    if any(p.is_estimate for p in plans):
+        print("~: estimated from one worker's goodput per phase (not searched as a whole unit)")
     if not plans:
         return 1
     best = planner.launch_yaml(plans[0])
@@ -151,7 +158,7 @@ def format_plans(plans) -> str:
     lines = [header]
     for i, plan in enumerate(plans, 1):
         cost = plan.cost_per_million_output_tokens
-        bound = ">=" if plan.is_lower_bound else ""
+        bound = "~" if plan.is_estimate else ">=" if plan.is_lower_bound else ""
         lines.append(
             f"{i:>3}  {_hardware(plan.candidate.profile):<18} {plan.candidate.label:<52} "
             f"{bound + format(plan.unit_goodput, '.3g'):>10} {plan.goodput_per_device:>8.3g} "
@@ -175,6 +182,7 @@ def plan_to_dict(plan) -> dict:
         "layout": plan.candidate.label,
         "unit_goodput": plan.unit_goodput,
         "is_lower_bound": plan.is_lower_bound,
+        "is_estimate": plan.is_estimate,
         "goodput_per_device": plan.goodput_per_device,
         "replicas": plan.replicas,
         "goodput": plan.goodput,

@@ -12,6 +12,7 @@ from pdserve.cli import main
 from pdserve.serve import ServeConfig
 from pdserve.sim import plan as planner
 from pdserve.sim.cost_model import StepCost
+from pdserve.sim.search import SearchSettings
 from tests.sim.builders import make_profile, spec
 
 SPACE = planner.SearchSpace(chunk_sizes=(512,), max_num_seqs=(64,))
@@ -54,7 +55,7 @@ def test_the_planner_finds_the_known_optimum():
         SLO(ttft_ms=1000, tpot_ms=100),
         planner.Budget(cores=20),
         space,
-        min_duration_s=5.0,
+        settings=SearchSettings(min_duration_s=5.0),
     )
     best, other = plans
     assert best.candidate.label == "aggregated 2 mixed x1, chunk 512, seqs 4"
@@ -84,3 +85,24 @@ def test_plan_cli_writes_the_best_yaml(tmp_path, capsys):
     assert main(args) == 0
     assert ServeConfig.from_dict(yaml.safe_load(out.read_text())).mode == "aggregated"
     assert "x4 replicas" in capsys.readouterr().out
+
+
+def test_a_large_unit_is_ranked_from_phase_rates_and_its_best_checked_whole():
+    profile = make_profile(SLOW, cores=4, sizes=(1,))
+    space = dataclasses.replace(SPACE, max_num_seqs=(4,))
+    specs = [spec(100, 20, first=f"p{i}") for i in range(40)]
+    plans = planner.make_plans(
+        [(profile, None)],
+        specs,
+        SLO(ttft_ms=1000, tpot_ms=100),
+        planner.Budget(),
+        space,
+        settings=SearchSettings(min_duration_s=5.0),
+        exhaustive_limit=2,
+        num_verified=1,
+    )
+    assert len(plans) == 7  # 4 mixed; 1:3, 2:2, 3:1 disaggregated and auto
+    assert [p.is_estimate for p in plans].count(False) == 1
+    # Four one-thread mixed workers: four times one worker's rate.
+    mixed = next(p for p in plans if p.candidate.serve.mode == "aggregated")
+    assert mixed.unit_goodput > 0
