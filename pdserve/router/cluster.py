@@ -558,7 +558,13 @@ class ClusterClient(EngineClient):
             engine_out = out.to_engine_output()
             engine_out.request_id = sample.child_id
             if attempt.is_resumed:  # its prompt included outputs: not the client's cache
+                if self.metrics is not None and not attempt.has_output:
+                    num_cached = engine_out.num_cached_tokens
+                    self.metrics.observe_migration_replay(
+                        attempt.charges.num_prompt_tokens, num_cached
+                    )
                 engine_out.num_cached_tokens = 0
+            attempt.has_output = True
             outputs.append(engine_out)
         updates, stopped = self.processor.process_stream(outputs)
         for child_id in stopped:  # finished by a stop string: stop the workers too

@@ -49,6 +49,7 @@ class Attempt:
     prefill_worker: str | None = None  # told to write KV into a reservation
     reservation: asyncio.Future | None = None
     is_resumed: bool = False  # it continues generated tokens (a migration)
+    has_output: bool = False  # a token of it came back
     workers: set[str] = field(default_factory=set)  # every worker told about it
 
 

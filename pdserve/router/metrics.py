@@ -166,6 +166,14 @@ class RouterMetrics:
             "pdserve:migrated_tokens",
             "Generated tokens carried over by migrations (recomputed or served from cache).",
         )
+        self.migration_replay_tokens = counter(
+            "pdserve:migration_replay_tokens",
+            "Prompt + generated tokens a resumed request needed in KV on its new worker.",
+        )
+        self.migration_replay_cached_tokens = counter(
+            "pdserve:migration_replay_cached_tokens",
+            "Of those, tokens the new worker served from its prefix cache or KV tiers.",
+        )
         self._workers = _WorkerCollector(model_name)
         self.registry.register(self._workers)
 
@@ -202,6 +210,10 @@ class RouterMetrics:
     def observe_migration(self, num_generated_tokens: int) -> None:
         self.migrations.inc()
         self.migrated_tokens.inc(num_generated_tokens)
+
+    def observe_migration_replay(self, num_tokens: int, num_cached_tokens: int) -> None:
+        self.migration_replay_tokens.inc(num_tokens)
+        self.migration_replay_cached_tokens.inc(min(num_cached_tokens, num_tokens))
 
     def watch_workers(self, readiness: Callable[[], Readiness]) -> None:
         """Read per-worker gauges from `readiness().workers` whenever metrics are scraped."""

@@ -17,7 +17,9 @@ PROMPTS = {"a": [1, 2, 3, 4, 5], "b": [9, 8, 7, 6, 5, 4, 3], "c": [42] * 20}
 
 @pytest.fixture(scope="module")
 def core(builtin_model_dir):
-    return make_engine_core(builtin_model_dir, num_kv_blocks=64, max_model_len=256)
+    return make_engine_core(
+        builtin_model_dir, num_kv_blocks=64, max_model_len=256, batch_invariant=True
+    )
 
 
 def run(core, requests: dict[str, tuple[list[int], SamplingParams]], **kw) -> dict[str, list[int]]:

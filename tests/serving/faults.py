@@ -21,18 +21,32 @@ class Stream:
     """One streamed completion: its text deltas in order, usage, and any error event."""
 
     prompt: str
-    chunks: list[str] = field(default_factory=list)
-    finish_reason: str | None = None
+    chunks: list[str] = field(default_factory=list)  # every choice's deltas, as they came
+    by_choice: dict[int, list[str]] = field(default_factory=dict)
+    finish_reasons: dict[int, str] = field(default_factory=dict)
     completion_tokens: int | None = None
     error: dict | None = None
     status_code: int | None = None
 
     @property
     def text(self) -> str:
-        return "".join(self.chunks)
+        """Each choice's text, in choice order (one choice: its text)."""
+        return "\x00".join("".join(self.by_choice[i]) for i in sorted(self.by_choice))
+
+    @property
+    def finish_reason(self) -> str | None:
+        reasons = set(self.finish_reasons.values())
+        return reasons.pop() if len(reasons) == 1 else None
 
 
 def run_stream(url: str, prompt: str, max_tokens: int, stream: Stream, **params) -> None:
+    try:
+        _run_stream(url, prompt, max_tokens, stream, **params)
+    except httpx.HTTPError as e:  # the server went away (a test killed it)
+        stream.error = {"message": repr(e), "type": "connection"}
+
+
+def _run_stream(url: str, prompt: str, max_tokens: int, stream: Stream, **params) -> None:
     body = {
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -52,8 +66,11 @@ def run_stream(url: str, prompt: str, max_tokens: int, stream: Stream, **params)
                 stream.error = event["error"]
                 continue
             for choice in event.get("choices", []):
-                stream.chunks.append(choice.get("text", ""))
-                stream.finish_reason = choice.get("finish_reason") or stream.finish_reason
+                text = choice.get("text", "")
+                stream.chunks.append(text)
+                stream.by_choice.setdefault(choice["index"], []).append(text)
+                if choice.get("finish_reason"):
+                    stream.finish_reasons[choice["index"]] = choice["finish_reason"]
             if event.get("usage"):
                 stream.completion_tokens = event["usage"]["completion_tokens"]
 

@@ -46,9 +46,10 @@ class ServerProcess:
         timeout: float = 180,
         command: str = "serve",
         wait: bool = True,
+        router_port: int | None = None,
     ):
         self.port = free_port()
-        self.router_port = free_port()
+        self.router_port = router_port or free_port()
         self.router_addr = f"tcp://127.0.0.1:{self.router_port}"
         cmd = [
             sys.executable,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import httpx2 as httpx
 import pytest
@@ -24,31 +26,41 @@ from tests.serving.faults import (
 from tests.serving.server import ServerProcess
 
 MAX_TOKENS = 48
-COMMON = ["--threads-per-worker", "1", "--admin-key", ADMIN_KEY, "--max-num-seqs", "8"]
+# Batch-invariant mode: a resumed request's recomputed logits are bitwise the decode
+# step's, so "exactly the undisturbed tokens" holds by construction on every CPU.
+COMMON = [
+    "--threads-per-worker",
+    "1",
+    "--admin-key",
+    ADMIN_KEY,
+    "--max-num-seqs",
+    "8",
+    "--batch-invariant",
+]
 
 
-def reference(server: ServerProcess, texts: list[str]) -> list[str]:
+def reference(server: ServerProcess, texts: list[str], **params) -> list[str]:
     """The undisturbed outputs, one request at a time."""
     outputs = []
     for text in texts:
-        streams, threads = run_streams(server.url, [text], MAX_TOKENS)
+        streams, threads = run_streams(server.url, [text], MAX_TOKENS, **params)
         threads[0].join()
         assert streams[0].error is None, streams[0].error
         outputs.append(streams[0].text)
     return outputs
 
 
-def assert_all_exact(streams, expected: list[str]) -> None:
+def assert_all_exact(streams, expected: list[str], n: int = 1) -> None:
     for stream, text in zip(streams, expected, strict=True):
         assert stream.error is None, stream.error
         assert stream.status_code == 200
-        assert stream.completion_tokens == MAX_TOKENS
+        assert stream.completion_tokens == n * MAX_TOKENS
         assert stream.finish_reason == "length"
         assert stream.text == text
 
 
-def kill_under_load(server, victim: str, texts: list[str], when) -> list:
-    streams, threads = run_streams(server.url, texts, MAX_TOKENS)
+def kill_under_load(server, victim: str, texts: list[str], when, **params) -> list:
+    streams, threads = run_streams(server.url, texts, MAX_TOKENS, **params)
     wait_for(lambda: when(streams), what="the streams to reach the kill point")
     os.kill(worker_pid(server, victim), signal.SIGKILL)
     for t in threads:
@@ -187,3 +199,66 @@ def test_a_worker_that_keeps_crashing_keeps_coming_back(builtin_model_dir):
         assert r.status_code == 200
     finally:
         assert server.stop() == 0
+
+
+def test_seeded_samples_survive_migration_token_exact(builtin_model_dir):
+    """Seeded random sampling (n = 2) resumes on another worker with the very tokens an
+    undisturbed run draws: the (seed, index) stream continues at the next index, and in
+    batch-invariant mode the recomputed logits are bitwise the decoded ones."""
+    layout = ["--mode", "disaggregated", "--prefill-workers", "1", "--decode-workers", "2"]
+    server = ServerProcess(*layout, *COMMON)
+    seeded = {"temperature": 0.9, "top_p": 0.95, "seed": 7, "n": 2}
+    try:
+        texts = prompts(4, words=30)
+        expected = reference(server, texts, **seeded)
+        before = counter(server, "pdserve:request_migrations_total")
+        victim = "decode-1"
+        when = lambda streams: (  # noqa: E731
+            all(len(s.chunks) >= 4 for s in streams) and workers(server)[victim]["num_requests"] > 0
+        )
+        streams = kill_under_load(server, victim, texts, when, **seeded)
+        assert_all_exact(streams, expected, n=2)
+        assert counter(server, "pdserve:request_migrations_total") > before
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_restarted_router_stops_the_requests_nobody_reads(builtin_model_dir):
+    """The router dies mid-stream; a new one on the same port finds the worker still
+    decoding for a client that is gone, fences it (it drops the orphan and rejoins) and
+    serves with it: no decoding to max_tokens for nobody."""
+    router = ServerProcess(
+        "--mode", "aggregated", "--expect-workers", "1", command="router", wait=False
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "pdserve.cli", "worker", "--role", "mixed", "--router",
+         router.router_addr, "--worker-id", "ext-0", "--threads", "1"]
+    )  # fmt: skip
+    try:
+        router.wait_ready(120)
+        streams, threads = run_streams(router.url, ["orphan " * 20], 1500)
+        wait_for(lambda: len(streams[0].chunks) >= 2, what="the stream")
+        router.proc.kill()
+        router.proc.wait()
+        again = ServerProcess(
+            "--mode", "aggregated", "--expect-workers", "1", command="router",
+            router_port=router.router_port,
+        )  # fmt: skip
+        try:
+
+            def num_running() -> int:
+                ready = httpx.get(again.url + "/ready").json()
+                return sum(w["num_running"] + w["num_waiting"] for w in ready["workers"])
+
+            wait_for(lambda: num_running() == 0, 40, "the orphan to be dropped")
+            assert worker.poll() is None  # fenced, not killed: it rejoined
+            wait_for(lambda: httpx.get(again.url + "/ready").status_code == 200, 30, "ready")
+            r = httpx.post(again.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        finally:
+            again.stop()
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        for t in threads:
+            t.join(5)
