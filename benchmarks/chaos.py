@@ -37,6 +37,16 @@ import common
 ADMIN_KEY = "chaos-admin"
 
 
+def start_redis() -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)
+    return proc, port
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -61,6 +71,8 @@ class Server:
         ]  # fmt: skip
         if args.batch_invariant:
             cmd.append("--batch-invariant")
+        if args.kv_redis_url:
+            cmd += ["--kv-redis-url", args.kv_redis_url]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
@@ -117,6 +129,7 @@ class Server:
 class Result:
     prompt_index: int
     start: float
+    response_id: str | None = None
     end: float = 0.0
     chunk_times: list[float] = field(default_factory=list)
     text: str = ""
@@ -147,6 +160,7 @@ def stream_one(url: str, prompt: str, max_tokens: int, result: Result) -> None:
                 if "error" in event:
                     result.error = event["error"]["message"]
                     continue
+                result.response_id = result.response_id or event.get("id")
                 for choice in event.get("choices", []):
                     result.text += choice.get("text", "")
                     result.chunk_times.append(time.monotonic())
@@ -203,28 +217,43 @@ def percentile(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(q / 100 * len(values)))]
 
 
-def analyse(results, expected, kills, args) -> dict:
+MOVED = re.compile(r"moving (\S+) \((\d+) tokens generated\)")
+
+
+def moved_requests(lines: list[str]) -> set[str]:
+    """Response ids of the requests the router logged as moved (`cmpl-x-0` -> `cmpl-x`)."""
+    ids = set()
+    for line in lines:
+        match = MOVED.search(line)
+        if match:
+            ids.add(match.group(1).split("#")[0].rsplit("-", 1)[0])
+    return ids
+
+
+def gaps(r: Result) -> list[float]:
+    return [b - a for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False)]
+
+
+def analyse(results, expected, kills, args, moved: set[str]) -> dict:
     done = [r for r in results if r.end]
     lost = [r for r in done if r.error or r.completion_tokens != args.max_tokens]
     changed = [r for r in done if not r.error and r.text != expected[r.prompt_index]]
-    gaps = [b - a for r in done for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False)]
-    resume = []
-    for kill_time, _ in kills:
-        for r in done:
-            if r.start < kill_time and r.chunk_times and r.chunk_times[0] < kill_time < r.end:
-                after = [t for t in r.chunk_times if t > kill_time]
-                if after:
-                    resume.append(after[0] - kill_time)
+    all_gaps = [g for r in done if r.response_id not in moved for g in gaps(r)]
+    # A moved stream's longest pause: from its last token on the lost worker to its
+    # first from the new one (death detection + re-admission + replay prefill).
+    stalls = [max(gaps(r), default=0.0) for r in done if r.response_id in moved]
     return {
         "requests": len(done),
         "requests_lost": len(lost),
         "requests_changed": len(changed),
         "lost_examples": [r.error for r in lost[:3]],
+        "changed_examples": [(expected[r.prompt_index][:80], r.text[:80]) for r in changed[:2]],
         "kills": len(kills),
-        "resume_delay_p50_s": percentile(resume, 50),
-        "resume_delay_p99_s": percentile(resume, 99),
-        "itl_p50_s": percentile(gaps, 50),
-        "itl_p99_s": percentile(gaps, 99),
+        "requests_moved": sum(r.response_id in moved for r in done),
+        "moved_stall_p50_s": percentile(stalls, 50),
+        "moved_stall_p99_s": percentile(stalls, 99),
+        "itl_p50_s (not moved)": percentile(all_gaps, 50),
+        "itl_p99_s (not moved)": percentile(all_gaps, 99),
     }
 
 
@@ -242,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-prompts", type=int, default=24)
     p.add_argument("--max-migrations", type=int, default=8)
     p.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false")
+    p.add_argument(
+        "--redis",
+        action="store_true",
+        help="start a redis-server and give the workers a shared Redis KV tier, so a "
+        "replay finds the blocks its old worker computed",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
@@ -249,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         "Chaos: random SIGKILLs under streaming load",
         {"hardware": common.hardware_info(), "workload": vars(args)},
     )
+    redis = start_redis() if args.redis else None
+    args.kv_redis_url = f"redis://127.0.0.1:{redis[1]}/0" if redis else None
     server = Server(args)
     rng = random.Random(args.seed)
     try:
@@ -283,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
         for t in threads:
             t.join(600)
-        report = analyse(results, expected, kills, args)
+        report = analyse(results, expected, kills, args, moved_requests(server.lines))
         for name, value in before.items():
             report[name] = server.counter(f"pdserve:{name}_total") - value
         replay = report["migration_replay_tokens"]
@@ -297,15 +334,19 @@ def main(argv: list[str] | None = None) -> int:
             if info["state"] == "serving" and info["num_blocks"] is not None
         }
         report["blocks_held_when_idle"] = sum(held.values())
-        rows = [[k, v] for k, v in report.items() if k != "lost_examples"]
+        examples = ("lost_examples", "changed_examples")
+        rows = [[k, v] for k, v in report.items() if k not in examples]
         print(common.format_table(["measure", "value"], rows))
-        if report["lost_examples"]:
-            print("lost:", report["lost_examples"])
+        for name in examples:
+            if report[name]:
+                print(f"{name}:", report[name])
         common.write_json(args.json_out, {"args": vars(args), "report": report, "kills": kills})
         ok = report["requests_lost"] == 0 and report["requests_changed"] == 0
         return 0 if ok and report["blocks_held_when_idle"] == 0 else 1
     finally:
         server.stop()
+        if redis is not None:
+            redis[0].terminate()
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from pdserve.errors import (
 from pdserve.ipc import messages as m
 from pdserve.outputs import StreamUpdate
 from pdserve.router.client import EngineClient, Readiness, WorkerStatus
-from pdserve.router.dispatch import Attempt, AttemptLost, Dispatcher
+from pdserve.router.dispatch import Attempt, AttemptLost, Dispatcher, NoLiveWorker
 from pdserve.router.drain import DrainReport, Drains
 from pdserve.router.kv_index import KVIndex
 from pdserve.router.ledger import Charges, LoadLedger
@@ -305,6 +305,11 @@ class ClusterClient(EngineClient):
                 self._end_attempt(attempt)
                 self._count_migration(sample, str(e))
                 await self._wait_for_worker(sample)
+            except NoLiveWorker:
+                self._end_attempt(attempt)
+                if not self._is_recovering(sample):
+                    raise
+                await self._wait_for_worker(sample)  # a restart or a drain is under way
 
     def _new_attempt(self, sample: _Sample) -> Attempt:
         outputs = sample.output_token_ids
@@ -386,13 +391,23 @@ class ClusterClient(EngineClient):
         finally:
             sample.moving = None
 
-    async def _wait_for_worker(self, sample: _Sample) -> None:
-        """Until a worker can take `sample` again, at most `migration_wait_s`."""
+    def _jobs(self, sample: _Sample) -> tuple[str, ...]:
+        """What a new attempt of `sample` needs a live worker for."""
         mode = self.routing.mode
         if sample.output_token_ids:
-            jobs: tuple[str, ...] = ("mixed",) if mode == "aggregated" else ("decode",)
-        else:
-            jobs = required_jobs(mode)
+            return ("mixed",) if mode == "aggregated" else ("decode",)
+        return required_jobs(mode)
+
+    def _is_recovering(self, sample: _Sample) -> bool:
+        """Every role `sample` needs has a registered worker, if not a live one: one is
+        restarting or draining, so waiting (`migration_wait_s`) beats failing now."""
+        return all(
+            any(w.can(job) for w in self.pool.workers.values()) for job in self._jobs(sample)
+        )
+
+    async def _wait_for_worker(self, sample: _Sample) -> None:
+        """Until a worker can take `sample` again, at most `migration_wait_s`."""
+        jobs = self._jobs(sample)
         deadline = time.monotonic() + self.migration.migration_wait_s
         while not all(self.pool.alive(job) for job in jobs):
             if time.monotonic() > deadline:

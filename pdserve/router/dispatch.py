@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 ROUTER_MARGIN_S = 1.0  # the prefill deadline ends this much before the reservation's
 
 
+class NoLiveWorker(ServiceUnavailableError):
+    """No live worker of a role the request needs (all dead, restarting or draining)."""
+
+
 class AttemptLost(Exception):
     """A worker of an attempt being placed died or was drained: place the sample again."""
 
@@ -98,7 +102,7 @@ class Dispatcher:
         else:
             plan = plan_request(self.pool, routing, len(token_ids), cached, self._policy(), avoid)
         if plan is None:
-            raise ServiceUnavailableError(f"no live worker for mode {routing.mode!r}; retry later")
+            raise NoLiveWorker(f"no live worker for mode {routing.mode!r}; retry later")
         self._observe(routing, plan, len(token_ids), matches)
         remaining = max_tokens - len(output_token_ids)
         if plan.prefill is None:

@@ -280,3 +280,30 @@ def test_drain_moves_requests_and_takes_no_new_work(builtin_model_dir):
             task.cancel()
 
     asyncio.run(main())
+
+
+def test_a_new_request_waits_for_a_restarting_worker_instead_of_a_503(builtin_model_dir):
+    async def main():
+        roles = [("w0", "mixed")]
+        async with Harness(builtin_model_dir, "aggregated", roles) as h:
+            h.client.mark_dead("w0", "exited with code -9")
+            task = h.start()
+            await asyncio.sleep(0.2)
+            assert not task.done()  # waiting, not failed
+            h.workers["w0"].incarnation = "restarted"
+            h.workers["w0"].register()
+            add = await h.workers["w0"].next_command()
+            assert isinstance(add, m.AddRequest) and add.request_id == "r~m1"
+            h.workers["w0"].emit("r~m1", [1, 2, 3, 4, 5], finish_reason="length")
+            assert (await task).outputs[0].token_ids == [1, 2, 3, 4, 5]
+
+    asyncio.run(main())
+
+
+def test_a_role_nobody_ever_served_fails_at_once(builtin_model_dir):
+    async def main():
+        async with Harness(builtin_model_dir, "disaggregated", [("d0", "decode")]) as h:
+            with pytest.raises(ServiceUnavailableError, match="no live worker"):
+                await h.start()
+
+    asyncio.run(main())
