@@ -136,8 +136,11 @@ void parallel_run(chunk_fn fn, void *ctx, int64_t num_chunks, int64_t threads) {
     pool.ctx = ctx;
     const uint64_t call = ++pool.calls & INDEX_MASK;
     atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
-    atomic_store_explicit(&pool.next, call << 32, memory_order_relaxed);
+    /* limit before next: a claim of this call's chunk (read from next, acquire) then always
+       sees this call's limit, fn and ctx; the other order could lose chunk 0 to a late
+       worker that read the new next but the old limit. */
     atomic_store_explicit(&pool.limit, call << 32 | (uint64_t)num_chunks, memory_order_release);
+    atomic_store_explicit(&pool.next, call << 32, memory_order_release);
     pthread_mutex_lock(&pool.sleep_lock);
     atomic_fetch_add_explicit(&pool.wake_generation, 1, memory_order_release);
     pthread_cond_broadcast(&pool.wake);
