@@ -7,6 +7,9 @@ arrivals and layout from a profile measured at the start of the run (`pdserve pr
 full grid, 1 and 2 threads) — so model and machine are measured close together. It prints
 TTFT/TPOT p50/p99, output throughput and goodput of both with the relative error
 (sim / real - 1) and writes both runs as bench JSON (`pdserve bench compare` reads them).
+On a shared host it simulates each case twice: on an idle machine, and with the 1-minute
+load average read just before the server started as other programs' busy threads
+(`--background-load`).
 
     python benchmarks/sim_validation.py [--profile FILE] [--out-dir DIR] [--only NAME,...]
 """
@@ -71,7 +74,7 @@ def real_run(settings: dict, specs, slo, rate: float, num_requests: int, log_dir
         proc.stop()
 
 
-def sim_run(settings: dict, profile, specs, slo, rate: float, num_requests: int):
+def sim_run(settings: dict, profile, specs, slo, rate: float, num_requests: int, load=0.0):
     from pdserve.bench.loadgen import Arrival
     from pdserve.serve import ServeConfig
     from pdserve.sim.run import simulate
@@ -117,37 +120,71 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--profile", default=None, help="default: measure one now (full grid)")
-    p.add_argument("--out-dir", type=Path, default=Path("sim-validation"))
+    p.add_argument(
+        "--profile-each",
+        action="store_true",
+        help="re-measure a --quick profile right before each configuration's runs (a "
+        "shared, noisy machine: the model then sees the load the real run sees)",
+    )
+    p.add_argument("--out-dir", type=Path, default=None, help="default: a temporary folder")
     p.add_argument("--only", default=None, help="configuration names, comma-separated")
     p.add_argument("--json-out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.out_dir is None:
+        import tempfile
+
+        args.out_dir = Path(tempfile.mkdtemp(prefix="pdserve-sim-validation-"))
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"runs and profiles in {args.out_dir}", flush=True)
+    profile = None
     if args.profile:
         profile = Profile.load(args.profile)
-    else:
+    elif not args.profile_each:
         profile = measure_profile([1, 2])
         profile.save(args.out_dir / "profile.json")
-    print(format_profile(profile), flush=True)
+    if profile is not None:
+        print(format_profile(profile), flush=True)
     configs = configurations()
     results = []
+    measured_for = None
     for name, workload_name, slo_override, rate in CASES:
         if args.only and name not in args.only.split(","):
             continue
+        if args.profile_each and measured_for != name:
+            threads = configs[name].get("threads_per_worker", 1)
+            profile = measure_profile([threads], quick=True, log=lambda *a: None)
+            profile.save(args.out_dir / f"profile_{name}.json")
+            measured_for = name
         workload = get_workload(workload_name)
         slo = SLO(*slo_override) if slo_override else workload.default_slo
         num_requests = max(20, min(160, int(rate * MIN_DURATION_S)))
         specs = workload.sample(num_requests, SEED)
         started = time.strftime("%H:%M:%S")
+        background = float(Path("/proc/loadavg").read_text().split()[0])  # before our server
         real = real_run(configs[name], specs, slo, rate, num_requests, args.out_dir)
         sim = sim_run(configs[name], profile, specs, slo, rate, num_requests)
+        loaded = sim_run(configs[name], profile, specs, slo, rate, num_requests, background)
         tag = f"{name}_{workload_name.split(':')[0]}"
         for kind, run in (("real", real), ("sim", sim)):
             text = metrics.to_json(run, metrics.summarize(run, slo))
             (args.out_dir / f"{tag}_{kind}.json").write_text(text + "\n")
         r, s = row(metrics.summarize(real, slo)), row(metrics.summarize(sim, slo))
-        results.append({"case": [name, workload_name, rate], "at": started, "real": r, "sim": s})
-        cells = " | ".join(f"{r[k]:.1f} / {s[k]:.1f} ({error(s[k], r[k])})" for k in r)
-        print(f"| {name} | {workload_name} | {rate:g} | {cells} |", flush=True)
+        b = row(metrics.summarize(loaded, slo))
+        results.append(
+            {
+                "case": [name, workload_name, rate],
+                "at": started,
+                "background_load": background,
+                "real": r,
+                "sim": s,
+                "sim_with_background": b,
+            }
+        )
+        cells = " | ".join(
+            f"{r[k]:.1f} / {s[k]:.1f} ({error(s[k], r[k])}) / {b[k]:.1f} ({error(b[k], r[k])})"
+            for k in r
+        )
+        print(f"| {name} | {workload_name} | {rate:g} | {background:.1f} | {cells} |", flush=True)
     if args.json_out:
         args.json_out.write_text(json.dumps({"profile": profile.to_dict(), "results": results}))
     return 0

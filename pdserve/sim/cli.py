@@ -69,6 +69,13 @@ def add_sim_parsers(subparsers: argparse._SubParsersAction) -> None:
     load.add_argument("--rate", type=float, default=None, help="requests/s (default: all at once)")
     load.add_argument("--concurrency", type=int, default=None, help="closed loop: in flight")
     sim.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 is Poisson")
+    sim.add_argument(
+        "--background-load",
+        type=float,
+        default=0.0,
+        help="threads of other programs busy on the machine (a shared host), e.g. its load "
+        "average before the run",
+    )
     sim.set_defaults(func=cmd_sim)
 
     from pdserve.sim.plan_cli import add_plan_parser
@@ -200,6 +207,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         seed=args.seed,
         encoder=encoder,
         config=config,
+        background_load=args.background_load,
     )
     wall = time.perf_counter() - start
     result.config["sim_wall_s"] = round(wall, 4)

@@ -19,6 +19,7 @@ its batch, stretched while workers share the machine's cores: with `d` threads s
 on `c` cores each runs at `min(1, c/d)` speed, and also `contention` times slower when
 another worker steps beside it (memory bandwidth; measured by `pdserve profile`)
 — processor sharing, so a step's end moves whenever another worker starts or stops.
+Other programs on a shared host count as `background_load` threads always running.
 KV hand-over: `shm` copies inside the prefill worker's step (`TransferCost.on_sender`);
 other backends overlap the prefill layer by layer and add what is left after its step.
 
@@ -86,11 +87,14 @@ class ClusterSim:
         profile: Profile,
         max_blocks: int | None = None,
         role_costs: dict[str, StepCost] | None = None,
+        background_load: float = 0.0,
     ) -> None:
         """`max_blocks`: cap each KV pool (the planner's shortcut: a pool larger than its
         requests can ever fill only costs set-up time, but it also keeps more prefixes
         cached, so the cap should be generous). `role_costs`: a cost per role instead of
-        the profile's (the planner times one phase alone by making the other free)."""
+        the profile's (the planner times one phase alone by making the other free).
+        `background_load`: threads of other programs running on the machine all along
+        (a shared host), which take their share of the cores."""
         self.serve = serve
         self.max_blocks = max_blocks
         self.role_costs = role_costs or {}
@@ -112,6 +116,7 @@ class ClusterSim:
                 self._add_worker(f"{role}-{i}", role)
         self.transfer = profile.transfer_cost(self._backend())
         self.shares_cores = profile.hardware.get("device") == "cpu"
+        self.background_load = background_load
         self._steps: dict[str, _Step] = {}
         self._inbox: dict[str, deque] = {w: deque() for w in self.workers}
         self._flights: dict[str, _Flight] = {}
@@ -214,7 +219,7 @@ class ClusterSim:
 
     def _reschedule(self, started: str | None) -> None:
         """Processor sharing: every stepping worker's speed given who else steps."""
-        demand = sum(s.worker.threads for s in self._steps.values())
+        demand = sum(s.worker.threads for s in self._steps.values()) + self.background_load
         cores = self.profile.cores
         for worker_id, step in self._steps.items():
             if worker_id != started:
@@ -224,7 +229,7 @@ class ClusterSim:
             step.version += 1
             self.at(self.now + step.remaining / step.speed, self._end_step, worker_id, step.version)
 
-    def _speed(self, threads: int, demand: int, cores: int) -> float:
+    def _speed(self, threads: int, demand: float, cores: int) -> float:
         if not self.shares_cores:
             return 1.0
         others = demand - threads

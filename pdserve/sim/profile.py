@@ -200,7 +200,7 @@ def measure_profile(
     threads: list[int], quick: bool = False, model: str | None = None, log=print
 ) -> Profile:
     """Measure this machine: step costs per thread count, contention, transfers."""
-    grid, repeats = ("quick", 3) if quick else ("full", 5)
+    grid, repeats = ("quick", 3) if quick else ("full", 7)
     runs = {}
     for n in threads:
         log(f"timing steps with {n} thread(s) ({grid} grid)...")
@@ -232,7 +232,7 @@ def measure_profile(
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         notes=(
             f"pdserve profile{' --quick' if quick else ''}: model runner timed on synthetic "
-            f"batches, median of {repeats}, temperature-1 sampling; nixl assumed like tcp"
+            f"batches, fastest of {repeats}, temperature-1 sampling; nixl assumed like tcp"
             + ("; contention not measured (--quick)" if quick else ""),
         ),
         checks=checks | {"runs": runs},

@@ -121,13 +121,14 @@ def simulate(
     config: dict[str, Any] | None = None,
     max_blocks: int | None = None,
     role_costs: dict | None = None,
+    background_load: float = 0.0,
 ) -> RunResult:
     """Run `specs` through a simulated `serve` deployment; what a client would measure."""
     if not specs:
         raise ConfigError("specs", "no requests to send")
     if num_requests is None and duration_s is None and arrival.kind != "trace":
         raise ConfigError("num_requests", "give a number of requests or a duration")
-    sim = ClusterSim(serve, profile, max_blocks, role_costs)
+    sim = ClusterSim(serve, profile, max_blocks, role_costs, background_load)
     load = _Load(sim, specs, encoder or PromptEncoder(), num_requests, duration_s)
     if arrival.kind == "concurrency":
         load.closed_loop(arrival.concurrency or 1)

@@ -151,3 +151,10 @@ def test_the_same_seed_gives_the_same_run():
     ]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
+
+
+def test_background_load_takes_its_share_of_the_cores():
+    # Two other busy threads on two cores: our one thread gets 2/3 of a core.
+    record = run(layout("aggregated"), [spec(100, 2)], background_load=2.0).records[0]
+    assert record.ttft_s == pytest.approx(0.001 + 0.020 * 1.5 + 0.001)
+    assert record.itl_s == pytest.approx([0.015])
