@@ -51,6 +51,25 @@ def test_product_rows_do_not_depend_on_the_batch(num_threads, out_features, in_f
     torch.testing.assert_close(torch.cat(alone).double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_avx2_build_is_batch_invariant_too(monkeypatch):
+    """The tiles an AVX2-only CPU gets (3 rows, not 6), built here with AVX-512 turned off:
+    rows still do not depend on the batch, and (one FMA chain per element either way) the
+    results equal the AVX-512 build's."""
+    lib = invariant.build(("-mno-avx512f",))
+    if lib is None:
+        pytest.skip("the AVX2 variant does not build here")
+    gen = torch.Generator().manual_seed(3)
+    weight, x = torch.randn(100, 70, generator=gen), torch.randn(13, 70, generator=gen)
+    native = invariant.PackedLinear.prepare(weight)(x)
+    monkeypatch.setattr(invariant, "_library", lambda: lib)
+    linear = invariant.PackedLinear.prepare(weight)
+    torch.set_num_threads(2)
+    batch = linear(x)
+    assert all(torch.equal(linear(x[i : i + 1]), batch[i : i + 1]) for i in range(13))
+    assert all(torch.equal(linear(x[i : i + 5]), batch[i : i + 5]) for i in range(8))
+    assert torch.equal(batch, native)
+
+
 def test_product_is_the_same_on_one_thread_and_two():
     gen = torch.Generator().manual_seed(0)
     linear = invariant.PackedLinear.prepare(torch.randn(300, 64, generator=gen))

@@ -32,8 +32,14 @@ CFLAGS = [f for f in kernels.CFLAGS if f != "-fassociative-math"]
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("PDSERVE_DISABLE_KERNELS", "") not in ("", "0"):
         return None
+    return build()
+
+
+def build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """Compile (or find in the cache) and load the library; `extra_flags` let tests build
+    the variant another CPU would get (e.g. `-mno-avx512f`: the AVX2 tiles)."""
     try:
-        path = kernels._build("pdserve_invariant", SOURCES, HEADERS, CFLAGS)
+        path = kernels._build("pdserve_invariant", SOURCES, HEADERS, CFLAGS + list(extra_flags))
         if path is None:
             return None
         lib = ctypes.CDLL(str(path))
