@@ -2,8 +2,9 @@
 
 Two engines on the same model in one process — the default (oneDNN / OpenBLAS products,
 SDPA prefill attention) and `batch_invariant=True` (the fixed-order product of
-`kernels/gemm.c`, every token through the per-row attention kernel) — measured turn about,
-each measurement the best of `--repeats`, so machine noise hits both alike.
+`kernels/gemm.c`, every token through the per-row attention kernel).
+
+Measurements alternate between the two engines, each figure the best of `--repeats`.
 
 - decode tok/s at each batch size: prompts of `--context` tokens are prefilled once; a step
   is (t(1 + N tokens) − t(1 token)) / N over the same prompts (both calls hit the prefix
@@ -67,6 +68,16 @@ class Engine:
         return self._generate(prompt, 1)
 
 
+def best_interleaved(engines: dict, measure, args: argparse.Namespace) -> dict[str, float]:
+    """Each engine's fastest of `--repeats` measurements, taken in turns (default, invariant,
+    default, ...) so that a change in the machine's load hits both alike."""
+    best = dict.fromkeys(engines, float("inf"))
+    for _ in range(args.repeats):
+        for name, engine in engines.items():
+            best[name] = min(best[name], measure(engine))
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     common.set_threads(args.threads)
@@ -82,11 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     engines = {"default": Engine(model_dir, False, args), "batch-invariant": Engine(model_dir, True, args)}  # fmt: skip
     results: dict[str, dict[str, float]] = {name: {} for name in engines}
     for batch in args.batch_sizes:
-        for name, engine in engines.items():
-            step = min(engine.decode_step(batch, args.decode_steps) for _ in range(args.repeats))
+        steps = best_interleaved(
+            engines, lambda e, b=batch: e.decode_step(b, args.decode_steps), args
+        )
+        for name, step in steps.items():
             results[name][f"decode tok/s, batch {batch}"] = batch / step
-    for name, engine in engines.items():
-        seconds = min(engine.prefill(args.prefill_tokens) for _ in range(args.repeats))
+    prefills = best_interleaved(engines, lambda e: e.prefill(args.prefill_tokens), args)
+    for name, seconds in prefills.items():
         results[name][f"prefill tok/s, {args.prefill_tokens}-token prompt"] = (
             args.prefill_tokens / seconds
         )

@@ -13,10 +13,10 @@ mixed cluster never runs code built for another CPU.
 
 Everything here is optional: when no compiler is present, the build fails, or
 `PDSERVE_DISABLE_KERNELS=1` is set, `is_available()` is False and the model falls back to
-PyTorch ops (same maths, slower). ctypes releases the GIL during a call, which
-lets a batch be split across Python threads: the kernel takes a part index and a part
-count and picks its own share of the (sequence, kv head) work items, balanced by context
-length, so the caller only hands out part numbers.
+PyTorch ops (same maths, slower). Threads: attention splits its (sequence, kv head)
+work items, balanced by context length, into parts that a small C thread pool runs
+(`parallel.c`; a Python pool hand-off costs ~55 us); the element-wise kernels split rows
+across Python threads (ctypes releases the GIL), only for inputs large enough to repay it.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ logger = logging.getLogger(__name__)
 
 SOURCES = [
     Path(__file__).with_name(n)
-    for n in ("paged_attention.c", "elementwise.c", "sampling.c", "categorical.c")
+    for n in ("paged_attention.c", "elementwise.c", "sampling.c", "categorical.c", "parallel.c")
 ]
-HEADERS = [Path(__file__).with_name("simd.h")]
+HEADERS = [Path(__file__).with_name(n) for n in ("simd.h", "parallel.h")]
 # Exact IEEE maths except that sums may be reordered (so loops vectorise) and a*b+c fused.
 CFLAGS = [
     "-O3",
@@ -126,6 +126,10 @@ def _library() -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float]
     fn.argtypes += [ctypes.c_int64] * 3
+    mt = lib.paged_decode_attention_mt_f32
+    mt.restype = ctypes.c_int
+    mt.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float]
+    mt.argtypes += [ctypes.c_int64] * 2
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.silu_mul_f32.restype = None
     lib.silu_mul_f32.argtypes = [ptr, ptr] + [i64] * 4
@@ -188,13 +192,7 @@ def paged_decode_attention(
             kv_bytes // MIN_BYTES_PER_THREAD,
         ),
     )
-    fn = lib.paged_decode_attention_f32
-    # Parts 1.. go to the pool, part 0 runs here: one hand-off fewer per call.
-    futures = [
-        _pool(num_threads - 1).submit(fn, *args, i, num_threads) for i in range(1, num_threads)
-    ]
-    status = [fn(*args, 0, num_threads)] + [f.result() for f in futures]
-    if any(status):
+    if lib.paged_decode_attention_mt_f32(*args, num_threads):
         raise MemoryError("paged attention kernel could not allocate its scratch buffer")
     return out
 

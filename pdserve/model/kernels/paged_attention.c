@@ -14,8 +14,11 @@
  *   out          [S, H, D]
  *
  * Work: one item per (sequence, kv head), cost ~ context length. A call does part `part`
- * of `num_parts` (ctypes releases the GIL, so the caller runs parts on threads); items are
- * split by cost, so a lone long sequence still spreads its kv heads over the threads.
+ * of `num_parts`; items are split by cost, so a lone long sequence still spreads its kv
+ * heads over the threads. `paged_decode_attention_mt_f32` runs 4 parts per thread on the
+ * C pool (parallel.c: threads claim parts, a late one holds nobody up). An item is
+ * computed whole by one part with the same code wherever it falls, so a row's output does
+ * not depend on the other rows or on the split: the batch-invariant mode relies on it.
  *
  * Maths: exact softmax attention in float32, computed online (running max and sum per
  * query head, accumulators rescaled when the max grows), so keys and values are read in
@@ -38,9 +41,12 @@
  * of 8 (scalar tails), block_size is arbitrary (token groups may straddle blocks).
  */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "parallel.h"
 
 #define TOKENS 8 /* keys scored together: one vector of scores */
 #define ITEM_COST 16 /* fixed cost of a work item, in tokens, for the thread split */
@@ -283,4 +289,38 @@ int paged_decode_attention_f32(const float *q, const float *k_cache, const float
     }
     free(buf);
     return 0;
+}
+
+typedef struct {
+    const float *q, *k_cache, *v_cache;
+    const int64_t *block_tables, *context_lens;
+    float *out;
+    int64_t num_seqs, max_blocks, num_heads, num_kv_heads, head_dim, block_size;
+    float scale;
+    int64_t q_stride, num_parts;
+    atomic_int failed;
+} AttentionCall;
+
+static void attention_part(void *ctx, int64_t part) {
+    AttentionCall *a = ctx;
+    if (paged_decode_attention_f32(a->q, a->k_cache, a->v_cache, a->block_tables,
+                                   a->context_lens, a->out, a->num_seqs, a->max_blocks,
+                                   a->num_heads, a->num_kv_heads, a->head_dim, a->block_size,
+                                   a->scale, a->q_stride, part, a->num_parts))
+        atomic_store(&a->failed, 1);
+}
+
+/* The whole call on up to `threads` threads; 0, or 1 if a scratch allocation failed. */
+int paged_decode_attention_mt_f32(const float *q, const float *k_cache, const float *v_cache,
+                                  const int64_t *block_tables, const int64_t *context_lens,
+                                  float *out, int64_t num_seqs, int64_t max_blocks,
+                                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                  int64_t block_size, float scale, int64_t q_stride,
+                                  int64_t threads) {
+    AttentionCall a = {q,          k_cache,      v_cache,  block_tables, context_lens,
+                       out,        num_seqs,     max_blocks, num_heads,  num_kv_heads,
+                       head_dim,   block_size,   scale,    q_stride,     threads > 1 ? 4 * threads : 1,
+                       0};
+    parallel_run(attention_part, &a, a.num_parts, threads);
+    return atomic_load(&a.failed);
 }

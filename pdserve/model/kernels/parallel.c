@@ -1,5 +1,6 @@
 /*
- * A small persistent thread pool for the batch-invariant kernels (gemm.c).
+ * A small persistent thread pool for the C kernels: the batch-invariant product (gemm.c) and
+ * decode attention (paged_attention.c); each library has its own.
  *
  * Why not Python threads, as the other kernels use: handing a call to a Python
  * ThreadPoolExecutor and waiting for it costs ~55 us here, and a decode step makes 33 matrix
