@@ -177,8 +177,39 @@ def cmd_worker(args: argparse.Namespace) -> int:
         advertise_host=args.advertise_host,
         backends=tuple(b for b in args.kv_backends.split(",") if b),
         kv_layerwise=not args.no_kv_layerwise,
+        cluster_key_file=_worker_key_file(args),
     )
     run_worker(config)
+    return 0
+
+
+def _worker_key_file(args: argparse.Namespace):
+    from pathlib import Path
+
+    if args.insecure_no_curve:
+        return None  # the worker logs the warning
+    if not args.cluster_key:
+        raise SystemExit(
+            "error: pdserve worker needs --cluster-key FILE (the router's key, see "
+            "`pdserve keys`), or --insecure-no-curve for debugging"
+        )
+    return Path(args.cluster_key)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Write a new cluster key for `pdserve router` / `pdserve worker --cluster-key`."""
+    from pathlib import Path
+
+    from pdserve.ipc import security
+
+    folder = Path(args.out)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = folder / security.KEY_FILE_NAME
+    try:
+        key = security.write_key_file(security.generate_key(), path)
+    except FileExistsError:
+        raise SystemExit(f"error: {path} exists; remove it first to replace the key") from None
+    print(f"wrote {key} (mode 0600); copy it to every host of the cluster")
     return 0
 
 
@@ -247,8 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--kv-backends", default="shm,tcp", help="comma-separated")
     worker.add_argument("--no-kv-layerwise", action="store_true", help="send KV after prefill")
+    worker.add_argument("--cluster-key", default=None, help="the cluster's CURVE key file")
+    worker.add_argument(
+        "--insecure-no-curve", action="store_true", help="DEBUG ONLY: sockets without CURVE"
+    )
     _add_engine_args(worker)
     worker.set_defaults(func=cmd_worker)
+
+    keys = commands.add_parser("keys", help="write a cluster key file for router and workers")
+    keys.add_argument("--out", required=True, help="folder for cluster.key (created 0700)")
+    keys.set_defaults(func=cmd_keys)
 
     model = commands.add_parser("model", help="manage the built-in model")
     model_commands = model.add_subparsers(dest="model_command", required=True)

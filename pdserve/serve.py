@@ -39,6 +39,7 @@ from pdserve.control.launcher import LocalLauncher, Watchdog, python_module_comm
 from pdserve.control.membership import DEFAULT_LEASE_S
 from pdserve.control.migration import MigrationConfig
 from pdserve.errors import ConfigError, PdserveError
+from pdserve.ipc import security
 from pdserve.router.gateway.config import GatewayConfig
 from pdserve.router.policy import RoutingConfig
 
@@ -84,6 +85,10 @@ class ServeConfig:
     # Workers started elsewhere (`pdserve worker --router ...`) that readiness waits for,
     # on top of the ones this command launches.
     external_workers: int = 0
+    # The control plane's CURVE key (ipc/security.py): a file from `pdserve keys`, or None
+    # for a fresh key made at start and handed to the children this command launches.
+    cluster_key_file: str | None = None
+    insecure_no_curve: bool = False  # plain ZeroMQ: for debugging only, logged loudly
     # The HTTP edge (router/gateway/; every field documented in GatewayConfig).
     api_keys: str | None = None  # YAML keys file with quotas
     protect_probes: bool = False
@@ -185,7 +190,7 @@ class ServeConfig:
         if not isinstance(engine, dict):
             raise ConfigError("engine", "must be a mapping of engine settings")
         engine = dict(engine)
-        for name in [*SERVE_FLAGS, "kv_layerwise", "protect_probes"]:
+        for name in [*SERVE_FLAGS, *SECURITY_FLAGS, "kv_layerwise", "protect_probes"]:
             value = getattr(args, name)
             if value is not None:
                 data[name] = value
@@ -285,6 +290,7 @@ SERVE_FLAGS = {
     "limit_concurrency": (int, "uvicorn: most connections and tasks; 503 past it"),
     "backlog": (int, "uvicorn: pending TCP connections (default 2048)"),
 }
+SECURITY_FLAGS = ("cluster_key_file", "insecure_no_curve")
 ENGINE_FLAGS = {
     "dtype": str,
     "device": str,
@@ -321,6 +327,20 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         const=True,
         default=None,
         help="require an API key on /metrics, /ready and /docs too",
+    )
+    parser.add_argument(
+        "--cluster-key",
+        dest="cluster_key_file",
+        default=None,
+        help="CURVE key file from `pdserve keys` (default: a fresh key for this run)",
+    )
+    parser.add_argument(
+        "--insecure-no-curve",
+        dest="insecure_no_curve",
+        action="store_const",
+        const=True,
+        default=None,
+        help="DEBUG ONLY: internal ZeroMQ sockets without CURVE authentication/encryption",
     )
     parser.add_argument(
         "--no-kv-layerwise",
@@ -374,6 +394,17 @@ def _bind_http(host: str, port: int) -> socket.socket:
 
 
 async def _serve(config: ServeConfig, model_dir: Path, http_sock: socket.socket) -> int:
+    key_file, temp_key = _cluster_key_file(config)
+    try:
+        return await _serve_with_key(config, model_dir, http_sock, key_file)
+    finally:
+        if temp_key is not None:
+            temp_key.remove()
+
+
+async def _serve_with_key(
+    config: ServeConfig, model_dir: Path, http_sock: socket.socket, key_file: Path | None
+) -> int:
     import uvicorn
 
     from pdserve.router.app import build_app
@@ -390,6 +421,7 @@ async def _serve(config: ServeConfig, model_dir: Path, http_sock: socket.socket)
         min_workers=sum(counts.values()) + config.external_workers,
         lease_s=config.worker_lease_s,
         migration=config.migration(),
+        cluster_key=security.load_key_file(key_file) if key_file else None,
     )
     client.metrics = RouterMetrics(client.model_name)
     await client.start()
@@ -413,14 +445,14 @@ async def _serve(config: ServeConfig, model_dir: Path, http_sock: socket.socket)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     server_task = asyncio.create_task(server.serve(sockets=[http_sock]))
-    workers = WorkerProcesses(config, model_dir, client.router_addr)
+    workers = WorkerProcesses(config, model_dir, client.router_addr, key_file)
     client.on_worker_expired = workers.kill  # fencing: a hung worker's process is killed
     try:
         workers.start(counts)
         if config.external_workers:
             print(
                 f"waiting for {config.external_workers} worker(s): pdserve worker "
-                f"--router {client.router_addr} --role ...",
+                f"--router {client.router_addr} {' '.join(_key_args(key_file))} --role ...",
                 flush=True,
             )
         if not await _wait_ready(client, workers, server_task):
@@ -441,6 +473,23 @@ async def _serve(config: ServeConfig, model_dir: Path, http_sock: socket.socket)
             await asyncio.wait_for(server_task, 5)
         await client.stop(shutdown_workers=list(workers.procs))  # not external ones
         workers.stop()
+
+
+def _cluster_key_file(config: ServeConfig) -> tuple[Path | None, security.TemporaryKey | None]:
+    """The key file workers get (None: CURVE off), and the temporary key to remove at exit."""
+    if config.insecure_no_curve:
+        security.warn_insecure("pdserve serve")
+        return None, None
+    if config.cluster_key_file:
+        path = Path(config.cluster_key_file)
+        security.load_key_file(path)  # a bad file fails here, before any worker starts
+        return path, None
+    temp_key = security.TemporaryKey()
+    return temp_key.path, temp_key
+
+
+def _key_args(key_file: Path | None) -> list[str]:
+    return ["--cluster-key", str(key_file)] if key_file else ["--insecure-no-curve"]
 
 
 async def _wait_ready(client, workers: WorkerProcesses, server_task: asyncio.Task) -> bool:
@@ -468,9 +517,12 @@ async def _wait_ready(client, workers: WorkerProcesses, server_task: asyncio.Tas
 class WorkerProcesses(LocalLauncher):
     """The worker child processes of one `pdserve serve`."""
 
-    def __init__(self, config: ServeConfig, model_dir: Path, router_addr: str) -> None:
+    def __init__(
+        self, config: ServeConfig, model_dir: Path, router_addr: str, key_file: Path | None
+    ) -> None:
         super().__init__(self._command, self._environment)
         self.config = config
+        self.key_file = key_file  # the path only: the key never enters argv or env
         self.model_dir = model_dir
         self.router_addr = router_addr
 
@@ -496,6 +548,7 @@ class WorkerProcesses(LocalLauncher):
             "--threads",
             str(c.threads()),
         )
+        cmd += _key_args(self.key_file)
         if c.kv_backend != "auto":
             cmd += ["--kv-backends", c.kv_backend]
         if not c.kv_layerwise:

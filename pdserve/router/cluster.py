@@ -44,6 +44,8 @@ from pdserve.errors import (
     ServiceUnavailableError,
 )
 from pdserve.ipc import messages as m
+from pdserve.ipc import security
+from pdserve.ipc.security import ClusterKey
 from pdserve.outputs import StreamUpdate
 from pdserve.router.client import EngineClient, Readiness, WorkerStatus
 from pdserve.router.dispatch import Attempt, AttemptLost, Dispatcher, NoLiveWorker
@@ -103,6 +105,7 @@ class ClusterClient(EngineClient):
         metrics=None,
         lease_s: float = DEFAULT_LEASE_S,
         migration: MigrationConfig | None = None,
+        cluster_key: ClusterKey | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.model_config = ModelConfig.from_pretrained(model_dir)
@@ -115,6 +118,8 @@ class ClusterClient(EngineClient):
         self.min_workers = min_workers
         self.metrics = metrics
         self.ctx = zmq.asyncio.Context()
+        self.cluster_key = cluster_key  # None: CURVE off (ipc/security.py)
+        self._auth = None
         self.pool = WorkerPool(self.ctx)
         self.membership = Membership(self.pool, lease_s)
         self.ledger = LoadLedger(self.pool)
@@ -141,7 +146,8 @@ class ClusterClient(EngineClient):
 
     async def start(self) -> None:
         """Bind the socket workers report to and start listening (inside the event loop)."""
-        self._socket = self.ctx.socket(zmq.PULL)
+        self._auth = security.secure_context(self.ctx, self.cluster_key)
+        self._socket = security.as_server(self.ctx.socket(zmq.PULL), self.cluster_key)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.bind(self.router_addr)
         self.router_addr = self._socket.getsockopt(zmq.LAST_ENDPOINT).decode()
@@ -167,6 +173,8 @@ class ClusterClient(EngineClient):
         self.pool.close()
         if self._socket is not None:
             self._socket.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
         self.ctx.term()
 
     async def wait_until_ready(self, timeout_s: float) -> Readiness:

@@ -61,6 +61,7 @@ from pdserve.config import EngineConfig, ModelConfig
 from pdserve.engine.core import EngineCore
 from pdserve.errors import PdserveError
 from pdserve.ipc import messages as m
+from pdserve.ipc import security
 from pdserve.transfer.base import KVReceiver, PeerSockets, make_sender
 from pdserve.transfer.shm import TORCH_DTYPES, create_shared_pool, shm_pool_path
 from pdserve.transfer.streamer import KVStreamer
@@ -91,6 +92,8 @@ class WorkerConfig:
     advertise_host: str | None = None  # how others reach it when `host` is a wildcard
     backends: tuple[str, ...] = ("shm", "tcp")  # transfer backends offered / used
     kv_layerwise: bool = True
+    # The cluster's CURVE key file (ipc/security.py); None only with --insecure-no-curve.
+    cluster_key_file: Path | None = None
 
 
 class Worker:
@@ -100,6 +103,12 @@ class Worker:
         self.config = config
         self.worker_id = config.worker_id
         self.ctx = zmq.Context()
+        self.cluster_key = (
+            security.load_key_file(config.cluster_key_file) if config.cluster_key_file else None
+        )
+        if self.cluster_key is None:
+            security.warn_insecure(f"worker {self.worker_id}")
+        self._auth = security.secure_context(self.ctx, self.cluster_key)
         self.ctrl = self._bind(zmq.PULL)
         self.kv = self._bind(zmq.PULL)
         self.out = self.ctx.socket(zmq.PUSH)
@@ -145,7 +154,7 @@ class Worker:
         return {}
 
     def _bind(self, kind: int) -> zmq.Socket:
-        sock = self.ctx.socket(kind)
+        sock = security.as_server(self.ctx.socket(kind), self.cluster_key)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind_to_random_port(f"tcp://{self.config.host}")
         return sock
@@ -455,6 +464,8 @@ class Worker:
         self.peers.close()
         for sock in (self.ctrl, self.kv, self.out):
             sock.close()
+        if self._auth is not None:
+            self._auth.stop()
         self.ctx.term()
         if self.shm_path is not None:
             self.shm_path.unlink(missing_ok=True)

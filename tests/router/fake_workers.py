@@ -15,15 +15,24 @@ import zmq
 import zmq.asyncio
 
 from pdserve.ipc import messages as m
+from pdserve.ipc.security import ClusterKey, as_server
 
 LAYOUT = m.KVLayout(2, 256, 16, 2, 8, "float32")
 
 
 class FakeWorker:
-    def __init__(self, ctx: zmq.asyncio.Context, router_addr: str, worker_id: str, role: str):
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        router_addr: str,
+        worker_id: str,
+        role: str,
+        key: ClusterKey | None,
+    ):
+        """`ctx` made CURVE clients of its sockets (`secure_context`) when `key` is set."""
         self.worker_id = worker_id
         self.role = role
-        self.ctrl = ctx.socket(zmq.PULL)
+        self.ctrl = as_server(ctx.socket(zmq.PULL), key)
         self.ctrl.setsockopt(zmq.LINGER, 0)
         self.port = self.ctrl.bind_to_random_port("tcp://127.0.0.1")
         self.out = ctx.socket(zmq.PUSH)

@@ -10,6 +10,7 @@ import pytest
 from pdserve.control.migration import MigrationConfig
 from pdserve.errors import RequestFailedError, ServiceUnavailableError
 from pdserve.ipc import messages as m
+from pdserve.ipc.security import generate_key
 from pdserve.router.cluster import ClusterClient
 from pdserve.router.policy import RoutingConfig
 from pdserve.sampling_params import SamplingParams
@@ -28,7 +29,11 @@ async def until(condition, timeout: float = 5.0) -> None:
 class Harness:
     def __init__(self, model_dir, mode: str, roles: list[tuple[str, str]], **kwargs) -> None:
         self.client = ClusterClient(
-            model_dir, "tcp://127.0.0.1:0", routing=RoutingConfig(mode=mode), **kwargs
+            model_dir,
+            "tcp://127.0.0.1:0",
+            routing=RoutingConfig(mode=mode),
+            cluster_key=generate_key(),
+            **kwargs,
         )
         self.roles = roles
         self.workers: dict[str, FakeWorker] = {}
@@ -37,7 +42,9 @@ class Harness:
     async def __aenter__(self) -> Harness:
         await self.client.start()
         for worker_id, role in self.roles:
-            worker = FakeWorker(self.client.ctx, self.client.router_addr, worker_id, role)
+            worker = FakeWorker(
+                self.client.ctx, self.client.router_addr, worker_id, role, self.client.cluster_key
+            )
             worker.register()
             self.workers[worker_id] = worker
         await until(lambda: len(self.client.pool.workers) == len(self.roles))

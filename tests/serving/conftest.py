@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from pdserve.config import EngineConfig
+from pdserve.ipc.security import TemporaryKey
 from pdserve.router.cluster import ClusterClient
 from pdserve.router.policy import RoutingConfig
 from pdserve.sampling_params import SamplingParams
@@ -37,7 +38,10 @@ class Cluster:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.client = ClusterClient(model_dir, "tcp://127.0.0.1:0", min_workers=3)
+        self.key = TemporaryKey()  # CURVE on every socket, as `pdserve serve` runs it
+        self.client = ClusterClient(
+            model_dir, "tcp://127.0.0.1:0", min_workers=3, cluster_key=self.key.key
+        )
         self.run(self.client.start())
         config = ServeConfig(
             prefill_workers=1,
@@ -47,7 +51,7 @@ class Cluster:
             engine=ENGINE,
             log_level="WARNING",
         )
-        self.workers = WorkerProcesses(config, model_dir, self.client.router_addr)
+        self.workers = WorkerProcesses(config, model_dir, self.client.router_addr, self.key.path)
         self.workers.start(config.worker_counts())
         readiness = self.run(self.client.wait_until_ready(120))
         assert readiness.is_ready, readiness
@@ -103,6 +107,7 @@ class Cluster:
         self.workers.stop()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+        self.key.remove()
 
 
 @pytest.fixture(scope="session")

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx2 as httpx
 import pytest
 
+from pdserve.ipc.security import load_key_file
 from pdserve.transfer import SHM_DIR, SHM_PREFIX
 from tests.serving.server import ServerProcess
 
@@ -20,16 +23,36 @@ def shm_files(pids: list[int]) -> list[str]:
     return sorted(p.name for pid in pids for p in SHM_DIR.glob(f"{SHM_PREFIX}*-{pid}"))
 
 
+def key_file_of(pid: int) -> Path:
+    """The `--cluster-key` path in a worker's command line."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return Path(argv[argv.index(b"--cluster-key") + 1].decode())
+
+
 def test_sigterm_stops_everything_and_removes_shared_pools(builtin_model_dir):
     server = ServerProcess("--mode", "disaggregated", "--threads-per-worker", "1")
     pids = server.worker_pids()
     assert len(pids) == 2
     assert len(shm_files(pids)) == 1  # the decode worker's pool (the prefill one has none)
+    for path in SHM_DIR.glob(f"{SHM_PREFIX}*"):
+        if any(path.name.endswith(f"-{pid}") for pid in pids):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # CURVE: a fresh key, 0600 in a private folder; children get its path, never the key.
+    key_file = key_file_of(pids[0])
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(key_file.parent.stat().st_mode) == 0o700
+    secret = load_key_file(key_file).secret
+    for pid in pids:
+        assert key_file_of(pid) == key_file
+        assert secret not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert secret not in Path(f"/proc/{pid}/environ").read_bytes()
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
     assert r.status_code == 200
     assert server.stop() == 0
     assert server.wait_gone(pids) == []
     assert shm_files(pids) == []
+    assert not key_file.parent.exists()  # removed at exit
+    assert secret.decode() not in "".join(server.lines)
 
 
 def _wait_ready(url: str, timeout: float = 60) -> None:
@@ -73,11 +96,28 @@ def test_worker_crash_request_waits_for_the_restarted_worker(builtin_model_dir):
         assert server.stop() == 0
 
 
-def test_router_with_workers_started_separately(builtin_model_dir):
+def test_router_with_workers_started_separately(builtin_model_dir, tmp_path):
     """`pdserve router` + `pdserve worker` processes (how a multi-machine deployment runs,
-    here on one host): ready once both joined, serves, and stops without stopping them."""
+    here on one host) sharing a key from `pdserve keys`: ready once both joined, serves,
+    and stops without stopping them."""
+    keys = subprocess.run(
+        [sys.executable, "-m", "pdserve.cli", "keys", "--out", str(tmp_path / "keys")],
+        capture_output=True,
+        text=True,
+    )
+    assert keys.returncode == 0, keys.stderr
+    key_file = tmp_path / "keys" / "cluster.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert load_key_file(key_file).secret.decode() not in keys.stdout
     server = ServerProcess(
-        "--mode", "disaggregated", "--expect-workers", "2", command="router", wait=False
+        "--mode",
+        "disaggregated",
+        "--expect-workers",
+        "2",
+        "--cluster-key",
+        str(key_file),
+        command="router",
+        wait=False,
     )
     workers = [
         subprocess.Popen(
@@ -94,6 +134,8 @@ def test_router_with_workers_started_separately(builtin_model_dir):
                 f"ext-{role}",
                 "--threads",
                 "1",
+                "--cluster-key",
+                str(key_file),
             ]
         )
         for role in ("prefill", "decode")
