@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +194,9 @@ class EngineConfig:
     kv_disk_cache_gib: float = 16.0  # the disk tier's size cap
     kv_redis_url: str | None = None  # shared Redis tier, e.g. redis://127.0.0.1:6379/0
     kv_tier_dtype: str = "auto"  # auto: the pool's dtype | int8 (per block and head)
+    # The Redis tier's MAC key: set by a worker from the cluster key (ipc/security.py), never
+    # a flag or printed; None: unkeyed checksums (offline use, --insecure-no-curve).
+    kv_tier_secret: bytes | None = field(default=None, repr=False)
     # A row's logits bitwise independent of its batch (size, other rows, position, chunking,
     # decode vs prefill): CPU float32 kernels with one fixed summation order per output
     # element (see docs/architecture.md, "Batch-invariant mode").

@@ -16,7 +16,10 @@ payload, all covered by one xxh64 checksum:
              int8), then for int8 the scales ([L,2,H] float32)
 
 The layout fields let a reader reject a block written for another model or block size
-before touching its payload. Block hashes cover token ids only, so `model_id` (a
+before touching its payload. With a `secret` (the Redis tier, shared by every worker of a
+cluster: `ipc/security.py` derives it from the cluster key), the checksum is a keyed
+BLAKE2b-64 MAC instead of xxh64, so a block written into a shared server by anyone without
+the secret fails verification like a corrupt one. Block hashes cover token ids only, so `model_id` (a
 fingerprint of the model's config and weights, see `fingerprint.py`) is part of the layout:
 two checkpoints of one shape never read each other's KV; `decode` raises `CorruptBlockError` for any mismatch, short
 read or checksum failure, and the caller drops the block (a miss, never wrong KV).
@@ -24,6 +27,7 @@ read or checksum failure, and the caller drops the block (a miss, never wrong KV
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass
 
@@ -100,27 +104,29 @@ class StoredBlock:
         return StoredBlock(self.block_hash, self.token_ids, q, scales)
 
 
-def encode(block: StoredBlock, layout: BlockLayout) -> bytes:
-    """The block as one self-describing, checksummed byte string."""
+def encode(block: StoredBlock, layout: BlockLayout, secret: bytes | None = None) -> bytes:
+    """The block as one self-describing, checksummed (with `secret`: MACed) byte string."""
     parts = [torch.tensor(block.token_ids, dtype=torch.int64), block.kv]
     if block.scales is not None:
         parts.append(block.scales)
     payload = b"".join(_tensor_bytes(t) for t in parts)
     header = _pack_header(block, layout, len(payload), checksum=0)
-    checksum = _checksum(header[:_CHECKSUM_OFFSET], payload)
+    checksum = _checksum(header[:_CHECKSUM_OFFSET], payload, secret)
     return header[:_CHECKSUM_OFFSET] + checksum.to_bytes(8, "little") + payload
 
 
-def decode(data: bytes | bytearray | memoryview, layout: BlockLayout) -> StoredBlock:
+def decode(
+    data: bytes | bytearray | memoryview, layout: BlockLayout, secret: bytes | None = None
+) -> StoredBlock:
     """Parse and verify `data`; raise `CorruptBlockError` if it is not a whole, intact
-    block of `layout`."""
+    block of `layout` (written with the same `secret`)."""
     header = read_header(data, layout)
     payload = memoryview(data)[HEADER_SIZE:]
     if len(payload) != header.payload_len:
         raise CorruptBlockError(
             f"payload is {len(payload)} bytes, header says {header.payload_len}"
         )
-    if _checksum(bytes(data[:_CHECKSUM_OFFSET]), payload) != header.checksum:
+    if _checksum(bytes(data[:_CHECKSUM_OFFSET]), payload, secret) != header.checksum:
         raise CorruptBlockError("checksum mismatch")
     buffer = bytearray(payload)  # writable: torch.frombuffer would warn on read-only bytes
     n = layout.block_size
@@ -196,10 +202,14 @@ def _pack_header(block: StoredBlock, layout: BlockLayout, payload_len: int, chec
     )
 
 
-def _checksum(header: bytes, payload: bytes | memoryview) -> int:
-    digest = xxhash.xxh64(header)
-    digest.update(payload)
-    return digest.intdigest()
+def _checksum(header: bytes, payload: bytes | memoryview, secret: bytes | None) -> int:
+    if secret is None:
+        digest = xxhash.xxh64(header)
+        digest.update(payload)
+        return digest.intdigest()
+    mac = hashlib.blake2b(header, key=secret, digest_size=8, person=b"pdserve-kvblock")
+    mac.update(payload)
+    return int.from_bytes(mac.digest(), "little")
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:

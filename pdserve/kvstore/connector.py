@@ -82,7 +82,8 @@ class KVTierConnector:
             cap = int(config.kv_disk_cache_gib * GIB)
             tiers.append(DiskTier(config.kv_disk_cache_dir, cap, layout, events))
         if config.kv_redis_url:
-            tiers.append(RedisTier(config.kv_redis_url, layout, events))
+            secret = config.kv_tier_secret
+            tiers.append(RedisTier(config.kv_redis_url, layout, events, secret=secret))
         store = TieredKVStore(tiers, events, use_int8=config.kv_tier_dtype == "int8")
         logger.info("KV tiers: %s", ", ".join(t.name for t in tiers))
         return cls(store, block_manager, kv_cache)

@@ -1,8 +1,10 @@
 """The Redis tier: blocks shared by every worker (and machine) that reaches one server.
 
-Key: `<prefix><model_id:016x>:<block hash:016x>`; value: the block in the checksummed
+Key: `<prefix><model_id:016x>:[<secret id>:]<block hash:016x>`; value: the block in the checksummed
 format of `pdserve.kvstore.block`, so a value from another model, layout or a partial write
-is a miss, never wrong KV.
+is a miss, never wrong KV. With a `secret` (a worker holding the cluster key always has
+one) that checksum is a keyed MAC: the server is shared and reachable by others, and a
+block anyone else wrote there (a forged prompt cache entry) is refused and deleted.
 
 Size policy. The server is shared, so no single worker can enforce a byte cap on it: the
 operator sets `maxmemory` with an LRU policy (`allkeys-lru`) on the server, which evicts
@@ -18,6 +20,7 @@ the cache is an optimisation and never fails a request.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 from pdserve.kv.block_hash import BlockHash
@@ -31,6 +34,14 @@ DEFAULT_TTL_S = 24 * 3600
 SOCKET_TIMEOUT_S = 2.0
 
 
+def _secret_id(secret: bytes | None) -> str:
+    """A key namespace per secret (a one-way fingerprint), so clusters with different
+    secrets sharing a server neither read nor delete each other's blocks."""
+    if secret is None:
+        return ""
+    return hashlib.blake2b(secret, digest_size=8, person=b"pdserve-kvns").hexdigest() + ":"
+
+
 class RedisTier(KVTier):
     name = "redis"
 
@@ -41,13 +52,15 @@ class RedisTier(KVTier):
         events: EventSink | None = None,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         ttl_s: int | None = DEFAULT_TTL_S,
+        secret: bytes | None = None,
     ) -> None:
         import redis  # optional at import time: only a configured Redis tier needs it
 
         super().__init__(None, events)
         self.layout = layout
         self.ttl_s = ttl_s
-        self._prefix = f"{key_prefix}{layout.model_id:016x}:"
+        self._secret = secret
+        self._prefix = f"{key_prefix}{layout.model_id:016x}:{_secret_id(secret)}"
         self._errors = (redis.RedisError, OSError)
         self._client = redis.Redis.from_url(
             url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
@@ -66,7 +79,7 @@ class RedisTier(KVTier):
         if data is None:
             return None
         try:
-            block = decode(data, self.layout)
+            block = decode(data, self.layout, self._secret)
             if block.block_hash != block_hash:
                 raise CorruptBlockError(f"holds block {block.block_hash:#x}")
         except CorruptBlockError as e:
@@ -80,7 +93,7 @@ class RedisTier(KVTier):
         return block
 
     def put(self, block: StoredBlock, keep_evicted: bool = False) -> list[StoredBlock]:
-        data = encode(block, self.layout)
+        data = encode(block, self.layout, self._secret)
         try:
             # nx: a block already there (from any worker) is the same bytes; keep it.
             is_new = self._client.set(self.key(block.block_hash), data, ex=self.ttl_s, nx=True)

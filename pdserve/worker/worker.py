@@ -177,6 +177,9 @@ class Worker:
             # and no two processes clean up or cap each other's files.
             folder = str(Path(engine.kv_disk_cache_dir) / config.worker_id)
             engine = dataclasses.replace(engine, kv_disk_cache_dir=folder)
+        if engine.kv_redis_url and self.cluster_key is not None:
+            # Every worker of the cluster shares the Redis MAC key through the cluster key.
+            engine = dataclasses.replace(engine, kv_tier_secret=self.cluster_key.kv_tier_secret())
         return EngineCore(config.model_dir, model_config, engine, allocator)
 
     def _shared_allocator(self, model_config: ModelConfig):

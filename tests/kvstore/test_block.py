@@ -75,3 +75,15 @@ def test_bad_magic_is_rejected():
     data = b"XXXX" + encode(make_chain(1)[0], LAYOUT)[4:]
     with pytest.raises(CorruptBlockError, match="magic"):
         decode(data, LAYOUT)
+
+
+def test_a_keyed_block_verifies_only_with_its_secret():
+    block = make_chain(1)[0]
+    secret, other = b"k" * 32, b"o" * 32
+    data = encode(block, LAYOUT, secret)
+    assert raw_bytes(decode(data, LAYOUT, secret)) == raw_bytes(block)
+    for reader in (None, other):
+        with pytest.raises(CorruptBlockError, match="checksum"):
+            decode(data, LAYOUT, reader)
+    with pytest.raises(CorruptBlockError, match="checksum"):  # unkeyed, valid xxh64
+        decode(encode(block, LAYOUT), LAYOUT, secret)

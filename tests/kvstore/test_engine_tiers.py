@@ -112,8 +112,9 @@ def test_hit_from_disk(model_dir, reference, tmp_path):
     core.close(persist_kv=False)
 
 
-def test_hit_from_redis(model_dir, reference, redis_db):
-    core = make_core(model_dir, kv_redis_url=redis_db)
+@pytest.mark.parametrize("secret", [None, b"cluster-secret"], ids=["unkeyed", "keyed"])
+def test_hit_from_redis(model_dir, reference, redis_db, secret):
+    core = make_core(model_dir, kv_redis_url=redis_db, kv_tier_secret=secret)
     assert evict_and_rerun(core) == (reference, NUM_PREFIX_TOKENS)
     assert core.kv_tiers.store.stats().tiers["redis"].num_hit_blocks == 6
     core.close(persist_kv=False)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import redis
+import torch
 
 from pdserve.kv.events import BlocksRemoved, BlocksStored
 from pdserve.kvstore import HostTier, RedisTier, TieredKVStore
+from pdserve.kvstore.block import encode
 from pdserve.kvstore.tier import EventSink
 from tests.kvstore.builders import LAYOUT, hashes_of, make_chain, raw_bytes, token_ids_of
 
@@ -95,3 +97,32 @@ def test_snapshot_lists_this_models_keys(redis_db):
     [event] = store.snapshot_events()
     assert event.tier == "redis" and sorted(event.block_hashes) == sorted(hashes_of(blocks))
     store.close()
+
+
+def test_with_a_secret_blocks_written_without_it_are_refused(redis_db):
+    """A shared Redis is reachable by others: a worker with the cluster's secret refuses
+    (and deletes) a block someone without it wrote under its keys, even one with a valid
+    checksum; a cluster with another secret keeps its blocks under other keys."""
+    secret = b"s" * 32
+    tier = RedisTier(redis_db, LAYOUT, secret=secret)
+    blocks = make_chain(3)
+    forged = dataclasses.replace(blocks[1], kv=torch.full_like(blocks[1].kv, 7.0))
+    client = redis.Redis.from_url(redis_db)
+    client.set(tier.key(blocks[0].block_hash), encode(blocks[0], LAYOUT))  # valid xxh64
+    client.set(tier.key(forged.block_hash), encode(forged, LAYOUT, b"x" * 32))
+    tier.put(blocks[2])
+    assert tier.get(blocks[0].block_hash) is None
+    assert tier.get(blocks[1].block_hash) is None
+    assert client.exists(tier.key(blocks[0].block_hash), tier.key(blocks[1].block_hash)) == 0
+    assert tier.stats.num_corrupt_blocks == 2
+    assert raw_bytes(tier.get(blocks[2].block_hash)) == raw_bytes(blocks[2])
+    peer = RedisTier(redis_db, LAYOUT, secret=secret)  # another worker of the cluster
+    assert raw_bytes(peer.get(blocks[2].block_hash)) == raw_bytes(blocks[2])
+    other = RedisTier(redis_db, LAYOUT, secret=b"x" * 32)  # another cluster
+    unkeyed = RedisTier(redis_db, LAYOUT)
+    for stranger in (other, unkeyed):
+        assert stranger.key(blocks[2].block_hash) != tier.key(blocks[2].block_hash)
+        assert stranger.get(blocks[2].block_hash) is None
+    assert tier.contains(blocks[2].block_hash)  # strangers deleted nothing of ours
+    for t in (tier, peer, other, unkeyed):
+        t.close()
