@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--profile", required=True)
     p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--only", default=None, help="configuration names, comma-separated")
     args = p.parse_args(argv)
     profile = Profile.load(args.profile)
     print(format_profile(profile))
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| configuration | workload | goodput real / sim | TTFT p99 | TPOT p50 | TPOT p99 |")
     print("|---|---|---|---|---|---|")
     for (name, workload), (goodput, ttft99, tpot50, tpot99) in MEASURED.items():
+        if args.only and name not in args.only.split(","):
+            continue
         serve = ServeConfig.from_dict(configs[name])
         start = time.perf_counter()
         result, run_at_rate = sim_goodput(serve, profile, workload, slos[workload], search)

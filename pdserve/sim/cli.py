@@ -57,6 +57,9 @@ def add_sim_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     profile.add_argument("--dtype", default=None, help="analytic: weights/KV dtype (bfloat16)")
     profile.add_argument("--sizes", default="1,2,4,8", help="analytic: devices per worker")
+    profile.add_argument(
+        "--merge", nargs="+", default=None, help="no measuring: the fastest of these profiles"
+    )
     profile.set_defaults(func=cmd_profile)
 
     sim = subparsers.add_parser("sim", help="simulate a deployment under bench load")
@@ -134,7 +137,11 @@ def _read_yaml(path: str) -> dict:
 def cmd_profile(args: argparse.Namespace) -> int:
     from pdserve.sim.profile import format_profile
 
-    if args.analytic:
+    if args.merge:
+        from pdserve.sim.profile import Profile, merge_fastest
+
+        profile = merge_fastest([Profile.load(path) for path in args.merge])
+    elif args.analytic:
         profile = _analytic(args)
     else:
         import os

@@ -21,6 +21,7 @@ Files are JSON, or YAML when the name ends in .yaml/.yml. Torch-free.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -237,6 +238,50 @@ def measure_profile(
         ),
         checks=checks | {"runs": runs},
     )
+
+
+def merge_fastest(profiles: list[Profile]) -> Profile:
+    """One profile from several measured ones: each step shape at its fastest observed
+    time, refitted; the fastest transfers; the smallest contention. On a shared host every
+    run is slowed by whatever else ran then, never sped up, so the fastest observation
+    of each shape is the nearest estimate of the machine to itself."""
+    if not profiles or any(p.kind != "measured" or "runs" not in p.checks for p in profiles):
+        raise ConfigError("profile", "merge needs measured profiles with their samples")
+    runs: dict[str, dict[str, Any]] = {}
+    for profile in profiles:
+        for size, run in profile.checks["runs"].items():
+            merged = runs.setdefault(size, {**run, "samples": list(run["samples"])})
+            fastest = {_shape_key(s): s for s in merged["samples"]}
+            for sample in run["samples"]:
+                key = _shape_key(sample)
+                if key not in fastest or sample["seconds"] < fastest[key]["seconds"]:
+                    fastest[key] = sample
+            merged["samples"] = list(fastest.values())
+    costs, checks = {}, {}
+    for size, run in runs.items():
+        costs[int(size)], checks[size] = _fit(run)
+    transfer = {
+        name: max((p.transfer[name] for p in profiles if name in p.transfer), key=_bandwidth)
+        for name in profiles[0].transfer
+    }
+    return dataclasses.replace(
+        profiles[0],
+        costs=costs,
+        transfer=transfer,
+        ipc_latency_s=min(p.ipc_latency_s for p in profiles),
+        contention=min(p.contention for p in profiles),
+        notes=(f"the fastest of {len(profiles)} measured profiles, shape by shape, refitted",),
+        checks=checks | {"runs": runs, "merged_from": [p.created for p in profiles]},
+    )
+
+
+def _bandwidth(transfer: TransferCost) -> float:
+    return transfer.bytes_per_s
+
+
+def _shape_key(sample: dict[str, Any]) -> tuple:
+    keys = ("kind", "num_decodes", "decode_context", "prefill_tokens", "prefill_context")
+    return tuple(sample[k] for k in keys)
 
 
 def _run_child(threads: int, grid: str, repeats: int, model: str | None) -> dict[str, Any]:

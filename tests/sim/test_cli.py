@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -77,3 +78,40 @@ def test_measured_quick_profile(tmp_path, builtin_model_dir):
     samples = profile.checks["runs"]["1"]["samples"]
     assert len(samples) == 11 and all(s["seconds"] > 0 for s in samples)
     assert set(profile.transfer) >= {"shm", "tcp"}
+
+
+def test_merge_keeps_the_fastest_sample_of_each_shape(tmp_path):
+    from pdserve.sim.profile import merge_fastest
+
+    def measured(scale: float) -> Profile:
+        samples = [
+            {
+                "kind": "prefill",
+                "num_decodes": 0,
+                "decode_context": 0,
+                "prefill_tokens": q,
+                "prefill_context": c,
+                "seconds": scale * (0.01 + 1e-4 * q + 1e-7 * q * (q + c)),
+            }
+            for q, c in ((16, 0), (64, 0), (64, 512))
+        ] + [
+            {
+                "kind": "decode",
+                "num_decodes": b,
+                "decode_context": c,
+                "prefill_tokens": 0,
+                "prefill_context": 0,
+                "seconds": scale * (0.01 + 1e-4 * b + 1e-6 * b * (c + 1)),
+            }
+            for b, c in ((1, 64), (16, 64), (16, 512), (64, 64))
+        ]
+        run = {"model_dir": "x", "dtype": "float32", "samples": samples, "copy": []}
+        return dataclasses.replace(make_profile(), checks={"runs": {"1": run}})
+
+    slow, fast = measured(2.0), measured(1.0)
+    merged = merge_fastest([slow, fast])
+    samples = merged.checks["runs"]["1"]["samples"]
+    assert sorted(s["seconds"] for s in samples) == sorted(
+        s["seconds"] for s in fast.checks["runs"]["1"]["samples"]
+    )
+    assert merged.cost(1).token_knots == (1, 16, 64)
