@@ -105,11 +105,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, name: str, extra: list[str], threads: int) -> None:
+    def __init__(self, name: str, extra: list[str], threads: int, mode: str = "aggregated") -> None:
         self.name = name
         self.port = free_port()
         cmd = [
-            *(sys.executable, "-m", "pdserve.cli", "serve", "--mode", "aggregated"),
+            *(sys.executable, "-m", "pdserve.cli", "serve", "--mode", mode),
             *("--port", str(self.port), "--threads-per-worker", str(threads)),
             *("--kv-cache-memory-gib", "1", "--log-level", "WARNING", *extra),
         ]

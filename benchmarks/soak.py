@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     keys = Path(tempfile.mkdtemp()) / "keys.yaml"
     # A quota the mix exceeds now and then, so refusals are part of the soak.
     keys.write_text(f"keys:\n  - {{name: soak, key: {KEY}, requests_per_minute: 240}}\n")
-    extra = ["--mode", args.mode, "--api-keys", str(keys), "--request-timeout-s", "60"]
-    server = Server("soak", extra, threads=1)
+    extra = ["--api-keys", str(keys), "--request-timeout-s", "60"]
+    server = Server("soak", extra, threads=1, mode=args.mode)
     workload = {k: v for k, v in vars(args).items() if k != "json_out"}
     common.print_header(
         "Soak: RSS under steady load",

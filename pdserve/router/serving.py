@@ -222,7 +222,7 @@ def _admit(
         for p in inputs
     )
     lease.charge(worst_case)
-    lease.admit(request_id, num_queued, priority)
+    lease.admit(request_id, num_queued, priority, sum(p.params.n for p in inputs))
 
 
 def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:

@@ -3,6 +3,7 @@
     config.py     GatewayConfig: every limit and switch of the HTTP edge
     limits.py     body size, per-request limits, unsupported fields, tokenising off the loop
     admission.py  SLO-aware admission: queued tokens -> predicted TTFT -> 429 early
+    ttft_model.py the TTFT predictor admission fits to measured TTFTs
     keys.py       API keys (constant-time), token-bucket quotas, x-ratelimit headers
     gate.py       Gateway (the checks in order) and Lease (what an accepted request holds)
     metrics.py    per-key and admission metrics

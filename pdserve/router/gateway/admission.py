@@ -7,16 +7,21 @@ Prediction (Mooncake's Conductor rejects early in the same spirit): a new reques
 prompt tokens (prompt x n, summed over its prompts) with priority `p` waits behind every
 queued token of priority <= p (the engines schedule lower values first), plus queued
 tokens the serving system reports that this ledger does not know of (another router's
-requests: `EngineClient.queued_prefill_tokens`). Its TTFT is predicted as
-`base + (ahead + w) / rate`, where `base` and `rate` are fitted (least squares with
-exponential forgetting) to the TTFTs this router measured: each admitted request
-contributes (its `ahead + w` at admission, its measured TTFT) when its first token
-arrives. The fit therefore absorbs everything on the path, routing, KV hand-over, decode
+requests: `EngineClient.queued_prefill_tokens`). Its TTFT is predicted from that work
+(`ahead + w`) and the sequences this router has decoding at the moment
+(`gateway/ttft_model.py`: `base + per_token x work + per_sequence x decoding`, fitted by
+least squares with exponential forgetting to the TTFTs this router measured: each
+admitted request contributes its inputs at admission and its measured TTFT when its
+first token arrives). The fit therefore absorbs everything on the path, routing, KV hand-over, decode
 steps interleaved with prefill, in the units that matter: the TTFT clients see. Until
 enough samples exist, `admission_prefill_tokens_per_s` is the rate. A fit lags the load
 it learns from (a TTFT is known only when it has passed), so each prediction is also
 scaled by the 90th percentile of the last `NUM_RATIOS` measured/predicted ratios: when
 the last requests took 20 % longer than predicted, the next prediction is 20 % longer.
+Only predictions of a fitted model count (not of the prior, whose errors say nothing
+about the fit), and only those of the last `RATIO_MAX_AGE_S` seconds: a correction
+learned under one load must not keep refusing requests once it has passed (refusing
+leaves fewer first tokens to learn from).
 
 Decisions, in order, when a request arrives:
 1. `max_queued_requests` reached: the newest queued request of the numerically highest
@@ -38,50 +43,12 @@ from dataclasses import dataclass, field
 
 from pdserve.router.gateway.config import GatewayConfig
 from pdserve.router.gateway.errors import RateLimitedError
+from pdserve.router.gateway.ttft_model import TtftModel
 
-MIN_SAMPLES = 4.0  # (decayed) samples before the fit replaces the prior rate
-DECAY = 0.98  # per sample: the fit follows the last ~50 requests
 NUM_RATIOS = 64  # measured/predicted TTFT ratios kept for the correction
 MIN_RATIOS = 8  # ratios before the correction applies
 RATIO_QUANTILE = 0.9
-
-
-class TtftModel:
-    """TTFT = base + work / rate, fitted by exponentially weighted least squares."""
-
-    def __init__(self, prior_tokens_per_s: float, decay: float = DECAY) -> None:
-        self.prior_tokens_per_s = prior_tokens_per_s
-        self.decay = decay
-        self.n = self.sw = self.st = self.sww = self.swt = 0.0
-
-    def observe(self, work_tokens: float, ttft_s: float) -> None:
-        d = self.decay
-        self.n = self.n * d + 1
-        self.sw = self.sw * d + work_tokens
-        self.st = self.st * d + ttft_s
-        self.sww = self.sww * d + work_tokens * work_tokens
-        self.swt = self.swt * d + work_tokens * ttft_s
-
-    def coefficients(self) -> tuple[float, float]:
-        """(base seconds, seconds per token)."""
-        if self.n < MIN_SAMPLES:
-            return 0.0, 1.0 / self.prior_tokens_per_s
-        mean_w, mean_t = self.sw / self.n, self.st / self.n
-        var_w = self.sww / self.n - mean_w * mean_w
-        if var_w > 1.0:  # the works differ enough to separate base from rate
-            slope = (self.swt / self.n - mean_w * mean_t) / var_w
-            if slope > 0:
-                return max(0.0, mean_t - slope * mean_w), slope
-        # All works alike (or TTFT not growing with work): the mean time per token.
-        return 0.0, self.st / max(self.sw, 1.0)
-
-    def predict(self, work_tokens: float) -> float:
-        base, per_token = self.coefficients()
-        return base + work_tokens * per_token
-
-    @property
-    def tokens_per_s(self) -> float:
-        return 1.0 / self.coefficients()[1]
+RATIO_MAX_AGE_S = 30.0  # older ratios describe a load that has passed
 
 
 @dataclass(eq=False)
@@ -92,9 +59,12 @@ class Ticket:
     priority: int
     num_tokens: int  # prompt tokens x n still counted in the queue
     work: int  # tokens ahead of it at admission + its own: the TTFT model's input
+    decoding: int  # sequences decoding at admission: the model's other input
     admitted_at: float
-    predicted_s: float  # the model's TTFT at admission, before the correction
+    predicted_s: float | None  # the fitted model's TTFT at admission (None: the prior's)
+    num_seqs: int = 1  # sequences it decodes once started (n x prompts)
     is_queued: bool = True
+    is_running: bool = False  # started, counted in `num_running`
     is_evicted: bool = False
     on_evict: list[Callable[[], None]] = field(default_factory=list)
 
@@ -109,12 +79,13 @@ class Admission:
         self.target_s = config.admission_ttft_ms / 1000 if config.admission_ttft_ms else None
         self.max_queued = config.max_queued_requests
         self.model = TtftModel(config.admission_prefill_tokens_per_s)
-        self._ratios: deque[float] = deque(maxlen=NUM_RATIOS)
+        self._ratios: deque[tuple[float, float]] = deque(maxlen=NUM_RATIOS)  # (time, ratio)
         self.queued_elsewhere = queued_elsewhere
         self.clock = clock
         self._tokens: dict[int, int] = {}  # priority -> queued tokens
         self._queued: dict[int, dict[str, Ticket]] = {}  # priority -> tickets, oldest first
         self.num_queued = 0
+        self.num_running = 0  # sequences of admitted requests past their first token
 
     @property
     def is_active(self) -> bool:
@@ -130,7 +101,9 @@ class Admission:
         unknown = max(0, reported - self.num_queued_tokens) if reported is not None else 0
         return mine + unknown
 
-    def admit(self, request_id: str, num_tokens: int, priority: int = 0) -> Ticket:
+    def admit(
+        self, request_id: str, num_tokens: int, priority: int = 0, num_seqs: int = 1
+    ) -> Ticket:
         """A ticket for the request, or `RateLimitedError` (code `queue_full` or
         `ttft_unattainable`). Evicts a queued lower-priority request when the queue is full."""
         victim = None
@@ -140,12 +113,12 @@ class Admission:
                 raise RateLimitedError(
                     f"the server has {self.num_queued} requests waiting for their first "
                     f"token (max_queued_requests {self.max_queued}); retry later",
-                    self.model.predict(self.num_queued_tokens) * self.correction,
+                    self.retry_after_hint(),
                     type="overloaded",
                     code="queue_full",
                 )
         ahead = self.tokens_ahead(priority)
-        raw = self.model.predict(ahead + num_tokens)
+        raw = self.model.predict(ahead + num_tokens, self.num_running)
         if self.target_s is not None and ahead > 0:
             predicted = raw * self.correction
             if predicted > self.target_s:
@@ -159,7 +132,11 @@ class Admission:
                 )
         if victim is not None:
             self.evict(victim)
-        ticket = Ticket(request_id, priority, num_tokens, ahead + num_tokens, self.clock(), raw)
+        work = ahead + num_tokens
+        fitted = raw if self.model.is_fitted else None
+        ticket = Ticket(
+            request_id, priority, num_tokens, work, self.num_running, self.clock(), fitted, num_seqs
+        )
         self._tokens[priority] = self._tokens.get(priority, 0) + num_tokens
         self._queued.setdefault(priority, {})[request_id] = ticket
         self.num_queued += 1
@@ -188,23 +165,32 @@ class Admission:
         self._take(ticket.priority, done)
         if ticket.num_tokens == 0:
             self._dequeue(ticket)
-            ttft = self.clock() - ticket.admitted_at
-            self.model.observe(ticket.work, ttft)
-            if ticket.predicted_s > 0:
-                self._ratios.append(ttft / ticket.predicted_s)
+            ticket.is_running = True
+            self.num_running += ticket.num_seqs
+            now = self.clock()
+            ttft = now - ticket.admitted_at
+            self.model.observe(ticket.work, ttft, ticket.decoding)
+            if ticket.predicted_s:
+                self._ratios.append((now, ttft / ticket.predicted_s))
 
     @property
     def correction(self) -> float:
         """How much longer than the fit's predictions TTFTs have lately been (a high
         quantile, so that most accepted requests meet the target); 1 until measured."""
+        now = self.clock()
+        while self._ratios and now - self._ratios[0][0] > RATIO_MAX_AGE_S:
+            self._ratios.popleft()
         if len(self._ratios) < MIN_RATIOS:
             return 1.0
-        ordered = sorted(self._ratios)
+        ordered = sorted(ratio for _, ratio in self._ratios)
         return ordered[min(len(ordered) - 1, int(RATIO_QUANTILE * len(ordered)))]
 
     def release(self, ticket: Ticket) -> None:
         """The request ended (any way); idempotent."""
         self._dequeue(ticket)
+        if ticket.is_running:
+            ticket.is_running = False
+            self.num_running -= ticket.num_seqs
 
     def _dequeue(self, ticket: Ticket) -> None:
         if not ticket.is_queued:
@@ -226,4 +212,5 @@ class Admission:
 
     def retry_after_hint(self) -> float:
         """Seconds for the current queue to drain (for a 503 with nothing better)."""
-        return max(1.0, math.ceil(self.model.predict(self.num_queued_tokens) * self.correction))
+        predicted = self.model.predict(self.num_queued_tokens, self.num_running)
+        return max(1.0, math.ceil(predicted * self.correction))

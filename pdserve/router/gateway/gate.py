@@ -120,12 +120,14 @@ class Lease:
             raise self.gateway._refused(self.key, refusal)
         self._num_charged_tokens = num_tokens
 
-    def admit(self, request_id: str, num_prompt_tokens: int, priority: int) -> None:
+    def admit(
+        self, request_id: str, num_prompt_tokens: int, priority: int, num_seqs: int = 1
+    ) -> None:
         """Pass admission (`RateLimitedError` if refused)."""
         admission = self.gateway.admission
         if not admission.is_active:
             return
-        self.ticket = admission.admit(request_id, num_prompt_tokens, priority)
+        self.ticket = admission.admit(request_id, num_prompt_tokens, priority, num_seqs)
 
     def started(self, num_tokens: int | None = None) -> None:
         if self.ticket is not None:

@@ -10,6 +10,7 @@
                                                     ttft_unattainable, evicted, deadline
     pdserve:admission_queued_requests               admitted, waiting for a first token
     pdserve:admission_queued_tokens                 their prompt tokens (x n)
+    pdserve:admission_running_sequences             admitted sequences past their first token
     pdserve:admission_prefill_tokens_per_second     the TTFT model's current rate
 
 Requests without a key are counted under `key_name="none"`.
@@ -54,6 +55,7 @@ class GatewayMetrics:
         gauges = (
             ("queued_requests", "Admitted requests waiting for their first token.", "num_queued"),
             ("queued_tokens", "Prompt tokens of those requests.", "num_queued_tokens"),
+            ("running_sequences", "Admitted sequences past their first token.", "num_running"),
         )
         for name, doc, attribute in gauges:
             gauge = Gauge(f"pdserve:admission_{name}", doc, registry=registry)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.router.gateway.admission import Admission, TtftModel
+from pdserve.router.gateway.admission import Admission
 from pdserve.router.gateway.config import GatewayConfig
 from pdserve.router.gateway.errors import RateLimitedError
+from pdserve.router.gateway.ttft_model import TtftModel
 
 
 class Clock:
@@ -93,14 +94,39 @@ def test_load_reported_by_the_client_beyond_the_ledger_counts_for_everyone():
 def test_the_model_learns_base_and_rate_from_measured_ttfts():
     clock = Clock()
     admission = make(clock, admission_ttft_ms=1000, admission_prefill_tokens_per_s=100)
-    # True system: 50 ms + 1 ms per token (1000 tokens/s).
+    # True system: 50 ms + 1 ms per token (1000 tokens/s); nothing decoding.
     for i, work in enumerate([100, 400, 200, 800, 300, 600] * 3):
         ticket = admission.admit(f"r{i}", work)
         clock.now += 0.050 + work / 1000
         admission.started(ticket)
-    base, per_token = admission.model.coefficients()
+        admission.release(ticket)
+    base, per_token, per_seq = admission.model.coefficients()
     assert base == pytest.approx(0.050, rel=1e-6)
     assert per_token == pytest.approx(0.001, rel=1e-6)
+    assert per_seq == 0.0
+
+
+def test_the_model_separates_decode_load_from_queued_work():
+    model = TtftModel(prior_tokens_per_s=100)
+    # True system: 20 ms + 0.5 ms per token + 10 ms per decoding sequence.
+    for work, decoding in [(100, 0), (500, 4), (300, 10), (800, 2), (200, 16), (600, 8)] * 3:
+        model.observe(work, 0.020 + work * 0.0005 + decoding * 0.010, decoding)
+    base, per_token, per_seq = model.coefficients()
+    assert (base, per_token, per_seq) == (
+        pytest.approx(0.020, rel=1e-6),
+        pytest.approx(0.0005, rel=1e-6),
+        pytest.approx(0.010, rel=1e-6),
+    )
+    assert model.predict(400, 3) == pytest.approx(0.020 + 0.2 + 0.03)
+
+
+def test_collinear_inputs_fall_back_to_work_alone():
+    model = TtftModel(prior_tokens_per_s=100)
+    for work in [100, 200, 300, 400, 500]:
+        model.observe(work, 0.1 + work * 0.001, decoding=work / 100)  # decoding ~ work
+    base, per_token, per_seq = model.coefficients()
+    assert per_seq == 0.0 and per_token == pytest.approx(0.001)
+    assert base == pytest.approx(0.1)
 
 
 def test_equal_works_fall_back_to_the_mean_time_per_token():
@@ -108,23 +134,60 @@ def test_equal_works_fall_back_to_the_mean_time_per_token():
     assert model.predict(50) == pytest.approx(5.0)  # the prior
     for _ in range(5):
         model.observe(100, 0.5)
-    assert model.coefficients() == (0.0, pytest.approx(0.005))
+    assert model.coefficients() == (0.0, pytest.approx(0.005), 0.0)
+
+
+def test_running_sequences_are_counted_until_release():
+    admission = make(max_queued_requests=9)
+    ticket = admission.admit("r", 10, num_seqs=3)
+    assert admission.num_running == 0
+    admission.started(ticket)
+    assert admission.num_running == 3
+    assert admission.admit("s", 10).decoding == 3
+    admission.release(ticket)
+    admission.release(ticket)
+    assert admission.num_running == 0
+
+
+def fitted_model() -> TtftModel:
+    """A fitted model saying exactly 1 ms per token, no base."""
+    model = TtftModel(prior_tokens_per_s=10)
+    for work in (100, 200, 300, 400, 500):
+        model.observe(work, work / 1000)
+    assert model.is_fitted and model.predict(400) == pytest.approx(0.4)
+    return model
+
+
+def run_late_requests(admission: Admission, clock: Clock, count: int, fit=fitted_model):
+    """`count` requests of 400 tokens, each taking 1.5x the fitted prediction."""
+    for i in range(count):
+        admission.model = fit()  # hold the fit still: only the ratios learn
+        ticket = admission.admit(f"late{i}-{clock.now}", 400)
+        clock.now += 0.6  # predicted 0.4 s
+        admission.started(ticket)
+        admission.release(ticket)
 
 
 def test_predictions_scale_by_how_late_recent_requests_were():
-    # The fit says 1 ms per token (prior, no base); requests actually take 1.5x that.
     clock = Clock()
-    admission = make(clock, admission_ttft_ms=1000, admission_prefill_tokens_per_s=1000)
+    admission = make(clock, admission_ttft_ms=1000)
     assert admission.correction == 1.0
-    for i in range(8):
-        admission.model = TtftModel(1000)  # hold the fit still: only the ratios learn
-        ticket = admission.admit(f"r{i}", 400)
-        clock.now += 0.6  # predicted 0.4 s
-        admission.started(ticket)
+    run_late_requests(admission, clock, 8)
     assert admission.correction == pytest.approx(1.5)
-    admission.model = TtftModel(1000)
+    admission.model = fitted_model()
     admission.admit("a", 300)  # alone: admitted
     admission.admit("b", 300)  # 600 tokens: 0.6 s raw, 0.9 s corrected: fits 1 s
     with pytest.raises(RateLimitedError) as info:
         admission.admit("c", 100)  # 700: 0.7 s raw would fit; 1.05 s corrected does not
     assert "predicted 1050 ms" in str(info.value)
+
+
+def test_the_correction_forgets_old_ratios_and_ignores_the_prior():
+    clock = Clock()
+    admission = make(clock, admission_ttft_ms=1000, admission_prefill_tokens_per_s=1000)
+    run_late_requests(admission, clock, 8, fit=lambda: TtftModel(1000))  # the prior's errors
+    assert admission.correction == 1.0
+    run_late_requests(admission, clock, 8)
+    assert admission.correction == pytest.approx(1.5)
+    clock.now += 31  # that load has passed
+    assert admission.correction == 1.0
