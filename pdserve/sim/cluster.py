@@ -219,6 +219,11 @@ class ClusterSim:
 
     def _reschedule(self, started: str | None) -> None:
         """Processor sharing: every stepping worker's speed given who else steps."""
+        if not self.shares_cores:  # own devices: only the new step needs its end event
+            if started is not None:
+                step = self._steps[started]
+                self.at(self.now + step.remaining, self._end_step, started, step.version)
+            return
         demand = sum(s.worker.threads for s in self._steps.values()) + self.background_load
         cores = self.profile.cores
         for worker_id, step in self._steps.items():

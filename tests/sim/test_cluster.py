@@ -158,3 +158,13 @@ def test_background_load_takes_its_share_of_the_cores():
     record = run(layout("aggregated"), [spec(100, 2)], background_load=2.0).records[0]
     assert record.ttft_s == pytest.approx(0.001 + 0.020 * 1.5 + 0.001)
     assert record.itl_s == pytest.approx([0.015])
+
+
+def test_workers_on_their_own_devices_do_not_share():
+    profile = make_profile(cores=1)
+    profile = dataclasses.replace(profile, hardware={**profile.hardware, "device": "gpu"})
+    serve = dataclasses.replace(layout("aggregated"), mixed_workers=2, routing_policy="round_robin")
+    records = run(serve, [spec(100, 3), spec(100, 3, first="beta")], profile=profile).records
+    for record in records:
+        assert record.ttft_s == pytest.approx(0.022)
+        assert record.itl_s == pytest.approx([0.010, 0.010])
