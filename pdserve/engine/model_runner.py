@@ -79,6 +79,9 @@ class ModelRunner:
             cpu_malloc.tune_malloc()
             cpu_blas.set_num_threads(self.num_threads)
             kernels.set_num_threads(self.num_threads)
+            # Build (or load) the C kernels now, not inside the first step: a compile there
+            # can take seconds on a busy machine and stall the engine loop with a request in it.
+            kernels.is_available()
 
     def _warn_if_bf16_is_emulated(self) -> None:
         if self.device.type != "cpu" or self.dtype != torch.bfloat16:

@@ -88,7 +88,7 @@ def _build(
 ) -> Path | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        logger.warning("no C compiler found: using PyTorch attention (slower)")
+        logger.warning("no C compiler found: %s not built (PyTorch paths are used)", name)
         return None
     key = hashlib.sha256(
         b"".join(path.read_bytes() for path in sources + headers)
@@ -104,7 +104,7 @@ def _build(
         cmd = [compiler, *cflags, *map(str, sources), "-o", str(built), "-lm", "-lpthread"]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
-            logger.warning("kernel build failed, using PyTorch attention:\n%s", result.stderr)
+            logger.warning("%s build failed (PyTorch paths are used):\n%s", name, result.stderr)
             return None
         os.replace(built, target)  # atomic: concurrent builders all end with a whole file
     return target
