@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     from pdserve.bench import metrics
     from pdserve.bench.types import SLO
     from pdserve.bench.workloads import get_workload
-    from pdserve.sim.profile import Profile, format_profile, measure_profile
+    from pdserve.sim.measure import measure_profile
+    from pdserve.sim.profile import Profile, format_profile
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--profile", default=None, help="default: measure one now (full grid)")

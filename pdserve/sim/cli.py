@@ -138,7 +138,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from pdserve.sim.profile import format_profile
 
     if args.merge:
-        from pdserve.sim.profile import Profile, merge_fastest
+        from pdserve.sim.measure import merge_fastest
+        from pdserve.sim.profile import Profile
 
         profile = merge_fastest([Profile.load(path) for path in args.merge])
     elif args.analytic:
@@ -146,7 +147,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     else:
         import os
 
-        from pdserve.sim.profile import measure_profile
+        from pdserve.sim.measure import measure_profile
 
         cores = os.cpu_count() or 1
         threads = _ints(args.threads) if args.threads else sorted({1, cores})

@@ -46,8 +46,8 @@ from pdserve.router.policy import plan_request
 from pdserve.serve import ServeConfig
 from pdserve.sim.cost_model import StepCost
 from pdserve.sim.handles import SimHandle, SimPool, SimStats
-from pdserve.sim.profile import ITEMSIZE, Profile
-from pdserve.sim.worker import Output, Reserved, SimWorker, make_request
+from pdserve.sim.profile import Profile
+from pdserve.sim.worker import Output, Reserved, SimWorker, make_request, num_kv_blocks
 
 
 @dataclass(eq=False)
@@ -395,16 +395,3 @@ class ClusterSim:
         if tokens:
             handle.outstanding_tokens -= tokens
             handle.num_assigned -= 1
-
-
-def num_kv_blocks(profile: Profile, engine, size: int) -> int:
-    """A worker's KV pool in blocks: as `ModelRunner` sizes it on a CPU (explicit count,
-    else `kv_cache_memory_gib`); on an accelerator, 90 % of its memory minus the weights."""
-    if engine.num_kv_blocks is not None:
-        return engine.num_kv_blocks
-    block_bytes = profile.kv_bytes_per_token * engine.block_size
-    if profile.hardware.get("device") == "cpu":
-        return max(1, int(engine.kv_cache_memory_gib * 2**30) // block_bytes)
-    weights = profile.model["num_params"] * ITEMSIZE[profile.model["dtype"]]
-    free = 0.9 * profile.hardware["memory_bytes"] * size - weights
-    return max(1, int(free // block_bytes))

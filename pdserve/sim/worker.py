@@ -29,6 +29,7 @@ from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from pdserve.sampling_params import SamplingParams
 from pdserve.sim.cost_model import StepCost
+from pdserve.sim.profile import ITEMSIZE, Profile
 from pdserve.worker.kv_events import DeviceEvents, KVEventPublisher
 
 DEFAULT_TOKEN_BUDGET = 2048  # NOTE: the same rule as engine/core.py (which imports torch)
@@ -186,3 +187,16 @@ def make_request(
     return Request(
         request_id, list(token_ids), params, max_tokens=max_tokens, arrival_time=arrival_s
     )
+
+
+def num_kv_blocks(profile: Profile, engine, size: int) -> int:
+    """A worker's KV pool in blocks: as `ModelRunner` sizes it on a CPU (explicit count,
+    else `kv_cache_memory_gib`); on an accelerator, 90 % of its memory minus the weights."""
+    if engine.num_kv_blocks is not None:
+        return engine.num_kv_blocks
+    block_bytes = profile.kv_bytes_per_token * engine.block_size
+    if profile.hardware.get("device") == "cpu":
+        return max(1, int(engine.kv_cache_memory_gib * 2**30) // block_bytes)
+    weights = profile.model["num_params"] * ITEMSIZE[profile.model["dtype"]]
+    free = 0.9 * profile.hardware["memory_bytes"] * size - weights
+    return max(1, int(free // block_bytes))

@@ -81,7 +81,7 @@ def test_measured_quick_profile(tmp_path, builtin_model_dir):
 
 
 def test_merge_keeps_the_fastest_sample_of_each_shape(tmp_path):
-    from pdserve.sim.profile import merge_fastest
+    from pdserve.sim.measure import merge_fastest
 
     def measured(scale: float) -> Profile:
         samples = [
