@@ -66,8 +66,10 @@ def _wait_ready(url: str, timeout: float = 60) -> None:
 
 def test_worker_crash_request_waits_for_the_restarted_worker(builtin_model_dir):
     """The only worker dies mid-stream: its request waits (migration_wait_s) for the
-    restarted worker and resumes there, exactly where it stopped."""
-    server = ServerProcess("--mode", "aggregated", "--threads-per-worker", "1")
+    restarted worker and resumes there, exactly where it stopped (batch-invariant: the
+    resumed stream re-prefills prompt + streamed tokens, and only this mode makes that
+    give the decode step's logits bit for bit on every CPU)."""
+    server = ServerProcess("--mode", "aggregated", "--threads-per-worker", "1", "--batch-invariant")
     try:
         (pid,) = server.worker_pids()
         body = {"prompt": "count", "max_tokens": 40, "ignore_eos": True, "temperature": 0}
