@@ -11,6 +11,7 @@ request goes through) instead of decoded. Greedy outputs still equal transformer
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -93,6 +94,30 @@ def test_product_from_several_python_threads_at_once():
     with ThreadPoolExecutor(3) as pool:
         got = list(pool.map(linear, inputs))
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_product_in_a_forked_child_after_the_pool_started():
+    """Pool threads do not survive fork(): a product in the child must not wait for the
+    parent's (with fixed per-thread parts it would wait forever)."""
+    import os
+
+    gen = torch.Generator().manual_seed(4)
+    linear = invariant.PackedLinear.prepare(torch.randn(400, 32, generator=gen))
+    x = torch.randn(9, 32, generator=gen)
+    torch.set_num_threads(2)
+    expected = linear(x)  # the parent's pool now has a worker
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 iff the product is right
+        os._exit(0 if torch.equal(linear(x), expected) else 1)
+    for _ in range(600):  # up to 60 s
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the product hung in a forked child")
 
 
 # ---- the engine ------------------------------------------------------------------------
