@@ -59,7 +59,7 @@ class Plan:
     candidate: Candidate
     unit_goodput: float  # req/s of one unit within the SLOs
     is_lower_bound: bool
-    output_throughput: float  # tok/s of one unit at its goodput rate
+    output_throughput: float  # tok/s of one unit at its goodput rate (rate x mean output)
     replicas: int
     price_per_unit_hour: float | None
     is_estimate: bool = False  # from per-worker phase rates, not a whole-unit search
@@ -156,6 +156,7 @@ def make_plans(
     from per-worker phase rates (sim/search.py), the best `num_verified` then checked as
     whole units."""
     settings = settings or SearchSettings()
+    mean_output = sum(s.max_tokens for s in specs) / len(specs)
     plans = []
     for profile, price in profiles:
         num_units = replicas(profile, budget, price)
@@ -163,14 +164,14 @@ def make_plans(
         if len(found) <= exhaustive_limit:
             for candidate in found:
                 result = search_rate(candidate.serve, profile, specs, slo, settings)
-                plans.append(_plan(candidate, result, num_units, price, on_plan))
+                plans.append(_plan(candidate, result, mean_output, num_units, price, on_plan))
         else:
             estimated = _estimates(found, specs, slo, settings, num_units, price)
             estimated.sort(key=lambda p: -p.unit_goodput)
             for plan in estimated[:num_verified]:
                 serve, guess = plan.candidate.serve, plan.unit_goodput
                 result = search_rate(serve, profile, specs, slo, settings, start_rate=guess)
-                plans.append(_plan(plan.candidate, result, num_units, price, on_plan))
+                plans.append(_plan(plan.candidate, result, mean_output, num_units, price, on_plan))
             for plan in estimated[num_verified:]:
                 plans.append(plan)
                 if on_plan is not None:
@@ -179,12 +180,14 @@ def make_plans(
     return sorted(plans, key=lambda p: (-p.goodput, p.is_estimate, cost(p)))
 
 
-def _plan(candidate, result: Found, num_units, price, on_plan) -> Plan:
+def _plan(candidate, result: Found, mean_output, num_units, price, on_plan) -> Plan:
+    # Tokens/s delivered at the goodput rate in steady state (a probe's own average
+    # includes its ramp and drain, which would bias short probes).
     plan = Plan(
         candidate,
         result.goodput,
         result.is_lower_bound,
-        result.output_throughput,
+        result.goodput * mean_output,
         num_units,
         price,
     )

@@ -61,6 +61,7 @@ def test_the_planner_finds_the_known_optimum():
     assert best.candidate.label == "aggregated 2 mixed x1, chunk 512, seqs 4"
     assert best.unit_goodput > 1.5 * other.unit_goodput
     assert best.replicas == 10 and best.goodput == pytest.approx(10 * best.unit_goodput)
+    assert best.output_throughput == pytest.approx(20 * best.unit_goodput)  # 20 out each
     expected = 1.0 / (best.output_throughput * 3600) * 1e6
     assert best.cost_per_million_output_tokens == pytest.approx(expected)
 
