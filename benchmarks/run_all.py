@@ -29,6 +29,7 @@ BENCHMARKS = (
     "serving_peers",  # peers skipped with a note when not built (benchmarks/peers/)
     "kv_cache",
     "overload_admission",
+    "chaos",  # random worker kills under load: nothing lost (fault tolerance)
 )
 
 

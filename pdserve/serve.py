@@ -447,6 +447,7 @@ async def _serve_with_key(
     server_task = asyncio.create_task(server.serve(sockets=[http_sock]))
     workers = WorkerProcesses(config, model_dir, client.router_addr, key_file)
     client.on_worker_expired = workers.kill  # fencing: a hung worker's process is killed
+    client.launcher = workers  # scale in/out and role switches go through it
     try:
         workers.start(counts)
         if config.external_workers:

@@ -71,6 +71,18 @@ class Launcher(abc.ABC):
         """Kill a worker now (fencing: it was declared dead while its process lives)."""
 
     @abc.abstractmethod
+    def add(self, role: str) -> str:
+        """Start one more worker of `role` (scale out); returns its id."""
+
+    @abc.abstractmethod
+    def remove(self, worker_id: str) -> None:
+        """Stop a worker for good (scale in, after a drain): it is not restarted."""
+
+    @abc.abstractmethod
+    def set_role(self, worker_id: str, role: str) -> None:
+        """The worker now serves `role` (a runtime switch): restart it in that role."""
+
+    @abc.abstractmethod
     def stop(self) -> None:
         """Stop every worker."""
 
@@ -114,7 +126,36 @@ class LocalLauncher(Launcher):
         """A worker whose process has exited, if any (start-up checks)."""
         return next((w for w, p in self.procs.items() if p.poll() is not None), None)
 
+    def add(self, role: str) -> str:
+        taken = set(self.roles)
+        worker_id = next(f"{role}-{i}" for i in range(len(taken) + 1) if f"{role}-{i}" not in taken)
+        self.spawn(role, worker_id)
+        return worker_id
+
+    def remove(self, worker_id: str, timeout_s: float = 10.0) -> None:
+        proc = self.procs.pop(worker_id, None)
+        self.roles.pop(worker_id, None)
+        if proc is None:
+            return
+        self._reported.add(proc.pid)  # an exit the watchdog must not restart
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        remove_shm_pools([proc.pid])
+
+    def set_role(self, worker_id: str, role: str) -> None:
+        if worker_id in self.roles:
+            self.roles[worker_id] = role
+
     def restart(self, worker_id: str) -> None:
+        if worker_id not in self.procs:
+            return  # removed (scale in) after it was scheduled
         old = self.procs.pop(worker_id)
         if old.poll() is None:
             old.kill()

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 
 from pdserve.ipc import messages as m
-from pdserve.router.workers import WorkerHandle, WorkerPool
+from pdserve.router.workers import ROLE_CAN, WorkerHandle, WorkerPool
 
 DEFAULT_LEASE_S = 5.0
 FENCE_RESEND_S = 1.0  # tell a fenced incarnation at most this often
@@ -40,6 +40,7 @@ class Outcome(enum.Enum):
     REPLACED = "replaced"  # a new incarnation under a known id: the old one is gone
     FENCED = "fenced"  # from an incarnation declared dead: refused, tell it `Fence`
     UNKNOWN = "unknown"  # stats from a worker that has not registered (yet)
+    REFUSED = "refused"  # a registration that makes no sense (an unknown role)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,8 @@ class Membership:
         (None when refused)."""
         if (info.worker_id, info.incarnation) in self._fenced:
             return Outcome.FENCED, None
+        if info.role not in ROLE_CAN:
+            return Outcome.REFUSED, None
         current = self.pool.workers.get(info.worker_id)
         if current is None:
             return Outcome.NEW, self.pool.connect(info)

@@ -7,7 +7,7 @@ rejected with `msgspec.ValidationError`, and nothing received is ever unpickled.
 Grouped by who sends them:
 
     router → worker      AddRequest, ReserveKV, PrefillRequest, Abort, Shutdown,
-                         SendKVSnapshot, Fence
+                         SendKVSnapshot, Fence, SetRole
     worker → router      Register, WorkerStats, StepOutputs, KVReserved, RequestFailed,
                          KVSent, KVEvents, Draining
     prefill → decode     KVLayer (+ raw key/value frames, tcp backend), KVDone
@@ -109,6 +109,13 @@ class Abort(Message):
 
 class Shutdown(Message):
     pass
+
+
+class SetRole(Message):
+    """Serve as `role` from now on (the router drained this worker first): the KV pool,
+    its blocks and the prefix cache stay; the worker registers again with the new role."""
+
+    role: str
 
 
 class Fence(Message):
@@ -361,6 +368,7 @@ AnyMessage = Union[  # noqa: UP007 — msgspec needs a real Union of the tagged 
     Shutdown,
     SendKVSnapshot,
     Fence,
+    SetRole,
     Register,
     WorkerStats,
     StepOutputs,

@@ -1,9 +1,13 @@
 """The operator's HTTP API, `/admin/*`, behind its own key.
 
-    GET  /admin/workers                  every registered worker: role, state, load
-    POST /admin/workers/{id}/drain       stop new work, move (or finish) what it holds;
+    GET    /admin/workers                every registered worker: role, state, load
+    POST   /admin/workers/{id}/drain     stop new work, move (or finish) what it holds;
                                          answers when the worker holds nothing
-    POST /admin/workers/{id}/resume      take new work again after a drain
+    POST   /admin/workers/{id}/resume    take new work again after a drain
+    POST   /admin/workers/{id}/role      {"role": "mixed"}: drain, switch, serve again
+                                         (router/elastic.py); answers once it serves
+    POST   /admin/workers                {"role": "decode"}: one more worker (201)
+    DELETE /admin/workers/{id}           drain, then stop it for good
 
 Auth: `Authorization: Bearer <admin key>` (`--admin-key` or `PDSERVE_ADMIN_KEY`); no
 header → 401, another key (an API key included) → 403. Without an admin key configured
@@ -21,6 +25,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.routing import APIRoute
 from starlette.responses import JSONResponse
 
+from pdserve.errors import ConfigError, PdserveError, ServiceUnavailableError
 from pdserve.router.client import EngineClient
 from pdserve.router.drain import UnknownWorkerError
 from pdserve.router.serving import ApiError
@@ -51,6 +56,25 @@ def admin_router(
         report = await client.drain(worker_id, body.migrate, body.timeout_s)  # type: ignore[attr-defined]
         return JSONResponse(msgspec.to_builtins(report) | {"status": "drained"})
 
+    @router.post("/workers/{worker_id}/role")
+    async def set_role(worker_id: str, request: Request) -> JSONResponse:
+        body = await _decode(request, RoleBody)
+        _worker(client, worker_id)
+        switch = await _call(client.elastic.switch_role(worker_id, body.role, "admin"))  # type: ignore[attr-defined]
+        return JSONResponse(msgspec.to_builtins(switch) | {"status": "serving"})
+
+    @router.post("/workers")
+    async def add_worker(request: Request) -> JSONResponse:
+        body = await _decode(request, RoleBody)
+        worker_id = await _call(client.elastic.scale_out(body.role))  # type: ignore[attr-defined]
+        return JSONResponse({"worker_id": worker_id, "role": body.role, "status": "serving"}, 201)
+
+    @router.delete("/workers/{worker_id}")
+    async def remove_worker(worker_id: str) -> JSONResponse:
+        _worker(client, worker_id)
+        await _call(client.elastic.scale_in(worker_id))  # type: ignore[attr-defined]
+        return JSONResponse({"worker_id": worker_id, "status": "removed"})
+
     @router.post("/workers/{worker_id}/resume")
     async def resume(worker_id: str) -> JSONResponse:
         _worker(client, worker_id)
@@ -58,6 +82,20 @@ def admin_router(
         return JSONResponse({"worker_id": worker_id, "status": "serving"})
 
     return router
+
+
+async def _call(work):
+    """Await an operation; its errors as the admin API's status codes."""
+    try:
+        return await work
+    except UnknownWorkerError as e:
+        raise ApiError(404, f"no worker {e.args[0]!r}", code="worker_not_found") from None
+    except ConfigError as e:
+        raise ApiError(400, str(e), param=e.field) from None
+    except ServiceUnavailableError:
+        raise
+    except PdserveError as e:
+        raise ApiError(409, str(e)) from None
 
 
 def _admin_auth(admin_key: str | None) -> Callable:
@@ -76,12 +114,20 @@ def _admin_auth(admin_key: str | None) -> Callable:
     return check
 
 
+class RoleBody(msgspec.Struct, forbid_unknown_fields=True):
+    role: str
+
+
 async def _body(request: Request) -> DrainBody:
+    return await _decode(request, DrainBody)
+
+
+async def _decode(request: Request, kind: type):
     raw = await request.body()
     try:
-        return msgspec.json.decode(raw or b"{}", type=DrainBody)
+        return msgspec.json.decode(raw or b"{}", type=kind)
     except msgspec.ValidationError as e:
-        raise ApiError(400, f"invalid drain request: {e}") from None
+        raise ApiError(400, f"invalid request: {e}") from None
     except msgspec.DecodeError as e:
         raise ApiError(400, f"We could not parse the JSON body of your request: {e}") from None
 

@@ -33,6 +33,7 @@ import zmq
 import zmq.asyncio
 
 from pdserve.config import ModelConfig
+from pdserve.control.launcher import Launcher
 from pdserve.control.membership import DEFAULT_LEASE_S, Membership, Outcome
 from pdserve.control.migration import MigrationConfig, attempt_request_id
 from pdserve.engine.limits import check_request
@@ -50,6 +51,7 @@ from pdserve.outputs import StreamUpdate
 from pdserve.router.client import EngineClient, Readiness, WorkerStatus
 from pdserve.router.dispatch import Attempt, AttemptLost, Dispatcher, NoLiveWorker
 from pdserve.router.drain import DrainReport, Drains
+from pdserve.router.elastic import Elastic
 from pdserve.router.kv_index import KVIndex
 from pdserve.router.ledger import Charges, LoadLedger
 from pdserve.router.policy import RoutingConfig, required_jobs
@@ -62,6 +64,7 @@ logger = logging.getLogger(__name__)
 
 SNAPSHOT_RETRY_S = 2.0  # ask an unsynced worker for its KV snapshot at most this often
 LIVENESS_PERIOD_S = 0.25
+PLACE_RETRY_S = 0.05  # between placements that found no plan
 ORPHAN_GRACE_S = 3.0  # a worker busy with nothing of ours this long lost its router
 
 
@@ -128,6 +131,8 @@ class ClusterClient(EngineClient):
             self.pool, self.ledger, self.kv_index, lambda: self.routing, lambda: self.metrics
         )
         self.drains = Drains(self)
+        self.elastic = Elastic(self)
+        self.launcher: Launcher | None = None  # set by `pdserve serve`: scale in/out
         self.processor = OutputProcessor(self.tokenizer)
         self._streams: dict[str, _Stream] = {}
         self._children: dict[str, _Sample] = {}  # by child id
@@ -296,6 +301,7 @@ class ClusterClient(EngineClient):
     async def _place(self, sample: _Sample) -> None:
         """Start an attempt for `sample` and send it to workers; start again while the
         workers it is placed on are lost, within the migration budget."""
+        deadline = time.monotonic() + self.migration.migration_wait_s
         while True:
             attempt = self._new_attempt(sample)
             try:
@@ -315,9 +321,10 @@ class ClusterClient(EngineClient):
                 await self._wait_for_worker(sample)
             except NoLiveWorker:
                 self._end_attempt(attempt)
-                if not self._is_recovering(sample):
+                if not self._is_recovering(sample) or time.monotonic() > deadline:
                     raise
                 await self._wait_for_worker(sample)  # a restart or a drain is under way
+                await asyncio.sleep(PLACE_RETRY_S)  # roles alive, yet no plan: not a spin
 
     def _new_attempt(self, sample: _Sample) -> Attempt:
         outputs = sample.output_token_ids
@@ -459,6 +466,14 @@ class ClusterClient(EngineClient):
     ) -> DrainReport:
         return await self.drains.drain(worker_id, migrate, timeout_s)
 
+    def forget_worker(self, worker_id: str) -> None:
+        """A worker removed for good (scale in): out of the pool and the prefix index."""
+        handle = self.pool.workers.pop(worker_id, None)
+        if handle is not None:
+            self.membership.fence(handle)
+            handle.close()
+        self.kv_index.drop_worker(worker_id)
+
     # ---- messages from workers -----------------------------------------------------------
 
     async def _receive_loop(self) -> None:
@@ -508,6 +523,9 @@ class ClusterClient(EngineClient):
         outcome, _ = self.membership.on_register(message)
         if outcome is Outcome.FENCED:
             self._tell_fenced(message.worker_id, message.ctrl_addr, message.incarnation)
+            return
+        if outcome is Outcome.REFUSED:
+            logger.warning("refusing worker %s: unknown role %r", message.worker_id, message.role)
             return
         if outcome is Outcome.REFRESHED:
             return

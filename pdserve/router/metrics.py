@@ -174,6 +174,12 @@ class RouterMetrics:
             "pdserve:migration_replay_cached_tokens",
             "Of those, tokens the new worker served from its prefix cache or KV tiers.",
         )
+        self.role_switches = Counter(
+            "pdserve:role_switches",
+            "Workers that changed role at runtime, by old role, new role and reason.",
+            [*labels, "from", "to", "reason"],
+            registry=self.registry,
+        )
         self._workers = _WorkerCollector(model_name)
         self.registry.register(self._workers)
 
@@ -214,6 +220,9 @@ class RouterMetrics:
     def observe_migration_replay(self, num_tokens: int, num_cached_tokens: int) -> None:
         self.migration_replay_tokens.inc(num_tokens)
         self.migration_replay_cached_tokens.inc(min(num_cached_tokens, num_tokens))
+
+    def observe_role_switch(self, old: str, new: str, reason: str) -> None:
+        self.role_switches.labels(self.model_name, old, new, reason).inc()
 
     def watch_workers(self, readiness: Callable[[], Readiness]) -> None:
         """Read per-worker gauges from `readiness().workers` whenever metrics are scraped."""
@@ -343,6 +352,14 @@ class _WorkerCollector:
                 values = [self.model_name, worker.worker_id, worker.role]
                 family.add_metric(values, float(getattr(worker, attribute)))
             yield family
+        roles = GaugeMetricFamily(
+            "pdserve:worker_role",
+            "1 for each worker's current role (it changes at runtime).",
+            labels=labels,
+        )
+        for worker in workers:
+            roles.add_metric([self.model_name, worker.worker_id, worker.role], 1.0)
+        yield roles
         for name, doc, attribute in self.COUNTERS:
             counter = CounterMetricFamily(name, doc, labels=labels)
             for worker in workers:

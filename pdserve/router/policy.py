@@ -145,6 +145,16 @@ def plan_request(
     if decode is None:
         return None
     prefill = pick("prefill", [w for w in pool.alive("prefill") if w is not decode])
+    if prefill is None and config.mode == "disaggregated":
+        # The decode pick took the only worker that can prefill (a mixed one): pick the
+        # prefill worker first, then decode among the others.
+        picks.clear()
+        prefill = pick("prefill", pool.alive("prefill"))
+        if prefill is None:
+            return None
+        decode = pick("decode", [w for w in pool.alive("decode") if w is not prefill])
+        if decode is None:
+            return None
 
     def plan(placement: str, reason: str) -> Plan:
         remote = prefill if placement == "remote" else None

@@ -25,8 +25,10 @@ Failure handling:
 
 Roles are what the router sends, not different code: a `prefill` worker gets
 `PrefillRequest`s, a `decode` worker `ReserveKV`s (and `AddRequest`s for prompts it
-prefills itself), a `mixed` worker anything. Only decode-capable roles put their KV pool
-in shared memory (for the `shm` backend).
+prefills itself), a `mixed` worker anything; `SetRole` changes the role at runtime (the
+router drains the worker first) and keeps the pool, its blocks and the prefix cache. On a
+CPU every role puts its KV pool in shared memory (for the `shm` backend), so any worker
+can become a decode worker that prefill workers write into.
 
 The loop: take every waiting message, admit reservations that now fit, expire what timed
 out, run one engine step, report (outputs, then the step's KV events).
@@ -101,6 +103,7 @@ class Worker:
         if config.role not in ROLES:
             raise PdserveError(f"role must be one of {ROLES}, got {config.role!r}")
         self.config = config
+        self.role = config.role  # changes at runtime (`SetRole`); the pool stays
         self.worker_id = config.worker_id
         self.ctx = zmq.Context()
         self.cluster_key = (
@@ -163,7 +166,10 @@ class Worker:
         config = self.config
         model_config = ModelConfig.from_pretrained(config.model_dir)
         allocator = None
-        if config.role != "prefill" and "shm" in config.backends:
+        # Every role's pool is shared (shm backend): a prefill worker may become a decode
+        # worker at runtime (`SetRole`) and then needs prefill workers to write into it.
+        is_cpu = config.engine.device == "cpu"
+        if "shm" in config.backends and (is_cpu or config.role != "prefill"):
             if config.engine.device != "cpu":
                 raise PdserveError(
                     "the shm transfer backend needs the KV pool in host memory; "
@@ -304,10 +310,21 @@ class Worker:
         if isinstance(message, m.Fence):
             self._on_fence(message)
             return
+        if isinstance(message, m.SetRole):
+            self._on_set_role(message)
+            return
         if isinstance(message, m.SendKVSnapshot):
             self._send(self.kv_events.snapshot())
             return
         self._flush(self.handoffs.on_command(message))
+
+    def _on_set_role(self, message: m.SetRole) -> None:
+        if message.role not in ROLES:
+            logger.warning("ignoring SetRole to unknown role %r", message.role)
+            return
+        logger.info("worker %s: role %s -> %s", self.worker_id, self.role, message.role)
+        self.role = message.role
+        self._send(self._register_message())  # same incarnation, new role
 
     def _on_fence(self, message: m.Fence) -> None:
         """The router declared this incarnation dead and moved its requests: drop them
@@ -354,7 +371,7 @@ class Worker:
     def _register_message(self) -> m.Register:
         return m.Register(
             worker_id=self.worker_id,
-            role=self.config.role,
+            role=self.role,
             pid=os.getpid(),
             ctrl_addr=self._advertised(self.ctrl),
             kv_addr=self._advertised(self.kv),

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from pdserve.control.migration import MigrationConfig
-from pdserve.errors import RequestFailedError, ServiceUnavailableError
+from pdserve.errors import ConfigError, RequestFailedError, ServiceUnavailableError
 from pdserve.ipc import messages as m
 from pdserve.ipc.security import generate_key
 from pdserve.router.cluster import ClusterClient
@@ -312,5 +312,47 @@ def test_a_role_nobody_ever_served_fails_at_once(builtin_model_dir):
         async with Harness(builtin_model_dir, "disaggregated", [("d0", "decode")]) as h:
             with pytest.raises(ServiceUnavailableError, match="no live worker"):
                 await h.start()
+
+    asyncio.run(main())
+
+
+def test_a_role_switch_drains_then_the_worker_serves_in_its_new_role(builtin_model_dir):
+    async def main():
+        roles = [("p0", "prefill"), ("d0", "decode")]
+        async with Harness(builtin_model_dir, "auto", roles) as h:
+            prefill = h.workers["p0"]
+
+            async def answer_set_role():
+                command = await prefill.next_command()
+                assert command == m.SetRole("mixed")
+                prefill.role = "mixed"  # the same process registers again in its new role
+                prefill.register()
+
+            answering = asyncio.create_task(answer_set_role())
+            switch = await h.client.elastic.switch_role("p0", "mixed")
+            await answering
+            assert (switch.old_role, switch.new_role, switch.num_migrated) == (
+                "prefill",
+                "mixed",
+                0,
+            )
+            handle = h.client.pool.workers["p0"]
+            assert handle.role == "mixed" and handle.is_accepting
+            assert handle.incarnation == prefill.incarnation  # not a restart
+            assert {w.worker_id for w in h.client.pool.alive("decode")} == {"p0", "d0"}
+            with pytest.raises(ConfigError, match="role"):
+                await h.client.elastic.switch_role("p0", "x")
+
+    asyncio.run(main())
+
+
+def test_a_worker_registering_an_unknown_role_is_refused(builtin_model_dir):
+    async def main():
+        async with Harness(builtin_model_dir, "aggregated", MIXED2) as h:
+            rogue = FakeWorker(h.client.ctx, h.client.router_addr, "rogue", "x")
+            rogue.register()
+            await asyncio.sleep(0.3)
+            assert "rogue" not in h.client.pool.workers
+            rogue.close()
 
     asyncio.run(main())

@@ -98,3 +98,13 @@ def test_required_jobs_and_config_errors():
         RoutingConfig(mode="fast")
     with pytest.raises(ConfigError, match="kv_backend"):
         RoutingConfig(kv_backend="rdma")
+
+
+def test_disaggregated_with_a_mixed_worker_keeps_a_prefill_worker_free():
+    """decode + mixed (after a role switch): whichever the decode pick would be, the plan
+    pairs the mixed worker (prefill) with the decode worker instead of finding none."""
+    pool = pool_of(("d0", "decode", 500), ("m0", "mixed", 0))
+    plan = plan_request(
+        pool, RoutingConfig(mode="disaggregated", routing_policy="least_loaded"), 50
+    )
+    assert ids(plan) == ("d0", "m0")

@@ -110,9 +110,10 @@ def workers(server: ServerProcess) -> dict[str, dict]:
 
 
 def counter(server: ServerProcess, name: str) -> float:
+    """A metric's value summed over its label sets."""
     text = httpx.get(server.url + "/metrics").text
-    match = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
+    matches = re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M)
+    return sum(float(v) for v in matches)
 
 
 def prompts(n: int, words: int = 40) -> list[str]:

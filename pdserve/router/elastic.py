@@ -1,0 +1,126 @@
+"""Changing the cluster's shape at runtime: role switches and scale in/out.
+
+- `switch_role(worker, role)`: drain the worker (its requests migrate, control/migration.py),
+  tell it `SetRole`, wait until it registers again in the new role (same process, same
+  incarnation: its weights, KV pool, blocks and prefix cache stay, and so does its entry
+  in the global prefix index), then let it take work again. The launcher restarts it in
+  the new role if it ever dies.
+- `scale_out(role)`: the launcher starts one more worker; returns once it serves.
+- `scale_in(worker)`: drain, `Shutdown`, the launcher stops it for good; its entry leaves
+  the router.
+
+These are the mechanisms; who decides (an operator through `/admin`, or a planner) is
+another matter. Every switch is counted in `pdserve:role_switches_total{from,to,reason}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pdserve.errors import ConfigError, PdserveError, ServiceUnavailableError
+from pdserve.ipc import messages as m
+from pdserve.router.drain import UnknownWorkerError
+from pdserve.router.workers import ROLE_CAN
+
+if TYPE_CHECKING:
+    from pdserve.router.cluster import ClusterClient
+
+logger = logging.getLogger(__name__)
+
+ROLES = tuple(ROLE_CAN)
+SWITCH_TIMEOUT_S = 30.0  # for the worker to answer SetRole
+START_TIMEOUT_S = 300.0  # for a new worker to load and register
+
+
+@dataclass(frozen=True, slots=True)
+class RoleSwitch:
+    worker_id: str
+    old_role: str
+    new_role: str
+    num_migrated: int
+    seconds: float  # drain + switch
+    switch_seconds: float  # SetRole sent -> registered in the new role
+
+
+class Elastic:
+    def __init__(self, client: ClusterClient) -> None:
+        self.client = client
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def switch_role(self, worker_id: str, role: str, reason: str = "admin") -> RoleSwitch:
+        if role not in ROLES:
+            raise ConfigError("role", f"{role!r}; choose one of {ROLES}")
+        async with self._locks.setdefault(worker_id, asyncio.Lock()):
+            handle = self._handle(worker_id)
+            old = handle.role
+            start = time.monotonic()
+            if old == role:
+                return RoleSwitch(worker_id, old, role, 0, 0.0, 0.0)
+            report = await self.client.drain(worker_id, migrate=True)
+            switch_start = time.monotonic()
+            handle.send(m.SetRole(role))
+            try:
+                await self._until(lambda: self._handle(worker_id).role == role, SWITCH_TIMEOUT_S)
+            finally:
+                self.client.drains.resume(worker_id)
+            if self.client.launcher is not None:
+                self.client.launcher.set_role(worker_id, role)
+            if self.client.metrics is not None:
+                self.client.metrics.observe_role_switch(old, role, reason)
+            now = time.monotonic()
+            logger.info(
+                "worker %s: %s -> %s (%s) in %.2f s", worker_id, old, role, reason, now - start
+            )
+            return RoleSwitch(
+                worker_id, old, role, report.num_migrated, now - start, now - switch_start
+            )
+
+    async def scale_out(self, role: str) -> str:
+        if role not in ROLES:
+            raise ConfigError("role", f"{role!r}; choose one of {ROLES}")
+        launcher = self._launcher()
+        worker_id = launcher.add(role)
+        self.client.min_workers += 1
+        logger.info("scaling out: worker %s (%s) starting", worker_id, role)
+
+        def serving() -> bool:
+            handle = self.client.pool.workers.get(worker_id)
+            return handle is not None and handle.is_accepting
+
+        await self._until(serving, START_TIMEOUT_S)
+        return worker_id
+
+    async def scale_in(self, worker_id: str) -> None:
+        launcher = self._launcher()
+        self._handle(worker_id)
+        await self.client.drain(worker_id, migrate=True)
+        self._handle(worker_id).send(m.Shutdown())
+        await asyncio.get_running_loop().run_in_executor(None, launcher.remove, worker_id)
+        self.client.forget_worker(worker_id)
+        self.client.min_workers = max(0, self.client.min_workers - 1)
+        logger.info("scaled in: worker %s removed", worker_id)
+
+    def _handle(self, worker_id: str):
+        handle = self.client.pool.workers.get(worker_id)
+        if handle is None:
+            raise UnknownWorkerError(worker_id)
+        return handle
+
+    def _launcher(self):
+        if self.client.launcher is None:
+            raise PdserveError(
+                "this router launches no workers (pdserve router): scale them yourself"
+            )
+        return self.client.launcher
+
+    @staticmethod
+    async def _until(condition, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            if time.monotonic() > deadline:
+                raise ServiceUnavailableError(f"the worker did not answer within {timeout_s:g} s")
+            await asyncio.sleep(0.02)
