@@ -38,6 +38,7 @@ from pdserve.config import EngineConfig
 from pdserve.control.launcher import LocalLauncher, Watchdog, python_module_command
 from pdserve.control.membership import DEFAULT_LEASE_S
 from pdserve.control.migration import MigrationConfig
+from pdserve.control.planner import PlannerConfig, PlannerLoop, RequestLog, SimRates
 from pdserve.errors import ConfigError, PdserveError
 from pdserve.ipc import security
 from pdserve.router.gateway.config import GatewayConfig
@@ -89,6 +90,14 @@ class ServeConfig:
     # for a fresh key made at start and handed to the children this command launches.
     cluster_key_file: str | None = None
     insecure_no_curve: bool = False  # plain ZeroMQ: for debugging only, logged loudly
+    # Elastic P/D (control/planner.py): "slo" moves workers between roles to follow the
+    # load, with the SLOs and a `pdserve profile` cost model; "none" keeps the layout.
+    planner: str = "none"
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    planner_profile: str | None = None
+    planner_interval_s: float = 10.0
+    planner_cooldown_s: float = 60.0
     # The HTTP edge (router/gateway/; every field documented in GatewayConfig).
     api_keys: str | None = None  # YAML keys file with quotas
     protect_probes: bool = False
@@ -125,6 +134,27 @@ class ServeConfig:
             if getattr(self, name) == "":
                 raise ConfigError(name, "is empty; omit it to turn the check off")
         self.migration()  # validates the migration fields
+        self.planner_config()  # validates the planner fields
+
+    def planner_config(self) -> PlannerConfig | None:
+        if self.planner not in ("none", "slo"):
+            raise ConfigError("planner", f"{self.planner!r}; choose 'none' or 'slo'")
+        if self.planner == "none":
+            return None
+        for name in ("slo_ttft_ms", "slo_tpot_ms", "planner_profile"):
+            if getattr(self, name) is None:
+                hint = " (make one with: pdserve profile --out profile.json)"
+                raise ConfigError(
+                    name, "required by planner: slo" + (hint if "profile" in name else "")
+                )
+        if not Path(self.planner_profile).is_file():
+            raise ConfigError("planner_profile", f"{self.planner_profile} does not exist")
+        return PlannerConfig(
+            self.slo_ttft_ms,
+            self.slo_tpot_ms,
+            interval_s=self.planner_interval_s,
+            cooldown_s=self.planner_cooldown_s,
+        )
 
     def migration(self) -> MigrationConfig:
         return MigrationConfig(self.max_migrations, self.migration_wait_s)
@@ -263,6 +293,12 @@ SERVE_FLAGS = {
     "worker_lease_s": (float, "a worker silent or stalled this long is dead (default 5)"),
     "max_migrations": (int, "times a request may move to another worker (default 3)"),
     "migration_wait_s": (float, "wait this long for a worker to move a request to (30)"),
+    "planner": (str, "none | slo: move workers between roles to follow the load"),
+    "slo_ttft_ms": (float, "planner slo: time-to-first-token target"),
+    "slo_tpot_ms": (float, "planner slo: time-per-output-token target"),
+    "planner_profile": (str, "planner slo: cost model from `pdserve profile --out FILE`"),
+    "planner_interval_s": (float, "planner slo: seconds between decisions (default 10)"),
+    "planner_cooldown_s": (float, "planner slo: at least this long between switches (60)"),
     "kv_aware_prefill_weight": (float, "kv_aware: cost per uncached prompt token (default 1)"),
     "kv_aware_queue_weight": (float, "kv_aware: cost per queued prompt token (default 1)"),
     "kv_aware_running_weight": (float, "kv_aware: cost per assigned request (default 16)"),
@@ -465,8 +501,11 @@ async def _serve_with_key(
             flush=True,
         )
         watchdog = asyncio.create_task(Watchdog(workers, client.mark_dead).run())
+        planner = _start_planner(config, client)
         await server_task
         watchdog.cancel()
+        if planner is not None:
+            planner.cancel()
         return 0
     finally:
         server.should_exit = True
@@ -513,6 +552,26 @@ async def _wait_ready(client, workers: WorkerProcesses, server_task: asyncio.Tas
         file=sys.stderr,
     )
     return False
+
+
+def _start_planner(config: ServeConfig, client) -> asyncio.Task | None:
+    """The SLO planner beside the router (control/planner.py), if configured."""
+    planner_config = config.planner_config()
+    if planner_config is None:
+        return None
+    log = RequestLog()
+    client.request_log = log
+    rates = SimRates(config.planner_profile, config.threads(), config.engine)
+    client.planner = PlannerLoop(
+        planner_config,
+        log,
+        rates,
+        roles=lambda: {w: h.role for w, h in client.pool.workers.items() if h.is_alive},
+        switch=client.elastic.switch_role,
+        on_decision=client.metrics.observe_planner,
+    )
+    logger.info("planner: slo (TTFT %g ms, TPOT %g ms)", config.slo_ttft_ms, config.slo_tpot_ms)
+    return asyncio.create_task(client.planner.run())
 
 
 class WorkerProcesses(LocalLauncher):

@@ -8,6 +8,7 @@
                                          (router/elastic.py); answers once it serves
     POST   /admin/workers                {"role": "decode"}: one more worker (201)
     DELETE /admin/workers/{id}           drain, then stop it for good
+    GET    /admin/planner                the SLO planner's recent decisions and reasons
 
 Auth: `Authorization: Bearer <admin key>` (`--admin-key` or `PDSERVE_ADMIN_KEY`); no
 header → 401, another key (an API key included) → 403. Without an admin key configured
@@ -18,6 +19,7 @@ default.
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -74,6 +76,24 @@ def admin_router(
         _worker(client, worker_id)
         await _call(client.elastic.scale_in(worker_id))  # type: ignore[attr-defined]
         return JSONResponse({"worker_id": worker_id, "status": "removed"})
+
+    @router.get("/planner")
+    async def planner() -> JSONResponse:
+        loop = getattr(client, "planner", None)
+        if loop is None:
+            return JSONResponse({"planner": "none", "decisions": []})
+        decisions = [
+            {
+                "age_s": round(time.monotonic() - when, 1),
+                "target": d.target.as_dict(),
+                "predicted_goodput": d.predicted_goodput,
+                "current_goodput": d.current_goodput,
+                "reason": d.reason,
+                "moves": [list(move) for move in d.moves],
+            }
+            for when, d in loop.history
+        ]
+        return JSONResponse({"planner": "slo", "decisions": decisions})
 
     @router.post("/workers/{worker_id}/resume")
     async def resume(worker_id: str) -> JSONResponse:

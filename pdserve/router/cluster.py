@@ -36,6 +36,7 @@ from pdserve.config import ModelConfig
 from pdserve.control.launcher import Launcher
 from pdserve.control.membership import DEFAULT_LEASE_S, Membership, Outcome
 from pdserve.control.migration import MigrationConfig, attempt_request_id
+from pdserve.control.planner import PlannerLoop, RequestLog
 from pdserve.engine.limits import check_request
 from pdserve.engine.output_processor import OutputProcessor
 from pdserve.errors import (
@@ -133,6 +134,8 @@ class ClusterClient(EngineClient):
         self.drains = Drains(self)
         self.elastic = Elastic(self)
         self.launcher: Launcher | None = None  # set by `pdserve serve`: scale in/out
+        self.request_log: RequestLog | None = None  # what the SLO planner observes
+        self.planner: PlannerLoop | None = None
         self.processor = OutputProcessor(self.tokenizer)
         self._streams: dict[str, _Stream] = {}
         self._children: dict[str, _Sample] = {}  # by child id
@@ -259,6 +262,9 @@ class ClusterClient(EngineClient):
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         child_ids = self.processor.add_request(request_id, prompt, prompt_token_ids, params)
         max_tokens = params.max_tokens or (self.max_model_len - len(prompt_token_ids))
+        if self.request_log is not None:
+            for _ in child_ids:
+                self.request_log.record(len(prompt_token_ids), max_tokens)
         stream = _Stream(UpdateQueue(), [])  # merges updates its reader has not taken
         self._streams[request_id] = stream
         is_finished = False

@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -180,6 +180,13 @@ class RouterMetrics:
             [*labels, "from", "to", "reason"],
             registry=self.registry,
         )
+        self.planner_predicted_goodput = Gauge(
+            "pdserve:planner_predicted_goodput",
+            "The SLO planner's predicted goodput (req/s) of its target layout and of the "
+            "current one, for the forecast load.",
+            [*labels, "layout"],
+            registry=self.registry,
+        )
         self._workers = _WorkerCollector(model_name)
         self.registry.register(self._workers)
 
@@ -223,6 +230,12 @@ class RouterMetrics:
 
     def observe_role_switch(self, old: str, new: str, reason: str) -> None:
         self.role_switches.labels(self.model_name, old, new, reason).inc()
+
+    def observe_planner(self, decision) -> None:
+        """A `control.planner.Decision`."""
+        gauge = self.planner_predicted_goodput
+        gauge.labels(self.model_name, "target").set(decision.predicted_goodput)
+        gauge.labels(self.model_name, "current").set(decision.current_goodput)
 
     def watch_workers(self, readiness: Callable[[], Readiness]) -> None:
         """Read per-worker gauges from `readiness().workers` whenever metrics are scraped."""

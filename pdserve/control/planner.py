@@ -1,0 +1,319 @@
+"""The SLO planner: roles that follow the load (observe → predict → propose → reconcile).
+
+Dynamo's planner loop, with roles instead of replica counts and the simulator's cost model
+instead of hand-set thresholds:
+
+1. **Observe** (`RequestLog`): every request's arrival time, prompt tokens and output
+   budget (or the client's `expected_output_tokens` hint), as the router admits it.
+2. **Predict** (`forecast`): the arrival rate of the next interval (an exponentially
+   weighted mean of recent windows) and the recent length mix (a sample of requests).
+3. **Propose** (`propose`): for every assignment of the cluster's workers to roles
+   (p prefill, d decode, m mixed), the goodput it would sustain for that mix under the
+   SLOs — `min(rate, min(p x prefill, d x decode) + m x mixed)`, DistServe's placement
+   rule over one worker's goodput per role (`RateModel`; `SimRates` measures those with
+   `sim/`'s simulator on the `pdserve profile` cost model, the one cost model the
+   planner and the simulator share).
+4. **Reconcile** (`decide`, `moves`): switch only when the best layout beats the current
+   one's predicted goodput by `hysteresis` (10 %), and at most once per `cooldown_s`, one
+   worker at a time (the drain-and-switch of router/elastic.py), so noise never makes it
+   flap.
+
+Everything here but `SimRates` is plain arithmetic on plain data, torch-free, so the
+simulator can run the same decisions offline and tests can check them exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pdserve.errors import ConfigError
+
+ROLES = ("prefill", "decode", "mixed")
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    slo_ttft_ms: float
+    slo_tpot_ms: float
+    interval_s: float = 10.0  # one observe → reconcile pass
+    window_s: float = 60.0  # history the forecast reads
+    cooldown_s: float = 60.0  # between two switches
+    hysteresis: float = 0.1  # the best layout must beat the current one by this share
+    smoothing: float = 0.5  # weight of the newest window in the rate forecast
+
+    def __post_init__(self) -> None:
+        for name in ("slo_ttft_ms", "slo_tpot_ms", "interval_s", "window_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, "must be > 0")
+        if not 0 <= self.hysteresis < 1 or not 0 < self.smoothing <= 1:
+            raise ConfigError("hysteresis", "hysteresis in [0, 1), smoothing in (0, 1]")
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    time: float
+    prompt_tokens: int
+    output_tokens: int  # the budget, or the client's expected_output_tokens hint
+
+
+class RequestLog:
+    """What the router admitted recently (it calls `record` per request)."""
+
+    def __init__(self, keep_s: float = 600.0) -> None:
+        self.keep_s = keep_s
+        self.arrivals: deque[Arrival] = deque()
+
+    def record(self, prompt_tokens: int, output_tokens: int, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self.arrivals.append(Arrival(now, prompt_tokens, output_tokens))
+        while self.arrivals and self.arrivals[0].time < now - self.keep_s:
+            self.arrivals.popleft()
+
+
+@dataclass(frozen=True)
+class Forecast:
+    rate: float  # requests/s expected next interval
+    mix: tuple[tuple[int, int], ...]  # (prompt tokens, output tokens) of recent requests
+
+    @property
+    def signature(self) -> tuple[int, int]:
+        """The mix, coarsely (mean prompt, mean output rounded to 2 significant bits):
+        rates measured for one signature serve every mix close to it."""
+        if not self.mix:
+            return (0, 0)
+        prompt = sum(p for p, _ in self.mix) / len(self.mix)
+        output = sum(o for _, o in self.mix) / len(self.mix)
+        return (_coarse(prompt), _coarse(output))
+
+
+def _coarse(x: float) -> int:
+    if x < 4:
+        return round(x)
+    step = 2 ** (math.floor(math.log2(x)) - 1)
+    return int(round(x / step) * step)
+
+
+def forecast(log: RequestLog, config: PlannerConfig, now: float, max_mix: int = 200) -> Forecast:
+    """Rate: an exponentially weighted mean over the windows of `interval_s` within
+    `window_s`, newest weighted `smoothing`; mix: the latest `max_mix` requests."""
+    arrivals = [a for a in log.arrivals if now - config.window_s < a.time <= now]
+    num_windows = max(1, int(config.window_s // config.interval_s))
+    counts = [0] * num_windows
+    for a in arrivals:
+        age = int((now - a.time) // config.interval_s)
+        if age < num_windows:
+            counts[age] += 1
+    rate, weight = 0.0, 0.0
+    for age, count in enumerate(counts):
+        w = config.smoothing * (1 - config.smoothing) ** age
+        rate += w * count / config.interval_s
+        weight += w
+    mix = tuple((a.prompt_tokens, a.output_tokens) for a in arrivals[-max_mix:])
+    return Forecast(rate / weight, mix)
+
+
+@dataclass(frozen=True, slots=True)
+class RoleRates:
+    """One worker's goodput (requests/s meeting both SLOs) in each role, for one mix."""
+
+    prefill: float
+    decode: float
+    mixed: float
+
+
+RateModel = Callable[[Forecast, PlannerConfig], RoleRates]
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    prefill: int
+    decode: int
+    mixed: int
+
+    def capacity(self, rates: RoleRates) -> float:
+        """DistServe's rule: a P/D split serves what its slower phase can; mixed add up."""
+        split = min(self.prefill * rates.prefill, self.decode * rates.decode)
+        if self.prefill == 0 or self.decode == 0:
+            split = 0.0
+        return split + self.mixed * rates.mixed
+
+    def as_dict(self) -> dict[str, int]:
+        return {"prefill": self.prefill, "decode": self.decode, "mixed": self.mixed}
+
+
+def layouts(num_workers: int) -> list[Layout]:
+    """Every assignment of `num_workers` to roles."""
+    return [
+        Layout(p, d, num_workers - p - d)
+        for p, d in itertools.product(range(num_workers + 1), repeat=2)
+        if p + d <= num_workers
+    ]
+
+
+@dataclass(frozen=True)
+class Proposal:
+    layout: Layout
+    predicted_goodput: float
+
+
+def propose(fc: Forecast, rates: RoleRates, num_workers: int) -> list[Proposal]:
+    """Layouts by predicted goodput, best first (ties: more mixed workers, the layout
+    that adapts to any mix)."""
+    proposals = [
+        Proposal(layout, min(fc.rate, layout.capacity(rates))) for layout in layouts(num_workers)
+    ]
+    return sorted(
+        proposals, key=lambda p: (-p.predicted_goodput, -p.layout.mixed, -p.layout.decode)
+    )
+
+
+@dataclass(frozen=True)
+class Decision:
+    target: Layout
+    predicted_goodput: float
+    current_goodput: float
+    reason: str
+    moves: tuple[tuple[str, str], ...] = ()  # (worker id, new role), done one at a time
+
+
+def current_layout(roles: dict[str, str]) -> Layout:
+    return Layout(*(sum(r == role for r in roles.values()) for role in ROLES))
+
+
+def decide(
+    roles: dict[str, str],
+    fc: Forecast,
+    rates: RoleRates,
+    config: PlannerConfig,
+    now: float,
+    last_switch: float | None,
+) -> Decision:
+    """Whether to change roles now, and which (module docstring, step 4)."""
+    current = current_layout(roles)
+    current_goodput = min(fc.rate, current.capacity(rates))
+    best = propose(fc, rates, len(roles))[0]
+    gain = best.predicted_goodput - current_goodput
+    if best.layout == current or gain <= config.hysteresis * max(current_goodput, 1e-9):
+        return Decision(
+            current, current_goodput, current_goodput, "hold: current layout within hysteresis"
+        )
+    if last_switch is not None and now - last_switch < config.cooldown_s:
+        return Decision(current, current_goodput, current_goodput, "hold: cooling down")
+    reason = (
+        f"{_describe(best.layout)} predicts {best.predicted_goodput:.2f} req/s vs "
+        f"{current_goodput:.2f} for {_describe(current)} at {fc.rate:.2f} req/s"
+    )
+    return Decision(
+        best.layout, best.predicted_goodput, current_goodput, reason, moves(roles, best.layout)
+    )
+
+
+def moves(roles: dict[str, str], target: Layout) -> tuple[tuple[str, str], ...]:
+    """The fewest role changes from `roles` to `target` (workers in id order)."""
+    want = target.as_dict()
+    have = {role: sorted(w for w, r in roles.items() if r == role) for role in ROLES}
+    spare = [w for role in ROLES for w in have[role][want[role] :]]
+    needed = [role for role in ROLES for _ in range(max(0, want[role] - len(have[role])))]
+    return tuple(zip(spare, needed, strict=True))
+
+
+def _describe(layout: Layout) -> str:
+    return "/".join(f"{n}{role[0].upper()}" for role, n in layout.as_dict().items() if n)
+
+
+@dataclass
+class SimRates:
+    """`RateModel` from the simulator: one worker's goodput per role for the forecast's
+    mix, by `sim/search.py`'s `phase_rates` on a `pdserve profile` cost model; cached by
+    the mix's signature (a few seconds of simulation per new mix)."""
+
+    profile_path: str
+    threads_per_worker: int = 1
+    engine: object = None  # EngineConfig of the workers (defaults)
+    cache: dict = field(default_factory=dict)
+
+    def __call__(self, fc: Forecast, config: PlannerConfig) -> RoleRates:
+        key = fc.signature
+        if key not in self.cache:
+            self.cache[key] = self._measure(fc, config)
+        return self.cache[key]
+
+    def _measure(self, fc: Forecast, config: PlannerConfig) -> RoleRates:
+        from pdserve.bench.types import SLO, RequestSpec
+        from pdserve.config import EngineConfig
+        from pdserve.sim.profile import Profile
+        from pdserve.sim.search import SearchSettings, phase_rates
+
+        profile = Profile.load(self.profile_path)
+        specs = [
+            RequestSpec(prompt=[1] * p, max_tokens=max(1, o), num_prompt_tokens=p)
+            for p, o in (fc.mix or ((256, 128),))
+        ]
+        slo = SLO(config.slo_ttft_ms, config.slo_tpot_ms)
+        settings = SearchSettings(min_duration_s=10.0, max_requests=400, max_probes=6)
+        engine = self.engine or EngineConfig()
+        found = phase_rates(profile, self.threads_per_worker, engine, specs, slo, settings)
+        return RoleRates(found.prefill.goodput, found.decode.goodput, found.mixed.goodput)
+
+
+class PlannerLoop:
+    """The planner running beside the router: every `interval_s`, forecast, decide, and
+    carry out one move (`switch(worker, role, reason)`, an awaitable: the elastic
+    drain-and-switch). Decisions are kept (`history`) for `/admin` and the dashboard."""
+
+    def __init__(
+        self,
+        config: PlannerConfig,
+        log: RequestLog,
+        rates: RateModel,
+        roles: Callable[[], dict[str, str]],
+        switch: Callable[[str, str, str], object],
+        on_decision: Callable[[Decision], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.log = log
+        self.rates = rates
+        self.roles = roles
+        self.switch = switch
+        self.on_decision = on_decision
+        self.last_switch: float | None = None
+        self.history: deque[tuple[float, Decision]] = deque(maxlen=100)
+
+    async def step(self, now: float | None = None) -> Decision | None:
+        import asyncio
+
+        now = time.monotonic() if now is None else now
+        roles = self.roles()
+        if not roles:
+            return None
+        fc = forecast(self.log, self.config, now)
+        rates = await asyncio.get_running_loop().run_in_executor(None, self.rates, fc, self.config)
+        decision = decide(roles, fc, rates, self.config, now, self.last_switch)
+        self.history.append((now, decision))
+        if self.on_decision is not None:
+            self.on_decision(decision)
+        if decision.moves:
+            worker_id, role = decision.moves[0]  # one at a time; the next pass re-decides
+            await self.switch(worker_id, role, "planner")
+            self.last_switch = time.monotonic()
+        return decision
+
+    async def run(self) -> None:
+        import asyncio
+        import logging
+
+        logger = logging.getLogger(__name__)
+        while True:
+            await asyncio.sleep(self.config.interval_s)
+            try:
+                decision = await self.step()
+            except Exception:  # the planner must not die of one bad pass
+                logger.exception("planner pass failed")
+                continue
+            if decision is not None and decision.moves:
+                logger.info("planner: %s; moving %s", decision.reason, decision.moves[0])
