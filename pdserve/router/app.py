@@ -5,6 +5,7 @@
     POST /v1/completions        POST /v1/chat/completions     GET /v1/models
     GET  /health  (the router is up)   GET /ready  (503 until workers are)   GET /metrics
     /admin/*  (router/admin.py: drain, resume, list workers; admin key only)
+    GET  /dashboard  (router/dashboard.py: the live page; its data guarded like /metrics)
 
 This module owns the HTTP surface; `serving.py` runs generations and `responses.py` builds
 the bodies. The gateway (`router/gateway/`, configured by `GatewayConfig`) checks keys,
@@ -54,6 +55,7 @@ from starlette.responses import JSONResponse, Response
 
 from pdserve.router.admin import admin_router
 from pdserve.router.client import EngineClient
+from pdserve.router.dashboard import dashboard_router
 from pdserve.router.gateway import Gateway, GatewayConfig
 from pdserve.router.gateway.limits import read_body
 from pdserve.router.metrics import RouterMetrics
@@ -104,6 +106,9 @@ def build_app(
     app.state.gateway = gate
     probe_auth = [Depends(_bearer_auth(gate))] if config.protect_probes else []
     _add_probes(app, client, metrics, probe_auth)
+    app.include_router(
+        dashboard_router(client, metrics, probe_auth_checks(gate, config), _OpenAIRoute)
+    )
     if config.protect_probes:
         _add_docs(app, probe_auth)
     app.include_router(_v1_router(client, serving, gate))
@@ -203,6 +208,11 @@ def _add_probes(
 
 
 # -- request checks -------------------------------------------------------------------------
+
+
+def probe_auth_checks(gate, config) -> list:
+    """The checks that guard `/metrics` (none unless `protect_probes`)."""
+    return [_bearer_auth(gate)] if config.protect_probes else []
 
 
 def _add_docs(app: FastAPI, dependencies: list) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,7 @@ class Elastic:
     def __init__(self, client: ClusterClient) -> None:
         self.client = client
         self._locks: dict[str, asyncio.Lock] = {}
+        self.history: deque[tuple[float, RoleSwitch, str]] = deque(maxlen=50)  # (when, what, why)
 
     async def switch_role(self, worker_id: str, role: str, reason: str = "admin") -> RoleSwitch:
         if role not in ROLES:
@@ -72,6 +74,7 @@ class Elastic:
             if self.client.metrics is not None:
                 self.client.metrics.observe_role_switch(old, role, reason)
             now = time.monotonic()
+            self.history.append((now, RoleSwitch(worker_id, old, role, 0, 0.0, 0.0), reason))
             logger.info(
                 "worker %s: %s -> %s (%s) in %.2f s", worker_id, old, role, reason, now - start
             )

@@ -292,10 +292,12 @@ async def test_max_concurrent_per_key(tmp_path, tokenizer):
 
 async def test_protected_probes_need_a_key_but_health_never_does(scripted):
     app = build_app(scripted, gateway=GatewayConfig(api_key="sk-a", protect_probes=True))
-    for path in ("/metrics", "/ready", "/docs", "/openapi.json"):
+    for path in ("/metrics", "/ready", "/docs", "/openapi.json", "/dashboard/data"):
         assert (await request(app, "GET", path)).status_code == 401, path
         assert (await request(app, "GET", path, headers=bearer("sk-a"))).status_code == 200, path
     assert (await request(app, "GET", "/health")).status_code == 200
+    page = await request(app, "GET", "/dashboard")  # the page holds no data: it asks for a key
+    assert page.status_code == 200 and "/dashboard/data" in page.text
     open_app = build_app(scripted, api_key="sk-a")
     assert (await request(open_app, "GET", "/metrics")).status_code == 200
 
