@@ -65,6 +65,7 @@ SAMPLES: list[m.Message] = [
     m.Shutdown(),
     m.SendKVSnapshot(),
     m.Fence("3f2a"),
+    m.SetRole("mixed"),
     m.Draining("decode-0", "3f2a"),
     m.AddRequest("r4", [1, 2], PARAMS, output_token_ids=[9, 8, 7]),
     m.RequestFailed("mixed-0", "r4", "the engine step failed", retryable=True),
