@@ -349,7 +349,8 @@ def test_a_role_switch_drains_then_the_worker_serves_in_its_new_role(builtin_mod
 def test_a_worker_registering_an_unknown_role_is_refused(builtin_model_dir):
     async def main():
         async with Harness(builtin_model_dir, "aggregated", MIXED2) as h:
-            rogue = FakeWorker(h.client.ctx, h.client.router_addr, "rogue", "x")
+            key = h.client.cluster_key  # even with the cluster key: a role that does not exist
+            rogue = FakeWorker(h.client.ctx, h.client.router_addr, "rogue", "x", key)
             rogue.register()
             await asyncio.sleep(0.3)
             assert "rogue" not in h.client.pool.workers
