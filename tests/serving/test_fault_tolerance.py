@@ -62,43 +62,62 @@ def assert_all_exact(streams, expected: list[str], n: int = 1) -> None:
 def kill_under_load(server, victim: str, texts: list[str], when, **params) -> list:
     streams, threads = run_streams(server.url, texts, MAX_TOKENS, **params)
     wait_for(lambda: when(streams), what="the streams to reach the kill point")
-    os.kill(worker_pid(server, victim), signal.SIGKILL)
+    os.kill(worker_pid(server, victim() if callable(victim) else victim), signal.SIGKILL)
     for t in threads:
         t.join(120)
     return streams
 
 
+def wait_busy(server: ServerProcess, role: str, streams) -> str:
+    """Once every stream is decoding: the worker of `role` holding the most of them."""
+    found = []
+
+    def ready() -> bool:
+        worker = busiest(server, role) if all(len(s.chunks) >= 2 for s in streams) else None
+        found[:] = [worker] if worker else []
+        return bool(found)
+
+    wait_for(ready, what=f"a busy {role} worker")
+    return found[0]
+
+
+def busiest(server: ServerProcess, role: str) -> str | None:
+    """The worker of `role` holding the most requests now (None if none holds any): the
+    routing policy decides where requests go, so the test kills where they are."""
+    held = {w: i["num_requests"] for w, i in workers(server).items() if i["role"] == role}
+    worker = max(held, key=held.get, default=None)
+    return worker if worker is not None and held[worker] > 0 else None
+
+
 @pytest.mark.parametrize(
-    ("layout", "victim", "moment"),
+    ("layout", "role", "moment"),
     [
-        (
-            ["--mode", "disaggregated", "--prefill-workers", "1", "--decode-workers", "2"],
-            "decode-0",
-            "decoding",
-        ),
-        (
-            ["--mode", "disaggregated", "--prefill-workers", "2", "--decode-workers", "1"],
-            "prefill-0",
-            "arrived",
-        ),
-        (["--mode", "aggregated", "--mixed-workers", "2"], "mixed-0", "decoding"),
+        (["--mode", "disaggregated", "--prefill-workers", "1", "--decode-workers", "2"], "decode", "decoding"),
+        (["--mode", "disaggregated", "--prefill-workers", "2", "--decode-workers", "1"], "prefill", "arrived"),
+        (["--mode", "aggregated", "--mixed-workers", "2"], "mixed", "decoding"),
     ],
     ids=["decode", "prefill", "mixed"],
-)
-def test_kill_9_loses_no_request(builtin_model_dir, layout, victim, moment):
+)  # fmt: skip
+def test_kill_9_loses_no_request(builtin_model_dir, layout, role, moment):
     server = ServerProcess(*layout, *COMMON)
     try:
         texts = prompts(8, words=60 if moment == "arrived" else 30)
         expected = reference(server, texts)
         before = counter(server, "pdserve:request_migrations_total")
-        if moment == "decoding":
-            when = lambda streams: all(len(s.chunks) >= 3 for s in streams)  # noqa: E731
-        else:  # every request dispatched, none has its first token yet
-            when = lambda streams: workers(server)[victim]["num_requests"] > 0  # noqa: E731
-        streams = kill_under_load(server, victim, texts, when)
+        victim = []
+
+        def when(streams) -> bool:
+            if moment == "decoding" and not all(len(s.chunks) >= 3 for s in streams):
+                return False  # every request decoding
+            # "arrived": dispatched to a prefill worker, no first token yet
+            worker = busiest(server, role)
+            victim[:] = [worker] if worker else []
+            return bool(victim)
+
+        streams = kill_under_load(server, lambda: victim[0], texts, when)
         assert_all_exact(streams, expected)
         assert counter(server, "pdserve:request_migrations_total") > before
-        wait_for(lambda: workers(server)[victim]["state"] == "serving", 60, "the restart")
+        wait_for(lambda: workers(server)[victim[0]]["state"] == "serving", 60, "the restart")
     finally:
         assert server.stop() == 0
 
@@ -145,18 +164,19 @@ def test_drain_through_the_admin_api_moves_requests_exactly(builtin_model_dir):
         texts = prompts(6, words=30)
         expected = reference(server, texts)
         streams, threads = run_streams(server.url, texts, MAX_TOKENS)
-        wait_for(lambda: workers(server)["mixed-0"]["num_requests"] > 0, what="work on mixed-0")
-        wait_for(lambda: all(len(s.chunks) >= 2 for s in streams), what="decoding")
-        r = admin(server, "POST", "/admin/workers/mixed-0/drain", json={"migrate": True})
+        target = wait_busy(server, "mixed", streams)
+        r = admin(server, "POST", f"/admin/workers/{target}/drain", json={"migrate": True})
         assert r.status_code == 200 and r.json()["status"] == "drained"
         assert r.json()["num_migrated"] > 0
-        drained = workers(server)["mixed-0"]
+        drained = workers(server)[target]
         assert (drained["state"], drained["num_requests"]) == ("draining", 0)
         for t in threads:
             t.join(120)
         assert_all_exact(streams, expected)
-        assert admin(server, "POST", "/admin/workers/mixed-0/resume").json()["status"] == "serving"
-        assert workers(server)["mixed-0"]["state"] == "serving"
+        assert (
+            admin(server, "POST", f"/admin/workers/{target}/resume").json()["status"] == "serving"
+        )
+        assert workers(server)[target]["state"] == "serving"
     finally:
         assert server.stop() == 0
 
@@ -166,18 +186,17 @@ def test_sigterm_drains_a_worker_before_it_exits(builtin_model_dir):
     try:
         texts = prompts(6, words=30)
         expected = reference(server, texts)
-        pid = worker_pid(server, "mixed-1")
         streams, threads = run_streams(server.url, texts, MAX_TOKENS)
-        wait_for(lambda: workers(server)["mixed-1"]["num_requests"] > 0, what="work on mixed-1")
-        wait_for(lambda: all(len(s.chunks) >= 2 for s in streams), what="decoding")
+        target = wait_busy(server, "mixed", streams)
+        pid = worker_pid(server, target)
         os.kill(pid, signal.SIGTERM)
         for t in threads:
             t.join(120)
         assert_all_exact(streams, expected)
         wait_for(lambda: _is_dead(pid), 30, "the drained worker to exit")
-        wait_for(lambda: any("mixed-1 exited" in line for line in server.lines), 10, "the log")
-        exits = [line for line in server.lines if "mixed-1 exited" in line]
-        assert "mixed-1 exited with code 0" in exits[0], server.lines
+        wait_for(lambda: any(f"{target} exited" in line for line in server.lines), 10, "the log")
+        exits = [line for line in server.lines if f"{target} exited" in line]
+        assert f"{target} exited with code 0" in exits[0], server.lines
     finally:
         assert server.stop() == 0
 
@@ -212,11 +231,14 @@ def test_seeded_samples_survive_migration_token_exact(builtin_model_dir):
         texts = prompts(4, words=30)
         expected = reference(server, texts, **seeded)
         before = counter(server, "pdserve:request_migrations_total")
-        victim = "decode-1"
-        when = lambda streams: (  # noqa: E731
-            all(len(s.chunks) >= 4 for s in streams) and workers(server)[victim]["num_requests"] > 0
-        )
-        streams = kill_under_load(server, victim, texts, when, **seeded)
+        victim = []
+
+        def when(streams) -> bool:
+            worker = busiest(server, "decode") if all(len(s.chunks) >= 4 for s in streams) else None
+            victim[:] = [worker] if worker else []
+            return bool(victim)
+
+        streams = kill_under_load(server, lambda: victim[0], texts, when, **seeded)
         assert_all_exact(streams, expected, n=2)
         assert counter(server, "pdserve:request_migrations_total") > before
     finally:
