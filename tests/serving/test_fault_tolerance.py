@@ -245,16 +245,19 @@ def test_seeded_samples_survive_migration_token_exact(builtin_model_dir):
         assert server.stop() == 0
 
 
-def test_a_restarted_router_stops_the_requests_nobody_reads(builtin_model_dir):
+def test_a_restarted_router_stops_the_requests_nobody_reads(builtin_model_dir, tmp_path):
     """The router dies mid-stream; a new one on the same port finds the worker still
     decoding for a client that is gone, fences it (it drops the orphan and rejoins) and
     serves with it: no decoding to max_tokens for nobody."""
+    keys = [sys.executable, "-m", "pdserve.cli", "keys", "--out", str(tmp_path / "keys")]
+    subprocess.run(keys, check=True, capture_output=True)
+    key = ["--cluster-key", str(tmp_path / "keys" / "cluster.key")]
     router = ServerProcess(
-        "--mode", "aggregated", "--expect-workers", "1", command="router", wait=False
-    )
+        "--mode", "aggregated", "--expect-workers", "1", *key, command="router", wait=False
+    )  # fmt: skip
     worker = subprocess.Popen(
         [sys.executable, "-m", "pdserve.cli", "worker", "--role", "mixed", "--router",
-         router.router_addr, "--worker-id", "ext-0", "--threads", "1"]
+         router.router_addr, "--worker-id", "ext-0", "--threads", "1", *key]
     )  # fmt: skip
     try:
         router.wait_ready(120)
@@ -263,7 +266,7 @@ def test_a_restarted_router_stops_the_requests_nobody_reads(builtin_model_dir):
         router.proc.kill()
         router.proc.wait()
         again = ServerProcess(
-            "--mode", "aggregated", "--expect-workers", "1", command="router",
+            "--mode", "aggregated", "--expect-workers", "1", *key, command="router",
             router_port=router.router_port,
         )  # fmt: skip
         try:
