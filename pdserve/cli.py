@@ -7,6 +7,7 @@
     pdserve serve [--config serve.yaml] [flags]   router + workers: the OpenAI HTTP server
     pdserve router [flags]                 the router alone (workers join from elsewhere)
     pdserve worker --role prefill|decode|mixed --router ADDR   one worker process
+    pdserve worker --spec FILE             the same, from a WorkerSpec file (what serve uses)
     pdserve bench ...                      load tests and reports (pdserve/bench/cli.py)
     pdserve profile | sim | plan ...       cost profile, simulator, planner (pdserve/sim/cli.py)
 
@@ -160,12 +161,24 @@ def cmd_model_path(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from pdserve.worker.worker import run_worker
+
+    run_worker(worker_config(args))
+    return 0
+
+
+def worker_config(args: argparse.Namespace):
+    """The `WorkerConfig` of `pdserve worker`: from `--spec FILE`, or else from the flags."""
     from pathlib import Path
 
     from pdserve.config import EngineConfig
     from pdserve.model.builtin import ensure_builtin_model
-    from pdserve.worker.worker import WorkerConfig, run_worker
+    from pdserve.worker.worker import WorkerConfig
 
+    if args.spec:
+        return _spec_worker_config(args.spec)
+    if not (args.role and args.router):
+        raise SystemExit("error: pdserve worker needs --spec FILE, or --role and --router")
     model_dir = Path(args.model) if args.model else ensure_builtin_model(progress=False)
     config = WorkerConfig(
         worker_id=args.worker_id or f"{args.role}-{os.getpid()}",
@@ -179,8 +192,28 @@ def cmd_worker(args: argparse.Namespace) -> int:
         kv_layerwise=not args.no_kv_layerwise,
         cluster_key_file=_worker_key_file(args),
     )
-    run_worker(config)
-    return 0
+    return config
+
+
+def _spec_worker_config(path: str):
+    from pathlib import Path
+
+    from pdserve.control.worker_spec import read_spec
+    from pdserve.worker.worker import WorkerConfig
+
+    spec = read_spec(path)
+    return WorkerConfig(
+        worker_id=spec.worker_id,
+        role=spec.role,
+        model_dir=Path(spec.model_dir),
+        router_addr=spec.router_addr,
+        engine=spec.engine,
+        host=spec.host,
+        advertise_host=spec.advertise_host,
+        backends=spec.backends,
+        kv_layerwise=spec.kv_layerwise,
+        cluster_key_file=Path(spec.cluster_key_file) if spec.cluster_key_file else None,
+    )
 
 
 def _worker_key_file(args: argparse.Namespace):
@@ -269,8 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     router.set_defaults(func=cmd_router)
 
     worker = commands.add_parser("worker", help="run one worker (usually started by serve)")
-    worker.add_argument("--role", required=True, choices=["prefill", "decode", "mixed"])
-    worker.add_argument("--router", required=True, help="router address, tcp://host:port")
+    worker.add_argument(
+        "--spec", default=None, help="a WorkerSpec JSON file (serve writes one); no other flags"
+    )
+    worker.add_argument("--role", default=None, choices=["prefill", "decode", "mixed"])
+    worker.add_argument("--router", default=None, help="router address, tcp://host:port")
     worker.add_argument("--worker-id", default=None)
     worker.add_argument("--host", default="127.0.0.1", help="interface the worker binds")
     worker.add_argument(

@@ -1,13 +1,15 @@
 """`pdserve serve`: the router and its workers on this machine, with one command.
 
 Configuration comes from a YAML file (`--config`), then command-line flags override it;
-every key is a `ServeConfig` field (engine settings under `engine:`). Defaults: the
+every key is a `ServeConfig` field (engine settings under `engine:`, and per-role
+overrides of them under `engine_prefill:` / `engine_decode:` / `engine_mixed:`). Defaults: the
 built-in model, mode `auto`, one prefill and one decode worker, the CPU threads split
 evenly between workers, HTTP on 127.0.0.1:8000.
 
 Start-up: the HTTP server comes up first (`/health` answers, `/ready` says 503 while
 workers load), then the workers start as child processes and register with the router;
-when every one has, the URL is printed. Shutdown (Ctrl-C or SIGTERM): HTTP stops, workers
+when every one has, the URL is printed. Each worker gets its configuration as one
+`WorkerSpec` file (control/worker_spec.py), with its role's engine settings. Shutdown (Ctrl-C or SIGTERM): HTTP stops, workers
 get `Shutdown`, then SIGTERM, then SIGKILL if still alive; each child also dies with this
 process (PR_SET_PDEATHSIG) and checks its parent, so no worker outlives the launcher.
 Shared-memory KV pools of children are removed.
@@ -39,6 +41,7 @@ from pdserve.control.launcher import LocalLauncher, Watchdog, python_module_comm
 from pdserve.control.membership import DEFAULT_LEASE_S
 from pdserve.control.migration import MigrationConfig
 from pdserve.control.planner import PlannerConfig, PlannerLoop, RequestLog, SimRates
+from pdserve.control.worker_spec import SECRET_ENGINE_FIELDS, SpecFolder, WorkerSpec
 from pdserve.errors import ConfigError, PdserveError
 from pdserve.ipc import security
 from pdserve.router.gateway.config import GatewayConfig
@@ -47,6 +50,7 @@ from pdserve.router.policy import RoutingConfig
 logger = logging.getLogger("pdserve.serve")
 
 READY_TIMEOUT_S = 300.0
+ROLES = ("prefill", "decode", "mixed")
 
 
 @dataclass(frozen=True)
@@ -115,8 +119,14 @@ class ServeConfig:
     limit_concurrency: int | None = None  # uvicorn: connections + tasks; past it 503
     backlog: int = 2048  # uvicorn: pending TCP connections
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # Per-role overrides merged over `engine` (partial mappings; `engine_for`).
+    engine_prefill: dict[str, Any] = field(default_factory=dict)
+    engine_decode: dict[str, Any] = field(default_factory=dict)
+    engine_mixed: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for role in ROLES:
+            self.engine_for(role)  # validates the overrides
         self.routing()  # validates the routing fields
         self.gateway()  # validates the gateway fields
         if self.limit_concurrency is not None and self.limit_concurrency <= 0:
@@ -187,6 +197,15 @@ class ServeConfig:
         names = [f.name for f in dataclasses.fields(GatewayConfig) if f.name != "api_keys_file"]
         return GatewayConfig(**{n: getattr(self, n) for n in names}, api_keys_file=self.api_keys)
 
+    def engine_for(self, role: str) -> EngineConfig:
+        """The engine settings of a `role` worker: `engine` with that role's overrides."""
+        overrides = getattr(self, f"engine_{role}")
+        _check_engine_keys(overrides, f"engine_{role}")
+        try:
+            return dataclasses.replace(self.engine, **overrides)
+        except ConfigError as e:
+            raise ConfigError(f"engine_{role}.{e.field}", str(e).split(": ", 1)[-1]) from None
+
     def threads(self) -> int:
         if self.threads_per_worker is not None:
             return self.threads_per_worker
@@ -200,16 +219,15 @@ class ServeConfig:
         if unknown:
             raise ConfigError(unknown[0], f"unknown setting; known: {sorted(known)}")
         data = dict(data)
-        engine = data.pop("engine", None) or {}
-        if not isinstance(engine, dict):
-            raise ConfigError("engine", "must be a mapping of engine settings")
-        engine_fields = {f.name for f in dataclasses.fields(EngineConfig)}
-        bad = sorted(set(engine) - engine_fields)
-        if bad:
-            raise ConfigError(f"engine.{bad[0]}", f"unknown; known: {sorted(engine_fields)}")
+        sections = {}
+        for name in ("engine", *(f"engine_{role}" for role in ROLES)):
+            section = data.pop(name, None) or {}
+            _check_engine_keys(section, name)
+            _check_types(EngineConfig, section, f"{name}.")
+            sections[name] = dict(section)
         _check_types(cls, data, "")
-        _check_types(EngineConfig, engine, "engine.")
-        return cls(**data, engine=EngineConfig(**engine))
+        engine = EngineConfig(**sections.pop("engine"))
+        return cls(**data, **sections, engine=engine)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeConfig:
@@ -230,12 +248,25 @@ class ServeConfig:
             value = getattr(args, f"engine_{name}")
             if value is not None:
                 engine[name] = value
+                for role in ROLES:  # a flag sets the value for every role
+                    overrides = data.get(f"engine_{role}")
+                    if isinstance(overrides, dict):
+                        data[f"engine_{role}"] = {k: v for k, v in overrides.items() if k != name}
         if args.api_key is None and os.environ.get("PDSERVE_API_KEY"):
             data["api_key"] = os.environ["PDSERVE_API_KEY"]
         if args.admin_key is None and os.environ.get("PDSERVE_ADMIN_KEY"):
             data["admin_key"] = os.environ["PDSERVE_ADMIN_KEY"]
         data["engine"] = engine
         return cls.from_dict(data)
+
+
+def _check_engine_keys(section: Any, name: str) -> None:
+    if not isinstance(section, dict):
+        raise ConfigError(name, "must be a mapping of engine settings")
+    known = {f.name for f in dataclasses.fields(EngineConfig)} - SECRET_ENGINE_FIELDS
+    bad = sorted(set(section) - known)
+    if bad:
+        raise ConfigError(f"{name}.{bad[0]}", f"unknown; known: {sorted(known)}")
 
 
 def _check_types(cls: type, data: dict[str, Any], prefix: str) -> None:
@@ -575,7 +606,13 @@ def _start_planner(config: ServeConfig, client) -> asyncio.Task | None:
 
 
 class WorkerProcesses(LocalLauncher):
-    """The worker child processes of one `pdserve serve`."""
+    """The worker child processes of one `pdserve serve`.
+
+    Each child gets `pdserve worker --spec FILE`: its `WorkerSpec`, written (0600) into a
+    private folder this launcher owns and removes at `stop`. The spec is rewritten at every
+    (re)start from the worker's current role, so a worker restarted after a role switch
+    (`set_role`) runs with the new role's engine settings.
+    """
 
     def __init__(
         self, config: ServeConfig, model_dir: Path, router_addr: str, key_file: Path | None
@@ -585,48 +622,39 @@ class WorkerProcesses(LocalLauncher):
         self.key_file = key_file  # the path only: the key never enters argv or env
         self.model_dir = model_dir
         self.router_addr = router_addr
+        self.specs = SpecFolder()
+
+    def engine(self, role: str) -> EngineConfig:
+        engine = self.config.engine_for(role)
+        if engine.num_threads is None:
+            engine = dataclasses.replace(engine, num_threads=self.config.threads())
+        return engine
 
     def _environment(self, role: str) -> dict[str, str]:
-        return dict(os.environ, OMP_NUM_THREADS=str(self.config.threads()))
+        return dict(os.environ, OMP_NUM_THREADS=str(self.engine(role).num_threads))
+
+    def spec(self, role: str, worker_id: str) -> WorkerSpec:
+        c = self.config
+        return WorkerSpec(
+            worker_id=worker_id,
+            role=role,
+            model_dir=str(self.model_dir),
+            router_addr=self.router_addr,
+            engine=self.engine(role),
+            host=c.worker_host,
+            backends=("shm", "tcp") if c.kv_backend == "auto" else (c.kv_backend,),
+            kv_layerwise=c.kv_layerwise,
+            cluster_key_file=str(self.key_file) if self.key_file else None,
+        )
 
     def _command(self, role: str, worker_id: str) -> list[str]:
-        c = self.config
-        cmd = python_module_command(
-            "--log-level",
-            c.log_level,
-            "worker",
-            "--role",
-            role,
-            "--worker-id",
-            worker_id,
-            "--router",
-            self.router_addr,
-            "--host",
-            c.worker_host,
-            "--model",
-            str(self.model_dir),
-            "--threads",
-            str(c.threads()),
+        path = self.specs.write(self.spec(role, worker_id))
+        return python_module_command(
+            "--log-level", self.config.log_level, "worker", "--spec", str(path)
         )
-        cmd += _key_args(self.key_file)
-        if c.kv_backend != "auto":
-            cmd += ["--kv-backends", c.kv_backend]
-        if not c.kv_layerwise:
-            cmd.append("--no-kv-layerwise")
-        return cmd + engine_flags(c.engine)
 
-
-def engine_flags(engine: EngineConfig) -> list[str]:
-    """Command-line flags that recreate `engine` in a worker."""
-    flags = []
-    for name in ENGINE_FLAGS:
-        value = getattr(engine, name)
-        if value is not None:
-            flags += ["--" + name.replace("_", "-"), str(value)]
-    if not engine.enable_chunked_prefill:
-        flags.append("--no-chunked-prefill")
-    if not engine.enable_prefix_caching:
-        flags.append("--no-prefix-caching")
-    if engine.batch_invariant:
-        flags.append("--batch-invariant")
-    return flags
+    def stop(self, timeout_s: float = 5.0) -> None:
+        try:
+            super().stop(timeout_s)
+        finally:
+            self.specs.remove()

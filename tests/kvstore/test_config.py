@@ -1,13 +1,15 @@
-"""The KV tier settings: validation, and the same values through YAML, flags and workers."""
+"""The KV tier settings: validation, and the same values through YAML, flags and worker specs."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from pdserve.cli import _engine_kwargs, build_parser
+from pdserve.cli import build_parser, worker_config
 from pdserve.config import EngineConfig
 from pdserve.errors import ConfigError
-from pdserve.serve import ServeConfig, engine_flags
+from pdserve.serve import ServeConfig, WorkerProcesses
 
 
 def test_tiers_are_off_by_default():
@@ -46,10 +48,13 @@ def test_yaml_engine_section_and_worker_flags_carry_the_tiers(tmp_path):
     }
     config = ServeConfig.from_dict({"engine": engine})
     assert config.engine.has_kv_tiers and config.engine.kv_tier_dtype == "int8"
-    args = build_parser().parse_args(
-        ["worker", "--role", "mixed", "--router", "tcp://x:1", *engine_flags(config.engine)]
-    )
-    assert EngineConfig(**{**_engine_kwargs(args), "num_threads": None}) == config.engine
+    workers = WorkerProcesses(config, tmp_path, "tcp://x:1", None)
+    try:
+        argv = workers._command("mixed", "mixed-0")
+        got = worker_config(build_parser().parse_args(argv[3:])).engine
+    finally:
+        workers.stop()
+    assert dataclasses.replace(got, num_threads=None) == config.engine
 
 
 def test_serve_flags_override_yaml(tmp_path):

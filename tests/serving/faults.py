@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import httpx2 as httpx
 
-from tests.serving.server import ServerProcess, pids_with_arg
+from tests.serving.server import ServerProcess
 
 ADMIN_KEY = "test-admin-key"
 
@@ -96,7 +96,7 @@ def wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None:
 
 
 def worker_pid(server: ServerProcess, worker_id: str) -> int:
-    (pid,) = pids_with_arg(f"--worker-id {worker_id} --router {server.router_addr}")
+    (pid,) = server.worker_pids(worker_id)
     return pid
 
 

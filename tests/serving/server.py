@@ -24,6 +24,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
 def pids_with_arg(text: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -93,8 +108,14 @@ class ServerProcess:
             if line.startswith("pdserve ready"):
                 self._ready.set()
 
-    def worker_pids(self) -> list[int]:
-        return pids_with_arg(f"--router {self.router_addr}")
+    def worker_pids(self, worker_id: str | None = None) -> list[int]:
+        """Workers this server launched (each `worker --spec DIR/<id>.json`, a child of it),
+        or only `worker_id`'s; plus workers started by hand with `--router` its address."""
+        spec = f"/{worker_id}.json" if worker_id else ".json"
+        children = [p for p in pids_with_arg(" worker --spec ") if _parent(p) == self.proc.pid]
+        children = [p for p in children if spec in _cmdline(p)]
+        by_hand = f"--worker-id {worker_id} " if worker_id else ""
+        return children + pids_with_arg(f"{by_hand}--router {self.router_addr}")
 
     def stop(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:

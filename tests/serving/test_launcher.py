@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
+from pdserve.control.worker_spec import read_spec
 from pdserve.ipc.security import load_key_file
 from pdserve.transfer import SHM_DIR, SHM_PREFIX
 from tests.serving.server import ServerProcess
@@ -23,10 +24,15 @@ def shm_files(pids: list[int]) -> list[str]:
     return sorted(p.name for pid in pids for p in SHM_DIR.glob(f"{SHM_PREFIX}*-{pid}"))
 
 
-def key_file_of(pid: int) -> Path:
-    """The `--cluster-key` path in a worker's command line."""
+def spec_file_of(pid: int) -> Path:
+    """The `--spec` file in a worker's command line."""
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    return Path(argv[argv.index(b"--cluster-key") + 1].decode())
+    return Path(argv[argv.index(b"--spec") + 1].decode())
+
+
+def key_file_of(pid: int) -> Path:
+    """The cluster key path in a worker's spec."""
+    return Path(read_spec(spec_file_of(pid)).cluster_key_file)
 
 
 def test_sigterm_stops_everything_and_removes_shared_pools(builtin_model_dir):
@@ -46,12 +52,17 @@ def test_sigterm_stops_everything_and_removes_shared_pools(builtin_model_dir):
         assert key_file_of(pid) == key_file
         assert secret not in Path(f"/proc/{pid}/cmdline").read_bytes()
         assert secret not in Path(f"/proc/{pid}/environ").read_bytes()
+        assert secret not in spec_file_of(pid).read_bytes()
+        assert stat.S_IMODE(spec_file_of(pid).stat().st_mode) == 0o600
+        assert stat.S_IMODE(spec_file_of(pid).parent.stat().st_mode) == 0o700
+    spec_folder = spec_file_of(pids[0]).parent
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
     assert r.status_code == 200
     assert server.stop() == 0
     assert server.wait_gone(pids) == []
     assert shm_files(pids) == []
     assert not key_file.parent.exists()  # removed at exit
+    assert not spec_folder.exists()
     assert secret.decode() not in "".join(server.lines)
 
 

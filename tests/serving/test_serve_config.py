@@ -6,8 +6,9 @@ import pytest
 
 from pdserve.cli import build_parser
 from pdserve.config import EngineConfig
+from pdserve.control.worker_spec import read_spec
 from pdserve.errors import ConfigError
-from pdserve.serve import ServeConfig, engine_flags
+from pdserve.serve import ServeConfig, WorkerProcesses
 
 
 def parse(*argv: str) -> ServeConfig:
@@ -69,6 +70,16 @@ def test_yaml_then_flags_win(tmp_path, monkeypatch):
         ("engine: {max_num_seqs: 1.5}\n", "engine.max_num_seqs"),
         ("engine: {batch_invariant: 1}\n", "engine.batch_invariant"),
         ("engine: {batch_invariant: true, device: cuda}\n", "batch_invariant"),
+        # per-role overrides: the same checks, named under their section
+        ("engine_decode:\n  max_num_seq: 4\n", "engine_decode.max_num_seq"),
+        ("engine_prefill:\n  max_num_seqs: lots\n", "engine_prefill.max_num_seqs"),
+        ("engine_prefill:\n  max_num_seqs: 0\n", "engine_prefill.max_num_seqs"),
+        ("engine_mixed: [1]\n", "engine_mixed"),
+        ("engine_decode:\n  kv_tier_secret: abc\n", "engine_decode.kv_tier_secret"),
+        (
+            "engine_prefill:\n  batch_invariant: true\n  dtype: bfloat16\n",
+            "engine_prefill.batch_invariant",
+        ),
     ],
 )
 def test_bad_settings_name_the_field(tmp_path, yaml_text, field):
@@ -84,21 +95,61 @@ def test_missing_config_file(tmp_path):
         parse("--config", str(tmp_path / "nope.yaml"))
 
 
-def test_engine_flags_recreate_the_engine_config():
-    engine = EngineConfig(
-        max_num_batched_tokens=64,
-        block_size=32,
-        enable_prefix_caching=False,
-        max_model_len=1024,
-        seed=3,
-        batch_invariant=True,
-    )
-    args = build_parser().parse_args(
-        ["worker", "--role", "decode", "--router", "tcp://x:1", *engine_flags(engine)]
-    )
-    from pdserve.cli import _engine_kwargs
+PER_ROLE_YAML = """
+engine:
+  max_num_seqs: 16
+  block_size: 32
+engine_prefill:
+  max_num_seqs: 4
+  max_num_batched_tokens: 1024
+engine_decode:
+  max_num_seqs: 128
+  num_threads: 1
+"""
 
-    assert EngineConfig(**{**_engine_kwargs(args), "num_threads": None}) == engine
+
+def test_per_role_engine_overrides_merge_over_engine(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text(PER_ROLE_YAML)
+    config = parse("--config", str(path))
+    prefill, decode, mixed = (config.engine_for(r) for r in ("prefill", "decode", "mixed"))
+    assert (prefill.max_num_seqs, prefill.max_num_batched_tokens, prefill.block_size) == (
+        4,
+        1024,
+        32,
+    )
+    assert (decode.max_num_seqs, decode.max_num_batched_tokens, decode.num_threads) == (
+        128,
+        None,
+        1,
+    )
+    assert mixed == config.engine == EngineConfig(max_num_seqs=16, block_size=32)
+    # A flag sets the value for every role, over the per-role YAML too.
+    flagged = parse("--config", str(path), "--max-num-seqs", "8")
+    assert {flagged.engine_for(r).max_num_seqs for r in ("prefill", "decode", "mixed")} == {8}
+    assert flagged.engine_for("prefill").max_num_batched_tokens == 1024
+
+
+def test_prefill_and_decode_workers_get_their_role_settings(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text(PER_ROLE_YAML + "threads_per_worker: 2\n")
+    config = parse("--config", str(path))
+    workers = WorkerProcesses(config, tmp_path, "tcp://127.0.0.1:1", None)
+    try:
+        prefill, decode = workers.spec("prefill", "prefill-0"), workers.spec("decode", "decode-0")
+        assert (prefill.engine.max_num_seqs, prefill.engine.max_num_batched_tokens) == (4, 1024)
+        assert (decode.engine.max_num_seqs, decode.engine.max_num_batched_tokens) == (128, None)
+        assert (prefill.engine.num_threads, decode.engine.num_threads) == (2, 1)
+        assert workers._environment("decode")["OMP_NUM_THREADS"] == "1"
+        # After a role switch the launcher records, a restart writes the new role's spec.
+        workers.roles["prefill-0"] = "prefill"
+        workers.set_role("prefill-0", "decode")
+        argv = workers._command(workers.roles["prefill-0"], "prefill-0")
+        restarted = read_spec(argv[-1])
+        assert (restarted.role, restarted.engine.max_num_seqs) == ("decode", 128)
+    finally:
+        workers.stop()
+    assert not workers.specs.path.exists()
 
 
 def test_batch_invariant_from_yaml_or_flag(tmp_path):
