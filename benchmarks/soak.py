@@ -4,11 +4,17 @@ A leak in the router (a request's state never freed, metrics labels without boun
 a worker (blocks, tensors, transfer buffers) shows as memory that keeps growing under a
 load that does not. This runs a closed loop of `--concurrency` streaming clients (a mix:
 most requests complete, some are abandoned mid-stream, some are refused by a key's quota,
-some are invalid) for `--minutes`, sampling the resident set size (VmRSS) of the router
-and of each worker every `--sample-s` seconds.
+some are invalid) for `--minutes`, sampling the resident set size of the router and of each
+worker every `--sample-s` seconds.
 
-Reported: RSS per process at the end of the warm-up (`--warmup-minutes`) and at the end,
-the growth in per cent (goal: within 5 %), and requests by outcome.
+VmRSS alone cannot tell a leak from memory that was reserved up front and is only now being
+touched: a CPU worker's KV pool is a file in /dev/shm whose pages count in RSS (as RssShmem)
+only once the process first touches them, and a prefill worker also maps the decode
+worker's pool. So each sample also splits VmRSS into RssAnon (the heap: tensors, Python
+objects — where a leak would show), RssFile and RssShmem.
+
+Reported: each of those per process at the end of the warm-up (`--warmup-minutes`) and at
+the end, the growth in per cent (goal: within 5 %), and requests by outcome.
 
     python benchmarks/soak.py [--minutes 30] [--warmup-minutes 5] [--concurrency 8]
         [--mode disaggregated]
@@ -33,14 +39,33 @@ KEY = "sk-soak"
 GOAL_GROWTH = 0.05
 
 
-def rss_mib(pid: int) -> float | None:
+FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+
+
+def rss_mib(pid: int) -> dict[str, float] | None:
+    """VmRSS and its parts (MiB) of a process, None once it is gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     except OSError:
         return None
-    return None
+    found = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name in FIELDS:
+            found[name] = int(value.split()[0]) / 1024
+    return found or None
+
+
+def role(pid: int) -> str:
+    """A short name for a worker: its role if the command line says it."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return f"worker-{pid}"
+    for word in ("prefill", "decode", "mixed"):
+        if any(word in a for a in args):
+            return f"{word}-{pid}"
+    return f"worker-{pid}"
 
 
 def children(pid: int) -> list[int]:
@@ -125,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         server.wait_ready()
         pids = {"router": server.proc.pid}
         for pid in children(server.proc.pid):
-            pids[f"worker-{pid}"] = pid
+            pids[role(pid)] = pid
         end = time.monotonic() + args.minutes * 60
 
         async def run() -> None:
@@ -141,14 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     result = summarise(samples, args.warmup_minutes * 60)
     print(f"requests by outcome: {dict(sorted(counts.items()))}")
     rows = [
-        [name, f"{r['warm_mib']:.0f}", f"{r['end_mib']:.0f}", f"{r['growth'] * 100:+.1f} %"]
-        for name, r in result.items()
+        [name, field, f"{r['warm_mib']:.0f}", f"{r['end_mib']:.0f}", f"{r['growth'] * 100:+.1f} %"]
+        for name, parts in result.items()
+        for field, r in parts.items()
     ]
-    print(
-        common.format_table(["process", "RSS after warm-up MiB", "RSS at end MiB", "growth"], rows)
-    )
-    worst = max((r["growth"] for r in result.values()), default=0.0)
-    print(f"worst growth {worst * 100:+.1f} % (goal within {GOAL_GROWTH * 100:.0f} %)")
+    head = ["process", "measure", "after warm-up MiB", "at end MiB", "growth"]
+    print(common.format_table(head, rows))
+    for field in ("VmRSS", "RssAnon"):
+        worst = max((p[field]["growth"] for p in result.values() if field in p), default=0.0)
+        print(f"worst {field} growth {worst * 100:+.1f} % (goal within {GOAL_GROWTH * 100:.0f} %)")
     common.write_json(
         args.json_out, {"workload": workload, "counts": counts, "rss": result, "samples": samples}
     )
@@ -156,17 +182,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summarise(samples: list, warmup_s: float) -> dict:
-    """Per process: median RSS of the samples in the minute after warm-up and in the last
-    minute (a median, so one sample caught mid-allocation does not decide)."""
-    result = {}
+    """Per process and measure (VmRSS, RssAnon, ...): median of the samples in the minute
+    after warm-up and in the last minute (a median, so one sample caught mid-allocation does
+    not decide)."""
+    result: dict[str, dict] = {}
     names = samples[0][1].keys() if samples else []
     end_s = samples[-1][0] if samples else 0
     for name in names:
-        warm = [s[name] for t, s in samples if warmup_s <= t < warmup_s + 60 and s[name]]
-        last = [s[name] for t, s in samples if t >= end_s - 60 and s[name]]
-        if warm and last:
-            w, e = sorted(warm)[len(warm) // 2], sorted(last)[len(last) // 2]
-            result[name] = {"warm_mib": w, "end_mib": e, "growth": e / w - 1}
+        for field in FIELDS:
+            warm = [s[name][field] for t, s in samples if warmup_s <= t < warmup_s + 60 and s[name]]
+            last = [s[name][field] for t, s in samples if t >= end_s - 60 and s[name]]
+            if warm and last:
+                w, e = sorted(warm)[len(warm) // 2], sorted(last)[len(last) // 2]
+                growth = e / w - 1 if w else 0.0
+                result.setdefault(name, {})[field] = {"warm_mib": w, "end_mib": e, "growth": growth}
     return result
 
 
