@@ -4,6 +4,8 @@ Pools live in a temporary folder standing in for /dev/shm (`shm_dir`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgspec
 import numpy as np
 import pytest
@@ -103,3 +105,25 @@ def test_shm_sender_refuses_bad_destinations(shm_dir):
         with pytest.raises(TransferError, match=error):
             sender.send_layer(destination("shm", dst_ids, shm_path=shm_path), 0, [0], dst_ids)
     assert not pool.any()
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_pools_are_resident_once_mapped(shm_dir):
+    # 32 MiB: far above what else this test allocates, so the RSS step is the pool's.
+    layout = msgspec.structs.replace(LAYOUT, num_blocks=16384)
+    kib = layout.num_layers * 2 * 16384 * 4 * 2 * 8 * 4 // 1024
+    path = shm.shm_pool_path("decode-0")
+    before = _rss_kib()
+    pool = shm.create_shared_pool(path, layout)
+    created = _rss_kib()
+    assert created - before >= 0.9 * kib  # every page written at creation
+    assert not pool.any()
+    mapped = shm.open_shared_pool(str(path), layout)  # a second mapping, as a prefill worker
+    assert _rss_kib() - created >= 0.9 * kib  # its pages mapped now, not at first use
+    assert not mapped.any()
