@@ -48,6 +48,7 @@ from pdserve.errors import (
 from pdserve.ipc import messages as m
 from pdserve.ipc import security
 from pdserve.ipc.security import ClusterKey
+from pdserve.ipc.validate import register_problem
 from pdserve.outputs import StreamUpdate
 from pdserve.router.client import EngineClient, Readiness, WorkerStatus
 from pdserve.router.dispatch import Attempt, AttemptLost, Dispatcher, NoLiveWorker
@@ -525,6 +526,11 @@ class ClusterClient(EngineClient):
             self.drains.on_worker_draining(message.worker_id)
 
     def _on_register(self, message: m.Register) -> None:
+        mc = self.model_config
+        problem = register_problem(message, mc.num_layers, mc.num_kv_heads, mc.head_dim)
+        if problem is not None:
+            logger.warning("refusing registration of %r: %s", message.worker_id, problem)
+            return
         known = self.pool.workers.get(message.worker_id)
         outcome, _ = self.membership.on_register(message)
         if outcome is Outcome.FENCED:

@@ -36,6 +36,7 @@ from pdserve.engine.core import EngineCore, RequestFailure
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.errors import InvalidRequestError
 from pdserve.ipc import messages as m
+from pdserve.ipc.validate import prefill_problem, reserve_problem
 from pdserve.outputs import EngineCoreOutput
 from pdserve.transfer.base import KVReceiver, KVSender
 from pdserve.transfer.streamer import HandOff
@@ -59,6 +60,12 @@ class _Import:
     num_batches: int = 0
     is_damaged: bool = False
     is_aborted: bool = False
+
+
+def _check(problem: str | None) -> None:
+    """A command that fails `ipc/validate.py` is refused like any invalid request."""
+    if problem is not None:
+        raise InvalidRequestError(problem)
 
 
 class HandOffs:
@@ -94,6 +101,7 @@ class HandOffs:
                     output_token_ids=message.output_token_ids,
                 )
             elif isinstance(message, m.ReserveKV):
+                _check(reserve_problem(message))
                 request = self.core.make_request(
                     message.request_id,
                     message.prompt_token_ids,
@@ -106,6 +114,7 @@ class HandOffs:
                 )
                 return self._admit()
             elif isinstance(message, m.PrefillRequest):
+                _check(prefill_problem(message, self.core.block_manager.block_size))
                 deadline = time.monotonic() + message.deadline_s
                 hand_off = HandOff(message.dest, deadline)
                 self.core.add_request(

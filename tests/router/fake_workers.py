@@ -17,7 +17,8 @@ import zmq.asyncio
 from pdserve.ipc import messages as m
 from pdserve.ipc.security import ClusterKey, as_server
 
-LAYOUT = m.KVLayout(2, 256, 16, 2, 8, "float32")
+# The built-in model's KV shape: the router refuses a registration for another model.
+LAYOUT = m.KVLayout(8, 256, 16, 4, 64, "float32")
 
 
 class FakeWorker:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import msgspec
 import zmq
 
 from pdserve.ipc import messages as m
@@ -108,3 +109,37 @@ def test_a_peer_without_the_key_changes_nothing_in_the_router(builtin_model_dir)
 def test_control_without_curve_the_same_peer_takes_over(builtin_model_dir):
     _, pool, _ = asyncio.run(run(builtin_model_dir, None))
     assert "evil" in pool  # the forged Register got in: what CURVE prevents
+
+
+def test_a_key_holder_cannot_register_nonsense(builtin_model_dir):
+    """Past CURVE, the router still checks a `Register` (ipc/validate.py): an unknown
+    role, `max_model_len: 1` or another model's KV layout would break every request."""
+
+    async def main():
+        key = generate_key()
+        client = ClusterClient(builtin_model_dir, "tcp://127.0.0.1:0", cluster_key=key)
+        await client.start()
+        worker = FakeWorker(client.ctx, client.router_addr, "w0", "mixed", key)
+        try:
+            bad = forged_messages()[1:3]  # max_model_len 1; role "x"
+            bad.append(msgspec.structs.replace(forged_messages()[0], kv_layout=LAYOUT_OF_ANOTHER))
+            for message in bad:
+                worker.send(message)
+            # A sound registration under another id, on the same ordered socket: once it is
+            # in, the router has handled (and refused) every message before it.
+            sound = forged_messages()[0]
+            worker.send(msgspec.structs.replace(sound, worker_id="marker", kv_layout=LAYOUT))
+            for _ in range(300):
+                if client.pool.workers:
+                    break
+                await asyncio.sleep(0.01)
+            assert list(client.pool.workers) == ["marker"]
+            assert client.max_model_len == 4096
+        finally:
+            worker.close()
+            await client.stop(shutdown_workers=False)
+
+    asyncio.run(main())
+
+
+LAYOUT_OF_ANOTHER = m.KVLayout(2, 256, 16, 2, 8, "float32")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 
+import msgspec
 import pytest
 import torch
 
@@ -373,3 +374,29 @@ def test_a_handed_off_request_decodes_to_the_local_greedy_tokens(
         assert (sent.request_id, sent.num_bytes) == (request_id, num_bytes[request_id])
         assert (done.num_batches, done.error) == (num_batches[request_id], None)
         assert_idle(decode)
+
+
+BAD_PREFILLS = {  # PROMPT needs 5 destination blocks (ipc/validate.py)
+    "too few blocks": ([0, 1, 2, 3], {}, 30.0),
+    "too many blocks": ([0, 1, 2, 3, 4, 5], {}, 30.0),
+    "repeated block": ([0, 1, 1, 2, 3], {}, 30.0),
+    "negative block": ([-1, 1, 2, 3, 4], {}, 30.0),
+    "first_block past the prompt": ([0], {"first_block": 9}, 30.0),
+    "unknown backend": ([0, 1, 2, 3, 4], {"backend": "rdma"}, 30.0),
+    "infinite deadline": ([0, 1, 2, 3, 4], {}, float("inf")),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PREFILLS)
+def test_a_prefill_request_outside_its_reservation_is_refused(model_dir, wire, case):
+    """Validated before any work: the prefill worker would otherwise write KV where the
+    decode worker reserved nothing for this request (shm and nixl write in place)."""
+    block_ids, changes, deadline_s = BAD_PREFILLS[case]
+    prefill = prefill_worker(model_dir, wire)
+    dest = destination("tcp", block_ids, kv_addr=wire.addr)
+    dest = msgspec.structs.replace(dest, **changes)
+    (reply,) = prefill.on_command(m.PrefillRequest("r1", PROMPT, GREEDY, dest, deadline_s))
+    assert isinstance(reply, m.RequestFailed) and reply.request_id == "r1"
+    assert not reply.retryable
+    assert_idle(prefill)
+    assert wire.is_empty()  # not one KV batch
