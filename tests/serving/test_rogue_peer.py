@@ -7,6 +7,7 @@ unchanged, every worker keeps serving, greedy output afterwards equals before.""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import zmq
@@ -31,25 +32,30 @@ def attack(cluster) -> None:
     dest = m.KVDestination(decode.worker_id, "forged", list(range(4)), decode.kv_addr, "tcp")
     prompt = list(range(10, 60))
     ctx = zmq.Context()
+    # NOTE: a refused peer's queue never drains: no socket may wait on it (LINGER 0, for
+    # the context's every socket, even one garbage-collected early), and a send that
+    # finds no pipe left (the handshake already failed) gives up instead of blocking.
+    ctx.setsockopt(zmq.LINGER, 0)
+    ctx.setsockopt(zmq.SNDTIMEO, 500)
+    evil = m.Register(
+        "evil", "decode", 1, decode.ctrl_addr, decode.kv_addr, decode.kv_layout, 1, ["tcp"]
+    )
+    plan = [(cluster.client.router_addr, [m.encode(evil)])]
+    for handle in cluster.client.pool.workers.values():
+        commands = [m.Abort(["x"]), m.Fence(handle.incarnation)]
+        if handle.info is prefill:
+            commands.append(m.PrefillRequest("forged", prompt, GREEDY, dest, 30.0))
+        commands.append(m.Shutdown())
+        plan.append((handle.info.ctrl_addr, [m.encode(c) for c in commands]))
+    done = m.encode(m.KVDone("forged", "forged", 1, first_token_id=1))
+    plan.append((decode.kv_addr, [forged_kv(decode.kv_layout), done]))
     try:
-        for handle in cluster.client.pool.workers.values():
-            ctrl = ctx.socket(zmq.PUSH)
-            ctrl.connect(handle.info.ctrl_addr)
-            ctrl.send(m.encode(m.Abort(["x"])))
-            ctrl.send(m.encode(m.Fence(handle.incarnation)))
-            if handle.info is prefill:
-                ctrl.send(m.encode(m.PrefillRequest("forged", prompt, GREEDY, dest, 30.0)))
-            ctrl.send(m.encode(m.Shutdown()))
-        kv = ctx.socket(zmq.PUSH)
-        kv.connect(decode.kv_addr)
-        kv.send_multipart(forged_kv(decode.kv_layout))
-        kv.send(m.encode(m.KVDone("forged", "forged", 1, first_token_id=1)))
-        router = ctx.socket(zmq.PUSH)
-        router.connect(cluster.client.router_addr)
-        evil = m.Register(
-            "evil", "decode", 1, decode.ctrl_addr, decode.kv_addr, decode.kv_layout, 1, ["tcp"]
-        )
-        router.send(m.encode(evil))
+        for addr, messages in plan:
+            sock = ctx.socket(zmq.PUSH)
+            sock.connect(addr)
+            for message in messages:
+                with contextlib.suppress(zmq.Again):
+                    sock.send_multipart(message if isinstance(message, list) else [message])
         time.sleep(1.5)  # a worker that obeyed Shutdown would be gone by now
     finally:
         ctx.destroy(linger=0)
