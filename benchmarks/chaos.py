@@ -91,17 +91,21 @@ class Server:
             raise SystemExit("server not ready:\n" + "".join(self.lines[-30:]))
 
     def worker_pids(self) -> dict[str, int]:
+        """The server's worker children by id (`worker --spec DIR/<id>.json`)."""
         pids = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             try:
-                cmd = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
+                args = [
+                    a.decode(errors="replace")
+                    for a in (entry / "cmdline").read_bytes().split(b"\0")
+                ]
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
                 continue
-            args = [a.decode(errors="replace") for a in cmd]
-            if self.router_addr in args and "--worker-id" in args:
-                pids[args[args.index("--worker-id") + 1]] = int(entry.name)
+            if parent == self.proc.pid and "--spec" in args:
+                pids[Path(args[args.index("--spec") + 1]).stem] = int(entry.name)
         return pids
 
     def admin_workers(self) -> dict[str, dict]:

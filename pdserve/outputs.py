@@ -66,6 +66,10 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0
     # Seconds from arrival to first scheduling, on the output carrying the first token.
     queue_time_s: float | None = None
+    # Output index of `new_token_ids[0]` (the request's outputs before it). The router puts
+    # tokens from several workers in order by it (a decode worker's second token can
+    # overtake the prefill worker's first on another socket). None: unknown.
+    first_index: int | None = None
 
     @property
     def finished(self) -> bool:

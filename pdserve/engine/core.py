@@ -249,6 +249,7 @@ class EngineCore:
                     request.stop_reason,
                     request.num_cached_tokens,
                     _queue_time(request),
+                    first_index=request.num_output_tokens - 1,
                 )
             )
             if request.is_finished:

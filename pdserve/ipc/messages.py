@@ -233,6 +233,7 @@ class CoreOutput(msgspec.Struct, array_like=True, frozen=True):
     stop_reason: str | int | None = None
     num_cached_tokens: int = 0
     queue_time_s: float | None = None  # set on a request's first output
+    first_index: int | None = None  # output index of new_token_ids[0]
 
     @classmethod
     def of(cls, out: EngineCoreOutput) -> CoreOutput:
@@ -250,6 +251,7 @@ class CoreOutput(msgspec.Struct, array_like=True, frozen=True):
             out.stop_reason,
             out.num_cached_tokens,
             out.queue_time_s,
+            out.first_index,
         )
 
     def to_engine_output(self) -> EngineCoreOutput:
@@ -267,6 +269,7 @@ class CoreOutput(msgspec.Struct, array_like=True, frozen=True):
             self.stop_reason,
             self.num_cached_tokens,
             self.queue_time_s,
+            self.first_index,
         )
 
 

@@ -597,28 +597,8 @@ class ClusterClient(EngineClient):
             attempt = self._attempts.get(out.request_id)
             if attempt is None:
                 continue  # finished, aborted, or an attempt that was moved elsewhere
-            sample = attempt.sample
-            assert isinstance(sample, _Sample)
-            self.ledger.prefill_done(attempt.charges)  # any output: the prompt is computed
-            if out.finish_reason is not None or message.worker_id == attempt.prefill_worker:
-                self.ledger.release(attempt.charges, message.worker_id)  # done on that worker
-                attempt.workers.discard(message.worker_id)
-            if out.finish_reason is not None:
-                self._finish_attempt(attempt)
-            if out.queue_time_s is not None and not attempt.is_resumed:
-                self._note_queue_time(sample.parent_id, out.queue_time_s)
-            sample.output_token_ids += out.new_token_ids
-            engine_out = out.to_engine_output()
-            engine_out.request_id = sample.child_id
-            if attempt.is_resumed:  # its prompt included outputs: not the client's cache
-                if self.metrics is not None and not attempt.has_output:
-                    num_cached = engine_out.num_cached_tokens
-                    self.metrics.observe_migration_replay(
-                        attempt.charges.num_prompt_tokens, num_cached
-                    )
-                engine_out.num_cached_tokens = 0
-            attempt.has_output = True
-            outputs.append(engine_out)
+            for worker_id, ready in self._in_order(attempt, message.worker_id, out):
+                outputs.append(self._accept(attempt, worker_id, ready))
         updates, stopped = self.processor.process_stream(outputs)
         for child_id in stopped:  # finished by a stop string: stop the workers too
             sample = self._children.get(child_id)
@@ -628,6 +608,69 @@ class ClusterClient(EngineClient):
             stream = self._streams.get(request_id)
             if stream is not None:
                 stream.queue.put_nowait(update)
+
+    @staticmethod
+    def _in_order(
+        attempt: Attempt, worker_id: str, out: m.CoreOutput
+    ) -> list[tuple[str, m.CoreOutput]]:
+        """The outputs that can go to the client now, in token order. Outputs of one
+        sample come from several workers on separate sockets (a decode worker's second
+        token can overtake the prefill worker's first), so each carries the output index
+        of its first token: one past what the client has is held until the gap fills,
+        tokens the client already has are cut off (NOTE: the stream never shows a token
+        twice or out of place)."""
+        sample = attempt.sample
+        assert isinstance(sample, _Sample)
+        if out.first_index is None:  # a worker that does not say: trust the arrival order
+            return [(worker_id, out)]
+        attempt.pending.setdefault(out.first_index, []).append((worker_id, out))
+        ready: list[tuple[str, m.CoreOutput]] = []
+        expected = len(sample.output_token_ids)
+        while attempt.pending:
+            index = min(attempt.pending)
+            if index > expected:
+                break  # a gap: wait for the missing tokens
+            held = attempt.pending[index]
+            w, o = held.pop(0)
+            if not held:
+                del attempt.pending[index]
+            skip = expected - index
+            if skip:
+                logprobs = o.new_logprobs[skip:] if o.new_logprobs is not None else None
+                tokens = o.new_token_ids[skip:]
+                o = msgspec.structs.replace(
+                    o, new_token_ids=tokens, new_logprobs=logprobs, first_index=expected
+                )
+                if not tokens and o.finish_reason is None:
+                    continue
+            ready.append((w, o))
+            expected += len(o.new_token_ids)
+            if o.finish_reason is not None:
+                break
+        return ready
+
+    def _accept(self, attempt: Attempt, worker_id: str, out: m.CoreOutput):
+        """Account one in-order output of `attempt`; its engine output for the client."""
+        sample = attempt.sample
+        assert isinstance(sample, _Sample)
+        self.ledger.prefill_done(attempt.charges)  # any output: the prompt is computed
+        if out.finish_reason is not None or worker_id == attempt.prefill_worker:
+            self.ledger.release(attempt.charges, worker_id)  # done on that worker
+            attempt.workers.discard(worker_id)
+        if out.finish_reason is not None:
+            self._finish_attempt(attempt)
+        if out.queue_time_s is not None and not attempt.is_resumed:
+            self._note_queue_time(sample.parent_id, out.queue_time_s)
+        sample.output_token_ids += out.new_token_ids
+        engine_out = out.to_engine_output()
+        engine_out.request_id = sample.child_id
+        if attempt.is_resumed:  # its prompt included outputs: not the client's cache
+            if self.metrics is not None and not attempt.has_output:
+                num_cached = engine_out.num_cached_tokens
+                self.metrics.observe_migration_replay(attempt.charges.num_prompt_tokens, num_cached)
+            engine_out.num_cached_tokens = 0
+        attempt.has_output = True
+        return engine_out
 
     def _finish_attempt(self, attempt: Attempt) -> None:
         self._attempts.pop(attempt.request_id, None)

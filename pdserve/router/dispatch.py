@@ -55,6 +55,8 @@ class Attempt:
     is_resumed: bool = False  # it continues generated tokens (a migration)
     has_output: bool = False  # a token of it came back
     workers: set[str] = field(default_factory=set)  # every worker told about it
+    # Outputs that arrived ahead of a gap, by output index (router/cluster.py _in_order).
+    pending: dict[int, list] = field(default_factory=dict)
 
 
 class Dispatcher:

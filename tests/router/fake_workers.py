@@ -73,8 +73,16 @@ class FakeWorker:
     def send(self, message: m.Message) -> None:
         self.out.send(m.encode(message))
 
-    def emit(self, request_id: str, token_ids: list[int], finish_reason: str | None = None):
-        out = m.CoreOutput(request_id, token_ids, finish_reason=finish_reason)
+    def emit(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        finish_reason: str | None = None,
+        first_index: int | None = None,
+    ):
+        out = m.CoreOutput(
+            request_id, token_ids, finish_reason=finish_reason, first_index=first_index
+        )
         self.send(m.StepOutputs(self.worker_id, [out]))
 
     def reserved(self, request_id: str, transfer_id: str, num_blocks: int = 2) -> None:

@@ -357,3 +357,32 @@ def test_a_worker_registering_an_unknown_role_is_refused(builtin_model_dir):
             rogue.close()
 
     asyncio.run(main())
+
+
+def test_tokens_reach_the_client_in_order_whichever_worker_is_faster(builtin_model_dir):
+    """The decode worker's second token can overtake the prefill worker's first (two
+    sockets): it is held until the first arrives; tokens the client already has are cut."""
+
+    async def main():
+        roles = [("p0", "prefill"), ("d0", "decode")]
+        async with Harness(builtin_model_dir, "disaggregated", roles) as h:
+            prefill, decode = h.workers["p0"], h.workers["d0"]
+            task = h.start()
+            reserve = await decode.next_command()
+            decode.reserved("r", reserve.transfer_id)
+            await prefill.next_command()
+            decode.emit("r", [41], first_index=1)  # overtakes the first token
+            await asyncio.sleep(0.2)
+            assert h.deltas == []  # held: token 0 has not arrived
+            prefill.emit("r", [40], first_index=0)
+            await until(lambda: h.deltas == [40, 41])
+            decode.emit("r", [41, 42], first_index=1)  # a repeat of 41: cut, 42 kept
+            decode.emit("r", [44], finish_reason="length", first_index=4)  # after a gap
+            await asyncio.sleep(0.2)
+            assert h.deltas == [40, 41, 42]
+            decode.emit("r", [43], first_index=3)
+            assert (await task).outputs[0].token_ids == [40, 41, 42, 43, 44]
+            assert h.deltas == [40, 41, 42, 43, 44]
+            h.assert_nothing_charged()
+
+    asyncio.run(main())
