@@ -40,7 +40,7 @@ from pdserve.config import EngineConfig
 from pdserve.control.launcher import LocalLauncher, Watchdog, python_module_command
 from pdserve.control.membership import DEFAULT_LEASE_S
 from pdserve.control.migration import MigrationConfig
-from pdserve.control.planner import PlannerConfig, PlannerLoop, RequestLog, SimRates
+from pdserve.control.planner import PlannerConfig, PlannerLoop, RequestLog
 from pdserve.control.worker_spec import SECRET_ENGINE_FIELDS, SpecFolder, WorkerSpec
 from pdserve.errors import ConfigError, PdserveError
 from pdserve.ipc import security
@@ -590,6 +590,8 @@ def _start_planner(config: ServeConfig, client) -> asyncio.Task | None:
     planner_config = config.planner_config()
     if planner_config is None:
         return None
+    from pdserve.sim.rates import SimRates  # the simulator, only when a planner runs
+
     log = RequestLog()
     client.request_log = log
     rates = SimRates(config.planner_profile, config.threads(), config.engine)

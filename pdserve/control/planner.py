@@ -10,16 +10,17 @@ instead of hand-set thresholds:
 3. **Propose** (`propose`): for every assignment of the cluster's workers to roles
    (p prefill, d decode, m mixed), the goodput it would sustain for that mix under the
    SLOs — `min(rate, min(p x prefill, d x decode) + m x mixed)`, DistServe's placement
-   rule over one worker's goodput per role (`RateModel`; `SimRates` measures those with
-   `sim/`'s simulator on the `pdserve profile` cost model, the one cost model the
-   planner and the simulator share).
+   rule over one worker's goodput per role (a `RateModel`; `sim/rates.py`'s `SimRates`
+   measures those with the simulator on the `pdserve profile` cost model, the one cost
+   model the planner and the simulator share).
 4. **Reconcile** (`decide`, `moves`): switch only when the best layout beats the current
    one's predicted goodput by `hysteresis` (10 %), and at most once per `cooldown_s`, one
    worker at a time (the drain-and-switch of router/elastic.py), so noise never makes it
    flap.
 
-Everything here but `SimRates` is plain arithmetic on plain data, torch-free, so the
-simulator can run the same decisions offline and tests can check them exactly.
+Everything here is plain arithmetic on plain data, torch-free and simulator-free (the
+rate model is passed in), so the simulator can run the same decisions offline and tests
+can check them exactly.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pdserve.errors import ConfigError
 
@@ -224,41 +225,6 @@ def moves(roles: dict[str, str], target: Layout) -> tuple[tuple[str, str], ...]:
 
 def _describe(layout: Layout) -> str:
     return "/".join(f"{n}{role[0].upper()}" for role, n in layout.as_dict().items() if n)
-
-
-@dataclass
-class SimRates:
-    """`RateModel` from the simulator: one worker's goodput per role for the forecast's
-    mix, by `sim/search.py`'s `phase_rates` on a `pdserve profile` cost model; cached by
-    the mix's signature (a few seconds of simulation per new mix)."""
-
-    profile_path: str
-    threads_per_worker: int = 1
-    engine: object = None  # EngineConfig of the workers (defaults)
-    cache: dict = field(default_factory=dict)
-
-    def __call__(self, fc: Forecast, config: PlannerConfig) -> RoleRates:
-        key = fc.signature
-        if key not in self.cache:
-            self.cache[key] = self._measure(fc, config)
-        return self.cache[key]
-
-    def _measure(self, fc: Forecast, config: PlannerConfig) -> RoleRates:
-        from pdserve.bench.types import SLO, RequestSpec
-        from pdserve.config import EngineConfig
-        from pdserve.sim.profile import Profile
-        from pdserve.sim.search import SearchSettings, phase_rates
-
-        profile = Profile.load(self.profile_path)
-        specs = [
-            RequestSpec(prompt=[1] * p, max_tokens=max(1, o), num_prompt_tokens=p)
-            for p, o in (fc.mix or ((256, 128),))
-        ]
-        slo = SLO(config.slo_ttft_ms, config.slo_tpot_ms)
-        settings = SearchSettings(min_duration_s=10.0, max_requests=400, max_probes=6)
-        engine = self.engine or EngineConfig()
-        found = phase_rates(profile, self.threads_per_worker, engine, specs, slo, settings)
-        return RoleRates(found.prefill.goodput, found.decode.goodput, found.mixed.goodput)
 
 
 class PlannerLoop:

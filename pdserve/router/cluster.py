@@ -27,6 +27,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
@@ -36,7 +37,6 @@ from pdserve.config import ModelConfig
 from pdserve.control.launcher import Launcher
 from pdserve.control.membership import DEFAULT_LEASE_S, Membership, Outcome
 from pdserve.control.migration import MigrationConfig, attempt_request_id
-from pdserve.control.planner import PlannerLoop, RequestLog
 from pdserve.engine.limits import check_request
 from pdserve.engine.output_processor import OutputProcessor
 from pdserve.errors import (
@@ -61,6 +61,9 @@ from pdserve.router.stream_queue import UpdateQueue
 from pdserve.router.workers import WorkerHandle, WorkerPool
 from pdserve.sampling_params import SamplingParams, child_params
 from pdserve.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from pdserve.control.planner import PlannerLoop, RequestLog
 
 logger = logging.getLogger(__name__)
 

@@ -140,7 +140,7 @@ def test_bad_settings_are_config_errors():
 
 
 def test_sim_rates_come_from_the_simulator_on_a_profile_and_are_cached(tmp_path):
-    from pdserve.control.planner import SimRates
+    from pdserve.sim.rates import SimRates
     from tests.sim.builders import make_profile
 
     path = tmp_path / "profile.json"
