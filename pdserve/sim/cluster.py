@@ -36,12 +36,13 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pdserve.bench.types import RequestRecord
 from pdserve.engine.limits import check_request
 from pdserve.errors import InvalidRequestError
 from pdserve.router.kv_index import KVIndex, prompt_hashes
+from pdserve.router.ledger import Charges, LoadLedger
 from pdserve.router.policy import plan_request
 from pdserve.serve import ServeConfig
 from pdserve.sim.cost_model import StepCost
@@ -59,8 +60,7 @@ class _Flight:
     token_ids: list[int]
     max_tokens: int
     record: RequestRecord
-    loads: dict[str, int] = field(default_factory=dict)
-    prefilling: tuple[str, int] | None = None
+    charges: Charges  # the router's load ledger (router/ledger.py), as in ClusterClient
     prefill: SimHandle | None = None
     decode: SimHandle | None = None
     num_cached_on_prefill: int = 0
@@ -105,6 +105,7 @@ class ClusterSim:
         self._events: list = []
         self._seq = itertools.count()
         self.pool = SimPool()
+        self.ledger = LoadLedger(self.pool)
         self.workers: dict[str, SimWorker] = {}
         self.kv_index = KVIndex()
         self.threads = serve.threads_per_worker or max(
@@ -248,7 +249,8 @@ class ClusterSim:
     def dispatch(self, index: int, token_ids: list[int], max_tokens: int) -> _Flight:
         """A request reaching the router now (`ClusterClient._dispatch`)."""
         record = RequestRecord(start_s=self.now, num_prompt_tokens=len(token_ids))
-        flight = _Flight(index, f"req-{index}", token_ids, max_tokens, record)
+        charges = Charges(len(token_ids))
+        flight = _Flight(index, f"req-{index}", token_ids, max_tokens, record, charges)
         error = self._validate(flight)
         if error is None:
             error = self._plan(flight)
@@ -291,13 +293,13 @@ class ClusterSim:
         request = make_request(flight.request_id, flight.token_ids, flight.max_tokens, self.now)
         worker = self.workers[plan.decode.worker_id]
         if plan.prefill is None:
-            self._charge(flight, plan.decode, num_prompt + flight.max_tokens)
-            self._charge_prefill(flight, plan.decode, cached(plan.decode))
+            self.ledger.charge(flight.charges, plan.decode, num_prompt + flight.max_tokens)
+            self.ledger.charge_prefill(flight.charges, plan.decode, cached(plan.decode))
             self._to_worker(worker.worker_id, worker.on_add, request)
             return None
         flight.prefill = plan.prefill
         flight.num_cached_on_prefill = cached(plan.prefill)
-        self._charge(flight, plan.decode, flight.max_tokens)
+        self.ledger.charge(flight.charges, plan.decode, flight.max_tokens)
         self._to_worker(worker.worker_id, self._reserve, worker, request)
         return None
 
@@ -311,8 +313,8 @@ class ClusterSim:
     def _on_reserved(self, reserved: Reserved) -> None:
         flight = self._flights[reserved.request_id]
         prefill = flight.prefill
-        self._charge(flight, prefill, len(flight.token_ids))
-        self._charge_prefill(flight, prefill, flight.num_cached_on_prefill)
+        self.ledger.charge(flight.charges, prefill, len(flight.token_ids))
+        self.ledger.charge_prefill(flight.charges, prefill, flight.num_cached_on_prefill)
         num_sent = reserved.num_blocks - reserved.num_cached_blocks
         flight.num_kv_bytes = (
             num_sent * self.serve.engine.block_size * self.profile.kv_bytes_per_token
@@ -348,10 +350,10 @@ class ClusterSim:
 
     def _on_token(self, flight: _Flight, worker_id: str, out: Output) -> None:
         """`ClusterClient._on_outputs` for one output, and the client's clock."""
-        self._prefill_done(flight)
+        self.ledger.prefill_done(flight.charges)
         is_from_prefill = flight.prefill is not None and worker_id == flight.prefill.worker_id
         if out.is_finished or is_from_prefill:
-            self._release(flight, worker_id)
+            self.ledger.release(flight.charges, worker_id)
         record = flight.record
         if flight.num_tokens == 0:
             record.ttft_s = self.now - record.start_s
@@ -361,37 +363,8 @@ class ClusterSim:
         flight.num_tokens += 1
         flight.last_token_s = self.now
         if out.is_finished:
-            for worker in list(flight.loads):
-                self._release(flight, worker)
+            self.ledger.release_all(flight.charges)
             del self._flights[flight.request_id]
             record.num_output_tokens = flight.num_tokens
             record.e2e_s = self.now - record.start_s
             self.on_done(flight)
-
-    # ---- load counters (router/cluster.py) --------------------------------------------------
-
-    def _charge(self, flight: _Flight, worker: SimHandle, tokens: int) -> None:
-        flight.loads[worker.worker_id] = flight.loads.get(worker.worker_id, 0) + tokens
-        worker.outstanding_tokens += tokens
-        worker.num_assigned += 1
-
-    def _charge_prefill(self, flight: _Flight, worker: SimHandle, num_cached: int) -> None:
-        tokens = max(0, len(flight.token_ids) - num_cached)
-        flight.prefilling = (worker.worker_id, tokens)
-        worker.pending_prefill_tokens += tokens
-
-    def _prefill_done(self, flight: _Flight) -> None:
-        if flight.prefilling is None:
-            return
-        worker_id, tokens = flight.prefilling
-        flight.prefilling = None
-        self.pool.workers[worker_id].pending_prefill_tokens -= tokens
-
-    def _release(self, flight: _Flight, worker_id: str) -> None:
-        if flight.prefilling is not None and flight.prefilling[0] == worker_id:
-            self._prefill_done(flight)
-        tokens = flight.loads.pop(worker_id, 0)
-        handle = self.pool.workers[worker_id]
-        if tokens:
-            handle.outstanding_tokens -= tokens
-            handle.num_assigned -= 1

