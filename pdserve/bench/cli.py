@@ -1,6 +1,6 @@
 """`pdserve bench`: the command line of the benchmark tools.
 
-    pdserve bench run      --url URL [--workload NAME | --trace FILE]
+    pdserve bench run      --url URL [--workload NAME | --trace FILE | --phases FILE]
                            [--rate R [--burstiness B] | --concurrency C]
                            [--num-requests N | --duration S] [--slo-ttft MS --slo-tpot MS]
                            [--price-per-hour P] [--out FILE.json]
@@ -43,6 +43,11 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     load.add_argument("--rate", type=float, default=None, help="requests/s (default: all at once)")
     load.add_argument("--concurrency", type=int, default=None, help="closed loop: in flight")
     run.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 is Poisson")
+    run.add_argument(
+        "--phases",
+        default=None,
+        help="YAML of phases (workload, duration_s, rate): bench/phases.py",
+    )
     run.set_defaults(func=cmd_run)
 
     goodput = commands.add_parser("goodput", help="highest rate within the SLOs (DistServe)")
@@ -123,6 +128,8 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from pdserve.bench import loadgen, metrics
 
+    if args.phases:
+        return cmd_run_phases(args)
     arrival = _arrival(args)
     num_requests = _num_requests(args)
     specs, default_slo = load_specs(args, _num_specs(args, num_requests))
@@ -149,6 +156,47 @@ def cmd_run(args: argparse.Namespace) -> int:
         write_html(args.html, [(label, result, summary)])
         print(f"report: {args.html}")
     return 0
+
+
+def cmd_run_phases(args: argparse.Namespace) -> int:
+    """`run --phases FILE`: the phases' traffic, one after another; a table per phase."""
+    from pdserve.bench import loadgen, metrics, phases
+
+    given = [f"--{k.replace('_', '-')}" for k in PHASES_EXCLUDE if getattr(args, k) is not None]
+    if given:
+        raise ConfigError("phases", f"the phases file sets the load; drop {', '.join(given)}")
+    tokenizer = _tokenizer(args)
+    steps, seed = phases.load_phases(args.phases)
+    seed = args.seed if seed is None else seed
+    load = phases.build_load(steps, seed, tokenizer)
+    model = args.model or loadgen.fetch_model_id(args.url, _api_key(args))
+    config = {**_config(args, None), "workload": None, "phases": phases.phases_config(load)}
+    result = loadgen.run_benchmark_sync(
+        args.url,
+        model,
+        load.specs,
+        loadgen.Arrival.trace(),
+        config=config,
+        **{**_request_options(args, load.specs), "seed": seed},
+    )
+    parts = phases.summarize_phases(result)
+    print(metrics.format_summary(parts[-1].summary, result.config))
+    print("\n" + phases.format_phases(parts))
+    if args.out:
+        data = json.loads(metrics.to_json(result, parts[-1].summary))
+        _write(args.out, json.dumps({**data, "phases": phases.phases_to_dict(parts)}, indent=1))
+    return 0
+
+
+PHASES_EXCLUDE = (
+    "trace",
+    "rate",
+    "concurrency",
+    "num_requests",
+    "duration",
+    "slo_ttft",
+    "slo_tpot",
+)
 
 
 def cmd_goodput(args: argparse.Namespace) -> int:
@@ -211,11 +259,7 @@ def _delegate(module_name: str, function_name: str, args: argparse.Namespace) ->
 
 def load_specs(args: argparse.Namespace, num_specs: int) -> tuple[list[RequestSpec], SLO | None]:
     """The requests to send and the workload's default SLO (None for a trace)."""
-    tokenizer = None
-    if args.tokenizer:
-        from pdserve.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+    tokenizer = _tokenizer(args)
     if args.trace:
         from pdserve.bench.trace import load_trace
 
@@ -231,6 +275,14 @@ def load_specs(args: argparse.Namespace, num_specs: int) -> tuple[list[RequestSp
 
     workload = get_workload(args.workload)
     return list(workload.sample(num_specs, args.seed, tokenizer)), workload.default_slo
+
+
+def _tokenizer(args: argparse.Namespace):
+    if not args.tokenizer:
+        return None
+    from pdserve.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(args.tokenizer)
 
 
 def _arrival(args: argparse.Namespace):

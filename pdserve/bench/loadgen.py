@@ -312,7 +312,7 @@ class _Client:
             body["messages"] = spec.messages
         else:
             body["prompt"] = spec.prompt
-        return {**body, **self.extra_body}
+        return {**body, **self.extra_body, **(spec.extra_body or {})}
 
     async def send(self, spec: RequestSpec) -> RequestRecord:
         """Measure one request; a session's turn first waits for the session's previous

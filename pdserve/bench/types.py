@@ -26,6 +26,7 @@ class RequestSpec:
     num_prompt_tokens: int | None = None  # the workload's estimate; usage is authoritative
     timestamp_s: float | None = None  # trace replay: send this long after the start
     session_id: str | None = None  # shared-prefix workloads: requests of one conversation
+    extra_body: dict[str, Any] | None = None  # merged into this request's body (phases)
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,3 +60,27 @@ def test_half_an_slo_without_defaults_is_refused(tmp_path, capsys):
     args = ["bench", "goodput", "--trace", str(trace), "--slo-ttft", "100", "--model", "m"]
     assert main(args) == 2
     assert "slo: give both --slo-ttft and --slo-tpot" in capsys.readouterr().err
+
+
+def test_run_with_phases_reports_each_phase(live_server, tmp_path, capsys):
+    phases = tmp_path / "phases.yaml"
+    phases.write_text(
+        "phases:\n"
+        "  - {workload: 'random:in=16,out=4', duration_s: 0.5, rate: 8}\n"
+        "  - {name: second, workload: 'random:in=32,out=4', duration_s: 0.5, rate: 8,\n"
+        "     slo: {ttft_ms: 60000, tpot_ms: 60000}}\n"
+        "seed: 2\n"
+    )
+    out = tmp_path / "run.json"
+    args = ["bench", "run", "--url", live_server.url, "--phases", str(phases), "--ignore-eos"]
+    assert main([*args, "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    counts = [p["num_requests"] for p in data["config"]["phases"]]
+    assert [p["name"] for p in data["phases"]] == ["random:in=16,out=4", "second", "all"]
+    assert [p["num_requests"] for p in data["phases"]] == [*counts, sum(counts)]
+    assert data["phases"][1]["attainment"] == 1.0  # an SLO no request can miss
+    assert [r["num_output_tokens"] for r in data["records"]] == [4] * sum(counts)
+    assert "second" in printed and "each phase's" in printed
+    assert main([*args, "--rate", "3"]) == 2  # the file sets the load
+    assert "drop --rate" in capsys.readouterr().err
