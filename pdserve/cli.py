@@ -43,6 +43,12 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="logits of a row bitwise independent of its batch (CPU float32)",
     )
+    group.add_argument(
+        "--quantization",
+        default=None,
+        choices=["int8"],
+        help="8-bit weights (lossy; default: the checkpoint's precision, --dtype)",
+    )
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     group.add_argument("--seed", type=int, default=0)
     tiers = parser.add_argument_group("KV cache tiers (below the device pool; all off by default)")
@@ -85,6 +91,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         kv_redis_url=args.kv_redis_url,
         kv_tier_dtype=args.kv_tier_dtype,
         batch_invariant=args.batch_invariant,
+        quantization=args.quantization,
     )
 
 

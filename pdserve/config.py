@@ -22,6 +22,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 KV_TIER_DTYPES = ("auto", "int8")
+QUANTIZATIONS = ("int8",)  # weight formats `EngineConfig.quantization` accepts
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +202,9 @@ class EngineConfig:
     # decode vs prefill): CPU float32 kernels with one fixed summation order per output
     # element (see docs/architecture.md, "Batch-invariant mode").
     batch_invariant: bool = False
+    # Weights stored in 8 bits (pdserve/model/quant.py): lossy, so None (the checkpoint's
+    # precision, `dtype`) unless asked for.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in SUPPORTED_DTYPES:
@@ -217,6 +221,15 @@ class EngineConfig:
             raise ConfigError("kv_cache_memory_gib", "must be positive")
         self._check_kv_tiers()
         self._check_batch_invariant()
+        self._check_quantization()
+
+    def _check_quantization(self) -> None:
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ConfigError(
+                "quantization", f"{self.quantization!r}; one of {QUANTIZATIONS} (or unset)"
+            )
+        if self.quantization is not None and self.batch_invariant:
+            raise ConfigError("quantization", "cannot be combined with batch_invariant")
 
     def _check_batch_invariant(self) -> None:
         if not self.batch_invariant:

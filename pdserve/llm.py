@@ -46,6 +46,7 @@ class LLM:
         kv_redis_url: str | None = None,
         kv_tier_dtype: str = "auto",
         batch_invariant: bool = False,
+        quantization: str | None = None,
     ) -> None:
         if model is None:
             from pdserve.model.builtin import ensure_builtin_model
@@ -70,6 +71,7 @@ class LLM:
             kv_redis_url=kv_redis_url,
             kv_tier_dtype=kv_tier_dtype,
             batch_invariant=batch_invariant,
+            quantization=quantization,
         )
         self.engine = LLMEngine(model, config, skip_tokenizer_init)
         self._ids = itertools.count()

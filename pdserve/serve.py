@@ -372,6 +372,7 @@ ENGINE_FLAGS = {
     "kv_disk_cache_gib": float,
     "kv_redis_url": str,
     "kv_tier_dtype": str,
+    "quantization": str,
 }
 
 

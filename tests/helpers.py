@@ -186,7 +186,13 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
+    return hf_model_greedy(model.eval(), prompts, max_new_tokens)
+
+
+def hf_model_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """`hf_greedy` with a transformers model already in memory."""
+    import torch
+
     outputs = []
     with torch.no_grad():
         for prompt in prompts:

@@ -67,7 +67,13 @@ class ModelRunner:
         if self.batch_invariant:
             _check_batch_invariant_kernels()
         self.model = load_model(
-            model_dir, self.dtype, self.device, max_model_len, model_config, self.batch_invariant
+            model_dir,
+            self.dtype,
+            self.device,
+            max_model_len,
+            model_config,
+            self.batch_invariant,
+            engine_config.quantization,
         )
         self.num_blocks = self._decide_num_blocks()
         self.kv_cache = (kv_allocator or self._allocate_kv_cache)(self.num_blocks)

@@ -263,10 +263,18 @@ class LlamaForCausalLM(nn.Module):
         """Products of at most this many rows run on OpenBLAS's threads, not torch's."""
         return self.lm_head_mm.max_blas_rows if self.lm_head_mm is not None else 0
 
-    def finish_loading(self, batch_invariant: bool = False) -> None:
+    def finish_loading(
+        self, batch_invariant: bool = False, quantization: str | None = None
+    ) -> None:
         """Hand float32 products on CPU to oneDNN / OpenBLAS once the weights are in place
         (see `cpu_blas`: 1.5-2x faster than torch's MKL path on AMD CPUs), or with
-        `batch_invariant` to the batch-invariant kernels (the caller checked they exist)."""
+        `batch_invariant` to the batch-invariant kernels (the caller checked they exist),
+        or with `quantization` replace the weights by 8-bit ones (`quant.py`)."""
+        if quantization is not None:
+            from pdserve.model import quant  # lazily: quant needs this module's Linear
+
+            quant.quantize_model(self, quantization)
+            return
         if batch_invariant:
             for norm in self.modules():
                 if isinstance(norm, RMSNorm):

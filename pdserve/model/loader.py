@@ -60,6 +60,7 @@ def load_model(
     max_len: int,
     config: ModelConfig | None = None,
     batch_invariant: bool = False,
+    quantization: str | None = None,
 ) -> LlamaForCausalLM:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -68,5 +69,5 @@ def load_model(
     files = weight_files(model_dir)
     model = LlamaForCausalLM(config, max_len=max_len, dtype=dtype, device=device)
     model.load_weights(iterate_weights(files))
-    model.finish_loading(batch_invariant)
+    model.finish_loading(batch_invariant, quantization)
     return model.eval()
