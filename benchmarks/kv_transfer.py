@@ -66,7 +66,8 @@ import zmq
 from pdserve.config import ModelConfig
 from pdserve.ipc import messages as m
 from pdserve.transfer import shm
-from pdserve.transfer.base import KVReceiver, PeerSockets, block_runs, checksum, make_sender
+from pdserve.transfer.backends import make_sender
+from pdserve.transfer.base import KVReceiver, PeerSockets, block_runs, checksum
 from pdserve.transfer.nixl import nixl_available
 from pdserve.transfer.shm import TORCH_DTYPES, ShmSender
 from pdserve.transfer.tcp import MAX_ZERO_COPY_RUNS, TcpSender

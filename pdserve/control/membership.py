@@ -27,8 +27,8 @@ import enum
 import time
 from dataclasses import dataclass
 
+from pdserve.control.workers import ROLE_CAN, WorkerHandle, WorkerPool
 from pdserve.ipc import messages as m
-from pdserve.router.workers import ROLE_CAN, WorkerHandle, WorkerPool
 
 DEFAULT_LEASE_S = 5.0
 FENCE_RESEND_S = 1.0  # tell a fenced incarnation at most this often

@@ -37,6 +37,7 @@ from pdserve.config import ModelConfig
 from pdserve.control.launcher import Launcher
 from pdserve.control.membership import DEFAULT_LEASE_S, Membership, Outcome
 from pdserve.control.migration import MigrationConfig, attempt_request_id
+from pdserve.control.workers import WorkerHandle, WorkerPool
 from pdserve.engine.limits import check_request
 from pdserve.engine.output_processor import OutputProcessor
 from pdserve.errors import (
@@ -58,7 +59,6 @@ from pdserve.router.kv_index import KVIndex
 from pdserve.router.ledger import Charges, LoadLedger
 from pdserve.router.policy import RoutingConfig, required_jobs
 from pdserve.router.stream_queue import UpdateQueue
-from pdserve.router.workers import WorkerHandle, WorkerPool
 from pdserve.sampling_params import SamplingParams, child_params
 from pdserve.tokenizer import Tokenizer
 

@@ -23,12 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pdserve.control.workers import WorkerHandle, WorkerPool
 from pdserve.errors import ServiceUnavailableError
 from pdserve.ipc import messages as m
 from pdserve.router.kv_index import KVIndex, PrefixMatch, prompt_hashes
 from pdserve.router.ledger import Charges, LoadLedger
 from pdserve.router.policy import Plan, RoutingConfig, plan_request
-from pdserve.router.workers import WorkerHandle, WorkerPool
 from pdserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:

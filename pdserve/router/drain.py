@@ -17,13 +17,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from pdserve.errors import PdserveError
 from pdserve.ipc import messages as m
 
 if TYPE_CHECKING:
-    from pdserve.router.cluster import ClusterClient
+    from pdserve.control.workers import WorkerPool
+    from pdserve.router.dispatch import Attempt
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,19 @@ class DrainReport:
     seconds: float
 
 
+class DrainHost(Protocol):
+    """What a drain needs of the router (`ClusterClient`): its workers and the attempts
+    placed on them, and moving those elsewhere."""
+
+    pool: WorkerPool
+
+    def attempts_on(self, worker_id: str) -> list[Attempt]: ...
+
+    def move_off(self, worker_id: str, reason: str) -> int: ...
+
+
 class Drains:
-    def __init__(self, client: ClusterClient) -> None:
+    def __init__(self, client: DrainHost) -> None:
         self.client = client
         self._tasks: set[asyncio.Task] = set()
 

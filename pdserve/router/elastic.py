@@ -20,15 +20,18 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from pdserve.control.workers import ROLE_CAN
 from pdserve.errors import ConfigError, PdserveError, ServiceUnavailableError
 from pdserve.ipc import messages as m
 from pdserve.router.drain import UnknownWorkerError
-from pdserve.router.workers import ROLE_CAN
 
 if TYPE_CHECKING:
-    from pdserve.router.cluster import ClusterClient
+    from pdserve.control.launcher import Launcher
+    from pdserve.control.workers import WorkerPool
+    from pdserve.router.drain import DrainReport, Drains
+    from pdserve.router.metrics import RouterMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +50,24 @@ class RoleSwitch:
     switch_seconds: float  # SetRole sent -> registered in the new role
 
 
+class ElasticHost(Protocol):
+    """What role switches and scaling need of the router (`ClusterClient`)."""
+
+    pool: WorkerPool
+    drains: Drains
+    launcher: Launcher | None
+    metrics: RouterMetrics | None
+    min_workers: int
+
+    async def drain(
+        self, worker_id: str, migrate: bool = True, timeout_s: float = 60.0
+    ) -> DrainReport: ...
+
+    def forget_worker(self, worker_id: str) -> None: ...
+
+
 class Elastic:
-    def __init__(self, client: ClusterClient) -> None:
+    def __init__(self, client: ElasticHost) -> None:
         self.client = client
         self._locks: dict[str, asyncio.Lock] = {}
         self.history: deque[tuple[float, RoleSwitch, str]] = deque(maxlen=50)  # (when, what, why)

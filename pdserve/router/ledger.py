@@ -2,7 +2,7 @@
 
 Routing decisions read a worker's load the instant a request is assigned
 (`WorkerHandle.outstanding_tokens`, `num_assigned`, `pending_prefill_tokens`; see
-router/workers.py), so the router counts it itself rather than wait for stats. Every
+control/workers.py), so the router counts it itself rather than wait for stats. Every
 charge is recorded on the attempt that made it (`Charges`), so that whatever ends the
 attempt — a finish, an abort, a worker's death, a migration — releases exactly what was
 charged, once.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdserve.router.workers import WorkerHandle, WorkerPool
+from pdserve.control.workers import WorkerHandle, WorkerPool
 
 
 @dataclass(eq=False)

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pdserve.control.workers import WorkerHandle, WorkerPool
 from pdserve.errors import ConfigError
 from pdserve.router.selection import SELECTORS, CachedTokens, KVAwareWeights, Selector
-from pdserve.router.workers import WorkerHandle, WorkerPool
 
 MODES = ("aggregated", "disaggregated", "auto")
 KV_BACKENDS = ("auto", "shm", "tcp", "nixl")

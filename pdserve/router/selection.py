@@ -35,7 +35,7 @@ import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pdserve.router.workers import WorkerHandle
+from pdserve.control.workers import WorkerHandle
 
 # Prompt tokens a worker holds cached (0 when unknown).
 CachedTokens = Callable[[WorkerHandle], int]

@@ -13,11 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ROLE_CAN = {  # the same as router/workers.py
-    "prefill": {"prefill"},
-    "decode": {"decode"},
-    "mixed": {"prefill", "decode", "mixed"},
-}
+from pdserve.control.workers import ROLE_CAN
 
 
 @dataclass(slots=True)

@@ -11,7 +11,8 @@ Two halves, as in vLLM's KV connector:
   (`tcp`), dequantising int8 batches into the pool's dtype, and is told nothing for
   backends that write in place (`shm`, `nixl`; these always move full precision).
 
-Backends register by name in `SENDERS`; a decode worker lists the backends it accepts in
+Backends register by name in `SENDERS` (`register_sender`); `backends.py` imports the
+built-in ones and makes a sender by name; a decode worker lists the backends it accepts in
 its `Register` message. Every byte count returned is what crossed the boundary.
 """
 
@@ -234,15 +235,3 @@ def register_sender(name: str) -> Callable[[type[KVSender]], type[KVSender]]:
         return cls
 
     return wrap
-
-
-def make_sender(
-    name: str, kv_cache: torch.Tensor, layout: KVLayout, peers: PeerSockets, **options
-) -> KVSender:
-    """The sender of backend `name`; `options` go to its constructor (e.g. the NIXL agent
-    name)."""
-    from pdserve.transfer import nixl, shm, tcp  # noqa: F401  (register the built-in backends)
-
-    if name not in SENDERS:
-        raise TransferError(f"unknown KV transfer backend {name!r}; have {sorted(SENDERS)}")
-    return SENDERS[name](kv_cache, layout, peers, **options)

@@ -20,11 +20,10 @@ worker then reports it in the `KVDone` it sends after the step.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from pdserve.engine.block_manager import cdiv
-from pdserve.engine.scheduler import ScheduledRequest
 from pdserve.ipc.messages import KVDestination
 from pdserve.transfer.base import KVSender, TransferError
 
@@ -40,6 +39,20 @@ class HandOff:
     num_batches: int = 0
     seconds: float = 0.0
     error: str | None = None
+
+
+class _StepRequest(Protocol):
+    kv_dest: object  # a `HandOff` on requests whose KV leaves this worker
+    block_ids: list[int]
+
+
+class StepItem(Protocol):
+    """What the streamer reads of one scheduled request (the engine's `ScheduledRequest`):
+    declared here so `transfer/` stays below `engine/`."""
+
+    request: _StepRequest
+    start: int  # tokens [start, start + num_new_tokens) are computed this step
+    num_new_tokens: int
 
 
 @dataclass(slots=True)
@@ -63,7 +76,7 @@ class KVStreamer:
         self.layerwise = layerwise
         self._jobs: list[_Job] = []
 
-    def begin_step(self, scheduled: list[ScheduledRequest]) -> Callable[[int], None] | None:
+    def begin_step(self, scheduled: Sequence[StepItem]) -> Callable[[int], None] | None:
         self._jobs = [job for item in scheduled if (job := self._job(item)) is not None]
         if not self._jobs or not self.layerwise:
             return None
@@ -100,14 +113,14 @@ class KVStreamer:
                     if failed and job.hand_off.error is None:
                         job.hand_off.error = str(e)
 
-    def _job(self, item: ScheduledRequest) -> _Job | None:
+    def _job(self, item: StepItem) -> _Job | None:
         hand_off = item.request.kv_dest
         if not isinstance(hand_off, HandOff) or hand_off.error is not None:
             return None
         skip = hand_off.dest.first_block
         first = max(hand_off.num_sent_blocks, skip)
         end = item.start + item.num_new_tokens
-        last = cdiv(end, self.block_size)
+        last = -(-end // self.block_size)  # blocks holding tokens [0, end)
         hand_off.num_sent_blocks = max(skip, end // self.block_size)
         src_block_ids = item.request.block_ids[first:last]
         dst_block_ids = hand_off.dest.block_ids[first - skip : max(first, last) - skip]

@@ -64,7 +64,8 @@ from pdserve.engine.core import EngineCore
 from pdserve.errors import PdserveError
 from pdserve.ipc import messages as m
 from pdserve.ipc import security
-from pdserve.transfer.base import KVReceiver, PeerSockets, make_sender
+from pdserve.transfer.backends import make_sender
+from pdserve.transfer.base import KVReceiver, PeerSockets
 from pdserve.transfer.shm import TORCH_DTYPES, create_shared_pool, shm_pool_path
 from pdserve.transfer.streamer import KVStreamer
 from pdserve.worker.handoff import HandOffs

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from pdserve.control.workers import WorkerHandle, WorkerPool
 from pdserve.errors import ConfigError
 from pdserve.ipc import messages as m
 from pdserve.router.policy import RoutingConfig, plan_request, required_jobs
-from pdserve.router.workers import WorkerHandle, WorkerPool
 
 LAYOUT = m.KVLayout(2, 64, 16, 2, 8, "float32")
 

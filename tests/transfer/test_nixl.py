@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pdserve.ipc import messages as m
-from pdserve.transfer.base import PeerSockets, TransferError, make_sender
+from pdserve.transfer.backends import make_sender
+from pdserve.transfer.base import PeerSockets, TransferError
 
 pytest.importorskip("nixl._api", reason="the nixl package is not installed (optional extra)")
 
