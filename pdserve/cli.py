@@ -57,6 +57,13 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     tiers.add_argument("--kv-disk-cache-gib", type=float, default=16.0, help="disk tier cap")
     tiers.add_argument("--kv-redis-url", default=None, help="Redis tier, redis://host:port/db")
     tiers.add_argument("--kv-tier-dtype", default="auto", choices=["auto", "int8"])
+    tiers.add_argument(
+        "--kv-tier-admission",
+        default="all",
+        choices=["all", "frequency"],
+        help="which blocks enter disk/Redis: all, or prefixes seen often (frequency)",
+    )
+    tiers.add_argument("--kv-tier-admission-threshold", type=int, default=2)
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -90,6 +97,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         kv_disk_cache_gib=args.kv_disk_cache_gib,
         kv_redis_url=args.kv_redis_url,
         kv_tier_dtype=args.kv_tier_dtype,
+        kv_tier_admission=args.kv_tier_admission,
+        kv_tier_admission_threshold=args.kv_tier_admission_threshold,
         batch_invariant=args.batch_invariant,
         quantization=args.quantization,
     )

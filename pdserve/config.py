@@ -23,6 +23,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 KV_TIER_DTYPES = ("auto", "int8")
 QUANTIZATIONS = ("int8",)  # weight formats `EngineConfig.quantization` accepts
+KV_TIER_ADMISSIONS = ("all", "frequency")  # kvstore/admission.py
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +196,10 @@ class EngineConfig:
     kv_disk_cache_gib: float = 16.0  # the disk tier's size cap
     kv_redis_url: str | None = None  # shared Redis tier, e.g. redis://127.0.0.1:6379/0
     kv_tier_dtype: str = "auto"  # auto: the pool's dtype | int8 (per block and head)
+    # Which blocks enter the slow tiers (disk, Redis): all (write-through of every block)
+    # | frequency (a prefix chain seen kv_tier_admission_threshold times; kvstore/admission.py)
+    kv_tier_admission: str = "all"
+    kv_tier_admission_threshold: int = 2
     # The Redis tier's MAC key: set by a worker from the cluster key (ipc/security.py), never
     # a flag or printed; None: unkeyed checksums (offline use, --insecure-no-curve).
     kv_tier_secret: bytes | None = field(default=None, repr=False)
@@ -251,6 +256,12 @@ class EngineConfig:
             raise ConfigError("kv_disk_cache_gib", "must be positive")
         if self.kv_tier_dtype not in KV_TIER_DTYPES:
             raise ConfigError("kv_tier_dtype", f"{self.kv_tier_dtype!r}; one of {KV_TIER_DTYPES}")
+        if self.kv_tier_admission not in KV_TIER_ADMISSIONS:
+            raise ConfigError(
+                "kv_tier_admission", f"{self.kv_tier_admission!r}; one of {KV_TIER_ADMISSIONS}"
+            )
+        if self.kv_tier_admission_threshold < 1:
+            raise ConfigError("kv_tier_admission_threshold", "must be at least 1")
         if self.kv_disk_cache_dir == "":
             raise ConfigError("kv_disk_cache_dir", "empty path (leave unset to turn it off)")
         if self.has_kv_tiers and not self.enable_prefix_caching:

@@ -45,6 +45,8 @@ class LLM:
         kv_disk_cache_gib: float = 16.0,
         kv_redis_url: str | None = None,
         kv_tier_dtype: str = "auto",
+        kv_tier_admission: str = "all",
+        kv_tier_admission_threshold: int = 2,
         batch_invariant: bool = False,
         quantization: str | None = None,
     ) -> None:
@@ -70,6 +72,8 @@ class LLM:
             kv_disk_cache_gib=kv_disk_cache_gib,
             kv_redis_url=kv_redis_url,
             kv_tier_dtype=kv_tier_dtype,
+            kv_tier_admission=kv_tier_admission,
+            kv_tier_admission_threshold=kv_tier_admission_threshold,
             batch_invariant=batch_invariant,
             quantization=quantization,
         )

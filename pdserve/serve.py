@@ -373,6 +373,8 @@ ENGINE_FLAGS = {
     "kv_redis_url": str,
     "kv_tier_dtype": str,
     "quantization": str,
+    "kv_tier_admission": str,
+    "kv_tier_admission_threshold": int,
 }
 
 

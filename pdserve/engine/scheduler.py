@@ -154,6 +154,8 @@ class Scheduler:
         num_cached = len(cached) * self.block_manager.block_size
         self.block_manager.allocate(request, request.num_prompt_tokens - num_cached, cached)
         request.num_cached_tokens = num_cached
+        if self.kv_tiers is not None:
+            self.kv_tiers.on_admit(request, cached)
         request.status = RequestStatus.WAITING_FOR_KV
         self._order[request.request_id] = next(self._counter)
         self.reserved[request.request_id] = request
@@ -232,6 +234,8 @@ class Scheduler:
                 request.num_cached_tokens = num_cached
                 self.num_prefix_query_tokens += request.num_tokens
                 self.num_prefix_hit_tokens += num_cached
+                if self.kv_tiers is not None:
+                    self.kv_tiers.on_admit(request, cached)
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()

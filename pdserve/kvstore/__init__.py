@@ -6,6 +6,7 @@ host.py       host RAM tier (LRU under a byte cap)
 disk.py       local disk tier (content-addressed files, survives restarts)
 redis_tier.py Redis tier (shared across workers; optional `redis` package)
 writer.py     the background writer for slow tiers (bounded; drops, never blocks)
+admission.py  which blocks enter the slow tiers: all, or frequently seen prefixes
 store.py      TieredKVStore: lookup across tiers, promotion, write-down
 connector.py  KVTierConnector: joins a store to an engine's scheduler and KV pool
 fingerprint.py a model fingerprint, so persisted KV is never read by another model

@@ -12,6 +12,11 @@ Two halves, called at fixed points of `EngineCore.step`:
   through: a crashed worker loses at most the writer's queue), then the scheduled loads
   are copied into their device blocks. Saving comes first because a load may target a
   block that was just evicted.
+- admission (`on_admit`, from the scheduler when a request is first admitted or a
+  reservation made): the request's prefix chain is counted by the store's admission
+  policy (kvstore/admission.py). Blocks it serves from the device pool whose chain just
+  became hot enough for the slow tiers are queued with the write-through, since a block
+  that stays cached on the device is never committed again.
 
 The device stays a parameter: copies are `index_select`/`index_copy_` on the pool's own
 device and one transfer to or from the host, never a CPU assumption.
@@ -20,11 +25,14 @@ device and one transfer to or from the host, never a CPU assumption.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from pdserve.kv.block_hash import BlockHash
+from pdserve.kvstore.admission import make_admission
 from pdserve.kvstore.block import BlockLayout, StoredBlock
 from pdserve.kvstore.disk import DiskTier
 from pdserve.kvstore.fingerprint import model_fingerprint
@@ -43,6 +51,15 @@ logger = logging.getLogger(__name__)
 GIB = 2**30
 
 
+class _HotBlock(NamedTuple):
+    """A device-cached block to write through (the fields of the block manager's
+    `EvictedBlock`, which kvstore/ does not import: it stays below engine/)."""
+
+    block_hash: BlockHash
+    block_id: int
+    token_ids: tuple[int, ...]
+
+
 class KVTierConnector:
     def __init__(
         self, store: TieredKVStore, block_manager: BlockManager, kv_cache: torch.Tensor
@@ -54,6 +71,8 @@ class KVTierConnector:
         # device hit in blocks, blocks found). Only the head of the queue is looked up.
         self._found: tuple[str, int, list[StoredBlock]] | None = None
         self._loads: list[tuple[int, StoredBlock]] = []  # (device block id, block)
+        # Device-cached blocks that just became hot: written through like new ones.
+        self._hot: list[_HotBlock] = []
         if store.write_through_index is not None:
             block_manager.committed = []  # record new blocks for the write-through
 
@@ -84,8 +103,16 @@ class KVTierConnector:
         if config.kv_redis_url:
             secret = config.kv_tier_secret
             tiers.append(RedisTier(config.kv_redis_url, layout, events, secret=secret))
-        store = TieredKVStore(tiers, events, use_int8=config.kv_tier_dtype == "int8")
-        logger.info("KV tiers: %s", ", ".join(t.name for t in tiers))
+        admission = make_admission(
+            config.kv_tier_admission,
+            _slow_tier_blocks(tiers, layout),
+            config.kv_tier_admission_threshold,
+        )
+        use_int8 = config.kv_tier_dtype == "int8"
+        store = TieredKVStore(tiers, events, use_int8=use_int8, admission=admission)
+        logger.info(
+            "KV tiers: %s (admission: %s)", ", ".join(t.name for t in tiers), admission.name
+        )
         return cls(store, block_manager, kv_cache)
 
     # ---- scheduler side ------------------------------------------------------------------
@@ -115,6 +142,20 @@ class KVTierConnector:
             return tuple(request.token_ids(first, first + size))
 
         return self.store.lookup(hashes, token_ids_of)
+
+    def on_admit(self, request: Request, cached_block_ids: list[int]) -> None:
+        """Count one sighting of `request`'s prefix chain (its first admission, or a
+        reservation); queue the device-cached blocks that just became hot for writing."""
+        size = self.block_manager.block_size
+        hashes = request.update_block_hashes(size)[: request.num_prompt_tokens // size]
+        hot = self.store.record(hashes)
+        if self.store.write_through_index is None:
+            return
+        blocks = self.block_manager.blocks
+        for i in hot:
+            if i < len(cached_block_ids):
+                block = blocks[cached_block_ids[i]]
+                self._hot.append(_HotBlock(hashes[i], block.block_id, block.token_ids))
 
     def schedule_load(self, request: Request, num_cached_blocks: int) -> None:
         """After `allocate` (and `num_computed_tokens` set past the loaded blocks): pair
@@ -149,9 +190,11 @@ class KVTierConnector:
 
     def _write_through(self) -> None:
         committed = self.block_manager.committed
-        if not committed:
+        if not committed and not self._hot:
             return
+        committed = [*committed, *self._hot]
         self.block_manager.committed = []
+        self._hot = []
         index = self.store.write_through_index
         tier = self.store.tiers[index]
         fresh = [c for c in committed if not tier.contains(c.block_hash)]
@@ -214,3 +257,13 @@ class KVTierConnector:
     def snapshot_events(self) -> list:
         """What the tiers hold now (a worker's `KVEventSource.snapshot`)."""
         return self.store.snapshot_events()
+
+
+def _slow_tier_blocks(tiers: list[KVTier], layout: BlockLayout) -> int | None:
+    """Blocks the capped slow tiers hold together (sizes the admission sketch); None when
+    only uncapped ones (Redis) are configured."""
+    capped = [t.capacity_bytes for t in tiers if not t.is_fast and t.capacity_bytes]
+    if not capped:
+        return None
+    block_bytes = layout.dtype.itemsize * math.prod(layout.kv_shape)
+    return max(1, sum(capped) // block_bytes)

@@ -11,6 +11,9 @@ crashes:
 - a read verifies the payload checksum; a truncated, corrupted or foreign file is a miss
   and is deleted.
 
+Eviction is least recently used first; with an admission policy that counts sightings
+(`frequencies`, kvstore/admission.py) it takes the coldest of the few least recently used.
+
 The byte cap is enforced on the files this process indexes. Two processes may share one
 directory without reading wrong KV (atomic renames, checksums), but each enforces its cap
 on its own view; give each worker its own directory for an exact cap.
@@ -19,6 +22,7 @@ on its own view; give each worker its own directory for an exact cap.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import threading
@@ -40,6 +44,7 @@ from pdserve.kvstore.tier import EventSink, KVTier
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".kvb"
+EVICTION_WINDOW = 16  # least recently used blocks compared when evicting by frequency
 TMP_SUFFIX = ".tmp"
 
 
@@ -182,11 +187,29 @@ class DiskTier(KVTier):
             _unlink(tmp)
             raise
 
+    def victim(self, nbytes: int) -> BlockHash | None:
+        with self._lock:
+            file_size = HEADER_SIZE + nbytes
+            if self.stats.used_bytes + file_size <= self.capacity_bytes or not self._sizes:
+                return None
+            return self._next_victim()
+
+    def _next_victim(self) -> BlockHash:
+        """Plain LRU; with `frequencies`, the coldest of the `EVICTION_WINDOW` least
+        recently used, the most recent of those on a tie: a chain read or written in
+        order is then cut from its tail, and its head stays useful."""
+        if self.frequencies is None:
+            return next(iter(self._sizes))
+        window = list(itertools.islice(self._sizes, EVICTION_WINDOW))
+        counts = self.frequencies(window)
+        return window[min(range(len(window)), key=lambda i: (counts[i], -i))]
+
     def _pop_over_capacity(self) -> list[tuple[BlockHash, int]]:
-        """Unindex LRU files until under the cap (caller holds the lock); return them."""
+        """Unindex victims until under the cap (caller holds the lock); return them."""
         victims = []
         while self.stats.used_bytes > self.capacity_bytes and self._sizes:
-            block_hash, size = self._sizes.popitem(last=False)
+            block_hash = self._next_victim()
+            size = self._sizes.pop(block_hash)
             self._forget(block_hash, size)
             victims.append((block_hash, size))
         return victims

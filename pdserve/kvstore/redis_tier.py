@@ -44,6 +44,7 @@ def _secret_id(secret: bytes | None) -> str:
 
 class RedisTier(KVTier):
     name = "redis"
+    is_remote = True
 
     def __init__(
         self,

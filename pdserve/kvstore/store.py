@@ -18,6 +18,11 @@ newly computed on the device is queued for it at once (`write_through`), so a wo
 crashes and is restarted finds what it had computed, minus at most the writer's queue.
 Eviction-driven write-down still feeds the RAM tier; `persist()` (on a clean shutdown)
 writes everything still in RAM down, waiting.
+
+Admission: every block bound for a slow tier — written through, cascaded down, persisted —
+is first offered to the `AdmissionPolicy` (kvstore/admission.py): `all` lets every block
+in, `frequency` only blocks whose prefix chain was seen often enough (`record`). Refused
+blocks are never written; both outcomes are counted per tier. RAM tiers take every block.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 
 from pdserve.kv.block_hash import BlockHash
 from pdserve.kv.events import BlocksStored
+from pdserve.kvstore.admission import AdmissionPolicy, AdmitAll
 from pdserve.kvstore.block import StoredBlock
 from pdserve.kvstore.host import HostTier
 from pdserve.kvstore.tier import EventSink, KVTier, TierStats
@@ -45,6 +51,7 @@ class StoreStats:
     num_hit_blocks: int = 0
     num_dropped_writes: int = 0
     num_pending_writes: int = 0
+    admission: str = "all"
     tiers: dict[str, TierStats] = field(default_factory=dict)
 
 
@@ -55,12 +62,18 @@ class TieredKVStore:
         events: EventSink | None = None,
         use_int8: bool = False,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        admission: AdmissionPolicy | None = None,
     ) -> None:
         if not tiers:
             raise ValueError("a tiered KV store needs at least one tier")
         self.tiers = list(tiers)
         self.events = events or EventSink()
         self.use_int8 = use_int8
+        self.admission = admission or AdmitAll()
+        if self.admission.counts_sightings:
+            for tier in self.tiers:
+                if not tier.is_fast:
+                    tier.frequencies = self.admission.frequencies
         self._lock = threading.Lock()
         self._num_lookups = 0
         self._num_queried_blocks = 0
@@ -91,13 +104,30 @@ class TieredKVStore:
             return
         tier = self.tiers[index]
         for block in blocks:
-            if not tier.contains(block.block_hash):
+            if not tier.contains(block.block_hash) and self._admits(block, tier):
                 self._writer.submit(block, index)
+
+    def record(self, block_hashes: Sequence[BlockHash]) -> list[int]:
+        """A request's prefix chain was seen once more (at its admission): indices of the
+        blocks that just became worth writing to the slow tiers (policy `frequency`)."""
+        return self.admission.record(block_hashes)
+
+    def _admits(self, block: StoredBlock, tier: KVTier) -> bool:
+        """Ask the policy whether `block` may enter the slow `tier`; count the answer."""
+        is_admitted = self.admission.admits(block.block_hash, tier, block.nbytes)
+        tier.record_admission(is_admitted)
+        return is_admitted
 
     def _store(self, block: StoredBlock, index: int, wait: bool = False) -> None:
         if index >= len(self.tiers):
             return  # evicted from the last tier: gone
-        if self.tiers[index].is_fast or self._writer.is_current_thread():
+        tier = self.tiers[index]
+        if not tier.is_fast:
+            # A block the tier holds already is only refreshed: no admission needed.
+            is_held = not tier.is_remote and tier.contains(block.block_hash)
+            if not is_held and not self._admits(block, tier):
+                return
+        if tier.is_fast or self._writer.is_current_thread():
             self._write(block, index, wait)
         else:
             self._writer.submit(block, index, wait)
@@ -141,6 +171,7 @@ class TieredKVStore:
     ) -> tuple[StoredBlock | None, int]:
         """The block and the index of the tier it came from, or (None, -1)."""
         for index, tier in enumerate(self.tiers):
+            tier.record_lookups(1)
             block = tier.get(block_hash)
             if block is None and index == 0:
                 # Evicted from RAM but not yet written below: take it from the queue.
@@ -168,7 +199,7 @@ class TieredKVStore:
         first = self.tiers[0]
         if isinstance(first, HostTier) and len(self.tiers) > 1:
             for block in first.blocks():
-                self._writer.submit(block, 1, wait=True)
+                self._store(block, 1, wait=True)
         return self.flush(timeout)
 
     def close(self) -> None:
@@ -197,5 +228,6 @@ class TieredKVStore:
             stats = StoreStats(self._num_lookups, self._num_queried_blocks, self._num_hit_blocks)
         stats.num_dropped_writes = self._writer.num_dropped
         stats.num_pending_writes = self._writer.num_pending
+        stats.admission = self.admission.name
         stats.tiers = {tier.name: tier.snapshot_stats() for tier in self.tiers}
         return stats

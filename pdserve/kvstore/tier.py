@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pdserve.kv.block_hash import BlockHash
@@ -55,6 +56,10 @@ class TierStats:
     read_bytes: int = 0
     written_bytes: int = 0
     num_corrupt_blocks: int = 0
+    num_lookup_blocks: int = 0  # blocks asked of this tier by lookups (hit rate: hits / this)
+    # Blocks offered to a slow tier and let in, or refused, by the admission policy.
+    num_admitted_blocks: int = 0
+    num_rejected_blocks: int = 0
 
 
 class KVTier(ABC):
@@ -64,12 +69,18 @@ class KVTier(ABC):
     # True for tiers whose operations are cheap enough for the engine thread (RAM); the
     # store writes to the others only from its background writer.
     is_fast: bool = False
+    # True when `contains` costs a network round trip (Redis): the store then does not ask
+    # it before offering a block, and the tier's own write skips what it holds.
+    is_remote: bool = False
 
     def __init__(self, capacity_bytes: int | None, events: EventSink | None = None) -> None:
         self.capacity_bytes = capacity_bytes  # None: bounded elsewhere (e.g. Redis maxmemory)
         self.events = events or EventSink()
         self.stats = TierStats()
         self._lock = threading.RLock()
+        # Estimated sightings of blocks (the admission policy's); a tier that can choose
+        # its eviction victim takes the coldest. None: plain LRU.
+        self.frequencies: Callable[[Sequence[BlockHash]], list[int]] | None = None
 
     @abstractmethod
     def get(self, block_hash: BlockHash) -> StoredBlock | None:
@@ -92,6 +103,11 @@ class KVTier(ABC):
         list them cheaply."""
         return None
 
+    def victim(self, nbytes: int) -> BlockHash | None:
+        """The block a put of `nbytes` would evict first; None when it fits, or when the
+        tier does not choose its victims (Redis: the server evicts)."""
+        return None
+
     def touch(self, block_hash: BlockHash) -> None:  # noqa: B027 - optional hook
         """Mark the block recently used (default: nothing)."""
 
@@ -102,6 +118,18 @@ class KVTier(ABC):
         """Count one block served from this tier (the store decides what is a hit)."""
         with self._lock:
             self.stats.num_hit_blocks += 1
+
+    def record_lookups(self, num_blocks: int) -> None:
+        """Count blocks a lookup asked this tier for."""
+        with self._lock:
+            self.stats.num_lookup_blocks += num_blocks
+
+    def record_admission(self, is_admitted: bool) -> None:
+        with self._lock:
+            if is_admitted:
+                self.stats.num_admitted_blocks += 1
+            else:
+                self.stats.num_rejected_blocks += 1
 
     def snapshot_stats(self) -> TierStats:
         with self._lock:

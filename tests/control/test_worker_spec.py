@@ -24,7 +24,12 @@ from pdserve.errors import ConfigError
 from pdserve.serve import ServeConfig, WorkerProcesses
 
 # Fields whose valid values are a fixed set: a changed value that passes validation.
-CHOICES = {"dtype": "bfloat16", "kv_tier_dtype": "int8", "quantization": "int8"}
+CHOICES = {
+    "dtype": "bfloat16",
+    "kv_tier_dtype": "int8",
+    "quantization": "int8",
+    "kv_tier_admission": "frequency",
+}
 
 
 def changed(field: dataclasses.Field, hint) -> object:

@@ -28,6 +28,8 @@ def test_tiers_are_off_by_default():
         ({"kv_host_cache_gib": -1.0}, "kv_host_cache_gib"),
         ({"kv_disk_cache_gib": 0.0}, "kv_disk_cache_gib"),
         ({"kv_tier_dtype": "fp8"}, "kv_tier_dtype"),
+        ({"kv_tier_admission": "lfu"}, "kv_tier_admission"),
+        ({"kv_tier_admission_threshold": 0}, "kv_tier_admission_threshold"),
         ({"kv_disk_cache_dir": ""}, "kv_disk_cache_dir"),
         ({"kv_host_cache_gib": 1.0, "enable_prefix_caching": False}, "enable_prefix_caching"),
     ],
@@ -45,6 +47,8 @@ def test_yaml_engine_section_and_worker_flags_carry_the_tiers(tmp_path):
         "kv_disk_cache_gib": 2.0,
         "kv_redis_url": "redis://127.0.0.1:6379/0",
         "kv_tier_dtype": "int8",
+        "kv_tier_admission": "frequency",
+        "kv_tier_admission_threshold": 3,
     }
     config = ServeConfig.from_dict({"engine": engine})
     assert config.engine.has_kv_tiers and config.engine.kv_tier_dtype == "int8"
@@ -64,3 +68,12 @@ def test_serve_flags_override_yaml(tmp_path):
     config = ServeConfig.from_args(args)
     assert config.engine.kv_disk_cache_dir == str(tmp_path)
     assert config.engine.kv_tier_dtype == "int8"
+
+
+def test_admission_flags(tmp_path):
+    args = build_parser().parse_args(
+        ["serve", "--kv-tier-admission", "frequency", "--kv-tier-admission-threshold", "4"]
+    )
+    engine = ServeConfig.from_args(args).engine
+    assert (engine.kv_tier_admission, engine.kv_tier_admission_threshold) == ("frequency", 4)
+    assert EngineConfig().kv_tier_admission == "all"

@@ -149,3 +149,40 @@ def test_tier_hit_blocks_join_the_device_prefix_cache(model_dir, reference):
     assert run(core, PROMPT) == (reference, NUM_PREFIX_TOKENS)
     assert core.kv_tiers.store.stats().tiers["host"].num_hit_blocks == 6
     core.close(persist_kv=False)
+
+
+def test_frequency_admission_writes_a_prefix_at_its_second_sight(model_dir, reference, tmp_path):
+    core = make_core(model_dir, kv_disk_cache_dir=str(tmp_path), kv_tier_admission="frequency")
+    disk = core.kv_tiers.store.tier("disk")
+    prompt_hashes = _probe(core).update_block_hashes(BLOCK_SIZE)[:6]
+    assert run(core, PROMPT) == (reference, 0)
+    assert core.kv_tiers.store.flush(10)
+    assert disk.hashes() == []  # seen once: its 6 full blocks were refused
+    # Seen again, served from the device pool: the now-hot blocks are copied down from it.
+    assert run(core, PROMPT) == (reference, NUM_PREFIX_TOKENS)
+    assert core.kv_tiers.store.flush(10)
+    assert disk.hashes() == prompt_hashes
+    run(core, LONG)  # a one-hit wonder: pushes PROMPT off the device, never reaches disk
+    assert core.kv_tiers.store.flush(10)
+    assert sorted(disk.hashes()) == sorted(prompt_hashes)
+    assert run(core, PROMPT) == (reference, NUM_PREFIX_TOKENS)  # from disk
+    stats = core.kv_tiers.store.stats()
+    assert stats.admission == "frequency"
+    disk_stats = stats.tiers["disk"]
+    assert disk_stats.num_hit_blocks == 6
+    assert disk_stats.num_admitted_blocks == 6
+    assert disk_stats.written_bytes == sum(disk.path(h).stat().st_size for h in prompt_hashes)
+    core.close(persist_kv=False)
+
+
+def test_admit_all_writes_every_computed_block(model_dir, reference, tmp_path):
+    core = make_core(model_dir, kv_disk_cache_dir=str(tmp_path))
+    assert run(core, PROMPT) == (reference, 0)
+    run(core, LONG)
+    assert core.kv_tiers.store.flush(10)
+    stats = core.kv_tiers.store.stats()
+    assert stats.admission == "all"
+    assert stats.tiers["disk"].num_rejected_blocks == 0
+    # PROMPT's 6 full blocks and LONG's 15 (240 prompt + 4 outputs: 244 tokens).
+    assert core.kv_tiers.store.tier("disk").num_blocks == 6 + 15
+    core.close(persist_kv=False)
