@@ -151,6 +151,22 @@ class BlockManager:
         while len(request.block_ids) < cdiv(num_tokens, self.block_size):
             request.block_ids.append(self._take_fresh())
 
+    def try_allocate(self, request: Request, num_new_tokens: int) -> bool:
+        """`can_allocate` then `allocate` for a request without a cached prefix to add (a
+        running request's next tokens), in one pass: False, and nothing taken, when there
+        is no room. A decode step inside the request's last block takes nothing."""
+        size = self.block_size
+        num_tokens = request.num_computed_tokens + num_new_tokens
+        num_held = len(request.block_ids)
+        if num_tokens <= num_held * size:
+            return True
+        num_needed = cdiv(num_tokens, size) - num_held
+        if num_needed > len(self._free):
+            return False
+        for _ in range(num_needed):
+            request.block_ids.append(self._take_fresh())
+        return True
+
     def commit_full_blocks(self, request: Request) -> None:
         """Register in the prefix cache every block of `request` that is now full of
         computed tokens. Called after each step that advanced the request."""

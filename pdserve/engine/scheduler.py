@@ -189,26 +189,34 @@ class Scheduler:
         return output
 
     def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
-        self.running.sort(key=self._key)
-        queue = list(self.running)
+        running = self.running
+        running.sort(key=self._key)
+        block_manager = self.block_manager
         kept: list[Request] = []
-        while queue and budget > 0:
-            request = queue.pop(0)
+        # The queue is running[first:end]: taken from the front, victims from the back.
+        first, end = 0, len(running)
+        while first < end and budget > 0:
+            request = running[first]
+            first += 1
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.block_manager.can_allocate(request, num_new):
-                victim = queue.pop() if queue else request  # least important goes first
+            while not block_manager.try_allocate(request, num_new):
+                if first < end:  # the least important request still queued goes first
+                    end -= 1
+                    victim = running[end]
+                else:
+                    victim = request
                 self._preempt(victim)
                 output.preempted_ids.append(victim.request_id)
                 if victim is request:
                     break
             else:
-                self.block_manager.allocate(request, num_new)
                 output.scheduled.append(
                     ScheduledRequest(request, num_new, request.num_computed_tokens)
                 )
                 kept.append(request)
                 budget -= num_new
-        self.running = kept + queue  # requests left unscheduled by the budget stay running
+        # Requests left unscheduled by the budget stay running.
+        self.running = kept + running[first:end]
         return budget
 
     def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:

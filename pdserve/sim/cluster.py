@@ -76,8 +76,9 @@ class _Step:
     output: object
     remaining: float  # seconds of work at full speed
     speed: float = 1.0
-    since: float = 0.0
+    since: float = 0.0  # when `remaining` was last brought up to date
     version: int = 0
+    started: float = 0.0
 
 
 class ClusterSim:
@@ -182,7 +183,9 @@ class ClusterSim:
             return
         output, seconds = started
         seconds += self._copy_seconds(output)
-        self._steps[worker.worker_id] = _Step(worker, output, seconds, since=self.now)
+        self._steps[worker.worker_id] = _Step(
+            worker, output, seconds, since=self.now, started=self.now
+        )
         self._reschedule(worker.worker_id)
 
     def _copy_seconds(self, output) -> float:
@@ -198,10 +201,12 @@ class ClusterSim:
             return  # rescheduled since
         del self._steps[worker_id]
         worker = step.worker
-        worker.busy_s += self.now - step.since
+        step_s = self.now - step.started
+        worker.busy_s += step_s
         outputs = worker.finish_step(step.output)
-        for out in outputs:
-            self._on_worker_output(worker, out, self.now - step.since)
+        if worker.role == "prefill":
+            for out in outputs:
+                self._on_worker_output(worker, out, step_s)
         if outputs:  # one `StepOutputs` message per step
             self._to_router(self._on_step_outputs, worker.worker_id, outputs)
         self._reschedule(None)
@@ -219,19 +224,24 @@ class ClusterSim:
         stats.num_free_blocks = worker.free_blocks()
 
     def _reschedule(self, started: str | None) -> None:
-        """Processor sharing: every stepping worker's speed given who else steps."""
+        """Processor sharing: every stepping worker's speed given who else steps. A step
+        whose speed is unchanged keeps its end event."""
+        steps = self._steps
         if not self.shares_cores:  # own devices: only the new step needs its end event
             if started is not None:
-                step = self._steps[started]
+                step = steps[started]
                 self.at(self.now + step.remaining, self._end_step, started, step.version)
             return
-        demand = sum(s.worker.threads for s in self._steps.values()) + self.background_load
+        demand = sum(s.worker.threads for s in steps.values()) + self.background_load
         cores = self.profile.cores
-        for worker_id, step in self._steps.items():
+        for worker_id, step in steps.items():
+            speed = self._speed(step.worker.threads, demand, cores)
             if worker_id != started:
+                if speed == step.speed:
+                    continue
                 step.remaining = max(0.0, step.remaining - (self.now - step.since) * step.speed)
             step.since = self.now
-            step.speed = self._speed(step.worker.threads, demand, cores)
+            step.speed = speed
             step.version += 1
             self.at(self.now + step.remaining / step.speed, self._end_step, worker_id, step.version)
 
@@ -345,8 +355,15 @@ class ClusterSim:
         return max(total / self.profile.model["num_layers"], total - step_s)
 
     def _on_step_outputs(self, worker_id: str, outputs: list[Output]) -> None:
+        flights, now = self._flights, self.now
         for out in outputs:
-            self._on_token(self._flights[out.request_id], worker_id, out)
+            flight = flights[out.request_id]
+            if flight.num_tokens and not out.is_finished:  # a decode token: only the clock
+                flight.record.itl_s.append(now - flight.last_token_s)
+                flight.num_tokens += 1
+                flight.last_token_s = now
+            else:
+                self._on_token(flight, worker_id, out)
 
     def _on_token(self, flight: _Flight, worker_id: str, out: Output) -> None:
         """`ClusterClient._on_outputs` for one output, and the client's clock."""

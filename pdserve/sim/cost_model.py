@@ -45,6 +45,10 @@ class StepShape:
 def shape_of(scheduled: Iterable[Any]) -> StepShape:
     """The shape of a scheduler step (`ScheduledRequest`s: `num_new_tokens`, `start`,
     `is_sampling`). A one-token span is a decode row, as the model runner treats it."""
+    return StepShape(*_sums(scheduled))
+
+
+def _sums(scheduled: Iterable[Any]) -> tuple[int, int, int, int]:
     num_tokens = num_sampled = prefill = decode = 0
     for item in scheduled:
         q = item.num_new_tokens
@@ -54,7 +58,7 @@ def shape_of(scheduled: Iterable[Any]) -> StepShape:
             decode += item.start + 1
         else:
             prefill += q * (item.start + q)
-    return StepShape(num_tokens, num_sampled, prefill, decode)
+    return num_tokens, num_sampled, prefill, decode
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,31 @@ class StepCost:
             self.prefill_attention_s * factor,
             self.decode_attention_s * factor,
             self.step_overhead_s * factor,
+        )
+
+
+class StepTimer:
+    """`StepCost.step_seconds` for the simulator's hot path: the same sums in the same
+    order (so the same floats), with `tokens(N)` read from a table for every N up to
+    `max_tokens` (a step never computes more than the scheduler's token budget) instead
+    of a search per step."""
+
+    def __init__(self, cost: StepCost, max_tokens: int) -> None:
+        self.cost = cost
+        self.table = [cost.tokens_seconds(n) for n in range(max_tokens + 1)]
+
+    def __call__(self, scheduled: Iterable[Any]) -> float:
+        num_tokens, num_sampled, prefill, decode = _sums(scheduled)
+        if num_tokens == 0:
+            return 0.0
+        cost, table = self.cost, self.table
+        tokens = table[num_tokens] if num_tokens < len(table) else cost.tokens_seconds(num_tokens)
+        return (
+            tokens
+            + cost.row_s * max(0, num_sampled - 1)
+            + cost.prefill_attention_s * prefill
+            + cost.decode_attention_s * decode
+            + cost.step_overhead_s
         )
 
 

@@ -19,6 +19,7 @@ seconds), and after those seconds `finish_step` → the outputs.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections import deque
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from pdserve.sampling_params import SamplingParams
-from pdserve.sim.cost_model import StepCost
+from pdserve.sim.cost_model import StepCost, StepTimer
 from pdserve.sim.profile import ITEMSIZE, Profile
 from pdserve.worker.kv_events import DeviceEvents, KVEventPublisher
 
@@ -52,7 +53,7 @@ class Reserved:
     num_cached_blocks: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Output:
     """One token of a request from one step (`StepOutputs` entry)."""
 
@@ -90,6 +91,7 @@ class SimWorker:
             self.block_manager,
         )
         self.kv_events = KVEventPublisher(worker_id, [DeviceEvents(self.block_manager)])
+        self.step_seconds = StepTimer(cost, self.scheduler.config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self._pending: deque[Request] = deque()  # reservations waiting for room
         self.num_steps = 0
@@ -143,7 +145,7 @@ class SimWorker:
         self.block_manager.drain_evicted()
         if output.is_empty:
             return None
-        return output, self.cost.step_seconds(output.scheduled)
+        return output, self.step_seconds(output.scheduled)
 
     def finish_step(self, output: SchedulerOutput) -> list[Output]:
         sampled = {
@@ -154,19 +156,22 @@ class SimWorker:
         self.num_steps += 1
         self.num_preemptions += len(output.preempted_ids)
         outputs = []
+        handed_off = RequestStatus.FINISHED_HANDED_OFF
         for request in self.scheduler.update_from_output(output, sampled):
-            handed_off = request.status == RequestStatus.FINISHED_HANDED_OFF
+            request_id = request.request_id
+            status = request.status
+            is_finished = status.is_finished
             outputs.append(
                 Output(
-                    request.request_id,
-                    sampled[request.request_id],
-                    request.is_finished and not handed_off,
-                    handed_off,
+                    request_id,
+                    sampled[request_id],
+                    is_finished and status != handed_off,
+                    status == handed_off,
                     request.num_cached_tokens,
                 )
             )
-            if request.is_finished:
-                del self.requests[request.request_id]
+            if is_finished:
+                del self.requests[request_id]
         return outputs
 
     def free_blocks(self) -> int:
@@ -176,8 +181,12 @@ class SimWorker:
 def sampled_token(request: Request) -> int:
     """A made-up token id, fixed by the request and its position (never an EOS: the
     simulated requests carry no EOS ids)."""
-    base = zlib.crc32(request.request_id.encode())
-    return (base + 7919 * request.num_output_tokens) % 30000 + 1000
+    return (_token_base(request.request_id) + 7919 * len(request.output_token_ids)) % 30000 + 1000
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _token_base(request_id: str) -> int:
+    return zlib.crc32(request_id.encode())
 
 
 def make_request(

@@ -93,6 +93,20 @@ def test_can_allocate_counts_exactly_the_free_blocks_needed():
     assert bm.num_blocks_to_take(request, 33) == 3
 
 
+def test_try_allocate_takes_what_allocate_would_or_nothing():
+    bm = BlockManager(num_blocks=4, block_size=16)
+    request = make_request(64)
+    extend(bm, request, 20)  # blocks 0, 1; 20 of 32 slots used
+    assert bm.try_allocate(request, 12)  # fits in block 1: nothing taken
+    assert request.block_ids == [0, 1] and bm.num_free_blocks == 2
+    assert not bm.try_allocate(request, 45)  # 65 tokens: 5 blocks, 2 free
+    assert request.block_ids == [0, 1] and bm.num_free_blocks == 2
+    assert bm.try_allocate(request, 44)  # 64 tokens: exactly blocks 2 and 3
+    assert request.block_ids == [0, 1, 2, 3] and bm.num_free_blocks == 0
+    assert ref_counts(bm) == [1, 1, 1, 1]
+    bm.check_integrity()
+
+
 def test_free_after_finish_or_abort_restores_every_block():
     bm = BlockManager(num_blocks=8, block_size=16)
     finished, aborted = make_request(50, "done"), make_request(20, "gone")

@@ -7,7 +7,14 @@ import pytest
 from pdserve.engine.request import Request
 from pdserve.engine.scheduler import ScheduledRequest
 from pdserve.sampling_params import SamplingParams
-from pdserve.sim.cost_model import StepCost, StepShape, TimedStep, fit_step_cost, shape_of
+from pdserve.sim.cost_model import (
+    StepCost,
+    StepShape,
+    StepTimer,
+    TimedStep,
+    fit_step_cost,
+    shape_of,
+)
 
 
 def test_tokens_interpolate_between_knots_and_extend_the_last_segment():
@@ -51,3 +58,19 @@ def test_the_fit_recovers_the_parameters_that_made_the_samples():
 def test_round_trip_through_a_dict():
     cost = StepCost((1, 8), (0.01, 0.02), 0.001, 1e-7, 1e-6, 0.0005)
     assert StepCost.from_dict(cost.to_dict()) == cost
+
+
+def test_the_step_timer_gives_the_cost_models_exact_seconds():
+    cost = StepCost((1, 16, 300), (0.008, 0.012, 0.05), 0.0004, 2e-7, 1e-6, 0.0005)
+    timer = StepTimer(cost, max_tokens=128)
+    params = SamplingParams()
+    decode = Request("d", list(range(11)), params)
+    chunk = Request("p", list(range(300)), params)
+    steps = [
+        [ScheduledRequest(decode, 1, 10)],
+        [ScheduledRequest(decode, 1, 10), ScheduledRequest(chunk, 100, 50)],
+        [ScheduledRequest(chunk, 250, 50)],  # past the table: searched as before
+        [],
+    ]
+    for scheduled in steps:
+        assert timer(scheduled) == cost.step_seconds(scheduled)  # the same floats
