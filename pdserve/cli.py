@@ -207,6 +207,7 @@ def worker_config(args: argparse.Namespace):
         backends=tuple(b for b in args.kv_backends.split(",") if b),
         kv_layerwise=not args.no_kv_layerwise,
         cluster_key_file=_worker_key_file(args),
+        health_file=Path(args.health_file) if args.health_file else None,
     )
     return config
 
@@ -333,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--cluster-key", default=None, help="the cluster's CURVE key file")
     worker.add_argument(
         "--insecure-no-curve", action="store_true", help="DEBUG ONLY: sockets without CURVE"
+    )
+    worker.add_argument(
+        "--health-file",
+        default=None,
+        help="stamp this file with the engine loop's last pass, for probes (worker/liveness.py)",
     )
     _add_engine_args(worker)
     worker.set_defaults(func=cmd_worker)

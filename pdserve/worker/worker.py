@@ -70,6 +70,7 @@ from pdserve.transfer.shm import TORCH_DTYPES, create_shared_pool, shm_pool_path
 from pdserve.transfer.streamer import KVStreamer
 from pdserve.worker.handoff import HandOffs
 from pdserve.worker.kv_events import CallableEvents, DeviceEvents, KVEventPublisher
+from pdserve.worker.liveness import LivenessFile
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class WorkerConfig:
     kv_layerwise: bool = True
     # The cluster's CURVE key file (ipc/security.py); None only with --insecure-no-curve.
     cluster_key_file: Path | None = None
+    # Stamped with the loop's last pass for outside supervisors (worker/liveness.py).
+    health_file: Path | None = None
 
 
 class Worker:
@@ -457,6 +460,7 @@ class Worker:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100)
         sock.connect(self.config.router_addr)
+        health = LivenessFile(self.config.health_file) if self.config.health_file else None
         try:
             for beat in itertools.count():
                 if not self.is_running:
@@ -468,11 +472,15 @@ class Worker:
                     stalled = time.monotonic() - self.loop_time
                     beat_stats = msgspec.structs.replace(self._stats, loop_stalled_s=stalled)
                     sock.send(m.encode(beat_stats), zmq.NOBLOCK)
+                if health is not None:
+                    health.stamp(self.loop_time)
                 time.sleep(HEARTBEAT_S)
         except zmq.ZMQError:
             pass  # context closed at shutdown
         finally:
             sock.close()
+            if health is not None:
+                health.remove()
 
     def close(self) -> None:
         self.is_running = False
