@@ -194,6 +194,11 @@ class KVTierCounters(msgspec.Struct, array_like=True, frozen=True):
     read_bytes: int
     written_bytes: int
     num_corrupt_blocks: int = 0
+    # Admission into slow tiers (kvstore/admission.py), and blocks lookups asked for.
+    admission: str = "all"
+    num_admitted_blocks: int = 0
+    num_rejected_blocks: int = 0
+    num_lookup_blocks: int = 0
 
 
 class WorkerStats(Message):

@@ -9,6 +9,8 @@
     POST   /admin/workers                {"role": "decode"}: one more worker (201)
     DELETE /admin/workers/{id}           drain, then stop it for good
     GET    /admin/planner                the SLO planner's recent decisions and reasons
+    GET    /admin/prefixes?limit=20      the hottest prompt prefixes: hashes, lengths, hit
+                                         counts, tiers holding them (router/prefixes.py)
 
 Auth: `Authorization: Bearer <admin key>` (`--admin-key` or `PDSERVE_ADMIN_KEY`); no
 header → 401, another key (an API key included) → 403. Without an admin key configured
@@ -30,6 +32,7 @@ from starlette.responses import JSONResponse
 from pdserve.errors import ConfigError, PdserveError, ServiceUnavailableError
 from pdserve.router.client import EngineClient
 from pdserve.router.drain import UnknownWorkerError
+from pdserve.router.prefixes import MAX_LIMIT, describe, parse_limit
 from pdserve.router.serving import ApiError
 
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
@@ -94,6 +97,16 @@ def admin_router(
             for when, d in loop.history
         ]
         return JSONResponse({"planner": "slo", "decisions": decisions})
+
+    @router.get("/prefixes")
+    async def prefixes(request: Request) -> JSONResponse:
+        limit = parse_limit(request.query_params.get("limit"))
+        if limit is None:
+            raise ApiError(400, f"limit must be an integer in [1, {MAX_LIMIT}]", param="limit")
+        dispatcher = getattr(client, "dispatcher", None)
+        if dispatcher is None:
+            raise ApiError(501, "this engine client does not count prompt prefixes")
+        return JSONResponse(describe(dispatcher.prefixes, client.kv_index, limit))  # type: ignore[attr-defined]
 
     @router.post("/workers/{worker_id}/resume")
     async def resume(worker_id: str) -> JSONResponse:

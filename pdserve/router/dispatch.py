@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING
 from pdserve.control.workers import WorkerHandle, WorkerPool
 from pdserve.errors import ServiceUnavailableError
 from pdserve.ipc import messages as m
+from pdserve.kv.block_hash import BlockHash
 from pdserve.router.kv_index import KVIndex, PrefixMatch, prompt_hashes
 from pdserve.router.ledger import Charges, LoadLedger
 from pdserve.router.policy import Plan, RoutingConfig, plan_request
+from pdserve.router.prefixes import HotPrefixes
 from pdserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -75,6 +77,7 @@ class Dispatcher:
         self._metrics = metrics
         self._selector = None
         self._selector_routing: RoutingConfig | None = None
+        self.prefixes = HotPrefixes()  # what /admin/prefixes reports (router/prefixes.py)
 
     async def dispatch(
         self,
@@ -92,7 +95,7 @@ class Dispatcher:
         worker it was placed on died meanwhile. `avoid`: workers it failed on before
         (passed over while the role has another)."""
         token_ids = prompt_token_ids + output_token_ids  # what the workers compute
-        matches = self._prefix_matches(token_ids)
+        matches, hashes = self._prefix_matches(token_ids)
 
         def cached(worker: WorkerHandle) -> int:
             match = matches.get(worker.worker_id)
@@ -106,6 +109,10 @@ class Dispatcher:
         if plan is None:
             raise NoLiveWorker(f"no live worker for mode {routing.mode!r}; retry later")
         self._observe(routing, plan, len(token_ids), matches)
+        if not output_token_ids:  # a fresh sample: one more sighting of its prefixes
+            worker = plan.prefill or plan.decode
+            size = worker.info.kv_layout.block_size
+            self.prefixes.record(hashes.get(size, []), size, worker.worker_id)
         remaining = max_tokens - len(output_token_ids)
         if plan.prefill is None:
             self._charge(attempt, plan.decode, len(token_ids) + remaining)
@@ -230,17 +237,21 @@ class Dispatcher:
             self._selector_routing = routing
         return self._selector
 
-    def _prefix_matches(self, token_ids: list[int]) -> dict[str, PrefixMatch]:
-        """Each live worker's cached prefix of the prompt (by its block size)."""
+    def _prefix_matches(
+        self, token_ids: list[int]
+    ) -> tuple[dict[str, PrefixMatch], dict[int, list[BlockHash]]]:
+        """Each live worker's cached prefix of the prompt (by its block size), and the
+        prompt's block hashes by block size."""
         by_size: dict[int, list[str]] = {}
         for handle in self.pool.workers.values():
             if handle.is_alive:
                 by_size.setdefault(handle.info.kv_layout.block_size, []).append(handle.worker_id)
         matches: dict[str, PrefixMatch] = {}
+        hashes_by_size: dict[int, list[BlockHash]] = {}
         for block_size, worker_ids in by_size.items():
-            hashes = prompt_hashes(token_ids, block_size)
+            hashes = hashes_by_size[block_size] = prompt_hashes(token_ids, block_size)
             matches.update(self.kv_index.match(hashes, worker_ids))
-        return matches
+        return matches, hashes_by_size
 
     def _wire_dtype(self, backend: str) -> str | None:
         """int8 KV on the wire is opt-in and tcp only: shm and nixl write in place."""

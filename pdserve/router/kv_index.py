@@ -124,6 +124,10 @@ class KVIndex:
     def __len__(self) -> int:
         return len(self._holders)
 
+    def holders(self, block_hash: int) -> dict[str, frozenset[str]]:
+        """Which workers hold the block, and in which tiers (a copy)."""
+        return {w: frozenset(t) for w, t in self._holders.get(block_hash, {}).items()}
+
     def match(
         self, block_hashes: Sequence[BlockHash], worker_ids: Iterable[str]
     ) -> dict[str, PrefixMatch]:

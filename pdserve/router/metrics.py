@@ -26,8 +26,12 @@ Contract:
   first admission; hits from the device pool or any tier), and per KV tier (`tier` label:
   host, disk, redis) `pdserve:kv_tier_blocks` / `pdserve:kv_tier_bytes` (held now),
   `pdserve:kv_tier_hit_blocks_total`, `pdserve:kv_tier_read_bytes_total`,
-  `pdserve:kv_tier_written_bytes_total`, `pdserve:kv_tier_corrupt_blocks_total`, and
-  `pdserve:kv_tier_dropped_writes_total`.
+  `pdserve:kv_tier_written_bytes_total`, `pdserve:kv_tier_corrupt_blocks_total`,
+  `pdserve:kv_tier_lookup_blocks_total` (blocks lookups asked of the tier) and
+  `pdserve:kv_tier_hit_rate` (hit / lookup blocks since the worker started; use the two
+  counters for a windowed rate), `pdserve:kv_tier_dropped_writes_total`, and admission
+  into the slow tiers, `pdserve:kv_tier_admitted_blocks_total{tier,policy}` and
+  `pdserve:kv_tier_rejected_blocks_total{tier,policy}` (kvstore/admission.py).
 
 Why measured here: the router is where a user's request arrives and its tokens leave, so
 time to first token and end-to-end latency include queueing, routing and KV hand-over, as
@@ -50,6 +54,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pdserve.outputs import StreamUpdate
+from pdserve.router.tier_metrics import tier_admission_families
 
 if TYPE_CHECKING:
     from pdserve.router.client import Readiness
@@ -354,6 +359,11 @@ class _WorkerCollector:
             "Blocks found damaged (checksum, size, layout) and dropped.",
             "num_corrupt_blocks",
         ),
+        (
+            "pdserve:kv_tier_lookup_blocks",
+            "Blocks lookups asked of the tier (hit rate: hit_blocks / lookup_blocks).",
+            "num_lookup_blocks",
+        ),
     )
 
     def collect(self) -> Iterator[Metric]:
@@ -391,6 +401,7 @@ class _WorkerCollector:
                         values = [self.model_name, worker.worker_id, worker.role, tier.tier]
                         family.add_metric(values, float(getattr(tier, attribute)))
                 yield family
+        yield from tier_admission_families(self.model_name, workers, labels)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # names are fixed; nothing to check at registration

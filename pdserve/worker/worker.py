@@ -446,6 +446,10 @@ class Worker:
                 t.read_bytes,
                 t.written_bytes,
                 t.num_corrupt_blocks,
+                stats.admission,
+                t.num_admitted_blocks,
+                t.num_rejected_blocks,
+                t.num_lookup_blocks,
             )
             for name, t in stats.tiers.items()
         ]

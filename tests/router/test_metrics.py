@@ -143,7 +143,7 @@ def test_prefix_cache_and_kv_tier_counters_per_worker():
     metrics = RouterMetrics(MODEL)
     tiers = [
         KVTierCounters("host", 10, 2_621_440, 4, 1_048_576, 2_621_440),
-        KVTierCounters("disk", 30, 7_864_320, 6, 1_572_864, 7_864_320, num_corrupt_blocks=1),
+        KVTierCounters("disk", 30, 7_864_320, 6, 1_572_864, 7_864_320, 1, "frequency", 30, 70, 8),
     ]
     workers = [WorkerStatus("m0", "mixed", True, 1, 0, 0.25, 4096, 1024, tiers, 3)]
     metrics.watch_workers(lambda: Readiness(True, workers=workers))
@@ -157,6 +157,13 @@ def test_prefix_cache_and_kv_tier_counters_per_worker():
     assert value(metrics, "pdserve:kv_tier_read_bytes_total", tier="host", **m0) == 1_048_576
     assert value(metrics, "pdserve:kv_tier_written_bytes_total", tier="host", **m0) == 2_621_440
     assert value(metrics, "pdserve:kv_tier_corrupt_blocks_total", tier="disk", **m0) == 1
+    assert value(metrics, "pdserve:kv_tier_lookup_blocks_total", tier="disk", **m0) == 8
+    assert value(metrics, "pdserve:kv_tier_hit_rate", tier="disk", **m0) == 0.75
+    disk = {"tier": "disk", "policy": "frequency", **m0}
+    assert value(metrics, "pdserve:kv_tier_admitted_blocks_total", **disk) == 30
+    assert value(metrics, "pdserve:kv_tier_rejected_blocks_total", **disk) == 70
+    host = {"tier": "host", "policy": "all", **m0}
+    assert value(metrics, "pdserve:kv_tier_rejected_blocks_total", **host) == 0
 
 
 def test_a_failing_status_source_does_not_fail_the_scrape(caplog):
