@@ -40,7 +40,7 @@ from pdserve.config import EngineConfig
 from pdserve.control.launcher import LocalLauncher, Watchdog, python_module_command
 from pdserve.control.membership import DEFAULT_LEASE_S
 from pdserve.control.migration import MigrationConfig
-from pdserve.control.planner import PlannerConfig, PlannerLoop, RequestLog
+from pdserve.control.planner import PlannerConfig, PlannerLoop, RequestLog, parse_classes
 from pdserve.control.worker_spec import SECRET_ENGINE_FIELDS, SpecFolder, WorkerSpec
 from pdserve.errors import ConfigError, PdserveError
 from pdserve.ipc import security
@@ -102,6 +102,9 @@ class ServeConfig:
     planner_profile: str | None = None
     planner_interval_s: float = 10.0
     planner_cooldown_s: float = 60.0
+    # YAML only: {class: {ttft_ms, tpot_ms}}; a request's `slo_class` picks one (else the
+    # SLO above). See control/planner.py `parse_classes`.
+    slo_classes: dict = field(default_factory=dict)
     # The HTTP edge (router/gateway/; every field documented in GatewayConfig).
     api_keys: str | None = None  # YAML keys file with quotas
     protect_probes: bool = False
@@ -149,6 +152,8 @@ class ServeConfig:
         if self.planner not in ("none", "slo"):
             raise ConfigError("planner", f"{self.planner!r}; choose 'none' or 'slo'")
         if self.planner == "none":
+            if self.slo_classes:
+                raise ConfigError("slo_classes", "are for the SLO planner: set planner: slo")
             return None
         for name in ("slo_ttft_ms", "slo_tpot_ms", "planner_profile"):
             if getattr(self, name) is None:
@@ -163,6 +168,7 @@ class ServeConfig:
             self.slo_tpot_ms,
             interval_s=self.planner_interval_s,
             cooldown_s=self.planner_cooldown_s,
+            classes=parse_classes(self.slo_classes),
         )
 
     def migration(self) -> MigrationConfig:

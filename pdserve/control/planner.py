@@ -6,7 +6,8 @@ instead of hand-set thresholds:
 1. **Observe** (`RequestLog`): every request's arrival time, prompt tokens and output
    budget (or the client's `expected_output_tokens` hint), as the router admits it.
 2. **Predict** (`forecast`): the arrival rate of the next interval (an exponentially
-   weighted mean of recent windows) and the recent length mix (a sample of requests).
+   weighted mean of recent windows) and the recent length and class mix (the requests of
+   the last `mix_window_s`); the output length is the client's hint where it gave one.
 3. **Propose** (`propose`): for every assignment of the cluster's workers to roles
    (p prefill, d decode, m mixed), the goodput it would sustain for that mix under the
    SLOs — `min(rate, min(p x prefill, d x decode) + m x mixed)`, DistServe's placement
@@ -14,9 +15,17 @@ instead of hand-set thresholds:
    measures those with the simulator on the `pdserve profile` cost model, the one cost
    model the planner and the simulator share).
 4. **Reconcile** (`decide`, `moves`): switch only when the best layout beats the current
-   one's predicted goodput by `hysteresis` (10 %), and at most once per `cooldown_s`, one
-   worker at a time (the drain-and-switch of router/elastic.py), so noise never makes it
-   flap.
+   one's predicted goodput by `hysteresis` (10 %), one worker at a time (the
+   drain-and-switch of router/elastic.py), and start a new transition at most once per
+   `cooldown_s`, so noise never makes it flap. The moves of a transition already decided
+   (2 mixed -> 1 prefill + 1 decode is two moves) follow each other pass by pass without
+   waiting for the cooldown, while the target stays the best layout.
+
+Workload classes: a request may name its SLO class (`slo_class`; `PlannerConfig.classes`
+from `slo_classes` in the serve YAML, the CLI's `--slo-*` being the default class). The
+forecast keeps each request's class, and `class_rates` asks the rate model for each
+class's mix under that class's SLO, then blends the per-role rates by the classes'
+shares of the mix (a worker time-shares them: 1 / sum(share / rate)).
 
 Everything here is plain arithmetic on plain data, torch-free and simulator-free (the
 rate model is passed in), so the simulator can run the same decisions offline and tests
@@ -25,16 +34,22 @@ can check them exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pdserve.errors import ConfigError
 
 ROLES = ("prefill", "decode", "mixed")
+DEFAULT_CLASS = "default"
+MIN_MIX = 16  # requests the forecast's mix holds at least, when the history has them
+CLASS_PATTERN = r"[\w.-]{1,64}"  # what a request's `slo_class` may be (router/protocol.py)
 
 
 @dataclass(frozen=True)
@@ -42,17 +57,61 @@ class PlannerConfig:
     slo_ttft_ms: float
     slo_tpot_ms: float
     interval_s: float = 10.0  # one observe → reconcile pass
-    window_s: float = 60.0  # history the forecast reads
+    window_s: float = 60.0  # history the rate forecast reads
+    mix_window_s: float = 20.0  # history the length/class mix is read from (at least MIN_MIX)
     cooldown_s: float = 60.0  # between two switches
     hysteresis: float = 0.1  # the best layout must beat the current one by this share
     smoothing: float = 0.5  # weight of the newest window in the rate forecast
 
+    # Per workload class SLOs: (name, ttft_ms, tpot_ms); a request names its class in the
+    # `slo_class` body field, and a request of no (or an unknown) class gets the default.
+    classes: tuple[tuple[str, float, float], ...] = ()
+
     def __post_init__(self) -> None:
-        for name in ("slo_ttft_ms", "slo_tpot_ms", "interval_s", "window_s"):
+        for name in ("slo_ttft_ms", "slo_tpot_ms", "interval_s", "window_s", "mix_window_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, "must be > 0")
         if not 0 <= self.hysteresis < 1 or not 0 < self.smoothing <= 1:
             raise ConfigError("hysteresis", "hysteresis in [0, 1), smoothing in (0, 1]")
+        for name, ttft, tpot in self.classes:
+            if name == DEFAULT_CLASS or not isinstance(name, str) or not name:
+                raise ConfigError("slo_classes", f"{name!r} is not a class name")
+            if not (ttft > 0 and tpot > 0 and math.isfinite(ttft) and math.isfinite(tpot)):
+                raise ConfigError(f"slo_classes.{name}", "ttft_ms and tpot_ms must be > 0")
+
+    def class_of(self, slo_class: str | None) -> str:
+        """The class a request is planned in: its own when configured, else the default."""
+        known = slo_class is not None and any(c[0] == slo_class for c in self.classes)
+        return slo_class if known else DEFAULT_CLASS  # type: ignore[return-value]
+
+    def for_class(self, name: str) -> PlannerConfig:
+        """This config with the class's SLO as its SLO (what a rate model reads)."""
+        for cls, ttft, tpot in self.classes:
+            if cls == name:
+                return dataclasses.replace(self, slo_ttft_ms=ttft, slo_tpot_ms=tpot)
+        return self
+
+
+def parse_classes(data: Any) -> tuple[tuple[str, float, float], ...]:
+    """`slo_classes` of a serve YAML — `{long: {ttft_ms: 5000, tpot_ms: 50}, ...}` — as
+    `PlannerConfig.classes`; errors name the class and the key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("slo_classes", f"expected a mapping of class names, got {data!r}")
+    classes = []
+    for name, slo in data.items():
+        where = f"slo_classes.{name}"
+        if not isinstance(name, str) or not re.fullmatch(CLASS_PATTERN, name):
+            raise ConfigError(where, "a class name is 1-64 letters, digits, '_', '.', '-'")
+        if name == DEFAULT_CLASS:
+            raise ConfigError(where, "is the default class: set slo_ttft_ms / slo_tpot_ms")
+        if not isinstance(slo, Mapping) or set(slo) != {"ttft_ms", "tpot_ms"}:
+            raise ConfigError(where, f"expected {{ttft_ms, tpot_ms}}, got {slo!r}")
+        for key in ("ttft_ms", "tpot_ms"):
+            value = slo[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigError(f"{where}.{key}", f"must be a number > 0, got {value!r}")
+        classes.append((name, float(slo["ttft_ms"]), float(slo["tpot_ms"])))
+    return tuple(classes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +119,7 @@ class Arrival:
     time: float
     prompt_tokens: int
     output_tokens: int  # the budget, or the client's expected_output_tokens hint
+    slo_class: str | None = None  # the request's `slo_class`, as sent
 
 
 class RequestLog:
@@ -69,9 +129,15 @@ class RequestLog:
         self.keep_s = keep_s
         self.arrivals: deque[Arrival] = deque()
 
-    def record(self, prompt_tokens: int, output_tokens: int, now: float | None = None) -> None:
+    def record(
+        self,
+        prompt_tokens: int,
+        output_tokens: int,
+        now: float | None = None,
+        slo_class: str | None = None,
+    ) -> None:
         now = time.monotonic() if now is None else now
-        self.arrivals.append(Arrival(now, prompt_tokens, output_tokens))
+        self.arrivals.append(Arrival(now, prompt_tokens, output_tokens, slo_class))
         while self.arrivals and self.arrivals[0].time < now - self.keep_s:
             self.arrivals.popleft()
 
@@ -80,6 +146,7 @@ class RequestLog:
 class Forecast:
     rate: float  # requests/s expected next interval
     mix: tuple[tuple[int, int], ...]  # (prompt tokens, output tokens) of recent requests
+    classes: tuple[str, ...] = ()  # the planning class of each request of `mix` (or none)
 
     @property
     def signature(self) -> tuple[int, int]:
@@ -101,7 +168,10 @@ def _coarse(x: float) -> int:
 
 def forecast(log: RequestLog, config: PlannerConfig, now: float, max_mix: int = 200) -> Forecast:
     """Rate: an exponentially weighted mean over the windows of `interval_s` within
-    `window_s`, newest weighted `smoothing`; mix: the latest `max_mix` requests."""
+    `window_s`, newest weighted `smoothing`; mix: the requests of the last `mix_window_s`
+    (at most the latest `max_mix`; at least the latest `MIN_MIX` of `window_s`), so a
+    change of traffic shows in the mix within seconds, not once a minute of older
+    requests has aged out."""
     arrivals = [a for a in log.arrivals if now - config.window_s < a.time <= now]
     num_windows = max(1, int(config.window_s // config.interval_s))
     counts = [0] * num_windows
@@ -114,8 +184,11 @@ def forecast(log: RequestLog, config: PlannerConfig, now: float, max_mix: int = 
         w = config.smoothing * (1 - config.smoothing) ** age
         rate += w * count / config.interval_s
         weight += w
-    mix = tuple((a.prompt_tokens, a.output_tokens) for a in arrivals[-max_mix:])
-    return Forecast(rate / weight, mix)
+    recent = [a for a in arrivals if a.time > now - config.mix_window_s][-max_mix:]
+    if len(recent) < MIN_MIX:
+        recent = arrivals[-MIN_MIX:]
+    mix = tuple((a.prompt_tokens, a.output_tokens) for a in recent)
+    return Forecast(rate / weight, mix, tuple(config.class_of(a.slo_class) for a in recent))
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +201,30 @@ class RoleRates:
 
 
 RateModel = Callable[[Forecast, PlannerConfig], RoleRates]
+
+
+def class_rates(model: RateModel, fc: Forecast, config: PlannerConfig) -> RoleRates:
+    """One worker's goodput per role for a mix of SLO classes: each class's rates under its
+    own SLO (`model` on that class's requests), blended by its share of the mix the way a
+    worker time-shares them — per role, 1 / sum(share_c / rate_c). One class (or none
+    configured): `model` on the whole forecast, unchanged."""
+    names = sorted(set(fc.classes)) if fc.classes else [DEFAULT_CLASS]
+    if len(names) == 1:
+        return model(fc, config.for_class(names[0]))
+    shares, per_class = [], []
+    for name in names:
+        mix = tuple(m for m, c in zip(fc.mix, fc.classes, strict=True) if c == name)
+        shares.append(len(mix) / len(fc.mix))
+        sub = Forecast(fc.rate * shares[-1], mix, (name,) * len(mix))
+        per_class.append(model(sub, config.for_class(name)))
+
+    def blend(role: str) -> float:
+        rates = [getattr(r, role) for r in per_class]
+        if min(rates) <= 0:
+            return 0.0
+        return 1.0 / sum(share / rate for share, rate in zip(shares, rates, strict=True))
+
+    return RoleRates(*(blend(role) for role in ROLES))
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,8 +290,11 @@ def decide(
     config: PlannerConfig,
     now: float,
     last_switch: float | None,
+    heading: Layout | None = None,
 ) -> Decision:
-    """Whether to change roles now, and which (module docstring, step 4)."""
+    """Whether to change roles now, and which (module docstring, step 4). `heading`: the
+    layout of the last decision that moved a worker; its remaining moves are not held
+    back by the cooldown (a transition is one decision, not one per worker)."""
     current = current_layout(roles)
     current_goodput = min(fc.rate, current.capacity(rates))
     best = propose(fc, rates, len(roles))[0]
@@ -203,7 +303,8 @@ def decide(
         return Decision(
             current, current_goodput, current_goodput, "hold: current layout within hysteresis"
         )
-    if last_switch is not None and now - last_switch < config.cooldown_s:
+    is_continuing = heading is not None and best.layout == heading
+    if last_switch is not None and now - last_switch < config.cooldown_s and not is_continuing:
         return Decision(current, current_goodput, current_goodput, "hold: cooling down")
     reason = (
         f"{_describe(best.layout)} predicts {best.predicted_goodput:.2f} req/s vs "
@@ -248,6 +349,7 @@ class PlannerLoop:
         self.switch = switch
         self.on_decision = on_decision
         self.last_switch: float | None = None
+        self.heading: Layout | None = None  # the target of the transition under way
         self.history: deque[tuple[float, Decision]] = deque(maxlen=100)
 
     async def step(self, now: float | None = None) -> Decision | None:
@@ -258,13 +360,18 @@ class PlannerLoop:
         if not roles:
             return None
         fc = forecast(self.log, self.config, now)
-        rates = await asyncio.get_running_loop().run_in_executor(None, self.rates, fc, self.config)
-        decision = decide(roles, fc, rates, self.config, now, self.last_switch)
+        rates = await asyncio.get_running_loop().run_in_executor(
+            None, class_rates, self.rates, fc, self.config
+        )
+        if self.heading == current_layout(roles):
+            self.heading = None  # arrived
+        decision = decide(roles, fc, rates, self.config, now, self.last_switch, self.heading)
         self.history.append((now, decision))
         if self.on_decision is not None:
             self.on_decision(decision)
         if decision.moves:
             worker_id, role = decision.moves[0]  # one at a time; the next pass re-decides
+            self.heading = decision.target
             await self.switch(worker_id, role, "planner")
             self.last_switch = time.monotonic()
         return decision

@@ -138,7 +138,7 @@ class ClusterClient(EngineClient):
         self.drains = Drains(self)
         self.elastic = Elastic(self)
         self.launcher: Launcher | None = None  # set by `pdserve serve`: scale in/out
-        self.request_log: RequestLog | None = None  # what the SLO planner observes
+        self.request_log: RequestLog | None = None  # the SLO planner's; serving.py records
         self.planner: PlannerLoop | None = None
         self.processor = OutputProcessor(self.tokenizer)
         self._streams: dict[str, _Stream] = {}
@@ -266,9 +266,6 @@ class ClusterClient(EngineClient):
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         child_ids = self.processor.add_request(request_id, prompt, prompt_token_ids, params)
         max_tokens = params.max_tokens or (self.max_model_len - len(prompt_token_ids))
-        if self.request_log is not None:
-            for _ in child_ids:
-                self.request_log.record(len(prompt_token_ids), max_tokens)
         stream = _Stream(UpdateQueue(), [])  # merges updates its reader has not taken
         self._streams[request_id] = stream
         is_finished = False

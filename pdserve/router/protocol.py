@@ -19,7 +19,8 @@ kept in `model_extra`: the gateway (`router/gateway/limits.py`) refuses those th
 an unsupported feature (`tools`, `response_format`, ...) and ignores the rest, as OpenAI's
 SDKs expect of compatible servers. vLLM's extra sampling fields (`top_k`, `min_p`,
 `priority`, ...) are kept so vLLM clients keep working; `timeout` (seconds) is pdserve's
-own per-request deadline. Counts and lengths (`n`, `stop`, prompts) are bounded by the
+own per-request deadline, and `expected_output_tokens` (1..max_tokens) and `slo_class`
+(letters, digits, `_.-`, up to 64) are its hints to the SLO planner. Counts and lengths (`n`, `stop`, prompts) are bounded by the
 gateway's configurable limits.
 """
 
@@ -98,9 +99,17 @@ class _SamplingRequest(BaseModel):
     timeout: Annotated[float, Field(gt=0)] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # pdserve's planner hints (control/planner.py): the output length the client expects
+    # (at most max_tokens; the planner plans with it instead of the budget), and the SLO
+    # class the request belongs to (`slo_classes` of the server; others: the default SLO).
+    expected_output_tokens: Int64 | None = None
+    slo_class: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\w.-]+$")] | None = (
+        None
+    )
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         self._check_unsupported()
+        self._check_hint(max_tokens)
         return SamplingParams(
             n=_or(self.n, 1),
             temperature=_or(self.temperature, 1.0),
@@ -117,6 +126,20 @@ class _SamplingRequest(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
         )
+
+    def _check_hint(self, max_tokens: int | None) -> None:
+        hint = self.expected_output_tokens
+        if hint is None:
+            return
+        if hint < 1:
+            raise InvalidRequestError(
+                f"expected_output_tokens must be at least 1, got {hint}", "expected_output_tokens"
+            )
+        if max_tokens is not None and hint > max_tokens:
+            raise InvalidRequestError(
+                f"expected_output_tokens ({hint}) is more than max_tokens ({max_tokens})",
+                "expected_output_tokens",
+            )
 
     def _check_unsupported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):

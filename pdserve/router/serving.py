@@ -17,9 +17,10 @@ token (503: nothing was produced, so a retry is safe) still gets a proper status
 that, failures become an error event followed by `data: [DONE]`.
 
 Gateway (`router/gateway/`): prompts are tokenised off the event loop when large; then the
-request's `Lease` charges its key's token quota and passes admission (429s), and the
-generation runs under the lease's deadline (408) until the lease's ticket is evicted
-(429). Every exit closes the lease.
+request's `Lease` charges its key's token quota and passes admission (429s), the SLO
+planner's request log (if one runs) notes it with its hints, and the generation runs
+under the lease's deadline (408) until the lease's ticket is evicted (429). Every exit
+closes the lease.
 
 Memory: the client's queue of updates holds deltas, and a consumer that falls behind
 (a client not reading its stream) finds them merged, not piled up: see
@@ -155,6 +156,7 @@ class Serving:
         echo_texts = [self._prompt_text(i) for i in inputs] if body.echo else None
         meta = self._meta(random_id("cmpl"), inputs[0].params)
         _admit(lease, meta.request_id, inputs, body.priority, self.client.max_model_len)
+        _observe(self.client, inputs, body)
         generation = Generation(
             self.client, meta.request_id, inputs, self.metrics, arrival, lease, body.priority
         )
@@ -173,6 +175,7 @@ class Serving:
         prompt = self._prepare(text, token_ids, body)
         meta = self._meta(random_id("chatcmpl"), prompt.params)
         _admit(lease, meta.request_id, [prompt], body.priority, self.client.max_model_len)
+        _observe(self.client, [prompt], body)
         generation = Generation(
             self.client, meta.request_id, [prompt], self.metrics, arrival, lease, body.priority
         )
@@ -223,6 +226,25 @@ def _admit(
     )
     lease.charge(worst_case)
     lease.admit(request_id, num_queued, priority, sum(p.params.n for p in inputs))
+
+
+def _observe(
+    client: EngineClient,
+    inputs: list[PromptInput],
+    body: CompletionRequest | ChatCompletionRequest,
+) -> None:
+    """What the SLO planner learns of an admitted request (control/planner.py): per sample,
+    its prompt length, its output length — the client's `expected_output_tokens` hint when
+    given, else its budget — and its `slo_class`."""
+    log = getattr(client, "request_log", None)
+    if log is None:
+        return
+    for p in inputs:
+        budget = p.params.max_tokens or client.max_model_len - len(p.token_ids)
+        for _ in range(p.params.n):
+            log.record(
+                len(p.token_ids), body.expected_output_tokens or budget, slo_class=body.slo_class
+            )
 
 
 def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:

@@ -40,8 +40,9 @@ def test_forecast_weights_recent_windows_more():
     fc = forecast(log, CONFIG, now=1000.0)
     # windows (newest first): 2.0, 0.0, 1.0 req/s; weights 0.5, 0.25, 0.125
     assert fc.rate == pytest.approx((0.5 * 2.0 + 0.125 * 1.0) / 0.875)
-    assert len(fc.mix) == 30 and fc.mix[-1] == (300, 20)
-    assert fc.signature == (256, 16)  # means 233 and 16.7 tokens, to 2 significant bits
+    # the mix: the last mix_window_s (20 s) only, so the older requests are not in it
+    assert len(fc.mix) == 20 and set(fc.mix) == {(300, 20)}
+    assert fc.signature == (256, 16)  # means 300 and 20 tokens, to 2 significant bits
 
 
 def test_layouts_cover_every_assignment():
@@ -124,10 +125,13 @@ def test_the_loop_follows_a_phase_change_and_cools_down():
         await loop.step(now=11.0)
         assert switched == [("w0", "prefill", "planner")]
         loop.last_switch = 11.0
-        await loop.step(now=20.0)  # cooling down: no second move yet
-        assert len(switched) == 1
-        await loop.step(now=40.0)
+        await loop.step(now=20.0)  # the same transition's second move: no cooldown
         assert switched[-1] == ("w1", "decode", "planner") and roles == PD
+        loop.last_switch = 20.0
+        phase["rates"] = SHORT  # and back at once: a new transition waits for the cooldown
+        assert "cooling" in (await loop.step(now=30.0)).reason and roles == PD
+        await loop.step(now=46.0)
+        assert switched[-1] == ("w0", "mixed", "planner")
 
     asyncio.run(main())
 
@@ -145,11 +149,31 @@ def test_sim_rates_come_from_the_simulator_on_a_profile_and_are_cached(tmp_path)
 
     path = tmp_path / "profile.json"
     make_profile().save(path)
-    rates = SimRates(str(path))
+    rates = SimRates(str(path), in_subprocess=False)
     fc = Forecast(rate=5.0, mix=((200, 20),) * 10)
     first = rates(fc, CONFIG)
     assert first.prefill > 0 and first.decode > 0 and first.mixed > 0
     assert rates(Forecast(rate=9.0, mix=((210, 20),) * 10), CONFIG) is first  # same signature
+    tight = PlannerConfig(slo_ttft_ms=1000, slo_tpot_ms=10, interval_s=10, window_s=30)
+    assert rates(fc, tight) is not first  # another SLO is another measurement
+
+
+def test_sim_rates_send_distinct_prompts_so_prefill_costs_what_the_profile_says(tmp_path):
+    """Identical prompts would hit the simulated prefix cache and prefill for free."""
+    from pdserve.sim.cost_model import StepShape
+    from pdserve.sim.rates import SimRates
+    from tests.sim.builders import make_profile
+
+    path = tmp_path / "profile.json"
+    profile = make_profile()
+    profile.save(path)
+    # The fastest prefill the cost model allows: 512-token prompts in batches of 64.
+    one_prompt_s = profile.cost(1).seconds(StepShape(512 * 64, 64, 64 * 512 * 512, 0)) / 64
+    slo = PlannerConfig(slo_ttft_ms=1000, slo_tpot_ms=1000, interval_s=10, window_s=30)
+    rates = SimRates(str(path))  # in a child process, as the router runs it
+    found = rates(Forecast(rate=5.0, mix=((512, 4),) * 10), slo)
+    # Within the TTFT's slack of that (identical prompts measured ~25x more).
+    assert 0 < found.prefill <= 1.2 / one_prompt_s
 
 
 def test_serve_config_checks_the_planner_settings(tmp_path):

@@ -1,0 +1,205 @@
+"""Elastic P/D against static layouts on one phase-shifting trace (issue 15, part 5).
+
+One `pdserve bench run --phases` load — by default `code`, then long prompts with a tight
+TPOT target, then `chat` (`benchmarks/phases/elastic.yaml`) — against each configuration
+of `CONFIGURATIONS`, each on a fresh `pdserve serve` (bench/launcher.py) of two
+single-thread workers on the built-in model:
+
+- `static-2m`: aggregated, 2 mixed workers;
+- `static-pd`: disaggregated, 1 prefill + 1 decode;
+- `auto`: auto, 1 prefill + 1 decode;
+- `elastic-2m`, `elastic-pd`: auto with `--planner slo`, starting from either layout.
+
+Per configuration it saves the run (`<out>/<name>.json`: records, per-phase table) and
+the server's view of it: the role timeline (`/admin/workers`, polled every second), the
+planner's decisions with their reasons (`/admin/planner`), and the switch and migration
+counters of `/metrics`. `--summarize` prints the markdown tables of docs/benchmarks.md
+from the saved files. Run one configuration per call under the shared lock:
+
+    for c in static-2m static-pd auto elastic-2m elastic-pd; do
+      flock /tmp/pdserve-bench.lock .venv/bin/python benchmarks/elastic_phases.py --only $c --out elastic/
+    done
+    .venv/bin/python benchmarks/elastic_phases.py --summarize --out elastic/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+ADMIN_KEY = "elastic-bench"
+PROFILE = REPO / "benchmarks/profiles/zen4-shared-quick.json"
+PHASES = REPO / "benchmarks/phases/elastic.yaml"
+ENGINE = {"max_num_batched_tokens": 512, "kv_cache_memory_gib": 0.5}
+BASE = {"threads_per_worker": 1, "admin_key": ADMIN_KEY, "log_level": "INFO", "engine": ENGINE}
+PLANNER = {
+    "planner": "slo",
+    "planner_profile": str(PROFILE),
+    # the default class (the `chat` phase sends none); `code`/`long` send slo_class
+    "slo_ttft_ms": 1500,
+    "slo_tpot_ms": 100,
+    "slo_classes": {
+        "code": {"ttft_ms": 400, "tpot_ms": 50},
+        "long": {"ttft_ms": 5000, "tpot_ms": 50},
+    },
+    "planner_interval_s": 5.0,
+    "planner_cooldown_s": 20.0,
+}
+CONFIGURATIONS = {
+    "static-2m": {"mode": "aggregated", "mixed_workers": 2},
+    "static-pd": {"mode": "disaggregated", "prefill_workers": 1, "decode_workers": 1},
+    "auto": {"mode": "auto", "prefill_workers": 1, "decode_workers": 1},
+    "elastic-2m": {"mode": "auto", "mixed_workers": 2, "prefill_workers": 0, "decode_workers": 0}
+    | PLANNER,
+    "elastic-pd": {"mode": "auto", "prefill_workers": 1, "decode_workers": 1} | PLANNER,
+}
+
+
+def get_json(url: str, path: str) -> dict:
+    request = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+def metric_sum(text: str, name: str) -> dict[str, float]:
+    """Every sample of a counter `name`, by its label string."""
+    out = {}
+    for line in text.splitlines():
+        match = re.match(rf"^{re.escape(name)}(?:_total)?(\{{[^}}]*\}})?\s+(\S+)$", line)
+        if match:
+            out[match.group(1) or ""] = float(match.group(2))
+    return out
+
+
+class RolePoller(threading.Thread):
+    """Polls `/admin/workers` every second: the role timeline of the run."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.start_s = url, time.perf_counter()
+        self.timeline: list[tuple[float, dict[str, str]]] = []
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(1.0):
+            try:
+                workers = get_json(self.url, "/admin/workers")["workers"]
+            except OSError:
+                continue
+            roles = {w["worker_id"]: w["role"] for w in workers}
+            if not self.timeline or self.timeline[-1][1] != roles:
+                self.timeline.append((round(time.perf_counter() - self.start_s, 1), roles))
+
+
+def run_one(name: str, out: Path, phases_path: Path) -> None:
+    from pdserve.bench import loadgen, metrics, phases
+    from pdserve.bench.launcher import ServeProcess
+
+    settings = BASE | CONFIGURATIONS[name]
+    steps, seed = phases.load_phases(phases_path)
+    load = phases.build_load(steps, seed or 0)
+    out.mkdir(parents=True, exist_ok=True)
+    proc = ServeProcess(settings, out / f"{name}.log")
+    try:
+        if not proc.wait_ready(300):
+            raise SystemExit(f"{name}: server not ready; see {out / f'{name}.log'}")
+        model = loadgen.fetch_model_id(proc.url)
+        poller = RolePoller(proc.url)
+        poller.start()
+        config = {"label": name, "settings": settings, "phases": phases.phases_config(load)}
+        result = loadgen.run_benchmark_sync(
+            proc.url,
+            model,
+            load.specs,
+            loadgen.Arrival.trace(),
+            extra_body={"ignore_eos": True},
+            seed=seed or 0,
+            progress=False,
+            config=config,
+        )
+        poller.stopped.set()
+        parts = phases.summarize_phases(result)
+        print(f"{name}\n{phases.format_phases(parts)}", flush=True)
+        text = urllib.request.urlopen(proc.url + "/metrics", timeout=10).read().decode()
+        planner = get_json(proc.url, "/admin/planner")
+        server = {
+            "role_timeline": poller.timeline,
+            "planner": planner,
+            "role_switches": metric_sum(text, "pdserve:role_switches"),
+            "migrations": metric_sum(text, "pdserve:request_migrations"),
+            "run_seconds": time.perf_counter() - poller.start_s,
+        }
+        data = json.loads(metrics.to_json(result, parts[-1].summary))
+        data |= {"phases": phases.phases_to_dict(parts), "server": server}
+        (out / f"{name}.json").write_text(json.dumps(data, indent=1))
+    finally:
+        killed = proc.stop()
+        if killed:
+            print(f"WARNING: killed leftover processes {killed}", file=sys.stderr)
+
+
+def summarize(out: Path) -> None:
+    runs = {
+        n: json.loads((out / f"{n}.json").read_text())
+        for n in CONFIGURATIONS
+        if (out / f"{n}.json").exists()
+    }
+    if not runs:
+        raise SystemExit(f"no runs in {out}")
+    names = [p["name"] for p in next(iter(runs.values()))["phases"]]
+    print(
+        "| configuration | "
+        + " | ".join(f"{p} attain / goodput" for p in names)
+        + " | errors | switches | migrations |"
+    )
+    print("|---" * (len(names) + 4) + "|")
+    best = {p: max(r["phases"][i]["goodput"] for r in runs.values()) for i, p in enumerate(names)}
+    for name, run in runs.items():
+        cells = [f"{100 * p['attainment']:.0f}% / {p['goodput']:.2f}" for p in run["phases"]]
+        errors = run["phases"][-1]["num_errors"]
+        switches = sum(run["server"]["role_switches"].values())
+        migrations = sum(run["server"]["migrations"].values())
+        print(
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {errors} | {switches:.0f} | {migrations:.0f} |"
+        )
+    statics = [n for n in runs if not n.startswith("elastic")]
+    for name in [n for n in runs if n.startswith("elastic")]:
+        ratios = []
+        for i, p in enumerate(names):
+            top = max(runs[s]["phases"][i]["goodput"] for s in statics) if statics else best[p]
+            ratios.append(f"{p} {runs[name]['phases'][i]['goodput'] / top:.2f}x")
+        print(f"{name} vs best static: " + ", ".join(ratios))
+        for when, roles in runs[name]["server"]["role_timeline"]:
+            print(f"  t={when:>6.1f}s roles {roles}")
+        for d in runs[name]["server"]["planner"]["decisions"]:
+            if d["moves"]:
+                print(f"  planner (age {d['age_s']} s): {d['reason']}; moves {d['moves']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=list(CONFIGURATIONS), action="append")
+    parser.add_argument("--phases", type=Path, default=PHASES)
+    parser.add_argument("--out", type=Path, default=Path("elastic-phases"))
+    parser.add_argument("--summarize", action="store_true")
+    args = parser.parse_args()
+    if args.summarize:
+        summarize(args.out)
+        return
+    for name in args.only or list(CONFIGURATIONS):
+        run_one(name, args.out, args.phases)
+
+
+if __name__ == "__main__":
+    main()
