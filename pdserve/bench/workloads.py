@@ -32,6 +32,7 @@ under load. Reasons per workload are in `docs/bench.md`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from abc import ABC, abstractmethod
@@ -250,12 +251,21 @@ class AgentWorkload(Workload):
     output_tokens: Length = LogNormal(48, 0.5, 16, 192)
     observation_tokens: Length = LogNormal(128, 0.8, 16, 768)
     num_active_sessions: int = 8
+    # Several agents (tool descriptions); a session picks agent i with weight
+    # 1 / (i + 1) ** popularity_exponent (Zipf). One agent: every session shares it.
+    num_systems: int = 1
+    popularity_exponent: float = 1.0
 
     def _sample(self, draw: _Draw, num_requests: int) -> list[RequestSpec]:
-        system = self._tools(draw)
+        systems = [self._tools(draw) for _ in range(self.num_systems)]
+        weights = [1 / (i + 1) ** self.popularity_exponent for i in range(len(systems))]
+
+        def pick() -> str:  # one agent: no draw, so its seeds give what they always gave
+            return systems[0] if len(systems) == 1 else draw.rng.choices(systems, weights)[0]
+
         return _interleave(
             draw.rng,
-            lambda index: self._session(draw, system, f"{self.name}-{index}"),
+            lambda index: self._session(draw, pick(), f"{self.name}-{index}"),
             num_requests,
             self.num_active_sessions,
         )
@@ -349,18 +359,54 @@ WORKLOADS: dict[str, Workload] = _builtin_workloads()
 
 
 def get_workload(name: str) -> Workload:
-    """A workload by name; `random:in=N,out=M` (each N or LO-HI) sets random's lengths."""
+    """A workload by name; `random:in=N,out=M` (each N or LO-HI) sets random's lengths;
+    `rag:documents=N,zipf=S` and `agent:systems=N,zipf=S` set how many shared prefixes
+    there are and their Zipf popularity exponent."""
     if name in WORKLOADS:
         return WORKLOADS[name]
     base, has_params, _ = name.partition(":")
     if base == "random" and has_params:
         return parse_random(name)
+    if base in _SHARED_COUNT and has_params:
+        return parse_shared(name)
     choices = ", ".join(WORKLOADS)
     raise ConfigError(
         "workload",
         f"unknown workload {name!r}; choose one of {choices}, "
-        "or random:in=N,out=M with N, M a length or a LO-HI range",
+        "or random:in=N,out=M with N, M a length or a LO-HI range, "
+        "or rag:documents=N,zipf=S / agent:systems=N,zipf=S",
     )
+
+
+_SHARED_COUNT = {"rag": "num_documents", "agent": "num_systems"}  # the workload's field
+
+
+def parse_shared(spec: str) -> Workload:
+    """`rag:documents=64,zipf=1.1` or `agent:systems=16,zipf=0.8`: that many shared
+    prefixes, picked with Zipf weights 1 / (i + 1) ** zipf; unset keys keep defaults."""
+    base, _, params = spec.partition(":")
+    count_key = "documents" if base == "rag" else "systems"
+    changes: dict[str, Any] = {}
+    for item in filter(str.strip, params.split(",")):
+        key, has_value, value = (part.strip() for part in item.partition("="))
+        field = {count_key: _SHARED_COUNT[base], "zipf": "popularity_exponent"}.get(key)
+        if not has_value or field is None:
+            raise ConfigError("workload", f"expected {count_key}=N or zipf=S in {spec!r}")
+        if field in changes:
+            raise ConfigError(f"workload.{key}", f"given twice in {spec!r}")
+        try:
+            number = int(value) if key == count_key else float(value)
+        except ValueError:
+            raise ConfigError(f"workload.{key}", f"not a number: {value!r}") from None
+        if number < (1 if key == count_key else 0) or not math.isfinite(number):
+            raise ConfigError(f"workload.{key}", f"out of range: {value!r}")
+        changes[field] = number
+    workload = dataclasses.replace(WORKLOADS[base], **changes)
+    count = getattr(workload, _SHARED_COUNT[base])
+    zipf = workload.popularity_exponent
+    name = f"{base}:{count_key}={count},zipf={zipf:g}"
+    description = f"{base} with {count} shared prefixes, Zipf popularity exponent {zipf:g}"
+    return dataclasses.replace(workload, name=name, description=description)
 
 
 def parse_random(spec: str) -> SingleTurnWorkload:

@@ -4,6 +4,7 @@ cache would hit, and `random:` spec parsing."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 import statistics
 from collections import defaultdict
@@ -223,3 +224,42 @@ def test_bad_random_specs_name_the_field(spec, field, words):
     with pytest.raises(ConfigError, match=words) as info:
         get_workload(spec)
     assert info.value.field == field
+
+
+# ------------------------------------------------------------ Zipf-popular shared prefixes
+def test_rag_and_agent_specs_set_the_shared_prefixes_and_their_popularity():
+    rag = get_workload("rag:documents=64,zipf=1.2")
+    assert (rag.num_documents, rag.popularity_exponent) == (64, 1.2)
+    assert rag.name == "rag:documents=64,zipf=1.2"
+    assert rag.document_tokens == WORKLOADS["rag"].document_tokens
+    agent = get_workload("agent:systems=8")
+    assert (agent.num_systems, agent.popularity_exponent) == (8, 1.0)
+    assert agent.default_slo == WORKLOADS["agent"].default_slo
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ("rag:documents=0", "workload.documents"),
+        ("rag:zipf=x", "workload.zipf"),
+        ("rag:zipf=inf", "workload.zipf"),
+        ("rag:systems=3", "workload"),
+        ("agent:systems=2,systems=3", "workload.systems"),
+    ],
+)
+def test_bad_shared_specs_name_the_field(spec, field):
+    with pytest.raises(ConfigError) as info:
+        get_workload(spec)
+    assert info.value.field == field
+
+
+def test_agent_sessions_pick_tool_descriptions_by_zipf_popularity():
+    workload = get_workload("agent:systems=6,zipf=1.5")
+    specs = workload.sample(400, seed=0)
+    first_steps = [steps[0] for steps in by_session(specs).values()]
+    systems = [spec.prompt.partition("\n\ntask:")[0] for spec in first_steps]
+    counts = sorted(collections.Counter(systems).values(), reverse=True)
+    assert len(counts) == 6 and counts[0] > 3 * counts[-1]
+    for steps in by_session(specs).values():  # a session keeps its agent
+        head = steps[0].prompt.partition("\n\ntask:")[0]
+        assert all(spec.prompt.startswith(head + "\n\ntask:") for spec in steps)
