@@ -67,6 +67,9 @@ class KVTierConnector:
         self.store = store
         self.block_manager = block_manager
         self.kv_cache = kv_cache  # [L, 2, num_blocks, B, H, D]
+        # A block's bytes as the tiers hold it (KV, then its token ids): admission's size.
+        size = block_manager.block_size
+        self._block_nbytes = kv_cache[:, :, 0].numel() * kv_cache.element_size() + 8 * size
         # One admission's lookup, kept while the request waits for room: (request id,
         # device hit in blocks, blocks found). Only the head of the queue is looked up.
         self._found: tuple[str, int, list[StoredBlock]] | None = None
@@ -198,12 +201,16 @@ class KVTierConnector:
         index = self.store.write_through_index
         tier = self.store.tiers[index]
         fresh = [c for c in committed if not tier.contains(c.block_hash)]
+        # Ask before copying: a refused block costs no copy off the device.
+        nbytes = self._block_nbytes
+        fresh = [c for c in fresh if self.store.admits_through(c.block_hash, nbytes)]
         if not fresh:
-            return  # e.g. blocks just loaded from that tier
+            return  # e.g. blocks just loaded from that tier, or none admitted
         kvs = self._copy_to_host([c.block_id for c in fresh])
-        self.store.write_through(
+        blocks = (
             StoredBlock(c.block_hash, c.token_ids, kv) for c, kv in zip(fresh, kvs, strict=True)
         )
+        self.store.write_through(blocks, is_admitted=True)
 
     def _load_scheduled(self) -> None:
         if not self._loads:

@@ -96,25 +96,34 @@ class TieredKVStore:
         """Index of the first slow (persistent) tier, or None when every tier is RAM."""
         return next((i for i, t in enumerate(self.tiers) if not t.is_fast), None)
 
-    def write_through(self, blocks: Iterable[StoredBlock]) -> None:
+    def write_through(self, blocks: Iterable[StoredBlock], is_admitted: bool = False) -> None:
         """Queue blocks just computed on the device for the first slow tier (never waits:
-        a full queue drops the write). Blocks that tier already holds are skipped."""
+        a full queue drops the write). Blocks that tier already holds are skipped; the
+        others are offered to the admission policy unless `is_admitted` (the caller asked
+        `admits_through` before copying them off the device)."""
         index = self.write_through_index
         if index is None:
             return
         tier = self.tiers[index]
         for block in blocks:
-            if not tier.contains(block.block_hash) and self._admits(block, tier):
+            if tier.contains(block.block_hash):
+                continue
+            if is_admitted or self._admits(block.block_hash, tier, block.nbytes):
                 self._writer.submit(block, index)
+
+    def admits_through(self, block_hash: BlockHash, nbytes: int) -> bool:
+        """Whether the write-through tier admits this block (the answer is counted)."""
+        index = self.write_through_index
+        return index is not None and self._admits(block_hash, self.tiers[index], nbytes)
 
     def record(self, block_hashes: Sequence[BlockHash]) -> list[int]:
         """A request's prefix chain was seen once more (at its admission): indices of the
         blocks that just became worth writing to the slow tiers (policy `frequency`)."""
         return self.admission.record(block_hashes)
 
-    def _admits(self, block: StoredBlock, tier: KVTier) -> bool:
-        """Ask the policy whether `block` may enter the slow `tier`; count the answer."""
-        is_admitted = self.admission.admits(block.block_hash, tier, block.nbytes)
+    def _admits(self, block_hash: BlockHash, tier: KVTier, nbytes: int) -> bool:
+        """Ask the policy whether the block may enter the slow `tier`; count the answer."""
+        is_admitted = self.admission.admits(block_hash, tier, nbytes)
         tier.record_admission(is_admitted)
         return is_admitted
 
@@ -125,7 +134,7 @@ class TieredKVStore:
         if not tier.is_fast:
             # A block the tier holds already is only refreshed: no admission needed.
             is_held = not tier.is_remote and tier.contains(block.block_hash)
-            if not is_held and not self._admits(block, tier):
+            if not is_held and not self._admits(block.block_hash, tier, block.nbytes):
                 return
         if tier.is_fast or self._writer.is_current_thread():
             self._write(block, index, wait)
