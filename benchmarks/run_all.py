@@ -28,6 +28,7 @@ BENCHMARKS = (
     "batch_invariant",
     "serving_peers",  # peers skipped with a note when not built (benchmarks/peers/)
     "kv_cache",
+    "tier_admission",  # admit-all vs frequency admission into a small disk tier
     "overload_admission",
     "chaos",  # random worker kills under load: nothing lost (fault tolerance)
 )

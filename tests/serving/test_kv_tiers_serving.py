@@ -4,6 +4,7 @@ with the cached prefix reported in `usage` and in the per-tier metrics."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -102,3 +103,59 @@ def test_disk_tier_serves_a_prompt_after_a_worker_crash_and_a_server_restart(
     assert folder.name == "mixed-0"
     files = [p for p in folder.rglob("*") if p.is_file()]
     assert len(files) >= num_prompt // BLOCK_SIZE
+
+
+def test_frequency_admission_and_admin_prefixes_in_a_real_server(builtin_model_dir, tmp_path):
+    """A prompt seen once never reaches disk; seen twice, it does, and /admin/prefixes
+    lists its chain (hashes and lengths, no text) held in the device pool and on disk."""
+    args = ("--mode", "aggregated", "--threads-per-worker", "1", "--admin-key", "adm")
+    args += ("--kv-disk-cache-dir", str(tmp_path), "--kv-tier-admission", "frequency")
+    server = ServerProcess(*args)
+    try:
+        prompt = " ".join(f"hot{i}" for i in range(150))
+        first = complete(server.url, prompt)
+        complete(server.url, " ".join(f"cold{i}" for i in range(150)))
+        num_full = first["usage"]["prompt_tokens"] // BLOCK_SIZE
+        wait_for(
+            lambda: metric(server.url, "pdserve:kv_tier_rejected_blocks_total") > 0,
+            what="the tier counters",
+        )
+        assert metric(server.url, "pdserve:kv_tier_blocks", tier="disk") == 0
+        second = complete(server.url, prompt)
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # device hit
+        labels = {"tier": "disk", "policy": "frequency"}
+        wait_for(
+            lambda: (
+                metric(server.url, "pdserve:kv_tier_admitted_blocks_total", **labels) == num_full
+            ),
+            what="the hot prompt's blocks admitted to disk",
+        )
+        assert metric(server.url, "pdserve:kv_tier_rejected_blocks_total", **labels) >= (
+            2 * num_full
+        )
+        wait_for(
+            lambda: metric(server.url, "pdserve:kv_tier_blocks", tier="disk") == num_full,
+            what="the write to disk",
+        )
+        assert httpx.get(server.url + "/admin/prefixes").status_code == 401
+        denied = httpx.get(server.url + "/admin/prefixes", headers={"Authorization": "Bearer x"})
+        assert denied.status_code == 403
+        num_hashed = (first["usage"]["prompt_tokens"] - 1) // BLOCK_SIZE
+
+        def prefixes() -> dict:
+            headers = {"Authorization": "Bearer adm"}
+            return httpx.get(server.url + "/admin/prefixes", headers=headers).json()
+
+        # The router's index learns of the disk copies from the worker's KV events.
+        wait_for(
+            lambda: prefixes()["chains"][0]["held"]["mixed-0"].get("disk") == num_hashed,
+            what="the disk copies in the router's index",
+        )
+        body = prefixes()
+        [chain] = body["chains"]  # the cold prompt was seen once: not a shared prefix
+        assert (chain["num_blocks"], chain["hits"]) == (num_hashed, 2)
+        assert chain["requests_by_worker"] == {"mixed-0": 1}
+        assert chain["held"]["mixed-0"]["device"] == num_hashed
+        assert "hot1" not in json.dumps(body)
+    finally:
+        assert server.stop() == 0
