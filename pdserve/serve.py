@@ -41,6 +41,7 @@ from pdserve.control.launcher import LocalLauncher, Watchdog, python_module_comm
 from pdserve.control.membership import DEFAULT_LEASE_S
 from pdserve.control.migration import MigrationConfig
 from pdserve.control.planner import PlannerConfig, PlannerLoop, RequestLog, parse_classes
+from pdserve.control.ray_config import RoleResources, is_loopback, parse_worker_resources
 from pdserve.control.worker_spec import SECRET_ENGINE_FIELDS, SpecFolder, WorkerSpec
 from pdserve.errors import ConfigError, PdserveError
 from pdserve.ipc import security
@@ -126,6 +127,11 @@ class ServeConfig:
     engine_prefill: dict[str, Any] = field(default_factory=dict)
     engine_decode: dict[str, Any] = field(default_factory=dict)
     engine_mixed: dict[str, Any] = field(default_factory=dict)
+    # Where workers run (control/launcher.py): "local" child processes, or "ray" actors on
+    # the Ray cluster at `ray_address`, with per-role `worker_resources` (control/ray_config.py).
+    launcher: str = "local"
+    ray_address: str | None = None  # None: RAY_ADDRESS, or a new Ray on this machine
+    worker_resources: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for role in ROLES:
@@ -147,6 +153,12 @@ class ServeConfig:
             raise ConfigError("admin_key", "is empty; omit it to keep the admin API closed")
         self.migration()  # validates the migration fields
         self.planner_config()  # validates the planner fields
+        self.ray_resources()  # validates the launcher fields
+
+    def ray_resources(self) -> dict[str, RoleResources]:
+        if self.launcher not in ("local", "ray"):
+            raise ConfigError("launcher", f"{self.launcher!r}; choose 'local' or 'ray'")
+        return parse_worker_resources(self.worker_resources)
 
     def planner_config(self) -> PlannerConfig | None:
         if self.planner not in ("none", "slo"):
@@ -327,6 +339,8 @@ SERVE_FLAGS = {
     "kv_transfer_timeout_s": (float, "seconds before a KV hand-over is abandoned"),
     "routing_policy": (str, "kv_aware | least_loaded | round_robin (default kv_aware)"),
     "worker_lease_s": (float, "a worker silent or stalled this long is dead (default 5)"),
+    "launcher": (str, "local | ray: worker processes here, or Ray actors (default local)"),
+    "ray_address": (str, "launcher ray: the Ray cluster, HOST:PORT (default: RAY_ADDRESS)"),
     "max_migrations": (int, "times a request may move to another worker (default 3)"),
     "migration_wait_s": (float, "wait this long for a worker to move a request to (30)"),
     "planner": (str, "none | slo: move workers between roles to follow the load"),
@@ -451,6 +465,10 @@ def run_serve(config: ServeConfig) -> int:
 
     model_dir = Path(config.model) if config.model else ensure_builtin_model(progress=True)
     http_sock = _bind_http(config.host, config.port)
+    if config.launcher == "ray":
+        from pdserve.control.ray_launcher import connect
+
+        connect(config.ray_address)
     try:
         return asyncio.run(_serve(config, model_dir, http_sock))
     except PdserveError as e:
@@ -520,7 +538,7 @@ async def _serve_with_key(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     server_task = asyncio.create_task(server.serve(sockets=[http_sock]))
-    workers = WorkerProcesses(config, model_dir, client.router_addr, key_file)
+    workers = make_launcher(config, model_dir, client.router_addr, key_file)
     client.on_worker_expired = workers.kill  # fencing: a hung worker's process is killed
     client.launcher = workers  # scale in/out and role switches go through it
     try:
@@ -550,7 +568,7 @@ async def _serve_with_key(
         server.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server_task, 5)
-        await client.stop(shutdown_workers=list(workers.procs))  # not external ones
+        await client.stop(shutdown_workers=list(workers.roles))  # not external ones
         workers.stop()
 
 
@@ -571,7 +589,7 @@ def _key_args(key_file: Path | None) -> list[str]:
     return ["--cluster-key", str(key_file)] if key_file else ["--insecure-no-curve"]
 
 
-async def _wait_ready(client, workers: WorkerProcesses, server_task: asyncio.Task) -> bool:
+async def _wait_ready(client, workers, server_task: asyncio.Task) -> bool:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if client.readiness().is_ready:
@@ -615,33 +633,44 @@ def _start_planner(config: ServeConfig, client) -> asyncio.Task | None:
     return asyncio.create_task(client.planner.run())
 
 
-class WorkerProcesses(LocalLauncher):
-    """The worker child processes of one `pdserve serve`.
+def make_launcher(config: ServeConfig, model_dir: Path, router_addr: str, key_file: Path | None):
+    """The launcher `config.launcher` names: local child processes, or Ray actors."""
+    if config.launcher == "local":
+        return WorkerProcesses(config, model_dir, router_addr, key_file)
+    from pdserve.control.ray_launcher import RayLauncher, driver_node_ip
 
-    Each child gets `pdserve worker --spec FILE`: its `WorkerSpec`, written (0600) into a
-    private folder this launcher owns and removes at `stop`. The spec is rewritten at every
-    (re)start from the worker's current role, so a worker restarted after a role switch
-    (`set_role`) runs with the new role's engine settings.
-    """
+    loopback = is_loopback(config.worker_host)
+    host, _, port = router_addr.rpartition(":")
+    if not loopback and host.endswith(("0.0.0.0", "[::]", "*")):
+        router_addr = f"tcp://{driver_node_ip()}:{port}"  # what other nodes can reach
+    specs = WorkerSpecs(config, model_dir, router_addr, key_file)
+    return RayLauncher(
+        specs.spec,
+        lambda role: specs.engine(role).num_threads,
+        config.ray_resources(),
+        key_file,
+        log_level=config.log_level,
+        bind_loopback=loopback,
+        builtin_model=config.model is None,
+    )
+
+
+class WorkerSpecs:
+    """Each worker's `WorkerSpec` from one `ServeConfig`, for either launcher."""
 
     def __init__(
         self, config: ServeConfig, model_dir: Path, router_addr: str, key_file: Path | None
     ) -> None:
-        super().__init__(self._command, self._environment)
         self.config = config
         self.key_file = key_file  # the path only: the key never enters argv or env
         self.model_dir = model_dir
         self.router_addr = router_addr
-        self.specs = SpecFolder()
 
     def engine(self, role: str) -> EngineConfig:
         engine = self.config.engine_for(role)
         if engine.num_threads is None:
             engine = dataclasses.replace(engine, num_threads=self.config.threads())
         return engine
-
-    def _environment(self, role: str) -> dict[str, str]:
-        return dict(os.environ, OMP_NUM_THREADS=str(self.engine(role).num_threads))
 
     def spec(self, role: str, worker_id: str) -> WorkerSpec:
         c = self.config
@@ -656,6 +685,33 @@ class WorkerProcesses(LocalLauncher):
             kv_layerwise=c.kv_layerwise,
             cluster_key_file=str(self.key_file) if self.key_file else None,
         )
+
+
+class WorkerProcesses(LocalLauncher):
+    """The worker child processes of one `pdserve serve`.
+
+    Each child gets `pdserve worker --spec FILE`: its `WorkerSpec`, written (0600) into a
+    private folder this launcher owns and removes at `stop`. The spec is rewritten at every
+    (re)start from the worker's current role, so a worker restarted after a role switch
+    (`set_role`) runs with the new role's engine settings.
+    """
+
+    def __init__(
+        self, config: ServeConfig, model_dir: Path, router_addr: str, key_file: Path | None
+    ) -> None:
+        super().__init__(self._command, self._environment)
+        self.config = config
+        self.specs_of = WorkerSpecs(config, model_dir, router_addr, key_file)
+        self.specs = SpecFolder()
+
+    def engine(self, role: str) -> EngineConfig:
+        return self.specs_of.engine(role)
+
+    def spec(self, role: str, worker_id: str) -> WorkerSpec:
+        return self.specs_of.spec(role, worker_id)
+
+    def _environment(self, role: str) -> dict[str, str]:
+        return dict(os.environ, OMP_NUM_THREADS=str(self.engine(role).num_threads))
 
     def _command(self, role: str, worker_id: str) -> list[str]:
         path = self.specs.write(self.spec(role, worker_id))

@@ -1,8 +1,10 @@
 """Launchers: how `pdserve serve` starts, watches, restarts and stops its workers.
 
-`Launcher` is the interface the rest of the control plane uses (the watchdog here; scale
-in/out and a Ray launcher later): `start`, `exited` (who died, and how), `restart`,
-`kill`, `stop`. `LocalLauncher` runs each worker as a child process of this one.
+`Launcher` is the interface the rest of the control plane uses (the watchdog here, scale
+in/out and role switches in router/elastic.py): `start`, `exited` (who died, and how),
+`restart`, `kill`, `add`, `remove`, `set_role`, `stop`, `pending`. `LocalLauncher` runs
+each worker as a child process of this one; `RayLauncher` (control/ray_launcher.py) as a
+Ray actor that owns the process.
 
 Restarts back off exponentially (`RestartPolicy`: 0.5 s, 1 s, 2 s, ... up to 30 s; the
 count resets once a worker has stayed up for a minute), so a crash loop cannot spin, and
@@ -85,6 +87,10 @@ class Launcher(abc.ABC):
     @abc.abstractmethod
     def stop(self) -> None:
         """Stop every worker."""
+
+    def pending(self) -> dict[str, str]:
+        """Workers started but not yet placed anywhere (no Ray node has room): id -> role."""
+        return {}
 
 
 class LocalLauncher(Launcher):

@@ -1,6 +1,7 @@
 """The operator's HTTP API, `/admin/*`, behind its own key.
 
-    GET    /admin/workers                every registered worker: role, state, load
+    GET    /admin/workers                every worker: role, state, load ("pending": the
+                                         launcher waits for a node with room for it)
     POST   /admin/workers/{id}/drain     stop new work, move (or finish) what it holds;
                                          answers when the worker holds nothing
     POST   /admin/workers/{id}/resume    take new work again after a drain
@@ -52,7 +53,12 @@ def admin_router(
 
     @router.get("/workers")
     async def list_workers() -> JSONResponse:
-        return JSONResponse({"workers": [_describe(client, w) for w in _pool(client).values()]})
+        pool = _pool(client)
+        launcher = getattr(client, "launcher", None)
+        pending = launcher.pending() if launcher is not None else {}
+        listed = [_describe(client, w, w.worker_id in pending) for w in pool.values()]
+        listed += [_pending(w, role) for w, role in pending.items() if w not in pool]
+        return JSONResponse({"workers": listed})
 
     @router.post("/workers/{worker_id}/drain")
     async def drain(worker_id: str, request: Request) -> JSONResponse:
@@ -179,9 +185,11 @@ def _worker(client: EngineClient, worker_id: str):
     return handle
 
 
-def _describe(client: EngineClient, handle) -> dict:
+def _describe(client: EngineClient, handle, is_pending: bool = False) -> dict:
     stats = handle.stats
     state = "dead" if not handle.is_alive else "draining" if handle.is_draining else "serving"
+    if is_pending and not handle.is_alive:
+        state = "pending"  # dead, and its replacement waits for a node with room
     return {
         "worker_id": handle.worker_id,
         "role": handle.role,
@@ -194,6 +202,11 @@ def _describe(client: EngineClient, handle) -> dict:
         "num_free_blocks": stats.num_free_blocks if stats else None,
         "num_blocks": stats.num_blocks if stats else None,
     }
+
+
+def _pending(worker_id: str, role: str) -> dict:
+    """A worker the launcher started that no node has room for yet: it never registered."""
+    return {"worker_id": worker_id, "role": role, "state": "pending", "incarnation": None}
 
 
 __all__ = ["UnknownWorkerError", "admin_router"]

@@ -106,7 +106,6 @@ class Elastic:
             raise ConfigError("role", f"{role!r}; choose one of {ROLES}")
         launcher = self._launcher()
         worker_id = launcher.add(role)
-        self.client.min_workers += 1
         logger.info("scaling out: worker %s (%s) starting", worker_id, role)
 
         def serving() -> bool:
@@ -114,6 +113,9 @@ class Elastic:
             return handle is not None and handle.is_accepting
 
         await self._until(serving, START_TIMEOUT_S)
+        # Counted once it serves: a worker still waiting for a node (launcher `pending`)
+        # must not turn /ready off for the ones that serve.
+        self.client.min_workers += 1
         return worker_id
 
     async def scale_in(self, worker_id: str) -> None:
