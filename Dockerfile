@@ -49,7 +49,8 @@ RUN python -m venv "$VIRTUAL_ENV" \
 WORKDIR /opt/pdserve/src
 COPY pyproject.toml README.md ./
 COPY pdserve ./pdserve
-RUN pip install --no-cache-dir . && rm -rf /opt/pdserve/src
+WORKDIR /opt/pdserve
+RUN pip install --no-cache-dir ./src && rm -rf /opt/pdserve/src
 
 # The built-in model is made at build time, not at first start: router and workers must hold
 # byte-identical tokenizer and weights, and its tokenizer is trained on this image's Python
@@ -59,7 +60,6 @@ RUN pip install --no-cache-dir . && rm -rf /opt/pdserve/src
 RUN if [ "$WITH_BUILTIN_MODEL" = 1 ]; then pdserve model create; fi \
     && install -d -o 10001 -g 10001 -m 0755 "$PDSERVE_CACHE_DIR/kernels"
 
-WORKDIR /opt/pdserve
 USER 10001:10001
 # 8000: HTTP (OpenAI API, /health, /ready, /metrics); 5557: the router's ZeroMQ socket.
 EXPOSE 8000 5557

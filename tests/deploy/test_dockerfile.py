@@ -70,12 +70,12 @@ def test_torch_is_the_pinned_cpu_build_installed_before_pdserve():
     torch = index_of(lambda w, a: w == "RUN" and '"torch==${TORCH_VERSION}"' in a)
     assert '--index-url "$TORCH_INDEX_URL"' in instructions()[torch][1]
     copy_source = index_of(lambda w, a: w == "COPY" and a.startswith("pdserve "))
-    install = index_of(lambda w, a: w == "RUN" and "pip install --no-cache-dir ." in a)
+    install = index_of(lambda w, a: w == "RUN" and "pip install --no-cache-dir ./src" in a)
     assert torch < copy_source < install
 
 
 def test_the_builtin_model_is_made_at_build_time_by_root_and_read_by_the_user():
-    install = index_of(lambda w, a: w == "RUN" and "pip install --no-cache-dir ." in a)
+    install = index_of(lambda w, a: w == "RUN" and "pip install --no-cache-dir ./src" in a)
     model = index_of(lambda w, a: w == "RUN" and "pdserve model create" in a)
     user = index_of(lambda w, a: w == "USER")
     assert install < model < user

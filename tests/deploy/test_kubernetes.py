@@ -188,6 +188,9 @@ def test_the_router_listens_where_its_services_point(rendered, overlay):
         assert spec["selector"].items() <= labels["labels"].items()
         ((port),) = spec["ports"]
         assert port["targetPort"] == port_name
+    # /ready waits for workers, which reach the router through this Service: it must list
+    # the router before it is ready, or neither would ever be.
+    assert services["pdserve-router"]["spec"]["publishNotReadyAddresses"] is True
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert router[probe]["httpGet"]["port"] == "http"
     assert router["readinessProbe"]["httpGet"]["path"] == "/ready"
