@@ -167,6 +167,14 @@ class BlockManager:
             request.block_ids.append(self._take_fresh())
         return True
 
+    def extend_blocks(self, requests: Sequence[Request]) -> None:
+        """One fresh block to each of `requests`, in that order (a request listed twice
+        gets two); there must be room (`decode_run_length` checked)."""
+        if len(requests) > len(self._free):
+            raise RuntimeError("extend_blocks without room")
+        for request in requests:
+            request.block_ids.append(self._take_fresh())
+
     def commit_full_blocks(self, request: Request) -> None:
         """Register in the prefix cache every block of `request` that is now full of
         computed tokens. Called after each step that advanced the request."""

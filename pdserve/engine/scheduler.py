@@ -25,6 +25,10 @@ Disaggregation adds two paths, both plain block bookkeeping:
 - prefill side: a request with a `kv_dest` finishes as FINISHED_HANDED_OFF after its first
   token unless that token already ends it.
 
+For the simulator (`pdserve sim`), `decode_run_length` says how many of the next steps
+would be the same decode batch and `advance_decodes` applies them at once, leaving the
+state those steps would leave one by one.
+
 The scheduler alone changes a request's status. It hands the runner plain data
 (`SchedulerOutput`) and takes back the sampled token ids.
 """
@@ -34,7 +38,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -281,6 +285,83 @@ class Scheduler:
                 self._finish(request, status)
             updated.append(request)
         return updated
+
+    # ---- runs of identical decode steps (the simulator's fast-forward) -------------------
+
+    def decode_run_length(self, limit: int) -> int:
+        """How many of the next steps (up to `limit`) `schedule` would make the same step:
+        every running request decodes one token; nothing is admitted, preempted or left
+        out; no request stops before the last of them. 0 when the next step is not such a
+        step. Only length stops are foreseen: a request that may stop on a token it samples
+        limits the run to one step."""
+        running, config = self.running, self.config
+        num_running = len(running)
+        if not running or num_running > config.max_num_batched_tokens:
+            return 0
+        room = num_running < min(config.max_num_seqs, config.max_num_batched_tokens)
+        if self._num_waiting and room:
+            return 0  # an admission would be tried
+        steps = limit
+        for request in running:
+            if request.num_tokens - request.num_computed_tokens != 1 or request.kv_dest is not None:
+                return 0
+            params = request.sampling_params
+            if params.stop_token_ids or (request.eos_token_ids and not params.ignore_eos):
+                steps = 1
+            steps = min(steps, request.max_tokens - request.num_output_tokens)
+        num_free = self.block_manager.num_free_blocks
+        if self._num_new_blocks(steps) <= num_free:
+            return steps
+        if self._num_new_blocks(1) > num_free:
+            return 0  # the step preempts
+        low, high = 1, steps - 1  # the longest run whose new blocks fit
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self._num_new_blocks(mid) <= num_free:
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
+    def advance_decodes(
+        self, num_steps: int, sampled_token_ids: Mapping[str, Sequence[int]]
+    ) -> list[Request]:
+        """Apply `num_steps` (at most `decode_run_length`) decode steps of the running
+        batch at once, with each request's sampled tokens: the state `schedule` +
+        `update_from_output` would leave, block for block (fresh blocks taken in step
+        order, then batch order). Returns the batch in order; requests stop only at the
+        last step (`is_finished`)."""
+        self.running.sort(key=self._key)
+        batch = list(self.running)
+        block_manager = self.block_manager
+        size = block_manager.block_size
+        crossings = []  # (step, position): that step's token opens a new block
+        for position, request in enumerate(batch):
+            step = len(request.block_ids) * size - request.num_computed_tokens + 1
+            while step <= num_steps:
+                crossings.append((step, position))
+                step += size
+        crossings.sort()
+        block_manager.extend_blocks([batch[position] for _, position in crossings])
+        for request in batch:
+            tokens = sampled_token_ids[request.request_id]
+            request.output_token_ids.extend(tokens)
+            request.num_computed_tokens += num_steps
+            block_manager.commit_full_blocks(request)
+        for request in batch:
+            status = self._stop_status(request, request.output_token_ids[-1])
+            if status is not None:
+                self.running.remove(request)
+                block_manager.free(request)
+                self._finish(request, status)
+        return batch
+
+    def _num_new_blocks(self, num_steps: int) -> int:
+        size = self.block_manager.block_size
+        return sum(
+            max(0, -(-(r.num_computed_tokens + num_steps) // size) - len(r.block_ids))
+            for r in self.running
+        )
 
     # ---- internals -----------------------------------------------------------------------
 

@@ -14,7 +14,11 @@ router applies (engine/limits.py). The message flow is `router/cluster.py`'s and
   worker after the hand-over → it decodes from that token.
 
 Time: every message takes `profile.ipc_latency_s`; a worker handles messages only between
-steps (as its loop does) and at once when idle. A step lasts `StepCost.step_seconds` of
+steps (as its loop does) and at once when idle. When the scheduler foresees that its next
+steps are the same decode batch (`Scheduler.decode_run_length`) they are one event, a
+run (sim/steps.py), applied by `Scheduler.advance_decodes` and cut short by any message:
+the same clock as stepping one by one, except that the router's prefix index and pool
+stats learn a run's KV events and free blocks at its end, not after each of its steps. A step lasts `StepCost.step_seconds` of
 its batch, stretched while workers share the machine's cores: with `d` threads stepping
 on `c` cores each runs at `min(1, c/d)` speed, and also `contention` times slower when
 another worker steps beside it (memory bandwidth; measured by `pdserve profile`)
@@ -48,7 +52,15 @@ from pdserve.serve import ServeConfig
 from pdserve.sim.cost_model import StepCost
 from pdserve.sim.handles import SimHandle, SimPool, SimStats
 from pdserve.sim.profile import Profile
-from pdserve.sim.worker import Output, Reserved, SimWorker, make_request, num_kv_blocks
+from pdserve.sim.steps import Busy
+from pdserve.sim.worker import (
+    DecodeRun,
+    Output,
+    Reserved,
+    SimWorker,
+    make_request,
+    num_kv_blocks,
+)
 
 
 @dataclass(eq=False)
@@ -68,17 +80,7 @@ class _Flight:
     num_tokens: int = 0
     last_token_s: float = 0.0
     is_user: bool = False  # closed loop: its user sends the next request when it ends
-
-
-@dataclass(eq=False)
-class _Step:
-    worker: SimWorker
-    output: object
-    remaining: float  # seconds of work at full speed
-    speed: float = 1.0
-    since: float = 0.0  # when `remaining` was last brought up to date
-    version: int = 0
-    started: float = 0.0
+    block_hashes: list | None = None  # the prompt's, as the router hashed it
 
 
 class ClusterSim:
@@ -89,6 +91,7 @@ class ClusterSim:
         max_blocks: int | None = None,
         role_costs: dict[str, StepCost] | None = None,
         background_load: float = 0.0,
+        decode_runs: bool = True,
     ) -> None:
         """`max_blocks`: cap each KV pool (the planner's shortcut: a pool larger than its
         requests can ever fill only costs set-up time, but it also keeps more prefixes
@@ -97,6 +100,7 @@ class ClusterSim:
         `background_load`: threads of other programs running on the machine all along
         (a shared host), which take their share of the cores."""
         self.serve = serve
+        self.decode_runs = decode_runs
         self.max_blocks = max_blocks
         self.role_costs = role_costs or {}
         self.profile = profile
@@ -119,7 +123,7 @@ class ClusterSim:
         self.transfer = profile.transfer_cost(self._backend())
         self.shares_cores = profile.hardware.get("device") == "cpu"
         self.background_load = background_load
-        self._steps: dict[str, _Step] = {}
+        self._steps: dict[str, Busy] = {}
         self._inbox: dict[str, deque] = {w: deque() for w in self.workers}
         self._flights: dict[str, _Flight] = {}
         self.on_done: Callable[[_Flight], None] = lambda flight: None
@@ -131,7 +135,14 @@ class ClusterSim:
             num_blocks = min(num_blocks, self.max_blocks)
         cost = self.role_costs.get(role) or self.profile.cost(self.threads)
         worker = SimWorker(
-            worker_id, role, engine, cost, num_blocks, self.max_model_len, self.threads
+            worker_id,
+            role,
+            engine,
+            cost,
+            num_blocks,
+            self.max_model_len,
+            self.threads,
+            self.decode_runs,
         )
         self.workers[worker_id] = worker
         self.pool.add(
@@ -163,8 +174,11 @@ class ClusterSim:
         self.at(self.now + (self.profile.ipc_latency_s if delay is None else delay), fn, *args)
 
     def _deliver(self, worker_id: str, fn: Callable, args: tuple) -> None:
-        if worker_id in self._steps:
+        busy = self._steps.get(worker_id)
+        if busy is not None:
             self._inbox[worker_id].append((fn, args))  # handled after the current step
+            if busy.cut(self.now):
+                self.at(busy.end_time(), self._end_step, worker_id, busy, busy.version)
             return
         fn(*args)
         self._loop_pass(self.workers[worker_id])
@@ -181,11 +195,10 @@ class ClusterSim:
         started = worker.start_step()
         if started is None:
             return
-        output, seconds = started
-        seconds += self._copy_seconds(output)
-        self._steps[worker.worker_id] = _Step(
-            worker, output, seconds, since=self.now, started=self.now
-        )
+        work, works = started
+        if not isinstance(work, DecodeRun):
+            works[0] += self._copy_seconds(work)
+        self._steps[worker.worker_id] = Busy(worker, work, works, self.now)
         self._reschedule(worker.worker_id)
 
     def _copy_seconds(self, output) -> float:
@@ -195,20 +208,24 @@ class ClusterSim:
         tokens = sum(s.num_new_tokens for s in output.scheduled if s.request.kv_dest is not None)
         return tokens * self.profile.kv_bytes_per_token / self.transfer.bytes_per_s
 
-    def _end_step(self, worker_id: str, version: int) -> None:
-        step = self._steps.get(worker_id)
-        if step is None or step.version != version:
+    def _end_step(self, worker_id: str, busy: Busy, version: int) -> None:
+        if self._steps.get(worker_id) is not busy or busy.version != version:
             return  # rescheduled since
         del self._steps[worker_id]
-        worker = step.worker
-        step_s = self.now - step.started
+        worker = busy.worker
+        step_s = self.now - busy.started
         worker.busy_s += step_s
-        outputs = worker.finish_step(step.output)
-        if worker.role == "prefill":
-            for out in outputs:
-                self._on_worker_output(worker, out, step_s)
-        if outputs:  # one `StepOutputs` message per step
-            self._to_router(self._on_step_outputs, worker.worker_id, outputs)
+        if isinstance(busy.work, DecodeRun):
+            request_ids, finished = worker.finish_run(len(busy.works))
+            ends = busy.step_ends(self.now)
+            self._to_router(self._on_run_outputs, worker_id, request_ids, ends, finished)
+        else:
+            outputs = worker.finish_step(busy.work)
+            if worker.role == "prefill":
+                for out in outputs:
+                    self._on_worker_output(worker, out, step_s)
+            if outputs:  # one `StepOutputs` message per step
+                self._to_router(self._on_step_outputs, worker_id, outputs)
         self._reschedule(None)
         inbox = self._inbox[worker_id]
         while inbox:
@@ -224,26 +241,23 @@ class ClusterSim:
         stats.num_free_blocks = worker.free_blocks()
 
     def _reschedule(self, started: str | None) -> None:
-        """Processor sharing: every stepping worker's speed given who else steps. A step
+        """Processor sharing: every stepping worker's speed given who else steps. Work
         whose speed is unchanged keeps its end event."""
         steps = self._steps
         if not self.shares_cores:  # own devices: only the new step needs its end event
             if started is not None:
-                step = steps[started]
-                self.at(self.now + step.remaining, self._end_step, started, step.version)
+                busy = steps[started]
+                busy.set_speed(self.now, 1.0)
+                self.at(busy.end_time(), self._end_step, started, busy, busy.version)
             return
-        demand = sum(s.worker.threads for s in steps.values()) + self.background_load
+        demand = sum(b.worker.threads for b in steps.values()) + self.background_load
         cores = self.profile.cores
-        for worker_id, step in steps.items():
-            speed = self._speed(step.worker.threads, demand, cores)
-            if worker_id != started:
-                if speed == step.speed:
-                    continue
-                step.remaining = max(0.0, step.remaining - (self.now - step.since) * step.speed)
-            step.since = self.now
-            step.speed = speed
-            step.version += 1
-            self.at(self.now + step.remaining / step.speed, self._end_step, worker_id, step.version)
+        for worker_id, busy in steps.items():
+            speed = self._speed(busy.worker.threads, demand, cores)
+            if worker_id != started and speed == busy.speed:
+                continue
+            busy.set_speed(self.now, speed)
+            self.at(busy.end_time(), self._end_step, worker_id, busy, busy.version)
 
     def _speed(self, threads: int, demand: float, cores: int) -> float:
         if not self.shares_cores:
@@ -287,7 +301,7 @@ class ClusterSim:
 
     def _plan(self, flight: _Flight) -> str | None:
         size = self.serve.engine.block_size
-        hashes = prompt_hashes(flight.token_ids, size)
+        hashes = flight.block_hashes = prompt_hashes(flight.token_ids, size)
         alive = [w.worker_id for w in self.pool.workers.values() if w.is_alive]
         matches = self.kv_index.match(hashes, alive)
 
@@ -300,7 +314,9 @@ class ClusterSim:
             return f"HTTP 503: no live worker for mode {self.routing.mode!r}"
         flight.decode = plan.decode
         self._flights[flight.request_id] = flight
-        request = make_request(flight.request_id, flight.token_ids, flight.max_tokens, self.now)
+        request = make_request(
+            flight.request_id, flight.token_ids, flight.max_tokens, self.now, flight.block_hashes
+        )
         worker = self.workers[plan.decode.worker_id]
         if plan.prefill is None:
             self.ledger.charge(flight.charges, plan.decode, num_prompt + flight.max_tokens)
@@ -329,7 +345,9 @@ class ClusterSim:
         flight.num_kv_bytes = (
             num_sent * self.serve.engine.block_size * self.profile.kv_bytes_per_token
         )
-        request = make_request(flight.request_id, flight.token_ids, flight.max_tokens, self.now)
+        request = make_request(
+            flight.request_id, flight.token_ids, flight.max_tokens, self.now, flight.block_hashes
+        )
         worker = self.workers[prefill.worker_id]
         self._to_worker(worker.worker_id, worker.on_add, request, flight)
 
@@ -364,6 +382,28 @@ class ClusterSim:
                 flight.last_token_s = now
             else:
                 self._on_token(flight, worker_id, out)
+
+    def _on_run_outputs(
+        self, worker_id: str, request_ids: list[str], ends: list[float], finished: list[Output]
+    ) -> None:
+        """A run's tokens, each at the time its step's `StepOutputs` would have arrived:
+        only the clock, but for the requests that stop at its last step."""
+        ipc = self.profile.ipc_latency_s
+        arrivals = [t + ipc for t in ends]
+        gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+        stopping = {out.request_id for out in finished}
+        num_steps = len(arrivals)
+        for request_id in request_ids:
+            flight = self._flights[request_id]
+            plain = num_steps - 1 if request_id in stopping else num_steps
+            if plain:
+                itl = flight.record.itl_s
+                itl.append(arrivals[0] - flight.last_token_s)
+                itl.extend(gaps[: plain - 1])
+                flight.num_tokens += plain
+                flight.last_token_s = arrivals[plain - 1]
+        for out in finished:
+            self._on_token(self._flights[out.request_id], worker_id, out)
 
     def _on_token(self, flight: _Flight, worker_id: str, out: Output) -> None:
         """`ClusterClient._on_outputs` for one output, and the client's clock."""

@@ -157,6 +157,20 @@ class StepTimer:
             + cost.step_overhead_s
         )
 
+    def decode_steps(self, num_rows: int, decode_context: int, num_steps: int) -> list[float]:
+        """Seconds of `num_steps` decode steps of the same `num_rows` rows, the first
+        reading `decode_context` (Σ (c+1)), each later one `num_rows` more: the floats
+        `__call__` gives for each of those steps."""
+        cost = self.cost
+        tokens = (
+            self.table[num_rows] if num_rows < len(self.table) else cost.tokens_seconds(num_rows)
+        )
+        fixed = tokens + cost.row_s * max(0, num_rows - 1) + cost.prefill_attention_s * 0
+        return [
+            fixed + cost.decode_attention_s * (decode_context + num_rows * i) + cost.step_overhead_s
+            for i in range(num_steps)
+        ]
+
 
 # ---- fitting -------------------------------------------------------------------------------
 

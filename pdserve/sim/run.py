@@ -122,13 +122,15 @@ def simulate(
     max_blocks: int | None = None,
     role_costs: dict | None = None,
     background_load: float = 0.0,
+    decode_runs: bool = True,
 ) -> RunResult:
-    """Run `specs` through a simulated `serve` deployment; what a client would measure."""
+    """Run `specs` through a simulated `serve` deployment; what a client would measure.
+    `decode_runs=False` simulates every step on its own (slower; the same clock)."""
     if not specs:
         raise ConfigError("specs", "no requests to send")
     if num_requests is None and duration_s is None and arrival.kind != "trace":
         raise ConfigError("num_requests", "give a number of requests or a duration")
-    sim = ClusterSim(serve, profile, max_blocks, role_costs, background_load)
+    sim = ClusterSim(serve, profile, max_blocks, role_costs, background_load, decode_runs)
     load = _Load(sim, specs, encoder or PromptEncoder(), num_requests, duration_s)
     if arrival.kind == "concurrency":
         load.closed_loop(arrival.concurrency or 1)

@@ -15,6 +15,7 @@ not its exact tokens).
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Any
 
@@ -27,6 +28,7 @@ FIRST_WORD_ID = 256
 NUM_WORD_IDS = 30000
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def word_id(word: str) -> int:
     return FIRST_WORD_ID + zlib.crc32(word.encode()) % NUM_WORD_IDS
 

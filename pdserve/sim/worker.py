@@ -33,6 +33,7 @@ from pdserve.sim.cost_model import StepCost, StepTimer
 from pdserve.sim.profile import ITEMSIZE, Profile
 from pdserve.worker.kv_events import DeviceEvents, KVEventPublisher
 
+MAX_RUN_STEPS = 1024  # decode steps simulated as one event at most
 DEFAULT_TOKEN_BUDGET = 2048  # NOTE: the same rule as engine/core.py (which imports torch)
 
 
@@ -51,6 +52,14 @@ class Reserved:
     request_id: str
     num_blocks: int
     num_cached_blocks: int
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRun:
+    """Steps the scheduler foresaw as identical decodes of its running batch (applied
+    when they end: `SimWorker.finish_run`)."""
+
+    num_steps: int
 
 
 @dataclass(slots=True)
@@ -74,8 +83,10 @@ class SimWorker:
         num_blocks: int,
         max_model_len: int,
         threads: int = 1,
+        decode_runs: bool = True,
     ) -> None:
         self.worker_id = worker_id
+        self.decode_runs = decode_runs
         self.role = role
         self.cost = cost
         self.threads = threads
@@ -139,13 +150,43 @@ class SimWorker:
 
     # ---- steps ---------------------------------------------------------------------------
 
-    def start_step(self) -> tuple[SchedulerOutput, float] | None:
-        """Schedule the next step; None when nothing can run. Seconds at full speed."""
-        output = self.scheduler.schedule()
+    def start_step(self) -> tuple[SchedulerOutput | DecodeRun, list[float]] | None:
+        """The next step — or, when the scheduler can tell that the next steps are the same
+        decode batch, that run of steps — and the seconds of each at full speed; None when
+        nothing can run."""
+        scheduler = self.scheduler
+        if self.decode_runs:
+            num_steps = scheduler.decode_run_length(MAX_RUN_STEPS)
+            if num_steps >= 2:
+                running = scheduler.running
+                context = sum(r.num_tokens for r in running)  # Σ (c+1) over decode rows
+                return DecodeRun(num_steps), self.step_seconds.decode_steps(
+                    len(running), context, num_steps
+                )
+        output = scheduler.schedule()
         self.block_manager.drain_evicted()
         if output.is_empty:
             return None
-        return output, self.step_seconds(output.scheduled)
+        return output, [self.step_seconds(output.scheduled)]
+
+    def finish_run(self, num_steps: int) -> tuple[list[str], list[Output]]:
+        """The first `num_steps` steps of a run are done (a run is cut short when a message
+        arrives): the batch's request ids, and the outputs of those that stop at its end."""
+        scheduler = self.scheduler
+        sampled = {}
+        for request in scheduler.running:
+            sampled[request.request_id] = sampled_tokens(request, num_steps)
+        batch = scheduler.advance_decodes(num_steps, sampled)
+        self.block_manager.drain_evicted()
+        self.num_steps += num_steps
+        finished = []
+        for request in batch:
+            if request.is_finished:
+                request_id = request.request_id
+                token = request.output_token_ids[-1]
+                finished.append(Output(request_id, token, True, False, request.num_cached_tokens))
+                del self.requests[request_id]
+        return [r.request_id for r in batch], finished
 
     def finish_step(self, output: SchedulerOutput) -> list[Output]:
         sampled = {
@@ -181,7 +222,13 @@ class SimWorker:
 def sampled_token(request: Request) -> int:
     """A made-up token id, fixed by the request and its position (never an EOS: the
     simulated requests carry no EOS ids)."""
-    return (_token_base(request.request_id) + 7919 * len(request.output_token_ids)) % 30000 + 1000
+    return sampled_tokens(request, 1)[0]
+
+
+def sampled_tokens(request: Request, num: int) -> list[int]:
+    """The made-up ids of `request`'s next `num` tokens."""
+    base, first = _token_base(request.request_id), len(request.output_token_ids)
+    return [(base + 7919 * n) % 30000 + 1000 for n in range(first, first + num)]
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -190,12 +237,29 @@ def _token_base(request_id: str) -> int:
 
 
 def make_request(
-    request_id: str, token_ids: list[int], max_tokens: int, arrival_s: float
+    request_id: str,
+    token_ids: list[int],
+    max_tokens: int,
+    arrival_s: float,
+    block_hashes: list | None = None,
 ) -> Request:
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    return Request(
-        request_id, list(token_ids), params, max_tokens=max_tokens, arrival_time=arrival_s
+    """A simulated request; `block_hashes`: its prompt's hash chain if already known (the
+    router's: the same function of the same tokens), so no worker computes it again."""
+    request = Request(
+        request_id,
+        list(token_ids),
+        _params(max_tokens),
+        max_tokens=max_tokens,
+        arrival_time=arrival_s,
     )
+    if block_hashes:
+        request.block_hashes = list(block_hashes)
+    return request
+
+
+@functools.lru_cache(maxsize=4096)
+def _params(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, ignore_eos=True)  # frozen: shared
 
 
 def num_kv_blocks(profile: Profile, engine, size: int) -> int:
