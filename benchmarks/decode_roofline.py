@@ -90,12 +90,20 @@ class PdserveDecodeTimer:
     Each sequence still reads its own KV blocks while decoding, as with fresh prompts.
     """
 
-    def __init__(self, model_dir: Path, dtype: str, max_batch: int, args: argparse.Namespace):
+    def __init__(
+        self,
+        model_dir: Path,
+        dtype: str,
+        max_batch: int,
+        args: argparse.Namespace,
+        quantization: str | None = None,
+    ):
         from pdserve import LLM, SamplingParams
 
         self.params_cls = SamplingParams
         self.context = args.context
         kwargs = {"max_num_seqs": max_batch, "num_threads": args.threads}
+        kwargs["quantization"] = quantization  # benchmarks/int8_weights.py
         if args.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
         self.llm = LLM(model=str(model_dir), dtype=dtype, **kwargs)

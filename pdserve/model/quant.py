@@ -28,6 +28,8 @@ how much); `quantization` is never on by default.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 from typing import NamedTuple
 
@@ -37,6 +39,7 @@ from torch import nn
 
 from pdserve.config import QUANTIZATIONS
 from pdserve.errors import ConfigError
+from pdserve.model import kernels
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +53,10 @@ class Int8Weight(NamedTuple):
     group_size: int
 
 
-def quantize_int8(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> Int8Weight:
-    """Quantise a `[out, in]` weight per row and group of `group_size` inputs."""
+def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> Int8Weight:
+    """Quantise a `[out, in]` weight per row and group of `group_size` inputs (default
+    `GROUP_SIZE`; one as large as the row, or larger, gives one scale per row)."""
+    group_size = min(group_size or GROUP_SIZE, weight.shape[1])
     w = _grouped(weight.detach().float(), group_size)  # [out, groups, group_size]
     scales = w.abs().amax(-1) / QMAX  # [out, groups]
     q = torch.round(w / scales.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1))
@@ -73,22 +78,118 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return F.pad(w, (0, pad)).view(rows, (cols + pad) // group_size, group_size)
 
 
-class Int8Linear(nn.Module):
-    """Stands in for `llama.Linear` once quantised: y = x dequant(W)^T (+ b)."""
+# ---- the C kernel (kernels/gemm_int8.c) ------------------------------------------------------
 
-    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None) -> None:
+
+def bind(lib: ctypes.CDLL | None) -> ctypes.CDLL | None:
+    """Declare the int8 product's C signatures on a kernels library (None stays None)."""
+    if lib is None or not hasattr(lib, "gemm_q8_f32"):
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.gemm_q8_panel_width.restype = i64
+    lib.gemm_q8_panel_width.argtypes = []
+    lib.gemm_q8_pack.restype = None
+    lib.gemm_q8_pack.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr]
+    lib.gemm_q8_f32.restype = None
+    lib.gemm_q8_f32.argtypes = [ptr] * 5 + [i64] * 7
+    return lib
+
+
+@functools.cache
+def _kernel() -> ctypes.CDLL | None:
+    return bind(kernels._library())
+
+
+def build_variant(extra_flags: tuple[str, ...]) -> ctypes.CDLL | None:
+    """The kernel as another CPU would get it (tests: `("-mno-avx512f",)`, the AVX2 tiles)."""
+    sources = [kernels.SOURCES[0].with_name(n) for n in ("gemm_int8.c", "parallel.c")]
+    flags = kernels.CFLAGS + list(extra_flags)
+    path = kernels._build("pdserve_q8_variant", sources, kernels.HEADERS, flags)
+    return bind(ctypes.CDLL(str(path))) if path is not None else None
+
+
+class PackedInt8:
+    """An `Int8Weight` re-laid out in `gemm_int8.c`'s panels, and the product over it."""
+
+    __slots__ = ("codes", "group_size", "in_features", "lib", "out_features", "scales")
+
+    def __init__(self, weight: Int8Weight, lib: ctypes.CDLL) -> None:
+        q, scales, self.group_size = weight
+        self.out_features, self.in_features = q.shape
+        self.lib = lib
+        panel = lib.gemm_q8_panel_width()
+        num_panels, groups = -(-self.out_features // panel), scales.shape[1]
+        self.codes = torch.empty(num_panels, self.in_features, panel, dtype=torch.int8)
+        self.scales = torch.empty(num_panels, groups, panel)
+        q, scales = q.contiguous(), scales.contiguous()
+        lib.gemm_q8_pack(
+            q.data_ptr(),
+            scales.data_ptr(),
+            self.out_features,
+            self.in_features,
+            q.stride(0),
+            groups,
+            self.codes.data_ptr(),
+            self.scales.data_ptr(),
+        )
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """`x @ dequant(W).T (+ bias)`: x `[M, in]` float32 on CPU -> `[M, out]`."""
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        rows = x.shape[0]
+        y = torch.empty(rows, self.out_features)
+        if bias is not None:
+            bias = bias.float().contiguous()
+        self.lib.gemm_q8_f32(
+            x.data_ptr(),
+            self.codes.data_ptr(),
+            self.scales.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+            rows,
+            self.out_features,
+            self.in_features,
+            self.group_size,
+            x.stride(0),
+            self.out_features,
+            kernels._num_threads or torch.get_num_threads(),
+        )
+        return y
+
+
+# ---- the layer -------------------------------------------------------------------------------
+
+
+class Int8Linear(nn.Module):
+    """Stands in for `llama.Linear` once quantised: y = x dequant(W)^T (+ b).
+
+    On CPU with the kernel, only the packed copy is kept; otherwise the `[out, in]` codes
+    and the torch fallback."""
+
+    def __init__(
+        self, weight: Int8Weight, bias: torch.Tensor | None, lib: ctypes.CDLL | None
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.q.shape
-        self.weight = weight
         self.bias = bias
+        on_cpu = weight.q.device.type == "cpu"
+        self.packed = PackedInt8(weight, lib) if on_cpu and lib is not None else None
+        self.weight = weight if self.packed is None else None
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
-        return cls(quantize_int8(weight), bias)
+    def quantize(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, lib: ctypes.CDLL | None = None
+    ) -> Int8Linear:
+        return cls(quantize_int8(weight), bias, lib)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = dequantize_int8(self.weight).to(x.dtype)
-        return F.linear(x, w, self.bias)
+        if self.packed is None:
+            w = dequantize_int8(self.weight).to(x.dtype)
+            return F.linear(x, w, self.bias)
+        lead = x.shape[:-1]
+        y = self.packed(x.reshape(-1, self.in_features).float(), self.bias)
+        return y.view(*lead, self.out_features).to(x.dtype)
 
 
 class _HeadProduct:
@@ -112,10 +213,13 @@ def quantize_model(model: nn.Module, method: str) -> None:
 
     if method not in QUANTIZATIONS:
         raise ConfigError("quantization", f"{method!r}; one of {QUANTIZATIONS}")
+    lib = _kernel() if model.lm_head.device.type == "cpu" else None
+    if model.lm_head.device.type == "cpu" and lib is None:
+        logger.warning("int8 weights without the C kernels: torch fallback (slow)")
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Linear):
-                setattr(parent, name, Int8Linear.quantize(child.weight, child.bias))
-    model.lm_head_mm = _HeadProduct(Int8Linear.quantize(model.lm_head, None))
+                setattr(parent, name, Int8Linear.quantize(child.weight, child.bias, lib))
+    model.lm_head_mm = _HeadProduct(Int8Linear.quantize(model.lm_head, None, lib))
     if model.lm_head is not model.embed_tokens:
         model.lm_head.data = torch.empty(0, dtype=model.lm_head.dtype)  # fails loudly if used

@@ -53,6 +53,67 @@ def test_group_size_is_the_whole_row_for_per_channel():
     assert torch.allclose(scales[:, 0], w.abs().amax(1) / 127)
 
 
+# ---- the kernel against a float64 reference -------------------------------------------------
+
+ISAS = {"native": None, "avx2": ("-mno-avx512f",)}  # the AVX2 tiles run on AVX-512 hosts too
+SHAPES = [(64, 96), (100, 70), (33, 5), (17, 300), (48, 64)]  # (out, in): odd panels, tails
+
+
+@pytest.fixture(scope="module", params=list(ISAS))
+def kernel_lib(request):
+    lib = (
+        quant._kernel() if ISAS[request.param] is None else quant.build_variant(ISAS[request.param])
+    )
+    if lib is None:
+        pytest.skip("the C kernels cannot be built here (no compiler)")
+    return lib
+
+
+def reference(x: torch.Tensor, weight: quant.Int8Weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 product on the dequantised weight, and a bound on float32 rounding:
+    a sum of K products in float32 is off by at most ~K eps times the sum of |terms|."""
+    w = quant.dequantize_int8(weight).double()
+    exact = x.double() @ w.T + (0 if bias is None else bias.double())
+    terms = x.double().abs() @ w.abs().T + (0 if bias is None else bias.double().abs())
+    return exact, 2 * (x.shape[1] + 2) * 2**-24 * terms + 1e-30
+
+
+@pytest.mark.parametrize("out_features,in_features", SHAPES)
+@pytest.mark.parametrize("group_size", [32, 0])  # 0: per channel (one group per row)
+def test_kernel_matches_float64_for_every_row_count(
+    kernel_lib, out_features, in_features, group_size
+):
+    gen = torch.Generator().manual_seed(out_features * 1000 + in_features)
+    w = torch.randn(out_features, in_features, generator=gen)
+    weight = quant.quantize_int8(w, group_size or in_features)
+    bias = torch.randn(out_features, generator=gen) if out_features % 2 == 0 else None
+    packed = quant.PackedInt8(weight, kernel_lib)
+    x_all = torch.randn(40, in_features + 3, generator=gen)[:, 2 : 2 + in_features]  # strided
+    for rows in range(1, 41):
+        x = x_all[:rows]
+        got = packed(x, bias)
+        exact, bound = reference(x, weight, bias)
+        assert got.shape == (rows, out_features)
+        assert torch.all((got.double() - exact).abs() <= bound), f"{rows} rows"
+
+
+def test_layer_on_either_path_and_dtype_gives_the_same_product():
+    gen = torch.Generator().manual_seed(3)
+    w, bias = torch.randn(80, 72, generator=gen), torch.randn(80, generator=gen)
+    x = torch.randn(2, 3, 72, generator=gen)  # leading dims kept
+    fallback = quant.Int8Linear.quantize(w, bias, lib=None)
+    exact, bound = reference(x.view(6, 72), quant.quantize_int8(w), bias)
+    assert fallback.packed is None
+    assert torch.all((fallback(x).view(6, 80).double() - exact).abs() <= bound)
+    if quant._kernel() is not None:
+        layer = quant.Int8Linear.quantize(w, bias, quant._kernel())
+        assert layer.weight is None and layer(x).shape == (2, 3, 80)
+        assert torch.all((layer(x).view(6, 80).double() - exact).abs() <= bound)
+        y16 = layer(x.bfloat16())  # bfloat16 activations: computed in float32, cast back
+        assert y16.dtype == torch.bfloat16
+        assert torch.allclose(y16.float(), layer(x.bfloat16().float()).bfloat16().float())
+
+
 # ---- the engine against transformers with the same quantised weights ----------------------
 
 
@@ -79,8 +140,20 @@ def one_torch_thread():
         yield
 
 
-@pytest.mark.parametrize("kind", ["llama_gqa_llama3", "qwen2_tied", "llama_biases"])
-def test_engine_matches_transformers_on_the_dequantized_weights(kind, tmp_path):
+@pytest.mark.parametrize(
+    "kind,kernel",
+    [
+        ("llama_gqa_llama3", True),
+        ("qwen2_tied", True),
+        ("llama_biases", True),
+        ("llama_gqa_llama3", False),  # the torch fallback (no compiler, or another device)
+    ],
+)
+def test_engine_matches_transformers_on_the_dequantized_weights(
+    kind, kernel, tmp_path, monkeypatch
+):
+    if not kernel:
+        monkeypatch.setattr(quant, "_kernel", lambda: None)
     model_dir = make_hf_model_dir(tmp_path, kind)
     expected = hf_model_greedy(dequantized_hf_model(model_dir), prompts(), NUM_NEW_TOKENS)
     llm = LLM(model_dir, skip_tokenizer_init=True, num_kv_blocks=128, quantization="int8")
@@ -90,7 +163,18 @@ def test_engine_matches_transformers_on_the_dequantized_weights(kind, tmp_path):
     model = llm.engine.core.runner.model
     linears = [m for m in model.modules() if isinstance(m, quant.Int8Linear)]
     assert len(linears) == 4 * model.config.num_layers  # qkv, o, gate_up, down
+    on_kernel = kernel and quant._kernel() is not None
+    assert all((m.packed is not None) == on_kernel for m in linears)
     assert model.embed_tokens.numel() > 0  # kept for lookups (tied or not)
+
+
+@pytest.mark.gpu
+def test_torch_fallback_on_cuda():
+    w, x = torch.randn(64, 96, device="cuda"), torch.randn(5, 96, device="cuda")
+    layer = quant.Int8Linear.quantize(w, None, lib=quant._kernel())  # ignored off CPU
+    assert layer.packed is None and layer.weight.q.device.type == "cuda"
+    exact, bound = reference(x.cpu(), quant.quantize_int8(w.cpu()), None)
+    assert torch.all((layer(x).cpu().double() - exact).abs() <= bound * 4)
 
 
 # ---- configuration -------------------------------------------------------------------------

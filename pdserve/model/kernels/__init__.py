@@ -39,7 +39,14 @@ logger = logging.getLogger(__name__)
 
 SOURCES = [
     Path(__file__).with_name(n)
-    for n in ("paged_attention.c", "elementwise.c", "sampling.c", "categorical.c", "parallel.c")
+    for n in (
+        "paged_attention.c",
+        "elementwise.c",
+        "sampling.c",
+        "categorical.c",
+        "parallel.c",
+        "gemm_int8.c",
+    )
 ]
 HEADERS = [Path(__file__).with_name(n) for n in ("simd.h", "parallel.h")]
 # Exact IEEE maths except that sums may be reordered (so loops vectorise) and a*b+c fused.
