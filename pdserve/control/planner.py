@@ -14,6 +14,9 @@ instead of hand-set thresholds:
    rule over one worker's goodput per role (a `RateModel`; `sim/rates.py`'s `SimRates`
    measures those with the simulator on the `pdserve profile` cost model, the one cost
    model the planner and the simulator share).
+   When the current layout misses its SLOs, the rates are first scaled to what it
+   delivers (control/calibration.py): the profile fixes the layouts' relative merits,
+   the cluster's observed goodput their level.
 4. **Reconcile** (`decide`, `moves`): switch only when the best layout beats the current
    one's predicted goodput by `hysteresis` (10 %), one worker at a time (the
    drain-and-switch of router/elastic.py), and start a new transition at most once per
@@ -122,12 +125,34 @@ class Arrival:
     slo_class: str | None = None  # the request's `slo_class`, as sent
 
 
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    time: float  # when the request finished
+    slo_class: str | None
+    ttft_s: float | None  # None: it failed before its first token
+    tpot_s: float | None  # None: fewer than two tokens
+
+
 class RequestLog:
-    """What the router admitted recently (it calls `record` per request)."""
+    """What the router admitted recently (it calls `record` per request) and how the
+    finished ones did (`record_outcome`, for control/calibration.py)."""
 
     def __init__(self, keep_s: float = 600.0) -> None:
         self.keep_s = keep_s
         self.arrivals: deque[Arrival] = deque()
+        self.outcomes: deque[Outcome] = deque()
+
+    def record_outcome(
+        self,
+        ttft_s: float | None,
+        tpot_s: float | None,
+        slo_class: str | None = None,
+        now: float | None = None,
+    ) -> None:
+        now = time.monotonic() if now is None else now
+        self.outcomes.append(Outcome(now, slo_class, ttft_s, tpot_s))
+        while self.outcomes and self.outcomes[0].time < now - self.keep_s:
+            self.outcomes.popleft()
 
     def record(
         self,
@@ -363,9 +388,19 @@ class PlannerLoop:
         rates = await asyncio.get_running_loop().run_in_executor(
             None, class_rates, self.rates, fc, self.config
         )
-        if self.heading == current_layout(roles):
+        from pdserve.control.calibration import calibrate
+
+        current = current_layout(roles)
+        rates, calibration = calibrate(rates, current, fc, self.log, self.config, now)
+        if self.heading == current:
             self.heading = None  # arrived
         decision = decide(roles, fc, rates, self.config, now, self.last_switch, self.heading)
+        if calibration.factor < 1:
+            note = (
+                f" (model rates x{calibration.factor:.2f}: {_describe(current)} met the SLOs "
+                f"of {calibration.delivered:.2f} req/s of {fc.rate:.2f})"
+            )
+            decision = dataclasses.replace(decision, reason=decision.reason + note)
         self.history.append((now, decision))
         if self.on_decision is not None:
             self.on_decision(decision)

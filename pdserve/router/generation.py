@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -59,8 +60,14 @@ class Generation:
         arrival: float,
         lease: Lease,
         priority: int = 0,
+        on_done: Callable[[float | None, float | None], None] | None = None,
     ) -> None:
         self.client = client
+        self.arrival = arrival
+        self.on_done = on_done  # (TTFT s, TPOT s) per prompt as it ends; None: it failed
+        self._first_at: dict[int, float] = {}  # prompt index -> first token (monotonic)
+        self._last_at: dict[int, float] = {}
+        self._num_tokens = [0] * len(inputs)
         self.inputs = list(inputs)
         self.request_ids = [f"{request_id}-{i}" for i in range(len(inputs))]
         self.lease = lease
@@ -101,6 +108,23 @@ class Generation:
                 await self._close(streams)
             usage = self.usage
             self.lease.close(usage.prompt_tokens, usage.completion_tokens)
+            self._report()
+
+    def _report(self) -> None:
+        """Each prompt's TTFT and TPOT (per sample) to `on_done`: None for one that failed
+        before its first token; one cut off after it (a client gone) is not reported."""
+        if self.on_done is None:
+            return
+        for index, prompt in enumerate(self.inputs):
+            first = self._first_at.get(index)
+            if first is None:
+                self.on_done(None, None)
+            elif index in self._finished:
+                per_sample = self._num_tokens[index] / prompt.params.n
+                span = self._last_at[index] - first
+                self.on_done(
+                    first - self.arrival, span / (per_sample - 1) if per_sample >= 2 else None
+                )
 
     async def _next(self, merged: AsyncIterator[Update]) -> Update | None:
         """The next update, within the deadline and unless evicted; None at the end."""
@@ -126,7 +150,13 @@ class Generation:
 
     def _observe(self, index: int, update: StreamUpdate) -> None:
         self._trackers[index].observe(update)
-        self._num_completion_tokens += sum(len(d.token_ids) for d in update.deltas)
+        num_tokens = sum(len(d.token_ids) for d in update.deltas)
+        self._num_completion_tokens += num_tokens
+        if num_tokens:
+            now = time.monotonic()
+            self._first_at.setdefault(index, now)
+            self._last_at[index] = now
+            self._num_tokens[index] += num_tokens
         self._num_cached_tokens[index] = update.output.num_cached_tokens
         if index not in self._started:
             self._started.add(index)

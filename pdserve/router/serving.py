@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -156,9 +156,15 @@ class Serving:
         echo_texts = [self._prompt_text(i) for i in inputs] if body.echo else None
         meta = self._meta(random_id("cmpl"), inputs[0].params)
         _admit(lease, meta.request_id, inputs, body.priority, self.client.max_model_len)
-        _observe(self.client, inputs, body)
         generation = Generation(
-            self.client, meta.request_id, inputs, self.metrics, arrival, lease, body.priority
+            self.client,
+            meta.request_id,
+            inputs,
+            self.metrics,
+            arrival,
+            lease,
+            body.priority,
+            _observe(self.client, inputs, body),
         )
         if body.stream:
             chunks = CompletionChunks(meta, echo_texts, self.texts)
@@ -175,9 +181,15 @@ class Serving:
         prompt = self._prepare(text, token_ids, body)
         meta = self._meta(random_id("chatcmpl"), prompt.params)
         _admit(lease, meta.request_id, [prompt], body.priority, self.client.max_model_len)
-        _observe(self.client, [prompt], body)
         generation = Generation(
-            self.client, meta.request_id, [prompt], self.metrics, arrival, lease, body.priority
+            self.client,
+            meta.request_id,
+            [prompt],
+            self.metrics,
+            arrival,
+            lease,
+            body.priority,
+            _observe(self.client, [prompt], body),
         )
         if body.stream:
             chunks = ChatChunks(meta, self.texts)
@@ -232,19 +244,21 @@ def _observe(
     client: EngineClient,
     inputs: list[PromptInput],
     body: CompletionRequest | ChatCompletionRequest,
-) -> None:
+) -> Callable[[float | None, float | None], None] | None:
     """What the SLO planner learns of an admitted request (control/planner.py): per sample,
     its prompt length, its output length — the client's `expected_output_tokens` hint when
-    given, else its budget — and its `slo_class`."""
+    given, else its budget — and its `slo_class`; and, returned for the generation to
+    call as each prompt ends, its TTFT and TPOT (control/calibration.py)."""
     log = getattr(client, "request_log", None)
     if log is None:
-        return
+        return None
     for p in inputs:
         budget = p.params.max_tokens or client.max_model_len - len(p.token_ids)
         for _ in range(p.params.n):
             log.record(
                 len(p.token_ids), body.expected_output_tokens or budget, slo_class=body.slo_class
             )
+    return lambda ttft_s, tpot_s: log.record_outcome(ttft_s, tpot_s, body.slo_class)
 
 
 def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:

@@ -171,3 +171,65 @@ def test_the_loop_moves_both_workers_in_two_passes_then_cools_down():
         assert decision.moves == () and "cooling" in decision.reason
 
     asyncio.run(main())
+
+
+# -- calibration: the model's rates scaled to what the cluster delivers --------------------
+
+SATURATED = {"w0": "mixed", "w1": "mixed"}
+PD_BETTER = RoleRates(prefill=6.0, decode=6.0, mixed=2.0)  # 2M 4 req/s, 1P+1D 6 req/s
+
+
+def log_with_outcomes(num_met: int, num_missed: int, span_s: float = 20.0) -> RequestLog:
+    """2 req/s offered for a minute; `num_met + num_missed` finished in the last `span_s`."""
+    log = RequestLog()
+    for i in range(120):
+        log.record(1024, 128, now=60.0 - i * 0.5, slo_class="long")
+    total = num_met + num_missed
+    for i in range(total):
+        ttft = 1.0 if i < num_met else 9.0  # the long class: TTFT 5000 ms
+        log.record_outcome(ttft, 0.04, "long", now=60.0 - span_s + (i + 1) * span_s / total)
+    return log
+
+
+def test_a_layout_that_meets_its_slos_is_not_recalibrated():
+    from pdserve.control.calibration import calibrate
+
+    log = log_with_outcomes(num_met=38, num_missed=2)  # 1.9 req/s of 2.0 offered: >= 90 %
+    fc = forecast(log, CONFIG, now=60.0)
+    rates, cal = calibrate(PD_BETTER, Layout(0, 0, 2), fc, log, CONFIG, now=60.0)
+    assert (rates, cal.factor, cal.num_outcomes) == (PD_BETTER, 1.0, 40)
+    few = RequestLog()
+    few.record_outcome(None, None, now=59.0)  # a miss, but too few outcomes to judge by
+    assert calibrate(PD_BETTER, Layout(0, 0, 2), fc, few, CONFIG, 60.0)[1].factor == 1.0
+
+
+def test_a_saturated_layout_scales_the_rates_to_what_it_delivers():
+    from pdserve.control.calibration import calibrate
+
+    log = log_with_outcomes(num_met=16, num_missed=14)  # 0.8 req/s met of 2.0 offered
+    fc = forecast(log, CONFIG, now=60.0)
+    assert fc.rate == pytest.approx(2.0)
+    # Uncalibrated, both layouts serve the 2 req/s on paper: the planner holds.
+    assert decide(SATURATED, fc, PD_BETTER, CONFIG, 60.0, None).moves == ()
+    rates, cal = calibrate(PD_BETTER, Layout(0, 0, 2), fc, log, CONFIG, now=60.0)
+    assert cal.factor == pytest.approx(0.8 / 4.0) and cal.delivered == pytest.approx(0.8)
+    assert rates == RoleRates(*(pytest.approx(r * 0.2) for r in (6.0, 6.0, 2.0)))
+    d = decide(SATURATED, fc, rates, CONFIG, 60.0, None)  # 2M delivers 0.8, P/D would 1.2
+    assert d.target == Layout(1, 1, 0) and d.moves == (("w0", "prefill"), ("w1", "decode"))
+    # Nothing met at all: the floor keeps the layouts comparable (not all zero).
+    none_met = log_with_outcomes(num_met=0, num_missed=30)
+    _, cal = calibrate(PD_BETTER, Layout(0, 0, 2), fc, none_met, CONFIG, now=60.0)
+    assert cal.factor == pytest.approx(0.5 / 20.0 / 4.0)
+
+
+def test_the_loop_explains_a_calibrated_switch():
+    log = log_with_outcomes(num_met=16, num_missed=14)
+    roles = dict(SATURATED)
+
+    async def switch(worker, role, reason):
+        roles[worker] = role
+
+    loop = PlannerLoop(CONFIG, log, lambda fc, cfg: PD_BETTER, lambda: dict(roles), switch)
+    decision = asyncio.run(loop.step(now=60.0))
+    assert roles == {"w0": "prefill", "w1": "mixed"}
+    assert "model rates x0.20: 2M met the SLOs of 0.80 req/s of 2.00" in decision.reason

@@ -59,3 +59,20 @@ async def test_the_planner_log_gets_the_hint_and_the_class_per_sample(client):
     chat_prompt = logged[-1][0]
     assert logged == [(3, 3, "long"), (3, 3, "long"), (4, 8, None), (chat_prompt, 6, "c.1")]
     assert chat_prompt > 3
+
+
+async def test_each_finished_prompt_reports_its_latencies_with_its_class(builtin_model_dir):
+    from pdserve.tokenizer import Tokenizer
+
+    script = [("a", [10]), ("b", [11]), ("c", [12])]
+    client = ScriptedEngineClient(Tokenizer.from_pretrained(builtin_model_dir), script, finish=True)
+    client.request_log = RequestLog()
+    body = {"prompt": [[5, 6], [7, 8]], "max_tokens": 8, "slo_class": "long", "stream": True}
+    assert (await post(build_app(client), CMPL, body)).status_code == 200
+    outcomes = list(client.request_log.outcomes)
+    assert [o.slo_class for o in outcomes] == ["long", "long"]  # one per prompt
+    assert all(o.ttft_s > 0 and o.tpot_s >= 0 for o in outcomes)
+    failing = ScriptedEngineClient(client.tokenizer, unavailable=True)
+    failing.request_log = RequestLog()
+    assert (await post(build_app(failing), CMPL, {"prompt": "x"})).status_code == 503
+    assert [(o.ttft_s, o.tpot_s) for o in failing.request_log.outcomes] == [(None, None)]
