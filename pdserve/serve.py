@@ -604,8 +604,11 @@ async def _wait_ready(client, workers, server_task: asyncio.Task) -> bool:
         if server_task.done():
             return False
         await asyncio.sleep(0.1)
+    pending = sorted(workers.pending())  # Ray: no node has room for these
+    hint = f"; no node has room for {', '.join(pending)}" if pending else ""
     print(
-        f"error: workers not ready after {READY_TIMEOUT_S:.0f} s: {client.readiness().reason}",
+        f"error: workers not ready after {READY_TIMEOUT_S:.0f} s: "
+        f"{client.readiness().reason}{hint}",
         file=sys.stderr,
     )
     return False

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,7 @@ class RayLauncher(Launcher):
         self.started: dict[str, float] = {}  # the watchdog's "stayed up" clock
         self._packs: dict[int, Any] = {}  # pack index -> placement group
         self._num_spawned = 0
+        self.run_id = uuid.uuid4().hex[:8]  # in actor names: pdserve-<run>:<worker>:<n>
 
     # ---- Launcher --------------------------------------------------------------------------
 
@@ -197,8 +199,9 @@ class RayLauncher(Launcher):
     def _options(self, role: str, worker_id: str, threads: int) -> dict[str, Any]:
         wanted = self.resources[role]
         options: dict[str, Any] = {
-            # Unique per actor: a restarted worker's old name may still be held.
-            "name": f"pdserve:{worker_id}:{self._num_spawned}",
+            # Unique per launcher and actor: two `pdserve serve` may share a cluster, and a
+            # restarted worker's old name may still be held.
+            "name": f"pdserve-{self.run_id}:{worker_id}:{self._num_spawned}",
             "max_restarts": 0,
             "num_cpus": wanted.cpus(threads),
             "num_gpus": wanted.num_gpus,

@@ -23,7 +23,8 @@ import httpx2 as httpx
 import pytest
 import yaml
 
-from pdserve.control.worker_spec import read_spec
+from pdserve.config import EngineConfig
+from pdserve.control.worker_spec import WorkerSpec, read_spec
 from pdserve.ipc.security import load_key_file
 from pdserve.llm import LLM
 from pdserve.sampling_params import SamplingParams
@@ -107,10 +108,10 @@ def expected(builtin_model_dir) -> dict[str, str]:
 
 
 def actor_of(worker_id: str):
-    """The live actor of `worker_id` (actors are named pdserve:<worker>:<n>)."""
+    """The newest live actor of `worker_id` (actors are named pdserve-<run>:<worker>:<n>)."""
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
     mine = sorted(
-        (n for n in names if n.startswith(f"pdserve:{worker_id}:")),
+        (n for n in names if n.split(":")[1:2] == [worker_id]),
         key=lambda n: int(n.rsplit(":", 1)[1]),
     )
     assert mine, f"no actor for {worker_id} in {names}"
@@ -183,6 +184,35 @@ def test_the_cluster_key_reaches_actors_privately(ray_cluster, server):
     logs = Path(ray_cluster.head_node.get_session_dir_path()) / "logs"
     leaked = [p.name for p in logs.rglob("*") if p.is_file() and secret in p.read_bytes()]
     assert leaked == []
+
+
+def test_pack_places_a_prefill_decode_pair_on_one_node(ray_cluster, tmp_path):
+    """The launcher alone (this process is a Ray driver too): a `pack` pair shares one
+    STRICT_PACK placement group. Its workers point at a missing model folder, so each
+    exits at once: that exit reaches `exited()` with its code, like a local one."""
+    from pdserve.control.ray_config import parse_worker_resources
+    from pdserve.control.ray_launcher import RayLauncher
+
+    def spec(role: str, worker_id: str) -> WorkerSpec:
+        missing = str(tmp_path / "no-model")
+        return WorkerSpec(worker_id, role, missing, "tcp://127.0.0.1:9", EngineConfig())
+
+    pack = {"num_cpus": 0.5, "placement": "pack"}
+    resources = parse_worker_resources({"prefill": pack, "decode": pack})
+    launcher = RayLauncher(spec, lambda role: 1, resources, key_file=None)
+    try:
+        launcher.start({"prefill": 1, "decode": 1})
+        wait_for(lambda: not launcher.pending(), 60, "the pair placed")
+        prefill, decode = launcher.location("prefill-0"), launcher.location("decode-0")
+        assert prefill["node_id"] == decode["node_id"]
+        exits = []
+        wait_for(lambda: exits.extend(launcher.exited()) or len(exits) == 2, 60, "both exits")
+        assert sorted(exits) == [
+            ("decode-0", "exited with code 2"),
+            ("prefill-0", "exited with code 2"),
+        ]
+    finally:
+        launcher.stop()
 
 
 def test_scale_out_and_in_go_through_the_ray_launcher(ray_cluster, server):
