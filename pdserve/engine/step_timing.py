@@ -48,8 +48,9 @@ GRIDS = {
         [(8, 256, 256), (32, 512, 128), (4, 1024, 512)],
         [1, 4, 16, 64],
     ),
-    # Run by two processes at once and alone: the slowdown of sharing the machine.
-    "contention": ([(256, 0)], [(16, 256)], [], []),
+    # Run by two processes at once and alone: the slowdown of sharing the machine. A
+    # one-row decode is all weight reads (the contention model's `memory_s`).
+    "contention": ([(256, 0)], [(1, 64), (16, 256)], [], []),
 }
 
 

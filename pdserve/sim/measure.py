@@ -52,7 +52,7 @@ def measure_profile(
     contention = 1.0  # --quick: not measured (two more children, ~10 s)
     if not quick:
         log("timing two workers at once (contention)...")
-        contention = _contention(model, repeats)
+        contention, checks["contention"] = _contention(model, repeats)
     log("timing ZeroMQ over loopback...")
     tcp, ipc_latency = _measure_tcp()
     first = runs[threads[0]]
@@ -175,18 +175,27 @@ def _fit_copy(copies: list[dict[str, Any]]) -> TransferCost:
     )
 
 
-def _contention(model: str | None, repeats: int) -> float:
-    """Slowdown of a 1-thread worker's steps while another runs beside it (≥ 1)."""
+def _contention(model: str | None, repeats: int) -> tuple[float, dict[str, Any]]:
+    """`Profile.contention`: how much slower the weights' read gets while another 1-thread
+    worker steps beside it. Each shape's slowdown `s` (together / alone) stretches only its
+    weight-read part `m` (a one-row decode's time alone: all read), so each gives
+    `1 + (s - 1) * t / m`; the median over shapes and both children (≥ 1)."""
     if (os.cpu_count() or 1) < 2:
-        return 1.0
+        return 1.0, {}
     alone = _run_child(1, "contention", repeats, model)
     procs = [_start_child(1, "contention", repeats, model) for _ in range(2)]
     together = [json.loads(p.communicate()[0]) for p in procs]
-    ratios = []
+    memory_s = min(
+        s["seconds"] for s in alone["samples"] if s["kind"] == "decode" and s["num_decodes"] == 1
+    )
+    slowdowns, factors = [], []
     for run in together:
         for a, b in zip(alone["samples"], run["samples"], strict=True):
-            ratios.append(b["seconds"] / a["seconds"])
-    return max(1.0, statistics.median(ratios))
+            slowdown = b["seconds"] / a["seconds"]
+            slowdowns.append(slowdown)
+            factors.append(1.0 + (slowdown - 1.0) * a["seconds"] / memory_s)
+    details = {"alone": alone["samples"], "slowdowns": slowdowns, "factors": factors}
+    return max(1.0, statistics.median(factors)), details
 
 
 def _measure_tcp() -> tuple[TransferCost, float]:

@@ -2,8 +2,9 @@
 
 A profile holds, per worker size (CPU threads per worker here; GPUs per worker in an
 analytic profile), one fitted `StepCost` (sim/cost_model.py), plus the KV hand-over cost
-per transfer backend, the latency of one internal message, and how much a step slows when
-every core of the machine is busy (memory bandwidth shared by co-located workers). It
+per transfer backend, the latency of one internal message, how much slower a step's weight
+reads get beside another worker (memory bandwidth shared by co-located workers), and the
+CPU the front end (router + client) spends per request and per token (sim/sharing.py). It
 names the hardware (CPU model, ISA, cores) and the model it was taken on, and keeps its
 raw samples and the fit's error on each, so a reader can judge it. `pdserve profile`
 measures one (sim/measure.py) or derives one from a datasheet (sim/analytic.py).
@@ -50,7 +51,9 @@ class Profile:
     transfer: dict[str, TransferCost]
     ipc_latency_s: float = 1e-4
     cores: int = 1  # shared by every worker on a machine (CPU); devices per node (GPU)
-    contention: float = 1.0  # step slowdown when every core is busy
+    contention: float = 1.0  # weight reads this much slower beside another worker
+    frontend_s_per_request: float = 0.0  # CPU of the router + client per request
+    frontend_s_per_token: float = 0.0  # ... and per streamed token (sim/sharing.py)
     created: str = ""
     notes: tuple[str, ...] = ()
     checks: dict[str, Any] = field(default_factory=dict)
@@ -94,6 +97,8 @@ class Profile:
             "model": self.model,
             "cores": self.cores,
             "contention": self.contention,
+            "frontend_s_per_request": self.frontend_s_per_request,
+            "frontend_s_per_token": self.frontend_s_per_token,
             "ipc_latency_s": self.ipc_latency_s,
             "costs": {str(k): v.to_dict() for k, v in sorted(self.costs.items())},
             "transfer": {k: asdict(v) for k, v in self.transfer.items()},
@@ -113,6 +118,8 @@ class Profile:
             ipc_latency_s=float(data.get("ipc_latency_s", 1e-4)),
             cores=int(data.get("cores", 1)),
             contention=float(data.get("contention", 1.0)),
+            frontend_s_per_request=float(data.get("frontend_s_per_request", 0.0)),
+            frontend_s_per_token=float(data.get("frontend_s_per_token", 0.0)),
             created=data.get("created", ""),
             notes=tuple(data.get("notes", ())),
             checks=dict(data.get("checks") or {}),

@@ -51,6 +51,15 @@ class Busy:
         if self.history or len(self.works) > 1:
             self.history.append((now, self.done, speed))
 
+    def add_work(self, now: float, seconds: float) -> None:
+        """More work for a single step (the front end's queue grows): its end moves."""
+        if self.speed:
+            self.done = min(self.total, self.done + (now - self.since) * self.speed)
+        self.since = now
+        self.works[0] += seconds
+        self.total += seconds
+        self.version += 1
+
     def cut(self, now: float) -> bool:
         """End a run after the step in progress at `now` (one ending now counts as in
         progress). True when that shortened it (its end event must be renewed)."""

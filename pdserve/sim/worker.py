@@ -103,6 +103,7 @@ class SimWorker:
         )
         self.kv_events = KVEventPublisher(worker_id, [DeviceEvents(self.block_manager)])
         self.step_seconds = StepTimer(cost, self.scheduler.config.max_num_batched_tokens)
+        self.memory_s = cost.tokens_seconds(1)  # reading the weights once (sim/sharing.py)
         self.requests: dict[str, Request] = {}
         self._pending: deque[Request] = deque()  # reservations waiting for room
         self.num_steps = 0

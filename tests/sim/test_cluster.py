@@ -16,7 +16,7 @@ from pdserve.bench.types import RequestSpec
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.router.policy import plan_request
-from pdserve.sim import cluster
+from pdserve.sim import router_side
 from pdserve.sim.cluster import ClusterSim
 from pdserve.sim.run import simulate
 from pdserve.sim.worker import make_request, sampled_token
@@ -125,7 +125,7 @@ def test_the_router_plans_with_the_real_policy(monkeypatch):
         calls.append(plan.placement)
         return plan
 
-    monkeypatch.setattr(cluster, "plan_request", spy)
+    monkeypatch.setattr(router_side, "plan_request", spy)
     run(layout("auto"), [spec(20, 2), spec(600, 2, first="beta")])
     # auto: a short prompt on an idle decode worker stays local; a long one goes remote.
     assert calls == [("local", "decode_idle"), ("remote", "long_uncached")]

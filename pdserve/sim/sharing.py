@@ -1,0 +1,55 @@
+"""How work in progress shares a CPU machine: the speed of each step at a moment.
+
+Three effects, each from a number a profile measures:
+
+- Cores (processor sharing): with `d` threads busy on `c` cores each runs at
+  `min(1, c/d)` of its speed alone. Busy threads are the stepping workers', the front
+  end's while it has work, and `background_load` (other programs on a shared host).
+- Memory bandwidth (`Profile.contention`): a step reads the model's weights once, which
+  alone takes `memory_s` (the cost of a one-token step, `tokens(1)`: a step that small is
+  bound by that read). While another worker steps, the read is `contention` times slower;
+  the rest of the step (compute) is not. So a small decode step stretches by nearly
+  `contention`, a long prefill barely: a step of `t` seconds runs at
+  `t / (t + (contention - 1) * min(t, memory_s))`. (For a run of decode steps, `t` is
+  its mean step.)
+- The front end (`Profile.frontend_s_per_request`, `frontend_s_per_token`): the router
+  process and the load generator spend CPU on every request (HTTP, tokenising) and every
+  streamed token (detokenising, SSE, parsing) on the same cores. It is one more busy
+  thread while it has such work queued (`FrontEnd`), served at its share of the cores.
+
+On accelerators (a profile whose device is not the CPU) every worker has its own devices
+and steps at full speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pdserve.sim.steps import Busy
+
+
+class FrontEnd:
+    """The router and the client as one single-threaded consumer of CPU."""
+
+    worker_id = "frontend"
+    role = "frontend"
+    threads = 1
+    memory_s = 0.0  # not a contender for the weights' bandwidth
+
+
+def speeds(
+    steps: Mapping[str, Busy], cores: int, background_load: float, contention: float
+) -> dict[str, float]:
+    """The speed of each work in progress (module docstring)."""
+    demand = background_load + sum(b.worker.threads for b in steps.values())
+    share = min(1.0, cores / demand) if demand > 0 else 1.0
+    num_reading = sum(1 for b in steps.values() if b.worker.memory_s > 0)
+    out = {}
+    for key, busy in steps.items():
+        speed = share
+        memory_s = busy.worker.memory_s
+        if memory_s > 0 and num_reading > 1 and contention != 1.0:
+            t = busy.total / len(busy.works)
+            speed *= t / (t + (contention - 1.0) * min(t, memory_s))
+        out[key] = speed
+    return out

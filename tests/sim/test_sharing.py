@@ -1,0 +1,76 @@
+"""Sharing a CPU machine (sim/sharing.py): the contention model and the front end's CPU,
+against hand-computed stretches.
+
+Costs (tests/sim/builders.py): a step of N tokens takes 10 ms + 0.1 ms per token past the
+first, so the weights' read (`tokens(1)`) is 10 ms; every message takes 1 ms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pdserve.bench.loadgen import Arrival
+from pdserve.sim.run import simulate
+from pdserve.sim.sharing import FrontEnd, speeds
+from pdserve.sim.steps import Busy
+from tests.sim.builders import layout, make_profile, spec
+
+
+@dataclasses.dataclass
+class Reader:
+    threads: int = 1
+    memory_s: float = 0.010
+
+
+def test_speeds_stretch_the_weight_read_and_share_the_cores():
+    steps = {
+        "long": Busy(Reader(), None, [0.040], 0.0),  # 40 ms: 10 ms of it reads weights
+        "short": Busy(Reader(), None, [0.010], 0.0),  # all of it reads weights
+    }
+    assert speeds(steps, cores=2, background_load=0.0, contention=2.0) == pytest.approx(
+        {"long": 0.040 / 0.050, "short": 0.010 / 0.020}
+    )
+    alone = {"long": steps["long"]}
+    assert speeds(alone, cores=2, background_load=0.0, contention=2.0) == {"long": 1.0}
+    steps["frontend"] = Busy(FrontEnd(), None, [0.001], 0.0)  # 3 threads on 2 cores
+    assert speeds(steps, cores=2, background_load=0.0, contention=2.0) == pytest.approx(
+        {"long": 0.8 * 2 / 3, "short": 0.5 * 2 / 3, "frontend": 2 / 3}
+    )
+
+
+@pytest.mark.parametrize("decode_runs", [False, True])
+def test_two_workers_stepping_together_stretch_by_the_contention_model(decode_runs):
+    serve = dataclasses.replace(layout("aggregated"), mixed_workers=2, routing_policy="round_robin")
+    records = simulate(
+        serve,
+        make_profile(cores=2, contention=1.5),
+        [spec(100, 3), spec(100, 3, first="beta")],
+        Arrival.poisson(float("inf")),
+        num_requests=2,
+        decode_runs=decode_runs,
+    ).records
+    for record in records:
+        # Prefill of 101 tokens: 20 ms alone, 10 ms of it the weights' read, read 1.5x
+        # slower beside the other worker: 25 ms. Decode steps: 10 ms, all read: 15 ms.
+        assert record.ttft_s == pytest.approx(0.001 + 0.025 + 0.001)
+        assert record.itl_s == pytest.approx([0.015, 0.015])
+
+
+def test_the_front_end_takes_its_share_of_one_core():
+    profile = dataclasses.replace(make_profile(cores=1), frontend_s_per_token=0.005)
+    record = simulate(
+        layout("aggregated"),
+        profile,
+        [spec(100, 3)],
+        Arrival.poisson(float("inf")),
+        num_requests=1,
+        decode_runs=False,
+    ).records[0]
+    # Prefill 1-21 ms; its token reaches the router at 22 ms and queues 5 ms of front-end
+    # CPU beside the first decode step (21 ms on): both at half speed until the front end
+    # is done at 32 ms (the step has 6 of its 10 ms), the step ends at 36 ms, its token
+    # arrives at 37 ms. The same again for the second decode step.
+    assert record.ttft_s == pytest.approx(0.022)
+    assert record.itl_s == pytest.approx([0.015, 0.015])
