@@ -153,7 +153,8 @@ def test_the_cluster_key_is_a_private_in_memory_copy(rendered, overlay):
         assert init["command"][-1] == key_path, name
         assert volumes[mounts[str(Path(key_path).parent)]]["emptyDir"]["medium"] == "Memory"
         source = Path(init["command"][3])
-        assert "secret" in volumes[mounts[str(source.parent)]], name
+        secret_volume = volumes[mounts[str(source.parent)]]["secret"]
+        assert secret_volume["defaultMode"] == 0o440, name  # octal survived the YAML round trip
 
 
 def test_container_args_are_flags_the_cli_accepts(rendered, overlay):
