@@ -91,6 +91,10 @@ def server(ray_cluster, tmp_path_factory):
         ADMIN_KEY,
         "--migration-wait-s",
         "120",
+        # Off loopback, as across machines: workers bind their Ray node's IP, and the
+        # router's wildcard address reaches them as the driver node's IP (CURVE on).
+        "--worker-host",
+        "0.0.0.0",
     )
     try:
         yield s
@@ -156,6 +160,11 @@ def assert_exact(streams, expected: dict[str, str]) -> None:
 def test_workers_land_on_the_nodes_their_resources_name(ray_cluster, server, expected):
     assert node_of("prefill-0") == ray_cluster.head_node.node_id
     assert node_of("decode-0") == ray_cluster.decode_node.node_id
+    for worker_id in ("prefill-0", "decode-0"):
+        info = ray.get(actor_of(worker_id).info.remote(), timeout=60)
+        spec = read_spec(Path(info["folder"]) / f"{worker_id}.json")
+        assert spec.host == info["node_ip"]  # its node's address, not a wildcard
+        assert spec.router_addr == f"tcp://{ray.util.get_node_ip_address()}:{server.router_port}"
     listed = workers(server)
     assert {w: i["state"] for w, i in listed.items()} == {
         "prefill-0": "serving",
