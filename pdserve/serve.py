@@ -465,14 +465,17 @@ def run_serve(config: ServeConfig) -> int:
 
     model_dir = Path(config.model) if config.model else ensure_builtin_model(progress=True)
     http_sock = _bind_http(config.host, config.port)
-    if config.launcher == "ray":
-        from pdserve.control.ray_launcher import connect
-
-        connect(config.ray_address)
     try:
+        if config.launcher == "ray":
+            from pdserve.control.ray_launcher import connect
+
+            connect(config.ray_address)
         return asyncio.run(_serve(config, model_dir, http_sock))
     except PdserveError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ConnectionError as e:  # ray.init: no cluster at ray_address
+        print(f"error: cannot join the Ray cluster {config.ray_address!r}: {e}", file=sys.stderr)
         return 1
 
 

@@ -35,6 +35,7 @@ Ray is imported lazily, so `pdserve serve` without Ray stays fast.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from pdserve.control.launcher import Launcher
 from pdserve.control.ray_config import ROLES, RoleResources
 from pdserve.control.ray_worker_host import Secret, WorkerHost, remove_leftovers
 from pdserve.control.worker_spec import WorkerSpec, encode_spec
+from pdserve.errors import PdserveError
 
 logger = logging.getLogger("pdserve.launcher.ray")
 
@@ -110,7 +112,8 @@ class RayLauncher(Launcher):
         return worker_id
 
     def exited(self) -> list[tuple[str, str]]:
-        waiting = [a for a in self.actors.values() if not a.is_reported]
+        # list(): `remove` may run in another thread (scale in runs it in an executor)
+        waiting = [a for a in list(self.actors.values()) if not a.is_reported]
         if not waiting:
             return []
         ready, _ = self._ray.wait([a.done for a in waiting], num_returns=len(waiting), timeout=0)
@@ -126,7 +129,7 @@ class RayLauncher(Launcher):
         """A worker whose actor or process has already ended (start-up checks)."""
         if not self.actors:
             return None
-        refs = [a.done for a in self.actors.values()]
+        refs = [a.done for a in list(self.actors.values())]
         ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
         ready_ids = {ref.hex() for ref in ready}
         return next((w for w, a in self.actors.items() if a.done.hex() in ready_ids), None)
@@ -134,7 +137,7 @@ class RayLauncher(Launcher):
     def pending(self) -> dict[str, str]:
         """Workers whose actor Ray has not placed yet (no node has the resources): id -> role."""
         self._refresh_placement()
-        return {w: a.role for w, a in self.actors.items() if a.info is None}
+        return {w: a.role for w, a in list(self.actors.items()) if a.info is None}
 
     def restart(self, worker_id: str) -> None:
         if worker_id not in self.actors:
@@ -270,7 +273,7 @@ class RayLauncher(Launcher):
         )
 
     def _refresh_placement(self) -> None:
-        waiting = [a for a in self.actors.values() if a.info is None]
+        waiting = [a for a in list(self.actors.values()) if a.info is None]
         if not waiting:
             return
         ready, _ = self._ray.wait([a.placed for a in waiting], num_returns=len(waiting), timeout=0)
@@ -302,10 +305,15 @@ class RayLauncher(Launcher):
 def connect(address: str | None, namespace: str = "pdserve") -> None:
     """Join the Ray cluster at `address` (None: `RAY_ADDRESS`, or a new local Ray) as this
     process's driver, unless it already is one (tests share one cluster)."""
-    import ray
-
+    try:
+        import ray
+    except ImportError:
+        raise PdserveError(
+            "launcher: ray needs Ray installed: pip install -e '.[ray]' (make setup does)"
+        ) from None
     if ray.is_initialized():
         return
+    _check_reachable(address)
     ray.init(
         address=address,
         namespace=namespace,
@@ -314,6 +322,17 @@ def connect(address: str | None, namespace: str = "pdserve") -> None:
         include_dashboard=False if address is None else None,
     )
     logger.info("ray: connected to %s", ray.get_runtime_context().gcs_address)
+
+
+def _check_reachable(address: str | None, timeout_s: float = 10.0) -> None:
+    """Fail fast on a GCS address nobody answers at (ray.init would retry for minutes)."""
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise PdserveError(f"no Ray cluster answers at ray_address {address!r}: {e}") from None
 
 
 def driver_node_ip() -> str:

@@ -111,3 +111,18 @@ def test_pack_slots_pair_worker_i_of_each_role(tmp_path):
     assert launcher._pack_slot("prefill", "prefill-0") == (0, 0)
     assert launcher._pack_slot("decode", "decode-0") == (0, 1)
     assert launcher._pack_slot("decode", "decode-3") == (3, 1)
+
+
+def test_an_address_nobody_answers_at_fails_fast():
+    pytest.importorskip("ray")
+    import socket
+
+    from pdserve.control.ray_launcher import _check_reachable
+    from pdserve.errors import PdserveError
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(PdserveError, match=f"127.0.0.1:{port}"):
+        _check_reachable(f"127.0.0.1:{port}", timeout_s=5)
+    _check_reachable(None)  # unset: ray.init finds RAY_ADDRESS or starts a local Ray
