@@ -53,7 +53,9 @@ def ray_cluster():
         },
     )
     try:
-        cluster.decode_node = cluster.add_node(num_cpus=2, resources={"decode_node": 1})
+        cluster.decode_node = cluster.add_node(
+            num_cpus=2, resources={"decode_node": 1}, labels={"pdserve-test": "decode"}
+        )
         ray.init(address=cluster.address, namespace="pdserve", logging_level="WARNING")
         yield cluster
     finally:
@@ -198,16 +200,21 @@ def test_the_cluster_key_reaches_actors_privately(ray_cluster, server):
 def test_pack_places_a_prefill_decode_pair_on_one_node(ray_cluster, tmp_path):
     """The launcher alone (this process is a Ray driver too): a `pack` pair shares one
     STRICT_PACK placement group. Its workers point at a missing model folder, so each
-    exits at once: that exit reaches `exited()` with its code, like a local one."""
+    exits at once: that exit reaches `exited()` with its code, like a local one. After a
+    role switch (`set_role`) the restarted worker's spec and resources are its new role's."""
     from pdserve.control.ray_config import parse_worker_resources
     from pdserve.control.ray_launcher import RayLauncher
 
+    specs = []
+
     def spec(role: str, worker_id: str) -> WorkerSpec:
+        specs.append((worker_id, role))
         missing = str(tmp_path / "no-model")
         return WorkerSpec(worker_id, role, missing, "tcp://127.0.0.1:9", EngineConfig())
 
     pack = {"num_cpus": 0.5, "placement": "pack"}
-    resources = parse_worker_resources({"prefill": pack, "decode": pack})
+    mixed = {"num_cpus": 0, "label_selector": {"pdserve-test": "decode"}}
+    resources = parse_worker_resources({"prefill": pack, "decode": pack, "mixed": mixed})
     launcher = RayLauncher(spec, lambda role: 1, resources, key_file=None)
     try:
         launcher.start({"prefill": 1, "decode": 1})
@@ -220,6 +227,11 @@ def test_pack_places_a_prefill_decode_pair_on_one_node(ray_cluster, tmp_path):
             ("decode-0", "exited with code 2"),
             ("prefill-0", "exited with code 2"),
         ]
+        launcher.set_role("decode-0", "mixed")
+        launcher.restart("decode-0")
+        assert specs[-1] == ("decode-0", "mixed")
+        wait_for(lambda: not launcher.pending(), 60, "the mixed worker placed")
+        assert launcher.location("decode-0")["node_id"] == ray_cluster.decode_node.node_id
     finally:
         launcher.stop()
 
