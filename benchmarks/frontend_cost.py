@@ -30,7 +30,7 @@ SETTINGS = {
     "threads_per_worker": 1,
     "engine": {"kv_cache_memory_gib": 0.5},
 }
-LOADS = (("random:in=64,out=16", 6.0), ("random:in=64,out=160", 1.5))
+LOADS = (("random:in=64,out=16", 4.0), ("random:in=64,out=160", 1.0))
 DURATION_S = 20.0
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             router = cpu_s(pid) - router0 - idle_per_s * wall
             client = time.process_time() - client0
             ok = [r for r in result.records if r.is_ok]
+            errors = {r.error for r in result.records if not r.is_ok}
+            if errors:
+                print(f"{len(result.records) - len(ok)} failed: {sorted(errors)[:3]}", flush=True)
             tokens = sum(r.num_output_tokens for r in ok)
             rows.append(
                 {

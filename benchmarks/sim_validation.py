@@ -88,6 +88,7 @@ def sim_run(settings: dict, profile, specs, slo, rate: float, num_requests: int,
         num_requests=num_requests,
         seed=SEED,
         config=_config(slo),
+        background_load=load,
     )
 
 

@@ -14,6 +14,7 @@ errors. Then it asks `pdserve plan`'s search which configuration is best per wor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -101,8 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", required=True)
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--only", default=None, help="configuration names, comma-separated")
+    p.add_argument("--workloads", default=None, help="workload names, comma-separated")
+    p.add_argument("--contention", type=float, default=None, help="override the profile's")
+    p.add_argument("--frontend-per-request", type=float, default=None, help="CPU s (override)")
+    p.add_argument("--frontend-per-token", type=float, default=None, help="CPU s (override)")
     args = p.parse_args(argv)
     profile = Profile.load(args.profile)
+    overrides = {
+        "contention": args.contention,
+        "frontend_s_per_request": args.frontend_per_request,
+        "frontend_s_per_token": args.frontend_per_token,
+    }
+    profile = dataclasses.replace(profile, **{k: v for k, v in overrides.items() if v is not None})
     print(format_profile(profile))
     configs, slos, search = load_sweep()
     rows, best = [], {}
@@ -111,10 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     for (name, workload), (goodput, ttft99, tpot50, tpot99) in MEASURED.items():
         if args.only and name not in args.only.split(","):
             continue
+        if args.workloads and workload not in args.workloads.split(","):
+            continue
         serve = ServeConfig.from_dict(configs[name])
         start = time.perf_counter()
         result, run_at_rate = sim_goodput(serve, profile, workload, slos[workload], search)
         s = metrics.summarize(run_at_rate(goodput), slos[workload])
+        if s.tpot_ms is None:  # nothing met the SLO shape (all failed)
+            continue
         wall = time.perf_counter() - start
         sim = (result.goodput, s.ttft_ms.p99, s.tpot_ms.p50, s.tpot_ms.p99)
         cells = [

@@ -183,19 +183,24 @@ class TimedStep:
 
 def fit_step_cost(samples: Sequence[TimedStep], step_overhead_s: float = 0.0) -> StepCost:
     """Least squares on relative error over the model's parameters: the value of
-    `tokens(N)` at every distinct N measured (hat functions), `row_s` and the two
-    attention coefficients. Negative coefficients (noise) are clipped to 0 and the rest
-    refitted. The samples must pin every parameter: for every N, a step whose other terms
-    are known (e.g. a fresh prefill and a prefill after context at the same N)."""
+    `tokens(N)` at every N measured without prefill context (decode-only steps, fresh
+    prefills: hat functions; a step at another N reads `tokens(N)` between its
+    neighbouring knots, as `tokens_seconds` does), `row_s` and the two attention
+    coefficients. So a prefill after context pins the prefill-attention term whether or
+    not a fresh prefill of the same N was measured. Negative coefficients (noise) are
+    clipped to 0 and the rest refitted."""
     import numpy as np
 
-    knots = sorted({s.shape.num_tokens for s in samples})
+    knots = sorted({s.shape.num_tokens for s in samples if _is_knot(s.shape)})
+    if not knots:
+        knots = sorted({s.shape.num_tokens for s in samples})
     extras = ["row", "prefill_attention", "decode_attention"]
     num_params = len(knots) + len(extras)
     rows, targets = [], []
     for sample in samples:
         row = [0.0] * num_params
-        row[knots.index(sample.shape.num_tokens)] = 1.0
+        for i, w in _hat_weights(knots, sample.shape.num_tokens):
+            row[i] += w
         row[len(knots)] = max(0, sample.shape.num_sampled - 1)
         row[len(knots) + 1] = sample.shape.prefill_attention
         row[len(knots) + 2] = sample.shape.decode_context
@@ -220,6 +225,26 @@ def fit_step_cost(samples: Sequence[TimedStep], step_overhead_s: float = 0.0) ->
         decode_attention_s=values[len(knots) + 2],
         step_overhead_s=step_overhead_s,
     )
+
+
+def _is_knot(shape: StepShape) -> bool:
+    """A step whose `tokens(N)` is not mixed up with prefill context: decode rows only,
+    or one fresh prefill."""
+    n = shape.num_tokens
+    return shape.prefill_attention == 0 or (
+        shape.prefill_attention == n * n and shape.decode_context == 0
+    )
+
+
+def _hat_weights(knots: Sequence[int], n: int) -> list[tuple[int, float]]:
+    """`tokens(n)` as a weighted sum of the knots' values (`StepCost.tokens_seconds`)."""
+    if n <= knots[0] or len(knots) == 1:
+        return [(0, 1.0 if n <= knots[0] else n / knots[0])]
+    i = min(bisect.bisect_left(knots, n), len(knots) - 1)
+    if knots[i] == n:
+        return [(i, 1.0)]
+    t = (n - knots[i - 1]) / (knots[i] - knots[i - 1])
+    return [(i - 1, 1.0 - t), (i, t)]
 
 
 def relative_errors(cost: StepCost, samples: Sequence[TimedStep]) -> list[float]:

@@ -74,3 +74,19 @@ def test_the_step_timer_gives_the_cost_models_exact_seconds():
     ]
     for scheduled in steps:
         assert timer(scheduled) == cost.step_seconds(scheduled)  # the same floats
+
+
+def test_a_prefill_after_context_pins_attention_without_a_fresh_prefill_of_its_size():
+    # The quick grid: fresh prefills at 16/64/256/1024 and one prefill of 128 after 1024
+    # tokens of context; tokens(N) linear between 64 and 256, so 128 lies on that segment.
+    truth = StepCost(
+        (1, 4, 16, 64, 256, 1024), (0.009, 0.0095, 0.014, 0.035, 0.1, 0.45), 0.0004, 2e-7, 8e-7
+    )
+    shapes = [StepShape(q, 1, q * q, 0) for q in (16, 64, 256, 1024)]
+    shapes.append(StepShape(128, 1, 128 * (1024 + 128), 0))
+    shapes += [StepShape(b, b, 0, b * 65) for b in (1, 4, 16, 64)]
+    shapes.append(StepShape(16, 16, 0, 16 * 1025))
+    fitted = fit_step_cost([TimedStep(s, truth.seconds(s)) for s in shapes])
+    assert fitted.token_knots == truth.token_knots  # no knot at 128
+    assert fitted.prefill_attention_s == pytest.approx(truth.prefill_attention_s, rel=1e-6)
+    assert fitted.token_seconds == pytest.approx(truth.token_seconds, rel=1e-6)
