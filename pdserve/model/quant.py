@@ -44,6 +44,10 @@ from pdserve.model import kernels
 logger = logging.getLogger(__name__)
 
 GROUP_SIZE = 32
+MAX_DECODE_ROWS = 64
+# From this many rows on the kernel dequantises blocks of weights once for all rows instead
+# of widening the codes per tile of rows (gemm_int8.c); chosen by benchmarks/int8_weights.py.
+BLOCKED_MIN_ROWS = 13
 QMAX = 127  # symmetric: -128 is never used, so negating a weight negates its code
 
 
@@ -91,7 +95,7 @@ def bind(lib: ctypes.CDLL | None) -> ctypes.CDLL | None:
     lib.gemm_q8_pack.restype = None
     lib.gemm_q8_pack.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr]
     lib.gemm_q8_f32.restype = None
-    lib.gemm_q8_f32.argtypes = [ptr] * 5 + [i64] * 7
+    lib.gemm_q8_f32.argtypes = [ptr] * 5 + [i64] * 8
     return lib
 
 
@@ -154,6 +158,7 @@ class PackedInt8:
             x.stride(0),
             self.out_features,
             kernels._num_threads or torch.get_num_threads(),
+            BLOCKED_MIN_ROWS,
         )
         return y
 
@@ -200,7 +205,10 @@ class _HeadProduct:
 
     def __init__(self, linear: Int8Linear) -> None:
         self.linear = linear
-        self.max_blas_rows = 0  # products up to this many rows leave torch's threads idle
+        # The runner gives torch one thread on steps of at most this many tokens (see
+        # `ModelRunner._assign_threads`): every int8 product runs on the kernels' own pool,
+        # so decode steps leave torch's threads nothing to do but wait on the same cores.
+        self.max_blas_rows = MAX_DECODE_ROWS if linear.packed is not None else 0
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.linear(x)

@@ -56,7 +56,10 @@ def test_group_size_is_the_whole_row_for_per_channel():
 # ---- the kernel against a float64 reference -------------------------------------------------
 
 ISAS = {"native": None, "avx2": ("-mno-avx512f",)}  # the AVX2 tiles run on AVX-512 hosts too
-SHAPES = [(64, 96), (100, 70), (33, 5), (17, 300), (48, 64)]  # (out, in): odd panels, tails
+# (out, in): odd panels, tails of groups and of the kernel's 256-k blocks
+SHAPES = [(64, 96), (100, 70), (33, 5), (17, 300), (48, 64), (40, 600)]
+# every row count a tile split can produce, then prefill-sized ones
+ROW_COUNTS = [*range(1, 41), 64, 131]
 
 
 @pytest.fixture(scope="module", params=list(ISAS))
@@ -80,16 +83,18 @@ def reference(x: torch.Tensor, weight: quant.Int8Weight, bias) -> tuple[torch.Te
 
 @pytest.mark.parametrize("out_features,in_features", SHAPES)
 @pytest.mark.parametrize("group_size", [32, 0])  # 0: per channel (one group per row)
+@pytest.mark.parametrize("blocked_from", [13, 1, 1 << 40], ids=["default", "blocked", "tiles"])
 def test_kernel_matches_float64_for_every_row_count(
-    kernel_lib, out_features, in_features, group_size
+    kernel_lib, out_features, in_features, group_size, blocked_from, monkeypatch
 ):
+    monkeypatch.setattr(quant, "BLOCKED_MIN_ROWS", blocked_from)  # each path on every count
     gen = torch.Generator().manual_seed(out_features * 1000 + in_features)
     w = torch.randn(out_features, in_features, generator=gen)
     weight = quant.quantize_int8(w, group_size or in_features)
     bias = torch.randn(out_features, generator=gen) if out_features % 2 == 0 else None
     packed = quant.PackedInt8(weight, kernel_lib)
-    x_all = torch.randn(40, in_features + 3, generator=gen)[:, 2 : 2 + in_features]  # strided
-    for rows in range(1, 41):
+    x_all = torch.randn(131, in_features + 3, generator=gen)[:, 2 : 2 + in_features]  # strided
+    for rows in ROW_COUNTS:
         x = x_all[:rows]
         got = packed(x, bias)
         exact, bound = reference(x, weight, bias)

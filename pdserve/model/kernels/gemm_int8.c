@@ -18,6 +18,12 @@
  * zmm registers); AVX2: 8 floats, PANEL 16, MR up to 3 (12 of 16 ymm). The library is built
  * with -march=native, so the host's instruction set picks the variant. Threads split the
  * panels (N), never K: each output element is computed whole by one thread.
+ *
+ * Many rows (from `blocked_min_rows`: big decode batches, prefill): widening the codes again
+ * for every tile of MR rows would cost a third of the tile's work, so instead a block of KB
+ * k's of the panel is dequantised once (q * s, in float32) into a scratch buffer that stays
+ * in L1/L2, and every row tile then runs plain float32 FMAs over it, adding into y block
+ * after block.
  */
 #include <stdint.h>
 #include <string.h>
@@ -58,12 +64,35 @@ INLINE vf widen(const int8_t *p) {
 #endif
 INLINE vf splat(float x) { return (vf){0} + x; }
 
+#define KB 256 /* k's per dequantised block: KB x PANEL floats, 32 KiB with AVX-512 */
+
 typedef struct {
     const float *x, *scales, *bias;
     const int8_t *codes;
     float *y;
-    int64_t m, n, k, group, ldx, ldy, panels_per_chunk;
+    int64_t m, n, k, group, ldx, ldy, panels_per_chunk, blocked_min_rows;
 } GemmQ8;
+
+/* One row of a panel's output (cols of PANEL valid) to and from two vectors. */
+INLINE void load_row(const float *src, int64_t cols, vf *a, vf *b) {
+    if (cols == PANEL) {
+        *a = loadf(src), *b = loadf(src + VL);
+        return;
+    }
+    float tmp[PANEL] = {0};
+    memcpy(tmp, src, sizeof(float) * (size_t)cols);
+    *a = loadf(tmp), *b = loadf(tmp + VL);
+}
+
+INLINE void store_row(float *dst, int64_t cols, vf a, vf b) {
+    if (cols == PANEL) {
+        storef(dst, a), storef(dst + VL, b);
+        return;
+    }
+    float tmp[PANEL];
+    storef(tmp, a), storef(tmp + VL, b);
+    memcpy(dst, tmp, sizeof(float) * (size_t)cols);
+}
 
 /* Rows [m0, m0 + MR) x panel p. MR is a compile-time constant at every call site. */
 INLINE void tile(const GemmQ8 *g, int64_t m0, int64_t p, const int MR) {
@@ -98,22 +127,71 @@ INLINE void tile(const GemmQ8 *g, int64_t m0, int64_t p, const int MR) {
     }
     const int64_t n0 = p * PANEL, cols = g->n - n0 < PANEL ? g->n - n0 : PANEL;
     if (g->bias) {
-        float b[PANEL] = {0};
-        memcpy(b, g->bias + n0, sizeof(float) * (size_t)cols);
+        vf b0, b1;
+        load_row(g->bias + n0, cols, &b0, &b1);
 #pragma GCC unroll 6
-        for (int r = 0; r < MR; ++r) acc[r][0] += loadf(b), acc[r][1] += loadf(b + VL);
+        for (int r = 0; r < MR; ++r) acc[r][0] += b0, acc[r][1] += b1;
     }
 #pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) store_row(g->y + (m0 + r) * g->ldy + n0, cols, acc[r][0], acc[r][1]);
+}
+
+/* scratch[i][j] = dequant(W)[p * PANEL + j][k0 + i] for i < kn: codes times their scales. */
+static void dequantize_block(const GemmQ8 *g, int64_t p, int64_t k0, int64_t kn, float *scratch) {
+    const int64_t groups = (g->k + g->group - 1) / g->group;
+    const int8_t *w = g->codes + p * g->k * PANEL;
+    const float *s = g->scales + p * groups * PANEL;
+    for (int64_t i = 0; i < kn; ++i) {
+        const int64_t k = k0 + i;
+        const float *sk = s + (k / g->group) * PANEL;
+        storef(scratch + i * PANEL, widen(w + k * PANEL) * loadf(sk));
+        storef(scratch + i * PANEL + VL, widen(w + k * PANEL + VL) * loadf(sk + VL));
+    }
+}
+
+/* Rows [m0, m0 + MR) of panel p, y += x[:, k0 : k0 + kn] @ scratch; the first block starts
+   from the bias (or 0) instead of y. */
+INLINE void tile_block(const GemmQ8 *g, int64_t m0, int64_t p, int64_t k0, int64_t kn,
+                       const float *scratch, const int MR) {
+    const float *x = g->x + m0 * g->ldx + k0;
+    const int64_t n0 = p * PANEL, cols = g->n - n0 < PANEL ? g->n - n0 : PANEL;
+    vf acc[MR_MAX][2];
+#pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
-        float *y = g->y + (m0 + r) * g->ldy + n0;
-        if (cols == PANEL) {
-            storef(y, acc[r][0]);
-            storef(y + VL, acc[r][1]);
-        } else {
-            float tmp[PANEL];
-            storef(tmp, acc[r][0]);
-            storef(tmp + VL, acc[r][1]);
-            memcpy(y, tmp, sizeof(float) * (size_t)cols);
+        if (k0 > 0) load_row(g->y + (m0 + r) * g->ldy + n0, cols, &acc[r][0], &acc[r][1]);
+        else if (g->bias) load_row(g->bias + n0, cols, &acc[r][0], &acc[r][1]);
+        else acc[r][0] = acc[r][1] = splat(0.0f);
+    }
+    for (int64_t i = 0; i < kn; ++i) {
+        const vf w0 = loadf(scratch + i * PANEL), w1 = loadf(scratch + i * PANEL + VL);
+#pragma GCC unroll 6
+        for (int r = 0; r < MR; ++r) {
+            const vf xr = splat(x[r * g->ldx + i]);
+            acc[r][0] += xr * w0;
+            acc[r][1] += xr * w1;
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) store_row(g->y + (m0 + r) * g->ldy + n0, cols, acc[r][0], acc[r][1]);
+}
+
+/* Every row of panel p, one dequantised block of k's at a time. */
+static void panel_rows_blocked(const GemmQ8 *g, int64_t p) {
+    float scratch[KB * PANEL] __attribute__((aligned(64)));
+    for (int64_t k0 = 0; k0 < g->k; k0 += KB) {
+        const int64_t kn = g->k - k0 < KB ? g->k - k0 : KB;
+        dequantize_block(g, p, k0, kn, scratch);
+        int64_t m = 0;
+        for (; m + MR_MAX <= g->m; m += MR_MAX) tile_block(g, m, p, k0, kn, scratch, MR_MAX);
+        switch (g->m - m) {
+        case 1: tile_block(g, m, p, k0, kn, scratch, 1); break;
+        case 2: tile_block(g, m, p, k0, kn, scratch, 2); break;
+#if MR_MAX > 3
+        case 3: tile_block(g, m, p, k0, kn, scratch, 3); break;
+        case 4: tile_block(g, m, p, k0, kn, scratch, 4); break;
+        case 5: tile_block(g, m, p, k0, kn, scratch, 5); break;
+#endif
+        default: break;
         }
     }
 }
@@ -139,7 +217,10 @@ static void gemm_q8_chunk(void *ctx, int64_t chunk) {
     const int64_t panels = (g->n + PANEL - 1) / PANEL;
     const int64_t p0 = chunk * g->panels_per_chunk;
     const int64_t p1 = p0 + g->panels_per_chunk < panels ? p0 + g->panels_per_chunk : panels;
-    for (int64_t p = p0; p < p1; ++p) panel_rows(g, p);
+    for (int64_t p = p0; p < p1; ++p) {
+        if (g->m >= g->blocked_min_rows) panel_rows_blocked(g, p);
+        else panel_rows(g, p);
+    }
 }
 
 int64_t gemm_q8_panel_width(void) { return PANEL; }
@@ -161,15 +242,17 @@ void gemm_q8_pack(const int8_t *q, const float *s, int64_t n, int64_t k, int64_t
 }
 
 /* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) @ dequant(W)^T (+ bias [N] or
-   NULL), with groups of `group` inputs, on up to `threads` threads. */
+   NULL), with groups of `group` inputs, on up to `threads` threads; from
+   `blocked_min_rows` rows on through dequantised blocks. */
 void gemm_q8_f32(const float *x, const int8_t *codes, const float *scales, const float *bias,
                  float *y, int64_t m, int64_t n, int64_t k, int64_t group, int64_t ldx,
-                 int64_t ldy, int64_t threads) {
+                 int64_t ldy, int64_t threads, int64_t blocked_min_rows) {
     const int64_t panels = (n + PANEL - 1) / PANEL;
     /* A few chunks per thread, so a thread that gets its core late leaves less undone. */
     int64_t chunks = threads > 1 ? 4 * threads : 1;
     if (chunks > panels) chunks = panels;
-    GemmQ8 g = {x, scales, bias, codes, y, m, n, k, group, ldx, ldy, (panels + chunks - 1) / chunks};
+    GemmQ8 g = {x,   scales, bias, codes, y, m, n, k, group, ldx, ldy, (panels + chunks - 1) / chunks,
+                blocked_min_rows};
     parallel_run(gemm_q8_chunk, &g, (panels + g.panels_per_chunk - 1) / g.panels_per_chunk,
                  threads);
 }
