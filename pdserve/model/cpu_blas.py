@@ -1,31 +1,41 @@
-"""float32 matrix products on CPU: oneDNN with prepacked weights, OpenBLAS for single rows.
+"""Matrix products on CPU: one place that decides which code multiplies a weight.
 
 Why not plain `F.linear`: torch's CPU wheel sends float32 products to MKL, which takes a slow
-generic path on AMD processors. Measured on these machines (AMD EPYC Zen 4, 2 threads,
-weights of the built-in model's sizes, `benchmarks/` and docs/benchmarks.md):
+generic path on AMD processors, and 16-bit products on CPUs without bf16 instructions to an
+emulated GEMM several times slower than float32. Measured on these machines (AMD EPYC Zen 3
+and Zen 4, 2 threads, the built-in model's weights, `benchmarks/cpu_gemm.py`, see
+docs/benchmarks.md):
 
-- several rows (a decode batch, a prefill chunk): oneDNN on a weight reordered once into
-  its blocked layout (`torch.ops.mkldnn`, the path `torch.compile` uses on CPU) runs at
-  ~200 GFLOPS from 8 rows up, 1.5-2x OpenBLAS and 2x MKL at 8-32 rows; it also beats
-  OpenBLAS when OpenBLAS falls to ~14 GB/s at 2-4 rows;
-- one row (a single decode stream): OpenBLAS's GEMV on a row-major `[in, out]` copy streams
-  the weights at ~45 GB/s, 1.6x oneDNN.
+- decode-sized products (1 to `GEMV_MAX_ROWS` rows): the C kernel `kernels/gemv.c` streams
+  each weight once, split over the cores by output columns, and converts 16-bit weights in
+  registers: a bfloat16/float16 model reads half the bytes of a float32 one;
+- several rows (larger decode batches, prefill chunks): oneDNN on a weight reordered once
+  into its blocked layout (`torch.ops.mkldnn`, the path `torch.compile` uses on CPU) runs at
+  ~200 GFLOPS from 8 rows up, 1.5-2x OpenBLAS and 2x MKL at 8-32 rows. 16-bit weights get
+  there as a float32 oneDNN copy, unless the CPU has bf16 instructions (then torch's native
+  bf16 path, on the weights as loaded).
 
 Backends, chosen with `PDSERVE_CPU_BLAS`:
-- `auto` (default): oneDNN for two rows and more, OpenBLAS for one row. That keeps two
-  copies of every weight matrix, so `auto` does it only while the matrices take at most
-  1/8 of physical memory, and falls back to `onednn` above that;
+- `auto` (default): the gemv kernel up to `GEMV_MAX_ROWS` rows, oneDNN above. That keeps
+  two copies of every matrix, so `auto` does it only while the weights take at most 1/8 of
+  physical memory, and falls back to `onednn` above that (16-bit: the kernel for every row
+  count instead of a float32 copy). Without the C kernels it acts as `onednn-openblas`;
+- `onednn-openblas`: the default before the gemv kernel: oneDNN for two rows and more,
+  OpenBLAS's GEMV on a row-major `[in, out]` copy for one row (float32 only);
 - `onednn`: the packed weights only (one copy: the dense weights are released);
-- `openblas`: OpenBLAS up to `MAX_ROWS` rows, torch above (the previous default);
+- `openblas`: OpenBLAS up to `MAX_ROWS` rows, torch above;
 - `torch`: plain `F.linear` everywhere;
 - `invariant` (chosen by `EngineConfig.batch_invariant`, not by the variable): the
   batch-invariant product of `kernels/gemm.c` for every row count, whose rows do not
-  depend on the batch they are in (one copy of the weights, packed).
-GPUs, bfloat16 and float16 always stay on torch.
+  depend on the batch they are in (one copy of the weights, packed). The gemv kernel is not
+  batch-invariant (its summation order depends on the row count), so this mode never uses it.
+Only `auto` handles 16-bit weights; the other backends leave them to torch. GPUs always stay
+on torch.
 
-Threads: oneDNN runs on torch's OpenMP threads; OpenBLAS keeps its own pool, sized with
-`threadpoolctl` to the engine's thread count. The model runner gives torch one thread on
-steps whose products all go to OpenBLAS (see `ModelRunner._assign_threads`).
+Threads: the gemv kernel runs on the C kernels' pool and oneDNN on torch's OpenMP threads;
+OpenBLAS keeps its own pool, sized with `threadpoolctl` to the engine's thread count. The
+model runner gives torch one thread on steps whose products all avoid torch's threads
+(`CpuMatmul.max_blas_rows`, see `ModelRunner._assign_threads`).
 """
 
 from __future__ import annotations
@@ -38,16 +48,22 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.errors import ConfigError
+from pdserve.model import kernels
+from pdserve.model.kernels import gemv
 from pdserve.model.kernels import invariant as invariant_kernels
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "onednn", "openblas", "torch")
+BACKENDS = ("auto", "onednn-openblas", "onednn", "openblas", "torch")
 # `openblas` backend: above this many rows (prefill-sized products) torch's own path was as
 # fast or faster in the whole model, so only decode-sized products go through OpenBLAS.
 MAX_ROWS = 64
+# `auto`: products of at most this many rows go to the gemv kernel (measured crossover with
+# oneDNN on float32 weights; 16-bit weights: see `gemv_max_rows`).
+GEMV_MAX_ROWS = 8
 # `auto` keeps a second copy of the weights while all of them take at most this share of RAM.
 AUTO_SECOND_COPY_RAM_FRACTION = 1 / 8
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def backend() -> str:
@@ -58,7 +74,11 @@ def backend() -> str:
 
 
 def is_enabled_for(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and backend() != "torch"
+    if weight.device.type != "cpu" or backend() == "torch":
+        return False
+    if weight.dtype in HALF_DTYPES:
+        return backend() == "auto" and gemv.is_available()
+    return weight.dtype == torch.float32
 
 
 def onednn_available() -> bool:
@@ -70,19 +90,29 @@ def onednn_available() -> bool:
     )
 
 
-def resolve_backend(weight_bytes: int) -> str:
-    """The backend a model with `weight_bytes` of float32 matrices gets on this machine."""
+def has_native_bf16() -> bool:
+    """The CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): torch's bf16 path is fast."""
+    flags = kernels.cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_backend(weight_bytes: int, dtype: torch.dtype = torch.float32) -> str:
+    """The backend a model with `weight_bytes` of matrices in `dtype` gets on this machine."""
     name = backend()
-    if name in ("auto", "onednn") and not onednn_available():
+    if name == "auto" and not gemv.is_available():
+        name = "onednn-openblas"
+    if name in ("auto", "onednn", "onednn-openblas") and not onednn_available():
         logger.warning("oneDNN is not available in this torch build: using OpenBLAS")
         return "openblas"
-    if name == "auto" and weight_bytes > physical_memory_bytes() * AUTO_SECOND_COPY_RAM_FRACTION:
+    second_copy = weight_bytes * (2 if dtype in HALF_DTYPES else 1)  # float32 copy: 2x
+    too_big = second_copy > physical_memory_bytes() * AUTO_SECOND_COPY_RAM_FRACTION
+    if name in ("auto", "onednn-openblas") and too_big:
         logger.info(
-            "weights take %.1f GiB: keeping one (oneDNN) copy, single-row products a "
-            "little slower (PDSERVE_CPU_BLAS=auto keeps a second copy only below 1/8 of RAM)",
+            "weights take %.1f GiB: keeping one copy, single-row products a little slower "
+            "(PDSERVE_CPU_BLAS=auto keeps a second copy only below 1/8 of RAM)",
             weight_bytes / 2**30,
         )
-        return "onednn"
+        return "auto-one-copy" if name == "auto" and dtype in HALF_DTYPES else "onednn"
     return name
 
 
@@ -93,55 +123,88 @@ def physical_memory_bytes() -> int:
         return 0
 
 
+def gemv_max_rows(dtype: torch.dtype, backend_name: str) -> int:
+    """Rows up to which the gemv kernel beats the wide path for weights of `dtype`."""
+    if backend_name == "auto-one-copy":
+        return 1 << 62  # 16-bit weights, no room for a float32 copy: the kernel does all
+    return GEMV_MAX_ROWS
+
+
 class CpuMatmul:
     """`x @ W.T (+ b)` for one `[out, in]` weight through the backend chosen for the model.
 
-    Build with `prepare`, which may re-lay the parameter out in memory (or release it, for
-    `onednn`): afterwards go through this object, not through `F.linear` on the parameter.
+    Build with `prepare`, which may re-lay the parameter out in memory (or release it):
+    afterwards go through this object, not through `F.linear` on the parameter.
     """
 
-    __slots__ = ("invariant", "max_blas_rows", "packed", "rows_major")
+    __slots__ = ("invariant", "max_blas_rows", "max_gemv_rows", "packed", "rows_major", "small")
 
     def __init__(self) -> None:
-        self.packed: torch.Tensor | None = None  # oneDNN blocked layout
+        self.packed: torch.Tensor | None = None  # oneDNN blocked layout, float32
         self.rows_major: np.ndarray | None = None  # `[in, out]` row-major, for OpenBLAS
-        self.max_blas_rows = 0  # products with at most this many rows go to OpenBLAS
+        self.small: gemv.PackedGemv | None = None  # gemv.c panels, the weight's dtype
+        self.max_gemv_rows = 0  # products with at most this many rows go to `small`
+        self.max_blas_rows = 0  # ... at most this many avoid torch's threads (gemv, OpenBLAS)
         self.invariant: invariant_kernels.PackedLinear | None = None  # `invariant` backend
 
     @classmethod
     def prepare(cls, param: torch.nn.Parameter, backend_name: str, keep_dense: bool):
         """`keep_dense`: the parameter's values are still needed (e.g. a tied embedding)."""
         mm = cls()
+        weight = param.detach()
         if backend_name == "invariant":
-            mm.invariant = invariant_kernels.PackedLinear.prepare(param.detach())
-            if not keep_dense:
-                param.data = torch.empty(0, dtype=param.dtype)  # as for `onednn` below
-            return mm
-        if backend_name in ("auto", "onednn"):
-            mm.packed = torch.ops.mkldnn._reorder_linear_weight(param.detach(), None)
-        if backend_name in ("auto", "openblas"):
-            mm.max_blas_rows = 1 if backend_name == "auto" else MAX_ROWS
-            if keep_dense:
-                mm.rows_major = param.detach().numpy().T  # a view: BLAS handles the stride
-            else:
-                mm.rows_major = transpose_in_place(param)
-        elif not keep_dense:
-            # `onednn`: the packed copy is the only one; an empty parameter fails loudly
-            # if anything still reaches for the dense values.
+            mm.invariant = invariant_kernels.PackedLinear.prepare(weight)
+        elif backend_name in ("auto", "auto-one-copy"):
+            mm._prepare_auto(weight, backend_name)
+            if weight.dtype in HALF_DTYPES and mm.packed is None and backend_name == "auto":
+                return mm  # native bf16: torch multiplies the dense weight above the kernel
+        else:
+            mm._prepare_libraries(param, backend_name, keep_dense)
+            if backend_name in ("onednn-openblas", "openblas"):
+                return mm  # the dense parameter now views OpenBLAS's copy
+        if not keep_dense:
+            # One copy: the packed one. An empty parameter fails loudly if anything still
+            # reaches for the dense values.
             param.data = torch.empty(0, dtype=param.dtype)
         return mm
 
+    def _prepare_auto(self, weight: torch.Tensor, backend_name: str) -> None:
+        self.small = gemv.PackedGemv.prepare(weight)
+        self.max_gemv_rows = self.max_blas_rows = gemv_max_rows(weight.dtype, backend_name)
+        if backend_name == "auto-one-copy":
+            return
+        if weight.dtype == torch.float32 or not (
+            weight.dtype == torch.bfloat16 and has_native_bf16()
+        ):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.float(), None)
+
+    def _prepare_libraries(self, param, backend_name: str, keep_dense: bool) -> None:
+        if backend_name in ("onednn-openblas", "onednn"):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(param.detach(), None)
+        if backend_name in ("onednn-openblas", "openblas"):
+            self.max_blas_rows = 1 if backend_name == "onednn-openblas" else MAX_ROWS
+            if keep_dense:
+                self.rows_major = param.detach().numpy().T  # a view: BLAS handles the stride
+            else:
+                self.rows_major = transpose_in_place(param)
+
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The product, or None when torch should compute it (`openblas` above MAX_ROWS)."""
+        """The product, or None when torch should compute it on the dense weight."""
         if self.invariant is not None:
             return self.invariant(x, bias)
         rows = x.shape[0]
+        if rows <= self.max_gemv_rows:
+            return self.small(x, bias)
         if rows <= self.max_blas_rows:
             y = torch.from_numpy(x.numpy() @ self.rows_major)
             return y if bias is None else y + bias
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
-        return None
+        if self.packed is None:
+            return None
+        if x.dtype != torch.float32:  # 16-bit weights with a float32 copy
+            bias = None if bias is None else bias.float()
+            y = torch.ops.mkldnn._linear_pointwise(x.float(), self.packed, bias, "none", [], "")
+            return y.to(x.dtype)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
 
 
 def transpose_in_place(param: torch.nn.Parameter) -> np.ndarray:

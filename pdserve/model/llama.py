@@ -266,7 +266,7 @@ class LlamaForCausalLM(nn.Module):
     def finish_loading(
         self, batch_invariant: bool = False, quantization: str | None = None
     ) -> None:
-        """Hand float32 products on CPU to oneDNN / OpenBLAS once the weights are in place
+        """Hand products on CPU to the gemv kernel / oneDNN once the weights are in place
         (see `cpu_blas`: 1.5-2x faster than torch's MKL path on AMD CPUs), or with
         `batch_invariant` to the batch-invariant kernels (the caller checked they exist),
         or with `quantization` replace the weights by 8-bit ones (`quant.py`)."""
@@ -283,7 +283,8 @@ class LlamaForCausalLM(nn.Module):
             return
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         weight_bytes = sum(m.weight.nbytes for m in linears) + self.lm_head.nbytes
-        backend = "invariant" if batch_invariant else cpu_blas.resolve_backend(weight_bytes)
+        dtype = self.lm_head.dtype
+        backend = "invariant" if batch_invariant else cpu_blas.resolve_backend(weight_bytes, dtype)
         for module in linears:
             module.finish_loading(backend)
         tied = self.lm_head is self.embed_tokens  # embedding lookups still need the rows

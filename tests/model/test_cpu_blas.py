@@ -1,5 +1,5 @@
-"""CPU products (`cpu_blas`: oneDNN, OpenBLAS) equal torch's, each backend routes the rows
-it should, and the engine's tokens do not depend on which library multiplies."""
+"""CPU products (`cpu_blas`: the gemv kernel, oneDNN, OpenBLAS) equal torch's, each backend
+routes the rows it should, and the engine's tokens do not depend on which library multiplies."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pdserve.model import cpu_blas
 from tests.helpers import hf_greedy, make_hf_model_dir, torch_threads
 
 
-@pytest.mark.parametrize("backend", ["auto", "onednn", "openblas"])
+@pytest.mark.parametrize("backend", ["auto", "onednn-openblas", "onednn", "openblas"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matmul_equals_linear(backend, with_bias):
     gen = torch.Generator().manual_seed(0)
@@ -21,7 +21,7 @@ def test_matmul_equals_linear(backend, with_bias):
     bias = torch.randn(96, generator=gen) if with_bias else None
     param = torch.nn.Parameter(weight.clone(), requires_grad=False)
     mm = cpu_blas.CpuMatmul.prepare(param, backend, keep_dense=False)
-    for rows in (1, 2, 3, 64, 65, 300):
+    for rows in (1, 2, 3, 8, 9, 64, 65, 300):
         x = torch.randn(rows, 48, generator=gen)
         got = cpu_blas.linear(x, param, bias, mm)
         torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
@@ -33,6 +33,10 @@ def test_backends_route_rows_and_keep_or_release_the_dense_weight():
         return param, cpu_blas.CpuMatmul.prepare(param, backend, keep_dense)
 
     param, mm = prepared("auto")
+    assert mm.max_gemv_rows == mm.max_blas_rows == cpu_blas.GEMV_MAX_ROWS
+    assert mm.small is not None and mm.packed is not None and mm.rows_major is None
+    assert param.numel() == 0  # the gemv panels and oneDNN's copy replace it
+    param, mm = prepared("onednn-openblas")
     assert mm.max_blas_rows == 1 and mm.packed is not None and mm.rows_major is not None
     assert param.shape == (8, 4)  # still usable by torch (a view of the [in, out] copy)
     param, mm = prepared("openblas")
@@ -47,6 +51,8 @@ def test_backends_route_rows_and_keep_or_release_the_dense_weight():
 
 def test_backend_setting_is_checked_and_auto_respects_memory(monkeypatch):
     assert cpu_blas.is_enabled_for(torch.empty(2, 2))
+    assert cpu_blas.is_enabled_for(torch.empty(2, 2, dtype=torch.bfloat16))  # gemv kernel
+    monkeypatch.setenv("PDSERVE_CPU_BLAS", "onednn")
     assert not cpu_blas.is_enabled_for(torch.empty(2, 2, dtype=torch.bfloat16))
     monkeypatch.setenv("PDSERVE_CPU_BLAS", "torch")
     assert not cpu_blas.is_enabled_for(torch.empty(2, 2))
@@ -57,6 +63,10 @@ def test_backend_setting_is_checked_and_auto_respects_memory(monkeypatch):
     monkeypatch.setattr(cpu_blas, "physical_memory_bytes", lambda: 8 * 2**30)
     assert cpu_blas.resolve_backend(2**30) == "auto"  # two copies fit in 1/8 of RAM
     assert cpu_blas.resolve_backend(2**30 + 1) == "onednn"
+    # 16-bit weights: the second copy is float32 (twice their size); without room for it the
+    # gemv kernel takes every row count
+    assert cpu_blas.resolve_backend(2**29, torch.bfloat16) == "auto"
+    assert cpu_blas.resolve_backend(2**29 + 1, torch.bfloat16) == "auto-one-copy"
 
 
 def test_engine_tokens_match_across_backends(tmp_path, monkeypatch):
@@ -64,7 +74,13 @@ def test_engine_tokens_match_across_backends(tmp_path, monkeypatch):
     prompts = [[(5 * i + j) % 500 + 3 for j in range(n)] for i, n in enumerate((2, 31, 90))]
     reference = hf_greedy(model_dir, prompts, 10)
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    expected_rows = {"auto": 1, "onednn": 0, "openblas": cpu_blas.MAX_ROWS, "torch": 0}
+    expected_rows = {
+        "auto": cpu_blas.GEMV_MAX_ROWS,
+        "onednn-openblas": 1,
+        "onednn": 0,
+        "openblas": cpu_blas.MAX_ROWS,
+        "torch": 0,
+    }
     for backend, rows in expected_rows.items():
         monkeypatch.setenv("PDSERVE_CPU_BLAS", backend)
         llm = LLM(model_dir, skip_tokenizer_init=True, num_kv_blocks=64)

@@ -5,8 +5,10 @@ paged KV pool (`paged_attention.c`), a decoder layer's element-wise parts fused 
 pass each (`elementwise.c`: SiLU-and-multiply, RMSNorm with the residual add, RoPE), and
 the sampler's top-p mask without a sort (`sampling.c`, bound in `sampling.py`), the
 sampler's maths row by row for the batch-invariant mode (`categorical.c`, same binding),
-and that mode's matrix product (`gemm.c`, its own library: `invariant.py`). The
-kernels are plain C called through ctypes — no
+and that mode's matrix product (`gemm.c`, its own library: `invariant.py`), and the
+small-batch decode product over float32 or 16-bit weights (`gemv.c`, bound in `gemv.py`;
+it shares the attention kernel's thread pool, so idle workers of one never spin on the
+cores the other needs). The kernels are plain C called through ctypes — no
 PyTorch headers, so a build takes about a second — and compiled with `-march=native` into
 a cache folder keyed by the source, the flags and the CPU, so a shared home directory on a
 mixed cluster never runs code built for another CPU.
@@ -44,6 +46,7 @@ SOURCES = [
         "elementwise.c",
         "sampling.c",
         "categorical.c",
+        "gemv.c",
         "parallel.c",
         "gemm_int8.c",
     )
@@ -61,6 +64,9 @@ CFLAGS = [
     "-fno-trapping-math",
     "-ffp-contract=fast",
 ]
+# `PDSERVE_KERNELS_ISA=avx2` builds the kernels as for a CPU without AVX-512 (e.g. Zen 3),
+# so that path can be tested and measured on an AVX-512 host too.
+ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"]}
 # Below this many KV bytes per call, splitting across threads costs more than it saves.
 MIN_BYTES_PER_THREAD = 1 << 20
 # Element-wise kernels: below this many floats per thread, one thread does the whole call.
@@ -71,6 +77,14 @@ _num_threads: int | None = None  # None: torch's intra-op thread count
 def set_num_threads(num_threads: int) -> None:
     global _num_threads
     _num_threads = num_threads
+
+
+def isa_flags() -> list[str]:
+    """Extra compiler flags for `PDSERVE_KERNELS_ISA` (default `native`: none)."""
+    isa = os.environ.get("PDSERVE_KERNELS_ISA", "") or "native"
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"PDSERVE_KERNELS_ISA={isa!r} is not one of {', '.join(ISA_FLAGS)}")
+    return ISA_FLAGS[isa]
 
 
 def _cache_dir() -> Path:
@@ -122,7 +136,7 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("PDSERVE_DISABLE_KERNELS", "") not in ("", "0"):
         return None
     try:
-        path = _build()
+        path = _build(cflags=CFLAGS + isa_flags())
         if path is None:
             return None
         lib = ctypes.CDLL(str(path))
@@ -144,8 +158,8 @@ def _library() -> ctypes.CDLL | None:
     lib.rms_norm_f32.argtypes = [ptr] * 4 + [i64, i64, ctypes.c_float, i64, i64]
     lib.rope_neox_f32.restype = None
     lib.rope_neox_f32.argtypes = [ptr] * 3 + [i64] * 5
-    lib.write_kv_f32.restype = None
-    lib.write_kv_f32.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64]
+    lib.write_kv_f32.restype = ctypes.c_int
+    lib.write_kv_f32.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, i64]
     return lib
 
 
@@ -294,9 +308,7 @@ def write_kv(
         return False
     slots = slot_mapping.contiguous()
     num_slots = k_cache.shape[0] * k_cache.shape[1]
-    if rows and not (int(slots.min()) >= 0 and int(slots.max()) < num_slots):
-        raise IndexError(f"KV slot out of range [0, {num_slots})")  # as index_copy_ would
-    _library().write_kv_f32(
+    failed = _library().write_kv_f32(
         k.data_ptr(),
         v.data_ptr(),
         k.stride(0),
@@ -304,8 +316,11 @@ def write_kv(
         k_cache.data_ptr(),
         v_cache.data_ptr(),
         slots.data_ptr(),
+        num_slots,
         heads * head_dim,
         0,
         rows,
     )
+    if failed:
+        raise IndexError(f"KV slot out of range [0, {num_slots})")  # as index_copy_ would
     return True
