@@ -10,6 +10,12 @@ same prompts of CONTEXT tokens and divide the difference by N. The prompts are p
 once beforehand, so both calls find them in the prefix cache and their (tiny) prefill
 cancels out. Batches of 16 and 32 use the same method.
 
+`--variants` measures several pdserve builds side by side in one run, in turns: a variant is
+`BACKEND` or `BACKEND@ISA`, BACKEND a `PDSERVE_CPU_BLAS` value (`auto`: the gemv kernel for
+decode-sized products; `onednn-openblas`: the default before it) and ISA a
+`PDSERVE_KERNELS_ISA` value (`avx2`: the C kernels built without AVX-512, i.e. the AVX2 path
+on an AVX-512 host; it is labelled so in the table).
+
 llama.cpp runs on the same model folder converted to GGUF at the same dtype, with its
 default f16 KV cache (measured here: an f32 cache takes a slow flash-attention path, 3x
 slower at batch 16, and bf16 is slower than f16 too, so matching pdserve's cache dtype
@@ -20,8 +26,10 @@ would understate the peer): `llama-bench -p 0 -n N -d CONTEXT` for batch 1 and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,10 +37,10 @@ from pathlib import Path
 import common
 import torch
 
-GOAL_ROOFLINE = 0.70
+GOAL_ROOFLINE = 0.80
 GOAL_VS_LLAMACPP = 1.0
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
-GGUF_TYPE = {"float32": "f32", "bfloat16": "bf16"}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GGUF_TYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 
 # ----------------------------------------------------------------------------- roofline
@@ -144,20 +152,73 @@ def decode_steps_for(batch: int, args: argparse.Namespace) -> int:
     return args.decode_steps if batch == 1 else args.batch_decode_steps
 
 
-def measure_pdserve(model_dir: Path, dtype: str, args: argparse.Namespace) -> dict[int, float]:
-    """Batch size → seconds per decode step for one dtype."""
-    timer = PdserveDecodeTimer(model_dir, dtype, max(args.batch_sizes), args)
-    steps = {}
+@contextlib.contextmanager
+def variant_env(variant: str):
+    """Environment of one `BACKEND[@ISA]` variant while its engine is built."""
+    backend, _, isa = variant.partition("@")
+    values = {"PDSERVE_CPU_BLAS": backend, "PDSERVE_KERNELS_ISA": isa or "native"}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
-        print(f"  pdserve {dtype}: prefill of the prompts: {timer.prime():.1f} s", flush=True)
-        for batch in args.batch_sizes:
-            n = decode_steps_for(batch, args)
-            steps[batch] = timer.step_seconds(batch, n, args.repeats if batch == 1 else 1)
-            print(f"  pdserve {dtype} batch {batch}: {steps[batch] * 1e3:.1f} ms/step", flush=True)
-        _check_cache_hits(timer)
+        yield
     finally:
-        timer.close()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def variant_label(variant: str) -> str:
+    backend, _, isa = variant.partition("@")
+    return backend + (f" ({isa.upper()} path on this host)" if isa else "")
+
+
+def measure_pdserve(
+    model_dir: Path, dtype: str, args: argparse.Namespace
+) -> dict[str, dict[int, float]]:
+    """Variant → batch size → seconds per decode step, for one dtype. Variants of one ISA
+    live in this process together and are measured in turns, `--rounds` times (best of
+    rounds); one ISA's group finishes before the next loads its kernel library."""
+    steps: dict[str, dict[int, float]] = {}
+    for isa in dict.fromkeys(v.partition("@")[2] for v in args.variants):
+        group = [v for v in args.variants if v.partition("@")[2] == isa]
+        steps |= _measure_group(model_dir, dtype, group, args)
     return steps
+
+
+def _measure_group(model_dir, dtype, variants, args) -> dict[str, dict[int, float]]:
+    timers = {}
+    for variant in variants:
+        with variant_env(variant):
+            _reset_kernel_caches()  # NOTE: each ISA's kernels are built and bound at load
+            timers[variant] = PdserveDecodeTimer(model_dir, dtype, max(args.batch_sizes), args)
+            prime = timers[variant].prime()
+        print(f"  pdserve {dtype} {variant}: prefill of the prompts: {prime:.1f} s", flush=True)
+    steps: dict[str, dict[int, float]] = {v: {} for v in variants}
+    try:
+        for _ in range(args.rounds):
+            for batch in args.batch_sizes:
+                for variant, timer in timers.items():
+                    n = decode_steps_for(batch, args)
+                    t = timer.step_seconds(batch, n, args.repeats if batch == 1 else 1)
+                    steps[variant][batch] = min(t, steps[variant].get(batch, t))
+                    print(f"  pdserve {dtype} {variant} batch {batch}: {t * 1e3:.1f} ms/step")
+        for timer in timers.values():
+            _check_cache_hits(timer)
+    finally:
+        for timer in timers.values():
+            timer.close()
+    return steps
+
+
+def _reset_kernel_caches() -> None:
+    """Forget the loaded kernel library so the next engine builds its variant's ISA."""
+    from pdserve.model import kernels
+    from pdserve.model.kernels import gemv
+
+    kernels._library.cache_clear()
+    gemv.library.cache_clear()
 
 
 def _check_cache_hits(timer: PdserveDecodeTimer) -> None:
@@ -225,21 +286,31 @@ def measure_llamacpp(model_dir: Path, dtype: str, args: argparse.Namespace) -> d
 # ----------------------------------------------------------------------------- report
 
 
-def result_rows(model_dir, dtype, pd_steps, llama_tps, bandwidth, args) -> list[dict]:
-    """One row per batch size: step time, tok/s, roofline share, llama.cpp and the ratio."""
+def result_rows(model_dir, dtype, variant_steps, llama_tps, bandwidth, args) -> list[dict]:
+    """One row per variant and batch size: step time, tok/s, roofline share, llama.cpp and
+    the ratio, and the speed-up over the first variant (the baseline) when there are more."""
     mid_context = args.context + (args.decode_steps + 1) / 2
     floor = roofline_seconds(model_dir, dtype, mid_context, bandwidth)
     rows = []
-    for batch in args.batch_sizes:
-        step = pd_steps.get(batch)
-        pd_tps = batch / step if step else None
-        peer = llama_tps.get(batch)
-        ratio = pd_tps / peer if pd_tps and peer else None
-        row = {"dtype": dtype, "batch": batch, "pdserve_ms": step and step * 1e3}
-        row |= {"pdserve_tok_s": pd_tps, "llamacpp_tok_s": peer, "ratio": ratio}
-        row |= _goal_columns(batch, floor, step, peer, ratio)
-        rows.append(row)
+    baseline = variant_steps.get(args.variants[0], {})
+    for variant in args.variants:
+        for batch in args.batch_sizes:
+            step = variant_steps.get(variant, {}).get(batch)
+            row = _result_row(dtype, variant, batch, step, llama_tps.get(batch), floor)
+            base = baseline.get(batch)
+            row["vs_first_variant"] = base / step if base and step else None
+            rows.append(row)
     return rows
+
+
+def _result_row(dtype, variant, batch, step, peer, floor) -> dict:
+    """One table row: pdserve's step and tok/s, llama.cpp's tok/s, the goal and verdict."""
+    pd_tps = batch / step if step else None
+    ratio = pd_tps / peer if pd_tps and peer else None
+    row = {"dtype": dtype, "variant": variant_label(variant), "batch": batch}
+    row |= {"pdserve_ms": step and step * 1e3}
+    row |= {"pdserve_tok_s": pd_tps, "llamacpp_tok_s": peer, "ratio": ratio}
+    return row | _goal_columns(batch, floor, step, peer, ratio)
 
 
 def _goal_columns(batch, floor, step, peer, ratio) -> dict:
@@ -266,17 +337,19 @@ def _goal_columns(batch, floor, step, peer, ratio) -> dict:
 
 def print_results(rows: list[dict]) -> None:
     """The side-by-side table."""
-    headers = ["dtype", "batch", "pdserve ms/step", "pdserve tok/s", "roofline ms/step"]
-    headers += ["pdserve % roofline", "llama.cpp tok/s", "llama.cpp % roofline"]
-    headers += ["pdserve/llama.cpp", "goal", "verdict"]
+    headers = ["dtype", "pdserve variant", "batch", "pdserve ms/step", "pdserve tok/s"]
+    headers += ["roofline ms/step", "pdserve % roofline", "llama.cpp tok/s"]
+    headers += ["llama.cpp % roofline", "pdserve/llama.cpp", "vs first variant", "goal", "verdict"]
     table = []
     for r in rows:
         pct = [_pct(r["pdserve_roofline"]), r["llamacpp_tok_s"], _pct(r["llamacpp_roofline"])]
+        speedup = f"{r['vs_first_variant']:.2f}x" if r["vs_first_variant"] else None
         table.append(
             [
-                *(r["dtype"], r["batch"], r["pdserve_ms"], r["pdserve_tok_s"], r["roofline_ms"]),
+                *(r["dtype"], r["variant"], r["batch"], r["pdserve_ms"], r["pdserve_tok_s"]),
+                r["roofline_ms"],
                 *pct,
-                *(r["ratio"], r["goal"], r["verdict"]),
+                *(r["ratio"], speedup, r["goal"], r["verdict"]),
             ]
         )
     print(common.format_table(headers, table))
@@ -303,6 +376,8 @@ def describe(model_dir: Path, bandwidth: float, args: argparse.Namespace) -> dic
             "decode_steps": f"{args.decode_steps} at batch 1, {args.batch_decode_steps} above",
             "batch_sizes": args.batch_sizes,
             "pdserve": "step = (t(max_tokens=1+N) − t(max_tokens=1)) / N, prompts prefilled once",
+            "pdserve_variants": args.variants,
+            "rounds": args.rounds,
             "roofline": "(weights except embedding + KV at mid context) ÷ read bandwidth",
         },
         "llama.cpp": {
@@ -325,6 +400,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch-sizes", default="1,16,32", type=lambda s: [int(b) for b in s.split(",")]
     )
     p.add_argument("--repeats", type=int, default=3, help="best-of repeats at batch 1")
+    p.add_argument(
+        "--variants",
+        default="auto",
+        type=lambda s: s.split(","),
+        help="pdserve builds side by side: BACKEND[@ISA], e.g. onednn-openblas,auto,auto@avx2",
+    )
+    p.add_argument("--rounds", type=int, default=1, help="turns over the variants (best of)")
     p.add_argument("--bandwidth-gib", type=float, default=1.0)
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="pdserve token budget")
     p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp peer")
