@@ -20,6 +20,10 @@ from the saved files. Run one configuration per call under the shared lock:
       flock /tmp/pdserve-bench.lock .venv/bin/python benchmarks/elastic_phases.py --only $c --out elastic/
     done
     .venv/bin/python benchmarks/elastic_phases.py --summarize --out elastic/
+
+`--warm-rates` first computes the planner's simulated rates for the trace's mixes into
+its cache file (`planner_rates_cache`), niced and outside the lock: a cache miss during a
+run costs minutes of simulation on a busy 2-core host.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 ADMIN_KEY = "elastic-bench"
+DEFAULT = "default"
 PROFILE = REPO / "benchmarks/profiles/zen4-shared-quick.json"
 PHASES = REPO / "benchmarks/phases/elastic.yaml"
 ENGINE = {"max_num_batched_tokens": 512, "kv_cache_memory_gib": 0.5}
@@ -51,6 +56,7 @@ PLANNER = {
         "code": {"ttft_ms": 400, "tpot_ms": 50},
         "long": {"ttft_ms": 5000, "tpot_ms": 50},
     },
+    "planner_rates_cache": "/tmp/elastic-rates.json",
     "planner_interval_s": 5.0,
     "planner_cooldown_s": 20.0,
 }
@@ -147,6 +153,44 @@ def run_one(name: str, out: Path, phases_path: Path) -> None:
             print(f"WARNING: killed leftover processes {killed}", file=sys.stderr)
 
 
+def warm_rates(cache: Path, phases_path: Path) -> None:
+    """Compute the planner's simulated rates for the mixes this trace will show (each
+    class's requests over a 20 s window, as `forecast` reads them) into `cache`, before
+    any locked run: on this host a cache miss costs minutes of simulation."""
+    from pdserve.bench import phases
+    from pdserve.control.planner import Forecast, PlannerConfig, parse_classes
+    from pdserve.serve import ServeConfig
+    from pdserve.sim.rates import SimRates
+    from pdserve.sim.search import prompt_tokens
+
+    serve = ServeConfig.from_dict(BASE | CONFIGURATIONS["elastic-pd"])
+    rates = SimRates(
+        str(PROFILE), serve.threads(), serve.engine, in_subprocess=False, cache_path=str(cache)
+    )
+    config = PlannerConfig(
+        PLANNER["slo_ttft_ms"],
+        PLANNER["slo_tpot_ms"],
+        classes=parse_classes(PLANNER["slo_classes"]),
+    )
+    steps, seed = phases.load_phases(phases_path)
+    load = phases.build_load(steps, seed or 0)
+    offset = 0
+    wanted = {((0, 0), DEFAULT): Forecast(0.0, ())}  # the first pass, before any traffic
+    for phase, count in zip(load.phases, load.counts, strict=True):
+        specs = load.specs[offset : offset + count]
+        offset += count
+        name = config.class_of(dict(phase.extra_body).get("slo_class"))
+        per_window = max(16, round(phase.rate * config.mix_window_s))
+        for start in range(0, max(1, count - per_window + 1), max(1, per_window // 4)):
+            mix = tuple((prompt_tokens(s), s.max_tokens) for s in specs[start : start + per_window])
+            fc = Forecast(phase.rate, mix, (name,) * len(mix))
+            wanted.setdefault((fc.signature, name), fc)
+    for (signature, name), fc in wanted.items():
+        started = time.perf_counter()
+        found = rates(fc, config.for_class(name))
+        print(f"{name} {signature}: {found} ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
 def summarize(out: Path) -> None:
     runs = {
         n: json.loads((out / f"{n}.json").read_text())
@@ -193,9 +237,13 @@ def main() -> None:
     parser.add_argument("--phases", type=Path, default=PHASES)
     parser.add_argument("--out", type=Path, default=Path("elastic-phases"))
     parser.add_argument("--summarize", action="store_true")
+    parser.add_argument("--warm-rates", action="store_true", help="fill the planner's cache")
     args = parser.parse_args()
     if args.summarize:
         summarize(args.out)
+        return
+    if args.warm_rates:
+        warm_rates(Path(PLANNER["planner_rates_cache"]), args.phases)
         return
     for name in args.only or list(CONFIGURATIONS):
         run_one(name, args.out, args.phases)

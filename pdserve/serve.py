@@ -101,6 +101,7 @@ class ServeConfig:
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     planner_profile: str | None = None
+    planner_rates_cache: str | None = None  # JSON file of simulated rates kept across runs
     planner_interval_s: float = 10.0
     planner_cooldown_s: float = 60.0
     # YAML only: {class: {ttft_ms, tpot_ms}}; a request's `slo_class` picks one (else the
@@ -347,6 +348,7 @@ SERVE_FLAGS = {
     "slo_ttft_ms": (float, "planner slo: time-to-first-token target"),
     "slo_tpot_ms": (float, "planner slo: time-per-output-token target"),
     "planner_profile": (str, "planner slo: cost model from `pdserve profile --out FILE`"),
+    "planner_rates_cache": (str, "planner slo: JSON file keeping simulated rates across runs"),
     "planner_interval_s": (float, "planner slo: seconds between decisions (default 10)"),
     "planner_cooldown_s": (float, "planner slo: at least this long between switches (60)"),
     "kv_aware_prefill_weight": (float, "kv_aware: cost per uncached prompt token (default 1)"),
@@ -626,7 +628,12 @@ def _start_planner(config: ServeConfig, client) -> asyncio.Task | None:
 
     log = RequestLog()
     client.request_log = log
-    rates = SimRates(config.planner_profile, config.threads(), config.engine)
+    rates = SimRates(
+        config.planner_profile,
+        config.threads(),
+        config.engine,
+        cache_path=config.planner_rates_cache,
+    )
     client.planner = PlannerLoop(
         planner_config,
         log,

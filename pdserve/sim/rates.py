@@ -11,15 +11,20 @@ tokens per worker, ~30x the profile's prefill speed).
 A cache miss costs tens of seconds to minutes of pure-Python simulation. The planner
 calls the model off the event loop, but a thread still shares the router's GIL, so the
 simulation runs in a child process (spawned, at `nice` +10 below the workers) and the
-router's streams do not stall while it runs.
+router's streams do not stall while it runs. With `cache_path` (the serve setting
+`planner_rates_cache`) the rates are kept in a JSON file, reused after a restart, and can
+be computed ahead of time for the mixes a deployment expects.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import multiprocessing
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pdserve.control.planner import Forecast, PlannerConfig, RoleRates
 
@@ -37,7 +42,14 @@ class SimRates:
     threads_per_worker: int = 1
     engine: object = None  # EngineConfig of the workers (defaults)
     in_subprocess: bool = True
+    cache_path: str | None = None  # rates kept across restarts (and warmed ahead: `warm`)
     cache: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.cache_path and Path(self.cache_path).is_file():
+            for row in json.loads(Path(self.cache_path).read_text(encoding="utf-8")):
+                if row["profile"] == self._profile_key():
+                    self.cache[tuple(map(_tuple, row["key"]))] = RoleRates(*row["rates"])
 
     def __call__(self, fc: Forecast, config: PlannerConfig) -> RoleRates:
         key = (fc.signature, config.slo_ttft_ms, config.slo_tpot_ms)
@@ -54,7 +66,29 @@ class SimRates:
                 self.cache[key] = _in_child(args)
             else:
                 self.cache[key] = measure_rates(*args)
+            self._save()
         return self.cache[key]
+
+    def _profile_key(self) -> list:
+        """What the cached rates depend on besides the mix and the SLO."""
+        return [str(Path(self.profile_path).resolve()), self.threads_per_worker, repr(self.engine)]
+
+    def _save(self) -> None:
+        if not self.cache_path:
+            return
+        rows = [
+            {
+                "profile": self._profile_key(),
+                "key": list(key),
+                "rates": list(dataclasses.astuple(rates)),
+            }
+            for key, rates in self.cache.items()
+        ]
+        Path(self.cache_path).write_text(json.dumps(rows), encoding="utf-8")
+
+
+def _tuple(value):
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _in_child(args: tuple) -> RoleRates:

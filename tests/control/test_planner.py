@@ -193,3 +193,18 @@ def test_serve_config_checks_the_planner_settings(tmp_path):
         planner="slo", slo_ttft_ms=500, slo_tpot_ms=50, planner_profile=str(tmp_path / "p.json")
     )
     assert (config.planner_config().slo_ttft_ms, config.planner_config().cooldown_s) == (500, 60.0)
+
+
+def test_sim_rates_are_kept_in_a_cache_file_across_restarts(tmp_path):
+    from pdserve.sim.rates import SimRates
+    from tests.sim.builders import make_profile
+
+    profile, cache = tmp_path / "profile.json", tmp_path / "rates.json"
+    make_profile().save(profile)
+    fc = Forecast(rate=5.0, mix=((200, 20),) * 10)
+    first = SimRates(str(profile), in_subprocess=False, cache_path=str(cache))(fc, CONFIG)
+    profile.unlink()  # a second instance can no longer simulate: it must read the file
+    again = SimRates(str(profile), in_subprocess=False, cache_path=str(cache))
+    assert again(fc, CONFIG) == first
+    other = SimRates(str(profile), threads_per_worker=2, cache_path=str(cache))
+    assert other.cache == {}  # rates of another worker size are not reused
