@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import threading
@@ -42,21 +43,33 @@ sys.path.insert(0, str(REPO))
 
 ADMIN_KEY = "elastic-bench"
 DEFAULT = "default"
-PROFILE = REPO / "benchmarks/profiles/zen4-shared-quick.json"
+PROFILE = Path(
+    os.environ.get("ELASTIC_PROFILE", REPO / "benchmarks/profiles/zen4-shared-quick.json")
+)
 PHASES = REPO / "benchmarks/phases/elastic.yaml"
 ENGINE = {"max_num_batched_tokens": 512, "kv_cache_memory_gib": 0.5}
-BASE = {"threads_per_worker": 1, "admin_key": ADMIN_KEY, "log_level": "INFO", "engine": ENGINE}
+# A worker whose engine loop is silent for worker_lease_s is declared dead and its
+# requests move; on a busy shared host one step can take seconds, so the lease is long.
+BASE = {
+    "threads_per_worker": 1,
+    "admin_key": ADMIN_KEY,
+    "log_level": "INFO",
+    "worker_lease_s": 30.0,
+    "engine": ENGINE,
+}
+SLO_SCALE = float(os.environ.get("ELASTIC_SLO_SCALE", "1"))  # the phases file's scale
 PLANNER = {
     "planner": "slo",
     "planner_profile": str(PROFILE),
-    # the default class (the `chat` phase sends none); `code`/`long` send slo_class
-    "slo_ttft_ms": 1500,
-    "slo_tpot_ms": 100,
+    # The default class (the `chat` phase sends none); `code` and `long` send slo_class.
+    # Scaled like the phases file when the host is slower than the profile's.
+    "slo_ttft_ms": 1500 * SLO_SCALE,
+    "slo_tpot_ms": 100 * SLO_SCALE,
     "slo_classes": {
-        "code": {"ttft_ms": 400, "tpot_ms": 50},
-        "long": {"ttft_ms": 5000, "tpot_ms": 50},
+        "code": {"ttft_ms": 400 * SLO_SCALE, "tpot_ms": 50 * SLO_SCALE},
+        "long": {"ttft_ms": 5000 * SLO_SCALE, "tpot_ms": 50 * SLO_SCALE},
     },
-    "planner_rates_cache": "/tmp/elastic-rates.json",
+    "planner_rates_cache": None,  # <out>/rates.json
     "planner_interval_s": 5.0,
     "planner_cooldown_s": 20.0,
 }
@@ -64,9 +77,8 @@ CONFIGURATIONS = {
     "static-2m": {"mode": "aggregated", "mixed_workers": 2},
     "static-pd": {"mode": "disaggregated", "prefill_workers": 1, "decode_workers": 1},
     "auto": {"mode": "auto", "prefill_workers": 1, "decode_workers": 1},
-    "elastic-2m": {"mode": "auto", "mixed_workers": 2, "prefill_workers": 0, "decode_workers": 0}
-    | PLANNER,
-    "elastic-pd": {"mode": "auto", "prefill_workers": 1, "decode_workers": 1} | PLANNER,
+    "elastic-2m": {"mode": "auto", "mixed_workers": 2, "prefill_workers": 0, "decode_workers": 0},
+    "elastic-pd": {"mode": "auto", "prefill_workers": 1, "decode_workers": 1},
 }
 
 
@@ -110,7 +122,7 @@ def run_one(name: str, out: Path, phases_path: Path) -> None:
     from pdserve.bench import loadgen, metrics, phases
     from pdserve.bench.launcher import ServeProcess
 
-    settings = BASE | CONFIGURATIONS[name]
+    settings = BASE | CONFIGURATIONS[name] | (PLANNER if name.startswith("elastic") else {})
     steps, seed = phases.load_phases(phases_path)
     load = phases.build_load(steps, seed or 0)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,9 +175,13 @@ def warm_rates(cache: Path, phases_path: Path) -> None:
     from pdserve.sim.rates import SimRates
     from pdserve.sim.search import prompt_tokens
 
-    serve = ServeConfig.from_dict(BASE | CONFIGURATIONS["elastic-pd"])
+    serve = ServeConfig.from_dict(BASE | CONFIGURATIONS["elastic-pd"] | PLANNER)
     rates = SimRates(
-        str(PROFILE), serve.threads(), serve.engine, in_subprocess=False, cache_path=str(cache)
+        str(PLANNER["planner_profile"]),
+        serve.threads(),
+        serve.engine,
+        in_subprocess=False,
+        cache_path=str(cache),
     )
     config = PlannerConfig(
         PLANNER["slo_ttft_ms"],
@@ -238,13 +254,25 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("elastic-phases"))
     parser.add_argument("--summarize", action="store_true")
     parser.add_argument("--warm-rates", action="store_true", help="fill the planner's cache")
+    parser.add_argument(
+        "--measure-profile", action="store_true", help="profile this host first, plan with it"
+    )
     args = parser.parse_args()
     if args.summarize:
         summarize(args.out)
         return
-    if args.warm_rates:
+    args.out.mkdir(parents=True, exist_ok=True)
+    PLANNER["planner_rates_cache"] = str(args.out / "rates.json")
+    if args.measure_profile:  # the planner's cost model, measured now (under the lock)
+        import subprocess
+
+        PLANNER["planner_profile"] = str(args.out / "profile.json")
+        command = [sys.executable, "-m", "pdserve.cli", "profile", "--quick", "--threads", "1"]
+        subprocess.run([*command, "--out", PLANNER["planner_profile"]], check=True)
+    if args.warm_rates or args.measure_profile:
         warm_rates(Path(PLANNER["planner_rates_cache"]), args.phases)
-        return
+        if args.warm_rates:
+            return
     for name in args.only or list(CONFIGURATIONS):
         run_one(name, args.out, args.phases)
 
