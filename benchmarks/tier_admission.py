@@ -10,8 +10,9 @@ scratchpad) — once with `kv_tier_admission: all` and once with `frequency`. Th
 requests in the same order; the first `--warmup` fill the tiers and are not measured.
 
 Reported per policy, from the worker's counters (`/metrics`) and the requests' `usage`:
-disk tier hit rate (blocks found / blocks asked of it), the share of prompt tokens served
-from disk, the prefix-cache hit rate over every tier, TTFT p50/p99, bytes written to the
+the share of prompt tokens served from disk (the tier's hit rate the goal is judged by),
+the disk tier's block hit rate (blocks found / blocks asked of it: a lookup walks to its
+first miss, so this reads high), the prefix-cache hit rate over every tier, TTFT p50/p99, bytes written to the
 disk tier, blocks admitted/rejected. Goal (issue 18): the same hit rate with >= 3x fewer
 bytes written, or a higher hit rate at the same tier size.
 
@@ -166,15 +167,17 @@ def row(policy: str, result, before: dict, after: dict, top: list[dict]) -> dict
 
 
 def verdict(rows: dict[str, dict]) -> str:
+    """The goal, with the tier's hit rate taken as the share of prompt tokens it served:
+    per block lookup, a walk that stops at its first miss after 30 hits reads 30/31."""
     every, freq = rows["all"], rows["frequency"]
     ratio = every["written_mib"] / freq["written_mib"] if freq["written_mib"] else float("inf")
-    hit_all, hit_freq = every["disk_hit_rate"] or 0.0, freq["disk_hit_rate"] or 0.0
+    hit_all, hit_freq = every["tokens_from_disk"] or 0.0, freq["tokens_from_disk"] or 0.0
     same_hits = hit_freq >= hit_all - 0.01
     met = (same_hits and ratio >= BYTES_GOAL) or hit_freq > hit_all + 0.01
     return (
         f"bytes written all / frequency = {ratio:.2f}x (goal >= {BYTES_GOAL}x at no lower hit "
-        f"rate); disk hit rate {hit_all:.3f} (all) vs {hit_freq:.3f} (frequency); "
-        f"goal {'met' if met else 'NOT met'}"
+        f"rate); prompt tokens served from disk {hit_all:.3f} (all) vs {hit_freq:.3f} "
+        f"(frequency); goal {'met' if met else 'NOT met'}"
     )
 
 
@@ -221,7 +224,7 @@ def main() -> int:
     common.print_header("KV tier admission", {"hardware": common.hardware_info(),
                                               "model": info, "setup": setup})  # fmt: skip
     rows = {p: run_policy(p, specs, tier_gib, model_dir, args) for p in POLICIES}
-    headers = ["policy", "disk hit rate", "tokens from disk", "prefix hits", "TTFT p50 ms",
+    headers = ["policy", "disk block hits", "tokens from disk", "prefix hits", "TTFT p50 ms",
                "TTFT p99 ms", "written MiB", "admitted", "rejected", "err"]  # fmt: skip
     table = [
         [r["policy"], r["disk_hit_rate"], r["tokens_from_disk"], r["prefix_hit_rate"],
