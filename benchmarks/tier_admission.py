@@ -2,7 +2,8 @@
 smaller than the working set, side by side in one run.
 
 A real `pdserve serve` (aggregated, one mixed worker, a small device pool so that prefixes
-leave it, and a disk tier sized to a fraction of the prefixes that recur) is driven by
+leave it, and a disk tier sized to a fraction of the prefixes that recur: by default a
+quarter of them, then 1.5x them, where admitting everything costs no hits) is driven by
 `pdserve bench`'s load generator with a Zipf-popularity shared-prefix workload — `rag`
 (many documents of a few hundred tokens, Zipf popularity, each followed by a question asked
 once) or `agent` (several tool descriptions, Zipf popularity, each session growing its own
@@ -192,8 +193,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=60)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--output-tokens", type=int, default=8)
-    parser.add_argument("--tier-fraction", type=float, default=0.25,
-                        help="disk tier size / KV of the blocks that recur")  # fmt: skip
+    parser.add_argument("--tier-fractions", default="0.25,1.5",
+                        help="disk tier sizes / KV of the blocks that recur")  # fmt: skip
     parser.add_argument("--pool-blocks", type=int, default=96, help="device KV pool blocks")
     parser.add_argument("--threshold", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
@@ -209,7 +210,8 @@ def main() -> int:
     num_blocks, num_recurring = recurring_blocks(specs, tokenizer)
     info = common.model_info(model_dir)
     block_bytes = 16 * 1024 * BLOCK_SIZE  # built-in model: 16 KiB of fp32 KV per token
-    tier_gib = args.tier_fraction * num_recurring * block_bytes / 2**30
+    fractions = [float(f) for f in args.tier_fractions.split(",")]
+    recurring_gib = num_recurring * block_bytes / 2**30
     setup = {
         "workload": f"{chosen.name}: {chosen.description}; {args.num_requests} requests "
         f"({args.warmup} warm-up), closed loop {args.concurrency}, {args.output_tokens} "
@@ -217,26 +219,34 @@ def main() -> int:
         "working set": f"{num_blocks} distinct prompt blocks, {num_recurring} recurring "
         f"({num_recurring * block_bytes / 2**20:.0f} MiB)",
         "server": f"aggregated, 1 mixed worker x {args.threads} threads, device pool "
-        f"{args.pool_blocks} blocks, disk tier {tier_gib * 1024:.0f} MiB "
-        f"({args.tier_fraction:g} of the recurring blocks), frequency threshold "
-        f"{args.threshold}",
+        f"{args.pool_blocks} blocks, disk tier {fractions} x the recurring blocks' KV, "
+        f"frequency threshold {args.threshold}",
     }
     common.print_header("KV tier admission", {"hardware": common.hardware_info(),
                                               "model": info, "setup": setup})  # fmt: skip
-    rows = {p: run_policy(p, specs, tier_gib, model_dir, args) for p in POLICIES}
-    headers = ["policy", "disk block hits", "tokens from disk", "prefix hits", "TTFT p50 ms",
-               "TTFT p99 ms", "written MiB", "admitted", "rejected", "err"]  # fmt: skip
+    results = {}
+    for fraction in fractions:
+        tier_gib = fraction * recurring_gib
+        rows = {p: run_policy(p, specs, tier_gib, model_dir, args) for p in POLICIES}
+        results[f"{fraction:g}"] = {"tier_mib": tier_gib * 1024, "rows": rows,
+                                    "verdict": verdict(rows)}  # fmt: skip
+        print(f"tier {fraction:g} x recurring ({tier_gib * 1024:.0f} MiB): {verdict(rows)}")
+    headers = ["tier MiB", "policy", "disk block hits", "tokens from disk", "prefix hits",
+               "TTFT p50 ms", "TTFT p99 ms", "written MiB", "admitted", "rejected", "err"]  # fmt: skip
     table = [
-        [r["policy"], r["disk_hit_rate"], r["tokens_from_disk"], r["prefix_hit_rate"],
-         r["ttft_p50_ms"], r["ttft_p99_ms"], r["written_mib"], r["admitted_blocks"],
-         r["rejected_blocks"], r["errors"]]
-        for r in rows.values()
+        [round(res["tier_mib"]), r["policy"], r["disk_hit_rate"], r["tokens_from_disk"],
+         r["prefix_hit_rate"], r["ttft_p50_ms"], r["ttft_p99_ms"], r["written_mib"],
+         r["admitted_blocks"], r["rejected_blocks"], r["errors"]]
+        for res in results.values()
+        for r in res["rows"].values()
     ]  # fmt: skip
     print()
     print(common.format_table(headers, table))
-    print(verdict(rows))
-    print(f"hottest prefixes (frequency run): {rows['frequency']['hot_prefixes'][:3]}")
-    common.write_json(args.json_out, {"setup": setup, "rows": rows, "verdict": verdict(rows)})
+    for fraction, res in results.items():
+        print(f"tier {fraction} x recurring: {res['verdict']}")
+    first = next(iter(results.values()))["rows"]["frequency"]["hot_prefixes"]
+    print(f"hottest prefixes (first frequency run): {first[:3]}")
+    common.write_json(args.json_out, {"setup": setup, "results": results})
     return 0
 
 
