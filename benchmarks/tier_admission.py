@@ -109,6 +109,9 @@ def run_policy(policy: str, specs, tier_gib: float, model_dir: Path, args) -> di
             "mixed_workers": 1,
             "threads_per_worker": args.threads,
             "admin_key": ADMIN_KEY,
+            # A shared, overloaded host can stall one engine step for seconds: a worker
+            # declared dead and restarted would lose its device cache mid-measurement.
+            "worker_lease_s": 120,
             "engine": {
                 "num_kv_blocks": args.pool_blocks,
                 "max_model_len": 4096,
@@ -139,7 +142,10 @@ def run_policy(policy: str, specs, tier_gib: float, model_dir: Path, args) -> di
             stragglers = server.stop()
         if stragglers:
             print(f"warning: killed leftover processes {stragglers}", file=sys.stderr)
-    return row(policy, result, before, after, top)
+    measured = row(policy, result, before, after, top)
+    print(f"{policy}: " + json.dumps({k: v for k, v in measured.items() if k != "hot_prefixes"}),
+          flush=True)  # fmt: skip
+    return measured
 
 
 def row(policy: str, result, before: dict, after: dict, top: list[dict]) -> dict:
@@ -186,16 +192,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--workload", choices=("rag", "agent"), default="rag")
-    parser.add_argument("--prefixes", type=int, default=48, help="documents / tool descriptions")
-    parser.add_argument("--prefix-tokens", default="256-512", help="their length, LO-HI")
+    parser.add_argument("--prefixes", type=int, default=32, help="documents / tool descriptions")
+    parser.add_argument("--prefix-tokens", default="128-320", help="their length, LO-HI")
     parser.add_argument("--zipf", type=float, default=1.0, help="popularity exponent")
-    parser.add_argument("--num-requests", type=int, default=300, help="warm-up included")
-    parser.add_argument("--warmup", type=int, default=60)
+    parser.add_argument("--num-requests", type=int, default=200, help="warm-up included")
+    parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--output-tokens", type=int, default=8)
+    parser.add_argument("--output-tokens", type=int, default=4)
     parser.add_argument("--tier-fractions", default="0.25,1.5",
                         help="disk tier sizes / KV of the blocks that recur")  # fmt: skip
-    parser.add_argument("--pool-blocks", type=int, default=96, help="device KV pool blocks")
+    parser.add_argument("--pool-blocks", type=int, default=64, help="device KV pool blocks")
     parser.add_argument("--threshold", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
