@@ -170,7 +170,8 @@ def warm_rates(cache: Path, phases_path: Path) -> None:
     class's requests over a 20 s window, as `forecast` reads them) into `cache`, before
     any locked run: on this host a cache miss costs minutes of simulation."""
     from pdserve.bench import phases
-    from pdserve.control.planner import Forecast, PlannerConfig, parse_classes
+    from pdserve.control.planner import Forecast, PlannerConfig
+    from pdserve.control.slo_classes import parse_classes
     from pdserve.serve import ServeConfig
     from pdserve.sim.rates import SimRates
     from pdserve.sim.search import prompt_tokens

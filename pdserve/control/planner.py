@@ -40,19 +40,16 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import re
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from pdserve.errors import ConfigError
 
 ROLES = ("prefill", "decode", "mixed")
 DEFAULT_CLASS = "default"
 MIN_MIX = 16  # requests the forecast's mix holds at least, when the history has them
-CLASS_PATTERN = r"[\w.-]{1,64}"  # what a request's `slo_class` may be (router/protocol.py)
 
 
 @dataclass(frozen=True)
@@ -67,7 +64,8 @@ class PlannerConfig:
     smoothing: float = 0.5  # weight of the newest window in the rate forecast
 
     # Per workload class SLOs: (name, ttft_ms, tpot_ms); a request names its class in the
-    # `slo_class` body field, and a request of no (or an unknown) class gets the default.
+    # `slo_class` body field, and a request of no (or an unknown) class gets the default
+    # (control/slo_classes.py: parsing, and rating a mix of classes).
     classes: tuple[tuple[str, float, float], ...] = ()
 
     def __post_init__(self) -> None:
@@ -93,28 +91,6 @@ class PlannerConfig:
             if cls == name:
                 return dataclasses.replace(self, slo_ttft_ms=ttft, slo_tpot_ms=tpot)
         return self
-
-
-def parse_classes(data: Any) -> tuple[tuple[str, float, float], ...]:
-    """`slo_classes` of a serve YAML — `{long: {ttft_ms: 5000, tpot_ms: 50}, ...}` — as
-    `PlannerConfig.classes`; errors name the class and the key."""
-    if not isinstance(data, Mapping):
-        raise ConfigError("slo_classes", f"expected a mapping of class names, got {data!r}")
-    classes = []
-    for name, slo in data.items():
-        where = f"slo_classes.{name}"
-        if not isinstance(name, str) or not re.fullmatch(CLASS_PATTERN, name):
-            raise ConfigError(where, "a class name is 1-64 letters, digits, '_', '.', '-'")
-        if name == DEFAULT_CLASS:
-            raise ConfigError(where, "is the default class: set slo_ttft_ms / slo_tpot_ms")
-        if not isinstance(slo, Mapping) or set(slo) != {"ttft_ms", "tpot_ms"}:
-            raise ConfigError(where, f"expected {{ttft_ms, tpot_ms}}, got {slo!r}")
-        for key in ("ttft_ms", "tpot_ms"):
-            value = slo[key]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ConfigError(f"{where}.{key}", f"must be a number > 0, got {value!r}")
-        classes.append((name, float(slo["ttft_ms"]), float(slo["tpot_ms"])))
-    return tuple(classes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,30 +202,6 @@ class RoleRates:
 
 
 RateModel = Callable[[Forecast, PlannerConfig], RoleRates]
-
-
-def class_rates(model: RateModel, fc: Forecast, config: PlannerConfig) -> RoleRates:
-    """One worker's goodput per role for a mix of SLO classes: each class's rates under its
-    own SLO (`model` on that class's requests), blended by its share of the mix the way a
-    worker time-shares them — per role, 1 / sum(share_c / rate_c). One class (or none
-    configured): `model` on the whole forecast, unchanged."""
-    names = sorted(set(fc.classes)) if fc.classes else [DEFAULT_CLASS]
-    if len(names) == 1:
-        return model(fc, config.for_class(names[0]))
-    shares, per_class = [], []
-    for name in names:
-        mix = tuple(m for m, c in zip(fc.mix, fc.classes, strict=True) if c == name)
-        shares.append(len(mix) / len(fc.mix))
-        sub = Forecast(fc.rate * shares[-1], mix, (name,) * len(mix))
-        per_class.append(model(sub, config.for_class(name)))
-
-    def blend(role: str) -> float:
-        rates = [getattr(r, role) for r in per_class]
-        if min(rates) <= 0:
-            return 0.0
-        return 1.0 / sum(share / rate for share, rate in zip(shares, rates, strict=True))
-
-    return RoleRates(*(blend(role) for role in ROLES))
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,10 +337,12 @@ class PlannerLoop:
         if not roles:
             return None
         fc = forecast(self.log, self.config, now)
+        from pdserve.control.calibration import calibrate
+        from pdserve.control.slo_classes import class_rates
+
         rates = await asyncio.get_running_loop().run_in_executor(
             None, class_rates, self.rates, fc, self.config
         )
-        from pdserve.control.calibration import calibrate
 
         current = current_layout(roles)
         rates, calibration = calibrate(rates, current, fc, self.log, self.config, now)

@@ -18,11 +18,10 @@ from pdserve.control.planner import (
     PlannerLoop,
     RequestLog,
     RoleRates,
-    class_rates,
     decide,
     forecast,
-    parse_classes,
 )
+from pdserve.control.slo_classes import class_rates, parse_classes
 from pdserve.errors import ConfigError
 
 CLASSES = parse_classes(
