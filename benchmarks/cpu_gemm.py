@@ -1,4 +1,4 @@
-"""float32 products on CPU: torch (MKL) vs OpenBLAS vs oneDNN on prepacked weights.
+"""Products on CPU: torch (MKL) vs OpenBLAS vs oneDNN on prepacked weights vs the gemv kernel.
 
 The evidence behind `pdserve/model/cpu_blas.py`'s backends. One "pass" is every product of a
 forward step of the model — per layer q/k/v (fused), o, gate/up (fused) and down, then the
@@ -8,7 +8,11 @@ from memory (the model's weights exceed the L2 and mostly the L3, as in serving)
 - torch: `F.linear(x, W)` on the checkpoint's `[out, in]` weight (MKL in torch's CPU wheel);
 - openblas: numpy's OpenBLAS on a row-major `[in, out]` copy (`x @ Wt`);
 - onednn: `torch.ops.mkldnn._linear_pointwise` on the weight reordered once by
-  `torch.ops.mkldnn._reorder_linear_weight`.
+  `torch.ops.mkldnn._reorder_linear_weight`;
+- gemv: pdserve's kernel (`kernels/gemv.c`) on float32 weights; gemv_bf16 on bfloat16
+  weights (float32 activations), next to torch_bf16 (`F.linear` in bfloat16: native where
+  the CPU has bf16 instructions, emulated elsewhere). `--isa avx2` builds the kernel
+  without AVX-512 (the AVX2 path, on an AVX-512 host).
 Every library gets the same threads (`--threads`, default 2). Time per pass is the median
 of `--repeats` passes after a warm-up pass; GFLOPS = 2 x rows x parameters / time. Each
 library's passes run back to back, after a pause, so that one library's idle threads
@@ -21,6 +25,7 @@ settings) never compete with the other's.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -29,7 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pdserve.model import cpu_malloc
+from pdserve.model import cpu_malloc, kernels
+from pdserve.model.kernels import gemv
+
+KINDS = ("torch", "openblas", "onednn", "gemv", "torch_bf16", "gemv_bf16")
 
 
 def model_shapes(config: dict) -> list[tuple[int, int]]:
@@ -50,7 +58,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json-out", default=None)
+    parser.add_argument("--isa", default="native", choices=["native", "avx2"])
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     args = parser.parse_args()
+    if args.isa != "native":
+        os.environ["PDSERVE_KERNELS_ISA"] = args.isa
 
     from threadpoolctl import threadpool_limits
 
@@ -63,6 +75,10 @@ def main() -> int:
     weights = [torch.randn(out, inp, generator=gen) * 0.02 for out, inp in shapes]
     rows_major = [np.ascontiguousarray(w.numpy().T) for w in weights]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
+    kernels.set_num_threads(args.threads)
+    weights_bf16 = [w.bfloat16() for w in weights]
+    gemv_f32 = [gemv.PackedGemv.prepare(w) for w in weights]
+    gemv_bf16 = [gemv.PackedGemv.prepare(w) for w in weights_bf16]
     params = sum(out * inp for out, inp in shapes)
     common.print_header(
         "float32 products on CPU: torch vs OpenBLAS vs oneDNN (prepacked)",
@@ -71,6 +87,8 @@ def main() -> int:
             "model": common.model_info(model_dir),
             "workload": {
                 "pass": f"{len(shapes)} products ({params / 1e6:.1f} M parameters)",
+                "kernel_isa": args.isa
+                + (" (AVX2 path on this host)" if args.isa == "avx2" else ""),
                 "threads": args.threads,
                 "repeats": args.repeats,
             },
@@ -84,10 +102,14 @@ def main() -> int:
                 F.linear(x, weights[i])
             elif kind == "openblas":
                 x.numpy() @ rows_major[i]
-            else:
+            elif kind == "onednn":
                 torch.ops.mkldnn._linear_pointwise(x, packed[i], None, "none", [], "")
+            elif kind == "torch_bf16":
+                F.linear(x.bfloat16(), weights_bf16[i])
+            else:
+                (gemv_f32 if kind == "gemv" else gemv_bf16)[i](x)
 
-    kinds = ("torch", "openblas", "onednn")
+    kinds = args.kinds
     results = []
     for rows in args.rows:
         inputs = {inp: torch.randn(rows, inp, generator=gen) for _, inp in shapes}
@@ -112,14 +134,8 @@ def main() -> int:
             flush=True,
         )
 
-    headers = ["rows", "torch ms", "openblas ms", "onednn ms", "fastest",
-               "onednn / openblas speed", "onednn / torch speed"]  # fmt: skip
-    table = [
-        [r["rows"], r["ms"]["torch"], r["ms"]["openblas"], r["ms"]["onednn"], r["best"],
-         f"{r['ms']['openblas'] / r['ms']['onednn']:.2f}x",
-         f"{r['ms']['torch'] / r['ms']['onednn']:.2f}x"]
-        for r in results
-    ]  # fmt: skip
+    headers = ["rows", *(f"{k} ms" for k in kinds), "fastest"]
+    table = [[r["rows"], *(r["ms"][k] for k in kinds), r["best"]] for r in results]
     print()
     print(common.format_table(headers, table))
     common.write_json(args.json_out, {"threads": args.threads, "results": results})

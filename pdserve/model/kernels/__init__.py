@@ -150,7 +150,7 @@ def _library() -> ctypes.CDLL | None:
     mt = lib.paged_decode_attention_mt_f32
     mt.restype = ctypes.c_int
     mt.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float]
-    mt.argtypes += [ctypes.c_int64] * 2
+    mt.argtypes += [ctypes.c_int64] * 3
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.silu_mul_f32.restype = None
     lib.silu_mul_f32.argtypes = [ptr, ptr] + [i64] * 4
@@ -204,16 +204,16 @@ def paged_decode_attention(
         scale,
         q.stride(0),
     )
-    kv_bytes = 2 * int(context_lens.sum()) * num_kv_heads * head_dim * 4
     num_threads = max(
         1,
         min(
             _num_threads or torch.get_num_threads(),
             num_seqs * num_kv_heads,  # work items: (sequence, kv head)
-            kv_bytes // MIN_BYTES_PER_THREAD,
         ),
     )
-    if lib.paged_decode_attention_mt_f32(*args, num_threads):
+    # the kernel lowers the count when the keys and values (K and V, float32) are few
+    min_tokens = MIN_BYTES_PER_THREAD // (2 * head_dim * 4)
+    if lib.paged_decode_attention_mt_f32(*args, num_threads, min_tokens):
         raise MemoryError("paged attention kernel could not allocate its scratch buffer")
     return out
 

@@ -310,13 +310,20 @@ static void attention_part(void *ctx, int64_t part) {
         atomic_store(&a->failed, 1);
 }
 
-/* The whole call on up to `threads` threads; 0, or 1 if a scratch allocation failed. */
+/* The whole call on up to `threads` threads, fewer when the keys and values to read come to
+   less than `min_tokens_per_thread` tokens (of one kv head) per thread; 0, or 1 if a
+   scratch allocation failed. (The total is summed here: in Python it was a torch reduction
+   and a read per layer of a decode step.) */
 int paged_decode_attention_mt_f32(const float *q, const float *k_cache, const float *v_cache,
                                   const int64_t *block_tables, const int64_t *context_lens,
                                   float *out, int64_t num_seqs, int64_t max_blocks,
                                   int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                   int64_t block_size, float scale, int64_t q_stride,
-                                  int64_t threads) {
+                                  int64_t threads, int64_t min_tokens_per_thread) {
+    int64_t tokens = 0;
+    for (int64_t s = 0; s < num_seqs; ++s) tokens += context_lens[s] * num_kv_heads;
+    if (min_tokens_per_thread > 0 && threads > tokens / min_tokens_per_thread)
+        threads = tokens / min_tokens_per_thread > 1 ? tokens / min_tokens_per_thread : 1;
     AttentionCall a = {q,          k_cache,      v_cache,  block_tables, context_lens,
                        out,        num_seqs,     max_blocks, num_heads,  num_kv_heads,
                        head_dim,   block_size,   scale,    q_stride,     threads > 1 ? 4 * threads : 1,
