@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from pdserve.config import EngineConfig, ModelConfig
 from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.kv_tiers import KVTierConnector
 from pdserve.engine.limits import check_request
 from pdserve.engine.model_runner import KVAllocator, ModelRunner
 from pdserve.engine.request import Request
@@ -26,7 +27,6 @@ from pdserve.engine.scheduler import (
 )
 from pdserve.errors import ConfigError, InvalidRequestError
 from pdserve.kv.events import AnyKVEvent
-from pdserve.kvstore.connector import KVTierConnector
 from pdserve.outputs import EngineCoreOutput
 from pdserve.sampling_params import SamplingParams
 

@@ -46,7 +46,7 @@ from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.request import Request, RequestStatus
 
 if TYPE_CHECKING:
-    from pdserve.kvstore.connector import KVTierConnector
+    from pdserve.engine.kv_tiers import KVTierConnector
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,12 +8,13 @@ redis_tier.py Redis tier (shared across workers; optional `redis` package)
 writer.py     the background writer for slow tiers (bounded; drops, never blocks)
 admission.py  which blocks enter the slow tiers: all, or frequently seen prefixes
 store.py      TieredKVStore: lookup across tiers, promotion, write-down
-connector.py  KVTierConnector: joins a store to an engine's scheduler and KV pool
 fingerprint.py a model fingerprint, so persisted KV is never read by another model
+
+The engine's side (what to save and load, and when) is `engine/kv_tiers.py`: this package
+knows blocks, hashes and bytes, never requests or the scheduler, so it sits below `engine/`.
 """
 
 from pdserve.kvstore.block import BlockLayout, CorruptBlockError, StoredBlock
-from pdserve.kvstore.connector import KVTierConnector
 from pdserve.kvstore.disk import DiskTier
 from pdserve.kvstore.host import HostTier
 from pdserve.kvstore.redis_tier import RedisTier
@@ -27,7 +28,6 @@ __all__ = [
     "EventSink",
     "HostTier",
     "KVTier",
-    "KVTierConnector",
     "RedisTier",
     "StoreStats",
     "StoredBlock",

@@ -1,4 +1,5 @@
-"""Joins the tiered KV store to one engine: what to save, what to load, and when.
+"""Joins the tiered KV store (`kvstore/`) to one engine: what to save, what to load, and when.
+The engine's half of the tiers, so `kvstore/` never imports the engine.
 
 Two halves, called at fixed points of `EngineCore.step`:
 - scheduler side, at admission (`Scheduler._schedule_waiting`): `lookup` extends the
