@@ -112,6 +112,8 @@ class PdserveDecodeTimer:
         self.context = args.context
         kwargs = {"max_num_seqs": max_batch, "num_threads": args.threads}
         kwargs["quantization"] = quantization  # benchmarks/int8_weights.py
+        if getattr(args, "kv_cache_memory_gib", None):
+            kwargs["kv_cache_memory_gib"] = args.kv_cache_memory_gib
         if args.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
         self.llm = LLM(model=str(model_dir), dtype=dtype, **kwargs)

@@ -46,7 +46,13 @@ def make_llm(model_dir: Path, dtype: str, quantization: str | None, group: int |
 
     if group is not None:
         quant.GROUP_SIZE = group  # read when the model is quantised (at load)
-    llm = LLM(model_dir, dtype=dtype, quantization=quantization, skip_tokenizer_init=True)
+    llm = LLM(
+        model_dir,
+        dtype=dtype,
+        quantization=quantization,
+        skip_tokenizer_init=True,
+        kv_cache_memory_gib=0.25,  # plenty for these prompts; the machine is shared
+    )
     quant.GROUP_SIZE = 32
     return llm
 
@@ -246,6 +252,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--kv-cache-memory-gib", type=float, default=0.5, help="speed: KV pool")
     p.add_argument("--json-out", default=None)
     return p.parse_args(argv)
 
