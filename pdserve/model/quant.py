@@ -48,6 +48,8 @@ MAX_DECODE_ROWS = 64
 # From this many rows on the kernel dequantises blocks of weights once for all rows instead
 # of widening the codes per tile of rows (gemm_int8.c); chosen by benchmarks/int8_weights.py.
 BLOCKED_MIN_ROWS = 13
+# From this many rows on, the whole weight is dequantised for a library GEMM (prefill).
+DEQUANTIZED_MIN_ROWS = 1 << 62
 QMAX = 127  # symmetric: -128 is never used, so negating a weight negates its code
 
 
@@ -94,6 +96,8 @@ def bind(lib: ctypes.CDLL | None) -> ctypes.CDLL | None:
     lib.gemm_q8_panel_width.argtypes = []
     lib.gemm_q8_pack.restype = None
     lib.gemm_q8_pack.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr]
+    lib.gemm_q8_dequantize.restype = None
+    lib.gemm_q8_dequantize.argtypes = [ptr, ptr, i64, i64, i64, ptr]
     lib.gemm_q8_f32.restype = None
     lib.gemm_q8_f32.argtypes = [ptr] * 5 + [i64] * 8
     return lib
@@ -142,6 +146,8 @@ class PackedInt8:
         if x.stride(-1) != 1:
             x = x.contiguous()
         rows = x.shape[0]
+        if rows >= DEQUANTIZED_MIN_ROWS:
+            return self._dequantized_product(x, bias)
         y = torch.empty(rows, self.out_features)
         if bias is not None:
             bias = bias.float().contiguous()
@@ -161,6 +167,21 @@ class PackedInt8:
             BLOCKED_MIN_ROWS,
         )
         return y
+
+    def _dequantized_product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Prefill-sized products: dequantise the whole weight (a few ms, paid once for
+        hundreds of rows) and let OpenBLAS's GEMM, tuned for many rows, do the rest."""
+        w = torch.empty(self.in_features, self.out_features)  # [in, out]: W transposed
+        self.lib.gemm_q8_dequantize(
+            self.codes.data_ptr(),
+            self.scales.data_ptr(),
+            self.out_features,
+            self.in_features,
+            self.group_size,
+            w.data_ptr(),
+        )
+        y = torch.from_numpy(x.numpy() @ w.numpy())
+        return y if bias is None else y.add_(bias)
 
 
 # ---- the layer -------------------------------------------------------------------------------

@@ -83,11 +83,22 @@ def reference(x: torch.Tensor, weight: quant.Int8Weight, bias) -> tuple[torch.Te
 
 @pytest.mark.parametrize("out_features,in_features", SHAPES)
 @pytest.mark.parametrize("group_size", [32, 0])  # 0: per channel (one group per row)
-@pytest.mark.parametrize("blocked_from", [13, 1, 1 << 40], ids=["default", "blocked", "tiles"])
+@pytest.mark.parametrize(
+    "blocked_from,dequantized_from",
+    [
+        (quant.BLOCKED_MIN_ROWS, quant.DEQUANTIZED_MIN_ROWS),
+        (1, 1 << 40),
+        (1 << 40, 1 << 40),
+        (1 << 40, 1),
+    ],
+    ids=["default", "blocked", "tiles", "dequantized"],
+)
 def test_kernel_matches_float64_for_every_row_count(
-    kernel_lib, out_features, in_features, group_size, blocked_from, monkeypatch
+    kernel_lib, out_features, in_features, group_size, blocked_from, dequantized_from, monkeypatch
 ):
-    monkeypatch.setattr(quant, "BLOCKED_MIN_ROWS", blocked_from)  # each path on every count
+    # each path on every row count
+    monkeypatch.setattr(quant, "BLOCKED_MIN_ROWS", blocked_from)
+    monkeypatch.setattr(quant, "DEQUANTIZED_MIN_ROWS", dequantized_from)
     gen = torch.Generator().manual_seed(out_features * 1000 + in_features)
     w = torch.randn(out_features, in_features, generator=gen)
     weight = quant.quantize_int8(w, group_size or in_features)

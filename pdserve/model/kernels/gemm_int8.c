@@ -241,6 +241,21 @@ void gemm_q8_pack(const int8_t *q, const float *s, int64_t n, int64_t k, int64_t
         }
 }
 
+/* out [K, N] (row-major: W transposed) = dequant(W), for a library product on many rows. */
+void gemm_q8_dequantize(const int8_t *codes, const float *scales, int64_t n, int64_t k,
+                        int64_t group, float *out) {
+    const int64_t panels = (n + PANEL - 1) / PANEL, groups = (k + group - 1) / group;
+    for (int64_t p = 0; p < panels; ++p) {
+        const int64_t n0 = p * PANEL, cols = n - n0 < PANEL ? n - n0 : PANEL;
+        for (int64_t i = 0; i < k; ++i) {
+            const float *s = scales + p * groups * PANEL + (i / group) * PANEL;
+            const vf w0 = widen(codes + (p * k + i) * PANEL) * loadf(s);
+            const vf w1 = widen(codes + (p * k + i) * PANEL + VL) * loadf(s + VL);
+            store_row(out + i * n + n0, cols, w0, w1);
+        }
+    }
+}
+
 /* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) @ dequant(W)^T (+ bias [N] or
    NULL), with groups of `group` inputs, on up to `threads` threads; from
    `blocked_min_rows` rows on through dequantised blocks. */
