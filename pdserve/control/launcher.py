@@ -133,8 +133,7 @@ class LocalLauncher(Launcher):
         return next((w for w, p in self.procs.items() if p.poll() is not None), None)
 
     def add(self, role: str) -> str:
-        taken = set(self.roles)
-        worker_id = next(f"{role}-{i}" for i in range(len(taken) + 1) if f"{role}-{i}" not in taken)
+        worker_id = next_worker_id(role, set(self.roles))
         self.spawn(role, worker_id)
         return worker_id
 
@@ -229,6 +228,11 @@ class Watchdog:
         delay = self.policy.backoff(state.num_recent)
         state.due = now + delay
         logger.error("worker %s died; restarting in %.1f s", worker_id, delay)
+
+
+def next_worker_id(role: str, taken: set[str]) -> str:
+    """The first `<role>-<i>` not in `taken` (scale out reuses a removed worker's id)."""
+    return next(f"{role}-{i}" for i in range(len(taken) + 1) if f"{role}-{i}" not in taken)
 
 
 def _die_with_parent() -> None:

@@ -39,11 +39,11 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pdserve.control.launcher import Launcher
+from pdserve.control.launcher import Launcher, next_worker_id
 from pdserve.control.ray_config import ROLES, RoleResources
 from pdserve.control.ray_worker_host import Secret, WorkerHost, remove_leftovers
 from pdserve.control.worker_spec import WorkerSpec, encode_spec
@@ -65,7 +65,6 @@ class RayActor:
     placed: Any  # ObjectRef of `info()`: ready once Ray placed the actor
     info: dict[str, Any] | None = None  # node_id, node_ip, pid (once placed)
     is_reported: bool = False  # `exited` returned its death
-    since: float = field(default_factory=time.monotonic)
 
 
 class RayLauncher(Launcher):
@@ -106,33 +105,30 @@ class RayLauncher(Launcher):
                 self.spawn(role, f"{role}-{i}")
 
     def add(self, role: str) -> str:
-        taken = set(self.roles)
-        worker_id = next(f"{role}-{i}" for i in range(len(taken) + 1) if f"{role}-{i}" not in taken)
+        worker_id = next_worker_id(role, set(self.roles))
         self.spawn(role, worker_id)
         return worker_id
 
     def exited(self) -> list[tuple[str, str]]:
         # list(): `remove` may run in another thread (scale in runs it in an executor)
         waiting = [a for a in list(self.actors.values()) if not a.is_reported]
-        if not waiting:
-            return []
-        ready, _ = self._ray.wait([a.done for a in waiting], num_returns=len(waiting), timeout=0)
-        ready_ids = {ref.hex() for ref in ready}
+        ended = self._ready([a.done for a in waiting])
         dead = []
         for actor in waiting:
-            if actor.done.hex() in ready_ids:
+            if actor.done.hex() in ended:
                 actor.is_reported = True
                 dead.append((actor.worker_id, self._how(actor)))
         return dead
 
     def failed(self) -> str | None:
         """A worker whose actor or process has already ended (start-up checks)."""
-        if not self.actors:
+        actors = list(self.actors.values())
+        ended = self._ready([a.done for a in actors])
+        actor = next((a for a in actors if a.done.hex() in ended), None)
+        if actor is None:
             return None
-        refs = [a.done for a in list(self.actors.values())]
-        ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
-        ready_ids = {ref.hex() for ref in ready}
-        return next((w for w, a in self.actors.items() if a.done.hex() in ready_ids), None)
+        logger.error("worker %s %s", actor.worker_id, self._how(actor))
+        return actor.worker_id
 
     def pending(self) -> dict[str, str]:
         """Workers whose actor Ray has not placed yet (no node has the resources): id -> role."""
@@ -142,8 +138,10 @@ class RayLauncher(Launcher):
     def restart(self, worker_id: str) -> None:
         if worker_id not in self.actors:
             return  # removed (scale in) after it was scheduled
-        self._retire(self.actors.pop(worker_id))
-        self.spawn(self.roles[worker_id], worker_id)
+        try:
+            self._retire(self.actors.pop(worker_id))
+        finally:  # the worker comes back even if cleaning up after the old one failed
+            self.spawn(self.roles[worker_id], worker_id)
 
     def kill(self, worker_id: str) -> None:
         actor = self.actors.get(worker_id)
@@ -259,8 +257,8 @@ class RayLauncher(Launcher):
         """Kill an actor (if it lives) and remove what its worker left on its node."""
         self._ray.kill(actor.handle, no_restart=True)
         if actor.info is None:
-            self._refresh_placement()
-        if actor.info is not None:
+            self._refresh([actor])
+        if actor.info:  # {}: it died before Ray placed it, and left nothing
             self._remove_leftovers(actor)
 
     def _remove_leftovers(self, actor: RayActor) -> None:
@@ -272,14 +270,22 @@ class RayLauncher(Launcher):
             actor.info["pid"], actor.info["folder"]
         )
 
+    def _ready(self, refs: list[Any]) -> set[str]:
+        """The ids of those of `refs` that have a result (or an error) now."""
+        if not refs:
+            return set()
+        ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
+        return {ref.hex() for ref in ready}
+
     def _refresh_placement(self) -> None:
-        waiting = [a for a in list(self.actors.values()) if a.info is None]
-        if not waiting:
-            return
-        ready, _ = self._ray.wait([a.placed for a in waiting], num_returns=len(waiting), timeout=0)
-        ready_ids = {ref.hex() for ref in ready}
+        self._refresh(list(self.actors.values()))
+
+    def _refresh(self, actors: list[RayActor]) -> None:
+        """Record where each of `actors` runs, for those Ray has placed by now."""
+        waiting = [a for a in actors if a.info is None]
+        placed = self._ready([a.placed for a in waiting])
         for actor in waiting:
-            if actor.placed.hex() in ready_ids:
+            if actor.placed.hex() in placed:
                 try:
                     actor.info = self._ray.get(actor.placed)
                 except Exception:  # died before it was placed: `exited` reports it

@@ -35,8 +35,16 @@ from tests.serving.server import ServerProcess
 ray = pytest.importorskip("ray")  # installed by `make setup`; importorskip names the cause
 
 MAX_TOKENS = 64  # long enough that a kill lands while every stream decodes
-# Fast node-death detection for the lost-node test (Ray's defaults take ~15 s).
-SYSTEM_CONFIG = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+# Faster node-death detection for the lost-node tests (Ray's defaults take ~15 s): a
+# removed node's raylet refuses at once, so 3 checks a second apart; a live raylet on an
+# overloaded host still has each check's full timeout to answer. Ray's memory monitor
+# would kill actors when the whole (shared) host runs short of memory; each worker here
+# preallocates a small KV pool instead.
+SYSTEM_CONFIG = {
+    "health_check_period_ms": 1000,
+    "health_check_failure_threshold": 3,
+    "memory_monitor_refresh_ms": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +97,8 @@ def server(ray_cluster, tmp_path_factory):
         "--batch-invariant",
         "--max-num-seqs",
         "8",
+        "--num-kv-blocks",
+        "256",
         "--admin-key",
         ADMIN_KEY,
         "--migration-wait-s",
@@ -236,6 +246,32 @@ def test_pack_places_a_prefill_decode_pair_on_one_node(ray_cluster, tmp_path):
         launcher.stop()
 
 
+def test_a_worker_killed_before_placement_is_created_again(ray_cluster, tmp_path):
+    """A worker that needs a resource no node has stays pending; killed (fenced) there,
+    it is reported dead and restarted, pending again; `stop` copes with unplaced actors."""
+    from pdserve.control.ray_config import parse_worker_resources
+    from pdserve.control.ray_launcher import RayLauncher
+
+    def spec(role: str, worker_id: str) -> WorkerSpec:
+        return WorkerSpec(worker_id, role, str(tmp_path), "tcp://127.0.0.1:9", EngineConfig())
+
+    resources = parse_worker_resources({"decode": {"num_cpus": 0, "resources": {"gpu_node": 1}}})
+    launcher = RayLauncher(spec, lambda role: 1, resources, key_file=None)
+    try:
+        launcher.start({"decode": 1})
+        time.sleep(1)
+        assert launcher.pending() == {"decode-0": "decode"}
+        launcher.kill("decode-0")
+        exits = []
+        wait_for(lambda: exits.extend(launcher.exited()) or exits, 60, "the death reported")
+        assert exits[0][0] == "decode-0" and "lost its Ray actor" in exits[0][1]
+        assert launcher.pending() == {}  # dead, not pending, until the watchdog restarts it
+        launcher.restart("decode-0")
+        assert launcher.pending() == {"decode-0": "decode"}
+    finally:
+        launcher.stop()
+
+
 def test_scale_out_and_in_go_through_the_ray_launcher(ray_cluster, server):
     r = admin(server, "POST", "/admin/workers", json={"role": "prefill"})
     assert r.status_code == 201, r.text
@@ -280,8 +316,16 @@ def test_a_lost_nodes_worker_is_recreated_on_a_node_with_room(ray_cluster, serve
     assert node_of("decode-0") == spare.node_id
 
 
+def is_alive(node_id: str) -> bool:
+    return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
+
+
 def test_a_worker_no_node_has_room_for_waits_as_pending(ray_cluster, server, expected):
-    ray_cluster.remove_node(ray_cluster.decode_node, allow_graceful=False)
+    lost = ray_cluster.decode_node
+    ray_cluster.remove_node(lost, allow_graceful=False)
+    # Until Ray declares the node dead it may still place the new actor there (and that
+    # attempt dies with the node): "pending" is stable once Ray knows.
+    wait_for(lambda: not is_alive(lost.node_id), 60, "Ray to see the node gone")
     wait_for(lambda: workers(server)["decode-0"]["state"] == "pending", 60, "decode-0 pending")
     # The router serves on: probes and the admin API answer while the worker waits.
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
