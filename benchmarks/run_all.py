@@ -31,6 +31,7 @@ BENCHMARKS = (
     "tier_admission",  # admit-all vs frequency admission into a small disk tier
     "overload_admission",
     "chaos",  # random worker kills under load: nothing lost (fault tolerance)
+    "ray_overhead",  # launcher: ray vs local processes, same layout
 )
 
 
