@@ -87,3 +87,11 @@ def test_packed_sizes_halve_with_16_bit_weights():
     sizes = {d: gemv.PackedGemv.prepare(w.to(d)).packed.nbytes for d in DTYPES}
     assert sizes[torch.float32] == 3 * 18 * 16 * 4  # 3 panels of 16, in 17 padded to 18
     assert sizes[torch.bfloat16] == sizes[torch.float16] == sizes[torch.float32] // 2
+
+
+def test_isa_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("PDSERVE_KERNELS_ISA", "avx2")
+    assert kernels.isa_flags() == ["-mno-avx512f"]
+    monkeypatch.setenv("PDSERVE_KERNELS_ISA", "sse9")
+    with pytest.raises(ValueError, match="PDSERVE_KERNELS_ISA"):
+        kernels.isa_flags()
