@@ -71,13 +71,15 @@ def _threads() -> int:
 class PackedGemv:
     """A `[out, in]` weight packed into `gemv.c`'s panels, in its own dtype."""
 
-    __slots__ = ("in_features", "lib", "out_features", "packed")
+    __slots__ = ("in_features", "kernel", "lib", "out_features", "packed", "wtype")
 
     def __init__(self, packed: torch.Tensor, out_features: int, in_features: int, lib) -> None:
         self.packed = packed  # [ceil(out / 16), in rounded up to even, 16]
         self.out_features = out_features
         self.in_features = in_features
         self.lib = lib
+        self.kernel = lib.gemv  # looked up once: a decode step makes ~33 calls
+        self.wtype = DTYPE_CODES[packed.dtype]
 
     @classmethod
     def prepare(cls, weight: torch.Tensor, lib: ctypes.CDLL | None = None) -> PackedGemv:
@@ -112,7 +114,7 @@ class PackedGemv:
         y = torch.empty(rows, self.out_features, dtype=x.dtype)
         if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
             bias = bias.float().contiguous()
-        failed = self.lib.gemv(
+        failed = self.kernel(
             x.data_ptr(),
             self.packed.data_ptr(),
             None if bias is None else bias.data_ptr(),
@@ -122,7 +124,7 @@ class PackedGemv:
             self.in_features,
             x.stride(0),
             self.out_features,
-            DTYPE_CODES[self.packed.dtype],
+            self.wtype,
             DTYPE_CODES[x.dtype],
             _threads(),
         )
