@@ -54,7 +54,10 @@ def check_streamed_run(result, expected_prompt_tokens: list[int]) -> None:
     assert [r.num_output_tokens for r in result.records] == [MAX_TOKENS] * len(result.records)
     for r in result.records:
         assert r.has_usage
-        assert len(r.itl_s) == MAX_TOKENS - 1  # pdserve streams one token per chunk
+        # One gap per chunk after the first: pdserve sends a token per chunk, but merges
+        # the deltas a reader has not taken yet (router/stream_queue.py), so on a busy
+        # host a chunk may carry several tokens and there are fewer gaps.
+        assert len(r.itl_s) <= MAX_TOKENS - 1
         assert 0 < r.ttft_s <= r.e2e_s
         assert r.ttft_s + sum(r.itl_s) <= r.e2e_s
     summary = metrics.summarize(result, SLO(ttft_ms=1000, tpot_ms=100), price_per_hour=1.0)
@@ -109,7 +112,7 @@ def test_chat_endpoint_against_live_server(live_server, live_model):
     )
     assert [r.num_prompt_tokens for r in result.records] == expected
     assert [r.num_output_tokens for r in result.records] == [MAX_TOKENS] * 4
-    assert [len(r.itl_s) for r in result.records] == [MAX_TOKENS - 1] * 4
+    assert all(len(r.itl_s) <= MAX_TOKENS - 1 for r in result.records)  # see above
 
 
 def test_duration_stops_new_sends(live_server, live_model):
