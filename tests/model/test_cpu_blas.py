@@ -103,3 +103,14 @@ def test_generate_gives_torch_its_threads_back(tmp_path):
         params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
         llm.generate([{"prompt_token_ids": [5, 6, 7]}], params, use_tqdm=False)
         assert torch.get_num_threads() == 2
+
+
+def test_batch_invariant_backend_never_routes_rows_to_the_gemv_kernel():
+    """gemv.c's sums depend on the row count; the invariant mode must keep gemm.c for all."""
+    param = torch.nn.Parameter(torch.randn(40, 24), requires_grad=False)
+    mm = cpu_blas.CpuMatmul.prepare(param, "invariant", keep_dense=False)
+    assert mm.invariant is not None and mm.small is None
+    assert mm.max_gemv_rows == mm.max_blas_rows == 0
+    x = torch.randn(5, 24)
+    alone = torch.cat([mm(x[i : i + 1]) for i in range(5)])
+    assert torch.equal(mm(x), alone)  # each row bitwise the same alone or in the batch
