@@ -155,20 +155,55 @@ INLINE void store_row(const Gemv *g, int64_t row, int64_t n0, v16 v) {
     else memcpy(y, &h, 2 * (size_t)cols);
 }
 
-/* The two weight vectors (columns of k and k + 1) of k pair `s` of a panel, as float32. */
-INLINE void load_pair(const void *panel, int64_t s, const int wtype, v16 *w0, v16 *w1) {
-    if (wtype == T_F32) {
-        const float *p = (const float *)panel + s * 2 * PANEL;
-        *w0 = load16(p);
-        *w1 = load16(p + PANEL);
-    } else if (wtype == T_F16) {
-        const uint16_t *p = (const uint16_t *)panel + s * 2 * PANEL;
-        *w0 = half16_to_float(p);
-        *w1 = half16_to_float(p + PANEL);
-    } else {
-        const v16u u = *(const v16u_u *)((const uint16_t *)panel + s * 2 * PANEL);
-        *w0 = (v16)(u << 16);
-        *w1 = (v16)(u & 0xffff0000u);
+/* The inner loop works in vectors of the ISA's width (`vf`, VL floats): a panel of 16
+   columns is VPP of them. GCC lowers a 64-byte vector type on AVX2 through the stack
+   (measured: 4-6x slower at 8-32 rows), so the tile never uses v16 there. */
+#ifdef __AVX512F__
+#define VL 16
+#else
+#define VL 8
+#endif
+#define VPP (PANEL / VL)
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef float vf_u __attribute__((vector_size(VL * 4), aligned(4), may_alias));
+typedef uint32_t vu __attribute__((vector_size(VL * 4)));
+typedef uint32_t vu_u __attribute__((vector_size(VL * 4), aligned(2), may_alias));
+
+INLINE vf splat_vf(float x) { return (vf){0} + x; }
+
+INLINE vf half_to_vf(const uint16_t *p) {
+#if VL == 16
+    return (vf)half16_to_float(p);
+#elif defined(__F16C__)
+    return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    vf v;
+    for (int i = 0; i < VL; ++i) {
+        _Float16 h;
+        memcpy(&h, p + i, 2);
+        v[i] = (float)h;
+    }
+    return v;
+#endif
+}
+
+/* The weight vectors of k and k + 1 (pair `s`) of a panel, as float32, VPP of each. */
+INLINE void load_pair(const void *panel, int64_t s, const int wtype, vf *w0, vf *w1) {
+#pragma GCC unroll 2
+    for (int v = 0; v < VPP; ++v) {
+        if (wtype == T_F32) {
+            const float *p = (const float *)panel + s * 2 * PANEL + v * VL;
+            w0[v] = *(const vf_u *)p;
+            w1[v] = *(const vf_u *)(p + PANEL);
+        } else if (wtype == T_F16) {
+            const uint16_t *p = (const uint16_t *)panel + s * 2 * PANEL + v * VL;
+            w0[v] = half_to_vf(p);
+            w1[v] = half_to_vf(p + PANEL);
+        } else { /* bf16 pairs: VL columns x (k, k + 1) in VL 32-bit words */
+            const vu u = *(const vu_u *)((const uint16_t *)panel + s * 2 * PANEL + v * 2 * VL);
+            w0[v] = (vf)(u << 16);
+            w1[v] = (vf)(u & 0xffff0000u);
+        }
     }
 }
 
@@ -180,25 +215,37 @@ INLINE void tile(const Gemv *g, int64_t m0, int64_t p, const int MR, const int w
     const float *x = g->x + m0 * g->kp;
     const int64_t steps = g->kp / 2;
     const int split = MR <= 2; /* even and odd k in separate accumulators */
-    v16 acc[MR_MAX][2];
+    vf acc[MR_MAX][2][VPP];
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = splat16(0.0f);
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+        for (int v = 0; v < VPP; ++v) acc[r][0][v] = acc[r][1][v] = splat_vf(0.0f);
     for (int64_t s = 0; s < steps; ++s) {
         if (prefetch) {
             const char *ahead = panel + s * 2 * PANEL * esize + PREFETCH_BYTES;
             __builtin_prefetch(ahead, 0, 0);
             if (esize == 4) __builtin_prefetch(ahead + 64, 0, 0);
         }
-        v16 w0, w1;
-        load_pair(panel, s, wtype, &w0, &w1);
+        vf w0[VPP], w1[VPP];
+        load_pair(panel, s, wtype, w0, w1);
 #pragma GCC unroll 8
         for (int r = 0; r < MR; ++r) {
-            acc[r][0] += splat16(x[r * g->kp + 2 * s]) * w0;
-            acc[r][split] += splat16(x[r * g->kp + 2 * s + 1]) * w1;
+            const vf x0 = splat_vf(x[r * g->kp + 2 * s]), x1 = splat_vf(x[r * g->kp + 2 * s + 1]);
+#pragma GCC unroll 2
+            for (int v = 0; v < VPP; ++v) {
+                acc[r][0][v] += x0 * w0[v];
+                acc[r][split][v] += x1 * w1[v];
+            }
         }
     }
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) store_row(g, m0 + r, p * PANEL, split ? acc[r][0] + acc[r][1] : acc[r][0]);
+    for (int r = 0; r < MR; ++r) {
+        float out[PANEL];
+#pragma GCC unroll 2
+        for (int v = 0; v < VPP; ++v)
+            *(vf_u *)(out + v * VL) = split ? acc[r][0][v] + acc[r][1][v] : acc[r][0][v];
+        store_row(g, m0 + r, p * PANEL, load16(out));
+    }
 }
 
 #ifdef __AVX512BF16__
