@@ -11,6 +11,10 @@ Accuracy (`--part accuracy`, no timing: needs no bench lock), per model and vari
 Models: the built-in model and a Hugging Face checkpoint written here by transformers
 (random Llama, GQA; no download).
 
+Products (`--part products`, under the bench lock): every layer's products at a range of
+row counts through each int8 path (tiles, dequantised blocks, whole weight dequantised +
+OpenBLAS) and float32's two libraries (oneDNN prepacked, OpenBLAS), taken in turns.
+
 Speed (`--part speed`, run under the bench lock): decode step time at batch 1/16/32 for
 float32, bfloat16 and int8 (activations float32), measured like `decode_roofline.py`
 (step = (t(1 + N tokens) - t(1 token)) / N over cached prompts of CONTEXT tokens), the
@@ -230,12 +234,73 @@ def llamacpp(model_dir: Path, outtype: str, args) -> dict[int, float]:
     return {b: v for b, v in sorted(results.items()) if v}
 
 
+# ----------------------------------------------------------------------------- products
+
+
+def products(model_dir: Path, args) -> list[dict]:
+    """Every layer's products (not the head), each int8 path against float32's libraries."""
+    import numpy as np
+
+    from pdserve.model import cpu_blas, kernels, quant
+
+    kernels.set_num_threads(args.threads)
+    cpu_blas.set_num_threads(args.threads)
+    cfg = common.load_config(model_dir)
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    head_dim = cfg.get("head_dim") or hidden // cfg["num_attention_heads"]
+    qkv = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * head_dim
+    shapes = [(qkv, hidden), (hidden, qkv - 2 * cfg["num_key_value_heads"] * head_dim)]
+    shapes += [(2 * inter, hidden), (hidden, inter)]
+    mats = []  # distinct matrices per layer: nothing stays in cache between calls
+    for _ in range(cfg["num_hidden_layers"]):
+        for n, k in shapes:
+            w = torch.randn(n, k) * 0.02
+            packed = quant.PackedInt8(quant.quantize_int8(w), quant._kernel())
+            onednn = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            mats.append((k, packed, onednn, np.ascontiguousarray(w.numpy().T)))
+    big, rows_out = 1 << 62, []
+    for rows in args.product_rows:
+        x = {k: torch.randn(rows, k) for k in {k for k, *_ in mats}}
+
+        def int8(blocked: int, dequantized: int, x=x):
+            def run():
+                quant.BLOCKED_MIN_ROWS, quant.DEQUANTIZED_MIN_ROWS = blocked, dequantized
+                for k, packed, _, _ in mats:
+                    packed(x[k], None)
+
+            return run
+
+        def onednn(x=x):
+            for k, _, w, _ in mats:
+                torch.ops.mkldnn._linear_pointwise(x[k], w, None, "none", [], "")
+
+        def openblas(x=x):
+            for k, _, _, w in mats:
+                x[k].numpy() @ w
+
+        paths = {"int8 tiles": int8(big, big), "int8 blocked": int8(1, big)}
+        paths |= {"int8 dequantised+OpenBLAS": int8(big, 1)}
+        paths |= {"fp32 oneDNN": onednn, "fp32 OpenBLAS": openblas}
+        best = {name: 1e9 for name in paths}
+        for _ in range(args.repeats):  # in turns: noise hits every path alike
+            for name, fn in paths.items():
+                best[name] = min(best[name], common.best_of(fn, 2))
+        rows_out.append({"rows": rows} | {f"{k} ms": v * 1e3 for k, v in best.items()})
+        print(f"  {rows_out[-1]}", flush=True)
+    return rows_out
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["accuracy", "speed"], required=True)
+    p.add_argument("--part", choices=["accuracy", "speed", "products"], required=True)
+    p.add_argument(
+        "--product-rows",
+        default="1,4,16,32,64,512,2048",
+        type=lambda s: [int(r) for r in s.split(",")],
+    )
     p.add_argument("--model", default=None, help="HF model folder (default: built-in model)")
     p.add_argument("--no-hf", action="store_true", help="accuracy: skip the transformers model")
     p.add_argument("--variants", default=list(VARIANTS), type=lambda s: s.split(","))
@@ -270,6 +335,8 @@ def main(argv=None) -> int:
         if not args.no_hf:
             with tempfile.TemporaryDirectory() as tmp:
                 rows += accuracy(make_hf_checkpoint(Path(tmp)), "hf-llama (transformers)", args)
+    elif args.part == "products":
+        rows = products(model_dir, args)
     else:
         rows = speed(model_dir, args)
     print()
