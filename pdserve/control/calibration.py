@@ -18,7 +18,11 @@ is scaled: there is no evidence of saturation, and capacities above the rate are
 by the rate anyway.
 
 Outcomes come from the serving layer (`RequestLog.record_outcome`: TTFT and TPOT of each
-finished prompt, with its class); a failed request is a miss.
+finished prompt, with its class and admission time); a failed request is a miss. Only
+requests admitted after the last switch count: the backlog a previous layout left is
+not the current layout's doing (measured: right after 2 mixed -> 1P + 1D, the new layout
+"met the SLOs of 0.00 req/s" while it worked off the old one's queue, and the planner
+switched back, docs/benchmarks.md "Elastic P/D").
 """
 
 from __future__ import annotations
@@ -53,9 +57,16 @@ def calibrate(
     log: RequestLog,
     config: PlannerConfig,
     now: float,
+    since: float | None = None,
 ) -> tuple[RoleRates, Calibration]:
-    """`rates` scaled to what the current layout delivers when it misses its SLOs."""
-    window = [o for o in log.outcomes if now - config.window_s < o.time <= now]
+    """`rates` scaled to what the current layout delivers when it misses its SLOs;
+    `since` (the last switch): only requests admitted after it are the current layout's."""
+    window = [
+        o
+        for o in log.outcomes
+        if now - config.window_s < o.time <= now
+        and (since is None or o.arrival is None or o.arrival >= since)
+    ]
     recent = [o for o in window if o.time > now - config.mix_window_s]
     span = config.mix_window_s
     if len(recent) < MIN_MIX:  # a slow trickle: the latest MIN_MIX, over the time they took

@@ -107,6 +107,7 @@ class Outcome:
     slo_class: str | None
     ttft_s: float | None  # None: it failed before its first token
     tpot_s: float | None  # None: fewer than two tokens
+    arrival: float | None = None  # when it was admitted
 
 
 class RequestLog:
@@ -124,9 +125,10 @@ class RequestLog:
         tpot_s: float | None,
         slo_class: str | None = None,
         now: float | None = None,
+        arrival: float | None = None,
     ) -> None:
         now = time.monotonic() if now is None else now
-        self.outcomes.append(Outcome(now, slo_class, ttft_s, tpot_s))
+        self.outcomes.append(Outcome(now, slo_class, ttft_s, tpot_s, arrival))
         while self.outcomes and self.outcomes[0].time < now - self.keep_s:
             self.outcomes.popleft()
 
@@ -345,7 +347,9 @@ class PlannerLoop:
         )
 
         current = current_layout(roles)
-        rates, calibration = calibrate(rates, current, fc, self.log, self.config, now)
+        rates, calibration = calibrate(
+            rates, current, fc, self.log, self.config, now, since=self.last_switch
+        )
         if self.heading == current:
             self.heading = None  # arrived
         decision = decide(roles, fc, rates, self.config, now, self.last_switch, self.heading)

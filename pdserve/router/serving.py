@@ -258,7 +258,10 @@ def _observe(
             log.record(
                 len(p.token_ids), body.expected_output_tokens or budget, slo_class=body.slo_class
             )
-    return lambda ttft_s, tpot_s: log.record_outcome(ttft_s, tpot_s, body.slo_class)
+    admitted = time.monotonic()
+    return lambda ttft_s, tpot_s: log.record_outcome(
+        ttft_s, tpot_s, body.slo_class, arrival=admitted
+    )
 
 
 def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:

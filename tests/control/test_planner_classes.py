@@ -232,3 +232,19 @@ def test_the_loop_explains_a_calibrated_switch():
     decision = asyncio.run(loop.step(now=60.0))
     assert roles == {"w0": "prefill", "w1": "mixed"}
     assert "model rates x0.20: 2M met the SLOs of 0.80 req/s of 2.00" in decision.reason
+
+
+def test_only_requests_admitted_after_the_last_switch_count():
+    from pdserve.control.calibration import calibrate
+
+    log = RequestLog()
+    for i in range(120):
+        log.record(1024, 128, now=60.0 - i * 0.5, slo_class="long")
+    for i in range(30):  # 30 misses, all of requests queued before the switch at t = 45
+        log.record_outcome(9.0, 0.04, "long", now=40.0 + i * 0.6, arrival=30.0 + i * 0.5)
+    fc = forecast(log, CONFIG, now=60.0)
+    current = Layout(1, 1, 0)
+    _, blamed = calibrate(PD_BETTER, current, fc, log, CONFIG, now=60.0)
+    assert blamed.factor < 0.1  # without `since`: the old layout's backlog counts
+    rates, cal = calibrate(PD_BETTER, current, fc, log, CONFIG, now=60.0, since=45.0)
+    assert (rates, cal.factor, cal.num_outcomes) == (PD_BETTER, 1.0, 0)
