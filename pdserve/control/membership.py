@@ -6,8 +6,11 @@ renewed by each `WorkerStats`:
 
 - a worker whose messages stop (killed, `kill -STOP`, a lost host) for `lease_s` is dead;
 - so is one whose heartbeat still arrives but whose engine loop has not completed a pass
-  for `lease_s` (`WorkerStats.loop_stalled_s`: a deadlock, a step stuck in a KV send) —
-  the heartbeat comes from a thread, so its arrival alone proves nothing about the loop.
+  for `lease_s` plus `STALL_MARGIN` times its longest legitimate pass
+  (`WorkerStats.loop_stalled_s`, `loop_pass_max_s`: a deadlock, a step stuck in a KV
+  send) — the heartbeat comes from a thread, so its arrival alone proves nothing about the
+  loop, and a step that is long by nature (a real model's prefill chunk on a CPU, an
+  overloaded host) must not pass for a hang (worker/liveness.py).
 
 A dead incarnation is *fenced*: its requests have moved elsewhere, so whatever it still
 says about them is stale. If it comes back (SIGCONT, a healed network) its stats and
@@ -31,6 +34,7 @@ from pdserve.control.workers import ROLE_CAN, WorkerHandle, WorkerPool
 from pdserve.ipc import messages as m
 
 DEFAULT_LEASE_S = 5.0
+STALL_MARGIN = 2.0  # x the worker's longest legitimate pass, on top of the lease
 FENCE_RESEND_S = 1.0  # tell a fenced incarnation at most this often
 
 
@@ -102,11 +106,14 @@ class Membership:
             if not handle.is_alive:
                 continue
             silent = now - handle.last_seen
-            stalled = handle.stats.loop_stalled_s if handle.stats else 0.0
+            stats = handle.stats
+            stalled = stats.loop_stalled_s if stats else 0.0
+            limit = self.lease_s + STALL_MARGIN * (stats.loop_pass_max_s if stats else 0.0)
             if silent > self.lease_s:
                 expired.append(Expiry(handle, f"sent nothing for {silent:.1f} s"))
-            elif stalled > self.lease_s:
-                expired.append(Expiry(handle, f"engine loop stalled for {stalled:.1f} s"))
+            elif stalled > limit:
+                why = f"engine loop stalled for {stalled:.1f} s (limit {limit:.1f} s)"
+                expired.append(Expiry(handle, why))
         return expired
 
     def fence(self, handle: WorkerHandle) -> None:

@@ -92,6 +92,9 @@ class EngineCore:
         self.config = config
         self.max_model_len = resolve_max_model_len(model_config, config)
         budget = resolve_token_budget(config, self.max_model_len)
+        self.token_budget = budget
+        # The longest step this engine should take, predicted by `warmup` (0: unknown).
+        self.predicted_max_step_s = 0.0
         self.runner = ModelRunner(model_dir, model_config, config, self.max_model_len, kv_allocator)
         # Prefill worker: streams KV of requests that have a destination (see transfer/).
         self.kv_streamer: KVStreamer | None = None
@@ -281,6 +284,9 @@ class EngineCore:
         paged in, BLAS and OpenMP thread pools started, kernels loaded): ~0.3 s for the
         built-in model on a CPU, which would otherwise land on one unlucky TTFT.
 
+        It also predicts the longest step (`predicted_max_step_s`: the token budget at the
+        warm-up prefill's rate), which the worker's liveness allows for.
+
         It writes KV into the first pool blocks, which no request holds yet (a serving
         worker calls this before it registers), and zeroes them after."""
         if self.requests:
@@ -299,7 +305,11 @@ class EngineCore:
             block_ids=list(range(num_blocks)),
         )
         prefill = SchedulerOutput([ScheduledRequest(request, num_tokens, 0)])
+        start = time.perf_counter()
         results = self.runner.execute(prefill)
+        # A full step's prefill at this rate (first-touch costs make it generous).
+        seconds_per_token = (time.perf_counter() - start) / num_tokens
+        self.predicted_max_step_s = seconds_per_token * self.token_budget
         request.output_token_ids.append(results[request.request_id].token_id)
         self.runner.execute(SchedulerOutput([ScheduledRequest(request, 1, num_tokens)]))
         self.runner.kv_cache[:, :, :num_blocks].zero_()

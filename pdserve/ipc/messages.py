@@ -219,6 +219,9 @@ class WorkerStats(Message):
     # by the heartbeat thread. A hung loop (deadlock, a step stuck in a KV send) keeps the
     # heartbeat alive but this grows; the router's lease covers both.
     loop_stalled_s: float = 0.0
+    # The longest recent pass (never below the worker's predicted longest step): a loop
+    # is stalled only past `lease_s + STALL_MARGIN x loop_pass_max_s` (worker/liveness.py).
+    loop_pass_max_s: float = 0.0
     incarnation: str = ""
 
 

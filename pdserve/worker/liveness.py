@@ -1,4 +1,16 @@
-"""A worker's liveness file: its mtime is when the engine loop last completed a pass.
+"""A worker's liveness: how long its engine loop has been in the current pass, how long a
+legitimate pass can take (`LoopClock`), and a file whose mtime is when the loop last
+completed a pass (`LivenessFile`).
+
+`LoopClock`: the router fences a worker whose loop has not completed a pass for
+`lease_s + STALL_MARGIN x loop_pass_max_s` (control/membership.py), so a step that is long
+by nature — a real model's 2048-token prefill chunk on a CPU, every step on an overloaded
+host — is not taken for a hang, while a hang is still found. `loop_pass_max_s` is the
+longest pass seen lately (halved every `PASS_MAX_HALF_LIFE_S` since it was seen), never
+below what the worker predicts for its longest step from its warm-up: the warm-up prefill's
+seconds per token times the step's token budget.
+
+The file:
 
 Why a file: a worker serves no HTTP and binds its ZeroMQ sockets on random ports, so a
 supervisor outside pdserve (Kubernetes' probes, systemd, a shell script) has nothing to ask.
@@ -26,6 +38,39 @@ import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+PASS_MAX_HALF_LIFE_S = 60.0
+
+
+class LoopClock:
+    """The engine loop's pass times, written by the loop and read by the heartbeat thread
+    (plain float attributes: a torn read cannot happen in CPython)."""
+
+    def __init__(self, predicted_step_s: float = 0.0) -> None:
+        self.last_pass = time.monotonic()  # loading and warm-up are not a stalled loop
+        self.predicted_step_s = predicted_step_s  # the floor of `pass_max_s`
+        self._max_s = predicted_step_s
+        self._max_at = self.last_pass
+
+    def restart(self) -> None:
+        """The loop starts (again) now: nothing before this counts as a stall."""
+        self.last_pass = time.monotonic()
+
+    def completed_pass(self) -> None:
+        now = time.monotonic()
+        seconds = now - self.last_pass
+        if seconds >= self.pass_max_s(now):
+            self._max_s, self._max_at = seconds, now
+        self.last_pass = now
+
+    def stalled_s(self) -> float:
+        """Seconds since the loop last completed a pass."""
+        return time.monotonic() - self.last_pass
+
+    def pass_max_s(self, now: float | None = None) -> float:
+        age = (time.monotonic() if now is None else now) - self._max_at
+        decayed = self._max_s * 0.5 ** (age / PASS_MAX_HALF_LIFE_S)
+        return max(decayed, self.predicted_step_s)
 
 
 class LivenessFile:

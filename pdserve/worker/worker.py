@@ -70,7 +70,7 @@ from pdserve.transfer.shm import TORCH_DTYPES, create_shared_pool, shm_pool_path
 from pdserve.transfer.streamer import KVStreamer
 from pdserve.worker.handoff import HandOffs
 from pdserve.worker.kv_events import CallableEvents, DeviceEvents, KVEventPublisher
-from pdserve.worker.liveness import LivenessFile
+from pdserve.worker.liveness import LivenessFile, LoopClock
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,6 @@ class Worker:
         self.out.setsockopt(zmq.SNDHWM, OUT_QUEUE_MESSAGES)
         self.out.connect(config.router_addr)
         self.incarnation = uuid.uuid4().hex
-        self.loop_time = time.monotonic()  # the engine loop's last completed pass
         self.drain_started: float | None = None  # SIGTERM: draining since
         self._idle_since: float | None = None
         self._drain_announced = False
@@ -132,6 +131,7 @@ class Worker:
         self.shm_path: Path | None = None
         self.core = self._make_core()
         self.core.warmup()  # before registering: the first request must not pay for it
+        self.loop_clock = LoopClock(self.core.predicted_max_step_s)
         self.layout = self._layout()
         self.peers = PeerSockets(self.ctx)
         kv_cache = self.core.runner.kv_cache
@@ -214,7 +214,7 @@ class Worker:
     # ---- the loop ------------------------------------------------------------------------
 
     def run(self) -> None:
-        self.loop_time = time.monotonic()  # loading and warm-up are not a stalled loop
+        self.loop_clock.restart()  # loading and warm-up are not a stalled loop
         self._announce()
         heartbeat = threading.Thread(target=self._heartbeat, daemon=True)
         heartbeat.start()
@@ -234,7 +234,7 @@ class Worker:
                     self._fail_everything("the worker's engine loop failed")
                     if num_errors >= MAX_CONSECUTIVE_LOOP_ERRORS:
                         raise
-                self.loop_time = time.monotonic()
+                self.loop_clock.completed_pass()
                 if os.getppid() != parent:
                     logger.warning("parent process exited; worker %s stops", self.worker_id)
                     break
@@ -473,11 +473,15 @@ class Worker:
                     if beat % REANNOUNCE_EVERY == REANNOUNCE_EVERY - 1:
                         # A restarted router learns of this worker.
                         sock.send(m.encode(self._register_message()), zmq.NOBLOCK)
-                    stalled = time.monotonic() - self.loop_time
-                    beat_stats = msgspec.structs.replace(self._stats, loop_stalled_s=stalled)
+                    clock = self.loop_clock
+                    beat_stats = msgspec.structs.replace(
+                        self._stats,
+                        loop_stalled_s=clock.stalled_s(),
+                        loop_pass_max_s=clock.pass_max_s(),
+                    )
                     sock.send(m.encode(beat_stats), zmq.NOBLOCK)
                 if health is not None:
-                    health.stamp(self.loop_time)
+                    health.stamp(self.loop_clock.last_pass)
                 time.sleep(HEARTBEAT_S)
         except zmq.ZMQError:
             pass  # context closed at shutdown

@@ -69,7 +69,9 @@ SAMPLES: list[m.Message] = [
     m.Draining("decode-0", "3f2a"),
     m.AddRequest("r4", [1, 2], PARAMS, output_token_ids=[9, 8, 7]),
     m.RequestFailed("mixed-0", "r4", "the engine step failed", retryable=True),
-    m.WorkerStats("decode-0", 0, 0, 100, 1024, loop_stalled_s=7.5, incarnation="3f2a"),
+    m.WorkerStats(
+        "decode-0", 0, 0, 100, 1024, loop_stalled_s=7.5, loop_pass_max_s=0.25, incarnation="3f2a"
+    ),
     m.KVEvents("decode-0", 0, [BlocksStored([2**64 - 1, 7]), AllBlocksCleared("disk")], True),
     m.KVEvents("decode-0", 1, [BlocksRemoved([7], "host")]),
     m.Register(

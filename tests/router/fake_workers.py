@@ -57,7 +57,9 @@ class FakeWorker:
         )
         self.stats()
 
-    def stats(self, num_running: int = 0, loop_stalled_s: float = 0.0) -> None:
+    def stats(
+        self, num_running: int = 0, loop_stalled_s: float = 0.0, loop_pass_max_s: float = 0.0
+    ) -> None:
         self.send(
             m.WorkerStats(
                 self.worker_id,
@@ -66,6 +68,7 @@ class FakeWorker:
                 LAYOUT.num_blocks,
                 LAYOUT.num_blocks,
                 loop_stalled_s=loop_stalled_s,
+                loop_pass_max_s=loop_pass_max_s,
                 incarnation=self.incarnation,
             )
         )

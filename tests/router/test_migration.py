@@ -263,6 +263,23 @@ def test_a_stalled_engine_loop_is_dead_though_its_heartbeat_runs(builtin_model_d
     asyncio.run(main())
 
 
+def test_a_loop_in_a_step_long_by_nature_is_not_stalled(builtin_model_dir):
+    """The limit is lease + 2 x the worker's longest legitimate pass: 1 + 2 x 2 = 5 s."""
+
+    async def main():
+        expired = []
+        async with Harness(builtin_model_dir, "aggregated", MIXED2, lease_s=1.0) as h:
+            h.client.on_worker_expired = expired.append
+            for _ in range(15):
+                h.workers["w0"].stats(loop_stalled_s=4.5, loop_pass_max_s=2.0)  # a long step
+                h.workers["w1"].stats(loop_stalled_s=5.5, loop_pass_max_s=2.0)  # past it
+                await asyncio.sleep(0.1)
+            assert expired == ["w1"]
+            assert [w.worker_id for w in h.client.pool.alive("mixed")] == ["w0"]
+
+    asyncio.run(main())
+
+
 def test_drain_moves_requests_and_takes_no_new_work(builtin_model_dir):
     async def main():
         async with Harness(builtin_model_dir, "aggregated", MIXED2) as h:
