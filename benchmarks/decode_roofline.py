@@ -32,6 +32,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import common
@@ -120,6 +121,9 @@ class PdserveDecodeTimer:
         vocab = common.load_config(model_dir)["vocab_size"]
         self.prompts = common.random_prompts([args.context] * max_batch, vocab, seed=1000)
         self.min_cached_tokens: int | None = None
+        # --cpu-time: the process's CPU time (one engine thread: the work itself, whatever
+        # else loads the host) instead of the wall clock
+        self.clock = time.process_time if args.cpu_time else time.perf_counter
 
     def prime(self) -> float:
         """Prefill every prompt once (this also warms the engine up); the wall seconds."""
@@ -129,7 +133,9 @@ class PdserveDecodeTimer:
         """Wall seconds of one generate over the first `batch` prompts."""
         inputs = [{"prompt_token_ids": p} for p in self.prompts[:batch]]
         params = self.params_cls(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        seconds, outs = common.timed(lambda: self.llm.generate(inputs, params, use_tqdm=False))
+        start = self.clock()
+        outs = self.llm.generate(inputs, params, use_tqdm=False)
+        seconds = self.clock() - start
         got = {len(o.outputs[0].token_ids) for o in outs}
         if got != {max_tokens}:
             raise RuntimeError(f"asked for {max_tokens} tokens per prompt, got {sorted(got)}")
@@ -379,6 +385,7 @@ def describe(model_dir: Path, bandwidth: float, args: argparse.Namespace) -> dic
             "batch_sizes": args.batch_sizes,
             "pdserve": "step = (t(max_tokens=1+N) − t(max_tokens=1)) / N, prompts prefilled once",
             "pdserve_variants": args.variants,
+            "clock": "process CPU time, 1 thread" if args.cpu_time else "wall",
             "rounds": args.rounds,
             "roofline": "(weights except embedding + KV at mid context) ÷ read bandwidth",
         },
@@ -409,6 +416,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="pdserve builds side by side: BACKEND[@ISA], e.g. onednn-openblas,auto,auto@avx2",
     )
     p.add_argument("--rounds", type=int, default=1, help="turns over the variants (best of)")
+    p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time pdserve by process CPU time (needs --threads 1; llama.cpp is skipped)",
+    )
     p.add_argument("--bandwidth-gib", type=float, default=1.0)
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="pdserve token budget")
     p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp peer")
@@ -420,6 +432,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Measure bandwidth, then each dtype's pdserve and llama.cpp decode; print the table."""
     args = parse_args(argv)
+    if args.cpu_time and args.threads != 1:
+        raise SystemExit("--cpu-time counts the process's CPU time: use --threads 1")
+    args.no_llamacpp |= args.cpu_time  # llama.cpp's tools report wall time only
     common.set_threads(args.threads)
     model_dir = common.resolve_model_dir(args.model)
     bandwidth = max(measure_read_bandwidth(args.bandwidth_gib, 7) for _ in range(2))
