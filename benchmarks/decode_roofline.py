@@ -111,7 +111,12 @@ class PdserveDecodeTimer:
 
         self.params_cls = SamplingParams
         self.context = args.context
+        # A KV pool sized for this run (the 2 GiB default per engine, times the variants
+        # held at once, ran a loaded host out of memory).
+        tokens = max_batch * (args.context + args.decode_steps + 64)
+        pool_gib = 1.25 * tokens * kv_bytes_per_token(model_dir, dtype) / 2**30
         kwargs = {"max_num_seqs": max_batch, "num_threads": args.threads}
+        kwargs["kv_cache_memory_gib"] = pool_gib
         kwargs["quantization"] = quantization  # benchmarks/int8_weights.py
         if getattr(args, "kv_cache_memory_gib", None):
             kwargs["kv_cache_memory_gib"] = args.kv_cache_memory_gib
