@@ -12,9 +12,12 @@ time. Steps, over real HTTP (aiohttp, streaming completions):
 3. Connections: `--connections` idle TCP connections held open on the admission server
    (each has sent half a request header), then the 20x burst again: refusals must stay
    fast with thousands of connections open.
-4. All at once: `--at-once` requests sent in the same instant to the loaded admission
-   server: the router refuses them one after another on its one event loop, so this
-   shows the per-refusal cost (latency grows with the count).
+4. All at once: bursts of `--at-once` requests (500, 1000, 2000) written at the same
+   instant from raw sockets (`raw_burst.py`, a client that costs ~10-30 us a request) to
+   the admission server while a 5x open loop keeps it at its TTFT limit: new connections
+   opened at burst time (the accept loop included), and once more on connections opened
+   beforehand. Refusal latency p50/p99/max, and the CPU each side spent per request (the
+   router's from /proc). One more burst through aiohttp shows what that client costs.
 
 Reported per run: requests sent, accepted (completed) and shed (429); accepted TTFT
 p50/p99 against the target; shed latency p50/p99 (send to 429, measured by the client,
@@ -25,7 +28,7 @@ Every prompt is unique random token ids (no prefix-cache hits).
 
     python benchmarks/overload_admission.py [--target-ms 2000] [--prompt-tokens 256]
         [--max-tokens 32] [--burst-s 4] [--multipliers 5,20] [--connections 2000]
-        [--at-once 500]
+        [--at-once 500,1000,2000]
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import common
+import raw_burst
 
 
 @dataclass
@@ -242,18 +246,61 @@ async def experiment(args, plain: Server, gated: Server, vocab_size: int) -> dic
         for writer in idle:
             writer.close()
         await asyncio.sleep(2)
+    bursts = []
+    plan = [(n, "during") for n in args.at_once]
+    plan += [(max(args.at_once), "before")] if args.at_once else []
+    for n, connect in plan:
+        print(f"{n} requests at once ({connect}) on the loaded admission server ...", flush=True)
+        bursts.append(await burst_on_loaded(load, gated, capacity, args.burst_s, n, connect))
     if args.at_once:
-        print(f"running {args.at_once} requests at once on the loaded admission server ...")
-        background = asyncio.create_task(
-            open_loop(load, gated.url, 5 * capacity, args.burst_s, "background")
-        )
-        await asyncio.sleep(1.0)  # loaded, queue at its TTFT limit
-        burst = await open_loop(load, gated.url, float("inf"), args.at_once, "at once")
-        await background
-        summary = burst.summary(target_s)
-        summary["run"] = f"{args.at_once} at once, admission"
-        summaries.append(summary)
-    return {"capacity_rps": capacity, "runs": summaries}
+        n = min(args.at_once)
+        print(f"{n} at once through aiohttp (the client's own cost) ...", flush=True)
+        bursts.append(await aiohttp_burst_on_loaded(load, gated, capacity, args.burst_s, n))
+    return {"capacity_rps": capacity, "runs": summaries, "bursts": bursts}
+
+
+async def burst_on_loaded(
+    load: Load, server: Server, capacity: float, seconds: float, n: int, connect: str
+) -> dict:
+    """`n` requests at once from raw sockets (`raw_burst.py`) while the server is kept at
+    its TTFT limit by a 5x-capacity open loop; refusal latency and CPU per request."""
+    background = asyncio.create_task(
+        open_loop(load, server.url, 5 * capacity, seconds, "background")
+    )
+    await asyncio.sleep(1.0)  # loaded, queue at its TTFT limit
+    request = raw_burst.request_bytes("/v1/completions", load.body())
+    result = await asyncio.to_thread(
+        raw_burst.burst, server.port, n, request, connect, server.proc.pid
+    )
+    await background
+    return {"client": f"raw sockets, connect {connect}", **result}
+
+
+async def aiohttp_burst_on_loaded(
+    load: Load, server: Server, capacity: float, seconds: float, n: int
+) -> dict:
+    """The same burst through aiohttp, as earlier runs measured it: the client's CPU per
+    request (which includes the background loop's) shows what a Python client adds."""
+    background = asyncio.create_task(
+        open_loop(load, server.url, 5 * capacity, seconds, "background")
+    )
+    await asyncio.sleep(1.0)
+    server0, client0 = raw_burst.process_cpu_s(server.proc.pid), raw_burst.cpu_s()
+    run = (await open_loop(load, server.url, float("inf"), n, "at once")).summary(1e9)
+    client_s = raw_burst.cpu_s() - client0
+    server_s = raw_burst.process_cpu_s(server.proc.pid) - server0
+    await background
+    return {
+        "client": "aiohttp",
+        "n": n,
+        "statuses": run["statuses"],
+        "refused_p50_ms": run["shed_p50_ms"],
+        "refused_p99_ms": run["shed_p99_ms"],
+        "refused_max_ms": None,
+        "wall_ms": run["wall_s"] * 1000,
+        "client_cpu_us_per_request": client_s / n * 1e6,
+        "server_cpu_us_per_request": server_s / n * 1e6,
+    }
 
 
 async def hold_connections(port: int, count: int) -> list[asyncio.StreamWriter]:
@@ -290,6 +337,23 @@ def print_results(results: dict, target_ms: float) -> None:
     print(common.format_table(headers, rows))
     other = {r["run"]: r["statuses"] for r in results["runs"]}
     print(f"status counts: {other}")
+    headers = ["requests at once", "client", "refused p50 ms", "refused p99 ms", "max ms"]
+    headers += ["client CPU us/req", "router CPU us/req", "statuses"]
+    rows = [
+        [
+            b["n"],
+            b["client"],
+            _fmt(b["refused_p50_ms"], 1),
+            _fmt(b["refused_p99_ms"], 1),
+            _fmt(b["refused_max_ms"], 1),
+            _fmt(b["client_cpu_us_per_request"], 0),
+            _fmt(b["server_cpu_us_per_request"], 0),
+            b["statuses"],
+        ]
+        for b in results["bursts"]
+    ]
+    print("\nBursts on the loaded admission server")
+    print(common.format_table(headers, rows))
 
 
 def _fmt(value: float | None, digits: int) -> str:
@@ -306,7 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-concurrency", type=int, default=16)
     p.add_argument("--calib-s", type=float, default=15)
     p.add_argument("--connections", type=int, default=2000, help="idle connections (0: skip)")
-    p.add_argument("--at-once", type=int, default=500, help="simultaneous requests (0: skip)")
+    p.add_argument(
+        "--at-once",
+        default=[500, 1000, 2000],
+        type=lambda s: [int(x) for x in s.split(",") if int(x) > 0],
+        help="sizes of simultaneous bursts, comma-separated (0: skip)",
+    )
     # One torch thread leaves the second core to the router and this client on 2 cores.
     p.add_argument("--threads", type=int, default=1, help="threads of each worker")
     p.add_argument("--json-out", default=None)

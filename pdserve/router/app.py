@@ -57,6 +57,7 @@ from pdserve.router.admin import admin_router
 from pdserve.router.client import EngineClient
 from pdserve.router.dashboard import dashboard_router
 from pdserve.router.gateway import Gateway, GatewayConfig
+from pdserve.router.gateway.edge import Edge
 from pdserve.router.gateway.limits import read_body
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.protocol import (
@@ -99,7 +100,7 @@ def build_app(
     serving = Serving(client, metrics, gate)
     # protect_probes: FastAPI's own open schema and docs routes are not added (ours are)
     docs = dict(docs_url=None, redoc_url=None, openapi_url=None) if config.protect_probes else {}
-    app = FastAPI(title="pdserve", summary="OpenAI-compatible LLM serving", **docs)
+    app = _EdgeFirstApp(gate, title="pdserve", summary="OpenAI-compatible LLM serving", **docs)
     app.router.route_class = _OpenAIRoute  # the probes too: no exception escapes a route
     app.state.client = client
     app.state.metrics = metrics
@@ -115,6 +116,18 @@ def build_app(
     app.include_router(admin_router(client, admin_key, _OpenAIRoute))
     app.add_exception_handler(HTTPException, _http_exception)
     return app
+
+
+class _EdgeFirstApp(FastAPI):
+    """FastAPI with the gateway's edge (`gateway/edge.py`) in front of all of it, so that
+    refusals known from headers and queue state cost no routing, middleware or parsing."""
+
+    def __init__(self, gate: Gateway, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.edge = Edge(super().__call__, gate)
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.edge(scope, receive, send)
 
 
 # -- routes ---------------------------------------------------------------------------------
@@ -157,7 +170,7 @@ def _v1_router(client: EngineClient, serving: Serving, gate: Gateway) -> APIRout
     async def _generate(request: Request, gate: Gateway, model: type, run: Callable) -> Response:
         """The gateway's steps around one generation; the lease is closed on any error
         (a stream closes it when it ends)."""
-        lease = gate.open(request.state.api_key)
+        lease = getattr(request.state, "lease", None) or gate.open(request.state.api_key)
         try:
             body = await _parse_body(request, model, gate.config.max_body_bytes)
             gate.check(body)
@@ -233,6 +246,8 @@ def _bearer_auth(gate: Gateway) -> Callable:
     raises 401. The key check itself is constant-time (`gateway/keys.py`)."""
 
     async def check(request: Request) -> None:
+        if hasattr(request.state, "lease"):  # the edge authenticated it (gateway/edge.py)
+            return
         header = request.headers.get("authorization")
         token = None
         if header is not None:

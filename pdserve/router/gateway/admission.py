@@ -106,23 +106,58 @@ class Admission:
     ) -> Ticket:
         """A ticket for the request, or `RateLimitedError` (code `queue_full` or
         `ttft_unattainable`). Evicts a queued lower-priority request when the queue is full."""
+        refusal, victim, ahead, raw = self._decide(num_tokens, priority)
+        if refusal is not None:
+            raise refusal
+        if victim is not None:
+            self.evict(victim)
+        fitted = raw if self.model.is_fitted else None
+        ticket = Ticket(
+            request_id,
+            priority,
+            num_tokens,
+            ahead + num_tokens,
+            self.num_running,
+            self.clock(),
+            fitted,
+            num_seqs,
+        )
+        self._tokens[priority] = self._tokens.get(priority, 0) + num_tokens
+        self._queued.setdefault(priority, {})[request_id] = ticket
+        self.num_queued += 1
+        return ticket
+
+    def refuse_early(self, priority: int = 0) -> RateLimitedError | None:
+        """The refusal any request of `priority` would get now, whatever its size (as if
+        it had one prompt token: more tokens only predict a later first token), or None.
+        Decided from the queue alone, so the HTTP edge can answer before parsing a body
+        (`gateway/edge.py`); it changes nothing."""
+        if not self.is_active:
+            return None
+        return self._decide(1, priority)[0]
+
+    def _decide(
+        self, num_tokens: int, priority: int
+    ) -> tuple[RateLimitedError | None, Ticket | None, int, float]:
+        """(refusal, victim to evict, tokens ahead, the model's raw TTFT prediction)."""
         victim = None
         if self.max_queued is not None and self.num_queued >= self.max_queued:
             victim = self._victim(priority)
             if victim is None:
-                raise RateLimitedError(
+                refusal = RateLimitedError(
                     f"the server has {self.num_queued} requests waiting for their first "
                     f"token (max_queued_requests {self.max_queued}); retry later",
                     self.retry_after_hint(),
                     type="overloaded",
                     code="queue_full",
                 )
+                return refusal, None, 0, 0.0
         ahead = self.tokens_ahead(priority)
         raw = self.model.predict(ahead + num_tokens, self.num_running)
         if self.target_s is not None and ahead > 0:
             predicted = raw * self.correction
             if predicted > self.target_s:
-                raise RateLimitedError(
+                refusal = RateLimitedError(
                     f"the server cannot start this request within its TTFT target of "
                     f"{self.target_s * 1000:.0f} ms now (predicted {predicted * 1000:.0f} ms); "
                     "retry later",
@@ -130,17 +165,8 @@ class Admission:
                     type="overloaded",
                     code="ttft_unattainable",
                 )
-        if victim is not None:
-            self.evict(victim)
-        work = ahead + num_tokens
-        fitted = raw if self.model.is_fitted else None
-        ticket = Ticket(
-            request_id, priority, num_tokens, work, self.num_running, self.clock(), fitted, num_seqs
-        )
-        self._tokens[priority] = self._tokens.get(priority, 0) + num_tokens
-        self._queued.setdefault(priority, {})[request_id] = ticket
-        self.num_queued += 1
-        return ticket
+                return refusal, None, ahead, raw
+        return None, victim, ahead, raw
 
     def _victim(self, priority: int) -> Ticket | None:
         worst = max(self._queued, default=None)

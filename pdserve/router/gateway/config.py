@@ -33,6 +33,8 @@ class GatewayConfig:
     admission_prefill_tokens_per_s: float = 2000.0  # prior until TTFTs are measured
     max_queued_requests: int | None = None  # admitted without a first token; 429 past it
     request_timeout_s: float | None = None  # default deadline; the `timeout` field wins
+    # Generation requests in flight at once; past it 503 `server_busy` (gateway/edge.py)
+    limit_concurrency: int | None = None
     # -- API keys (gateway/keys.py)
     api_key: str | None = None  # one key without quotas, named "default"
     api_keys_file: str | None = None  # YAML `keys:` list with quotas
@@ -40,7 +42,8 @@ class GatewayConfig:
 
     def __post_init__(self) -> None:
         positive = ("max_body_bytes", "max_n", "max_prompts", "max_stop", "max_stop_chars")
-        for name in (*positive, "max_prompt_bytes", "max_queued_requests"):
+        limits = ("max_prompt_bytes", "max_queued_requests", "limit_concurrency")
+        for name in (*positive, *limits):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(name, f"must be positive, got {value}")

@@ -48,11 +48,18 @@ class Gateway:
     def authenticate(self, token: str | None) -> k.ApiKey | None:
         """The key a bearer token belongs to; None when keys are off. Raises `LookupError`
         for a missing or wrong token (the app answers 401)."""
+        try:
+            return self.lookup(token)
+        except LookupError:
+            self.metrics.rejected.labels("unauthorized").inc()
+            raise
+
+    def lookup(self, token: str | None) -> k.ApiKey | None:
+        """`authenticate` without counting a refusal (the edge's first look)."""
         if self.keys is None:
             return None
         key = self.keys.authenticate(token) if token is not None else None
         if key is None:
-            self.metrics.rejected.labels("unauthorized").inc()
             raise LookupError("no key" if token is None else "wrong key")
         return key
 
@@ -164,5 +171,7 @@ class Lease:
             used = num_prompt_tokens + num_completion_tokens
             k.end_request(self.key, self._num_charged_tokens - used)
         metrics = self.gateway.metrics
-        metrics.key_prompt_tokens.labels(name).inc(num_prompt_tokens)
-        metrics.key_generation_tokens.labels(name).inc(num_completion_tokens)
+        if num_prompt_tokens:  # a refused request has none: skip the label look-ups
+            metrics.key_prompt_tokens.labels(name).inc(num_prompt_tokens)
+        if num_completion_tokens:
+            metrics.key_generation_tokens.labels(name).inc(num_completion_tokens)

@@ -66,17 +66,17 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     """The body, or `PayloadTooLargeError` as soon as it is known to exceed `max_bytes`."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLargeError(_too_large(int(declared), max_bytes))
+        raise PayloadTooLargeError(too_large_message(int(declared), max_bytes))
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:
-            raise PayloadTooLargeError(_too_large(size, max_bytes, at_least=True))
+            raise PayloadTooLargeError(too_large_message(size, max_bytes, at_least=True))
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _too_large(size: int, max_bytes: int, at_least: bool = False) -> str:
+def too_large_message(size: int, max_bytes: int, at_least: bool = False) -> str:
     more = "at least " if at_least else ""
     return f"the request body is {more}{size} bytes; the limit is {max_bytes} bytes"
 
