@@ -207,6 +207,7 @@ def worker_config(args: argparse.Namespace):
         backends=tuple(b for b in args.kv_backends.split(",") if b),
         kv_layerwise=not args.no_kv_layerwise,
         cluster_key_file=_worker_key_file(args),
+        kv_transport_security=args.kv_transport_security,
         health_file=Path(args.health_file) if args.health_file else None,
     )
     return config
@@ -230,6 +231,7 @@ def _spec_worker_config(path: str):
         backends=spec.backends,
         kv_layerwise=spec.kv_layerwise,
         cluster_key_file=Path(spec.cluster_key_file) if spec.cluster_key_file else None,
+        kv_transport_security=spec.kv_transport_security,
     )
 
 
@@ -334,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--cluster-key", default=None, help="the cluster's CURVE key file")
     worker.add_argument(
         "--insecure-no-curve", action="store_true", help="DEBUG ONLY: sockets without CURVE"
+    )
+    worker.add_argument(
+        "--kv-transport-security",
+        default="encrypt",
+        choices=["encrypt", "mac"],
+        help="KV between workers: CURVE-encrypted, or MAC-authenticated only (the same on "
+        "every worker of a cluster)",
     )
     worker.add_argument(
         "--health-file",

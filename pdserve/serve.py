@@ -96,6 +96,9 @@ class ServeConfig:
     # for a fresh key made at start and handed to the children this command launches.
     cluster_key_file: str | None = None
     insecure_no_curve: bool = False  # plain ZeroMQ: for debugging only, logged loudly
+    # KV messages between workers (tcp backend): "encrypt" (CURVE, like every channel) or
+    # "mac" (plain ZeroMQ, each message authenticated: integrity, not secrecy)
+    kv_transport_security: str = "encrypt"
     # Elastic P/D (control/planner.py): "slo" moves workers between roles to follow the
     # load, with the SLOs and a `pdserve profile` cost model; "none" keeps the layout.
     planner: str = "none"
@@ -140,6 +143,9 @@ class ServeConfig:
             self.engine_for(role)  # validates the overrides
         self.routing()  # validates the routing fields
         self.gateway()  # validates the gateway fields
+        if self.kv_transport_security not in security.KV_SECURITY_MODES:
+            modes = " | ".join(security.KV_SECURITY_MODES)
+            raise ConfigError("kv_transport_security", f"must be {modes}")
         counts = self.worker_counts()
         if sum(counts.values()) + self.external_workers == 0:
             raise ConfigError("workers", "no workers configured")
@@ -335,6 +341,11 @@ SERVE_FLAGS = {
     "router_port": (int, "port workers report to (default: any free port)"),
     "kv_backend": (str, "auto | shm | tcp | nixl (default auto; nixl needs pip install nixl)"),
     "kv_wire_dtype": (str, "auto | int8: int8 KV with per-block scales on tcp (default auto)"),
+    "kv_transport_security": (
+        str,
+        "encrypt | mac: KV between workers CURVE-encrypted, or authenticated only (a MAC "
+        "per message: for private networks; default encrypt)",
+    ),
     "auto_local_prefill_tokens": (int, "auto mode: prompts shorter than this prefill locally"),
     "kv_transfer_timeout_s": (float, "seconds before a KV hand-over is abandoned"),
     "routing_policy": (str, "kv_aware | least_loaded | round_robin (default kv_aware)"),
@@ -706,6 +717,7 @@ class WorkerSpecs:
             backends=("shm", "tcp") if c.kv_backend == "auto" else (c.kv_backend,),
             kv_layerwise=c.kv_layerwise,
             cluster_key_file=str(self.key_file) if self.key_file else None,
+            kv_transport_security=c.kv_transport_security,
         )
 
 

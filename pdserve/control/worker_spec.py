@@ -44,6 +44,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backends: tuple[str, ...] = ("shm", "tcp")
     kv_layerwise: bool = True
     cluster_key_file: str | None = None  # None: plain ZeroMQ (--insecure-no-curve)
+    kv_transport_security: str = "encrypt"  # or "mac" (ipc/security.py, KVMac)
 
 
 def encode_spec(spec: WorkerSpec) -> bytes:

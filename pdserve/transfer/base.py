@@ -26,6 +26,7 @@ import torch
 import xxhash
 import zmq
 
+from pdserve.ipc import security
 from pdserve.ipc.messages import KVDestination, KVDone, KVLayer, KVLayout, encode
 from pdserve.kv import int8
 
@@ -58,15 +59,20 @@ def checksum(data: memoryview | bytes) -> int:
 class PeerSockets:
     """One PUSH socket per decode worker KV address, created on first use."""
 
-    def __init__(self, ctx: zmq.Context, linger_ms: int = 1000) -> None:
+    def __init__(
+        self, ctx: zmq.Context, linger_ms: int = 1000, kv_mac: security.KVMac | None = None
+    ) -> None:
         self.ctx = ctx
         self.linger_ms = linger_ms
+        self.kv_mac = kv_mac  # kv_transport_security "mac": plain sockets, messages MAC'd
         self._sockets: dict[str, zmq.Socket] = {}
 
     def get(self, addr: str) -> zmq.Socket:
         sock = self._sockets.get(addr)
         if sock is None:
             sock = self.ctx.socket(zmq.PUSH)
+            if self.kv_mac is not None:
+                sock = security.MacSocket(security.plain(sock), self.kv_mac)
             sock.setsockopt(zmq.LINGER, self.linger_ms)
             # A dead decode worker must not block the prefill loop for ever: a send that
             # cannot be queued within this time raises zmq.Again (a TransferError).

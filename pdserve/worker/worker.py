@@ -96,6 +96,9 @@ class WorkerConfig:
     advertise_host: str | None = None  # how others reach it when `host` is a wildcard
     backends: tuple[str, ...] = ("shm", "tcp")  # transfer backends offered / used
     kv_layerwise: bool = True
+    # "encrypt": the kv socket speaks CURVE like the others; "mac": plain ZeroMQ with
+    # every KV message authenticated by `security.KVMac` (integrity, not secrecy)
+    kv_transport_security: str = "encrypt"
     # The cluster's CURVE key file (ipc/security.py); None only with --insecure-no-curve.
     cluster_key_file: Path | None = None
     # Stamped with the loop's last pass for outside supervisors (worker/liveness.py).
@@ -116,8 +119,10 @@ class Worker:
         if self.cluster_key is None:
             security.warn_insecure(f"worker {self.worker_id}")
         self._auth = security.secure_context(self.ctx, self.cluster_key)
+        is_mac = config.kv_transport_security == "mac" and self.cluster_key is not None
+        self.kv_mac = security.KVMac(self.cluster_key) if is_mac else None
         self.ctrl = self._bind(zmq.PULL)
-        self.kv = self._bind(zmq.PULL)
+        self.kv = self._bind(zmq.PULL, is_plain=is_mac)
         self.out = self.ctx.socket(zmq.PUSH)
         self.out.setsockopt(zmq.LINGER, 2000)
         self.out.setsockopt(zmq.SNDHWM, OUT_QUEUE_MESSAGES)
@@ -133,7 +138,7 @@ class Worker:
         self.core.warmup()  # before registering: the first request must not pay for it
         self.loop_clock = LoopClock(self.core.predicted_max_step_s)
         self.layout = self._layout()
-        self.peers = PeerSockets(self.ctx)
+        self.peers = PeerSockets(self.ctx, kv_mac=self.kv_mac)
         kv_cache = self.core.runner.kv_cache
         senders = {
             name: make_sender(name, kv_cache, self.layout, self.peers, **self._options(name))
@@ -160,8 +165,9 @@ class Worker:
             return {"agent_name": f"{self.worker_id}-{os.getpid()}"}
         return {}
 
-    def _bind(self, kind: int) -> zmq.Socket:
-        sock = security.as_server(self.ctx.socket(kind), self.cluster_key)
+    def _bind(self, kind: int, is_plain: bool = False) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock = security.plain(sock) if is_plain else security.as_server(sock, self.cluster_key)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind_to_random_port(f"tcp://{self.config.host}")
         return sock
@@ -247,7 +253,7 @@ class Worker:
         busy = self.core.has_unfinished_requests()
         events = dict(poller.poll(0 if busy else 50))
         if self.kv in events:
-            self._drain(self.kv, self._on_kv)
+            self._drain(self.kv, self._on_kv, self.kv_mac)
         if self.ctrl in events:
             self._drain(self.ctrl, self._on_ctrl)
         self._flush(self.handoffs.tick())
@@ -294,12 +300,15 @@ class Worker:
         self._idle_since = self._idle_since or now
         return now - self._idle_since > DRAIN_IDLE_S
 
-    def _drain(self, sock: zmq.Socket, handle) -> None:
+    def _drain(self, sock: zmq.Socket, handle, mac: security.KVMac | None = None) -> None:
         while True:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            if mac is not None and (frames := mac.open(frames)) is None:
+                logger.warning("dropping a KV message that fails its MAC (not from the cluster)")
+                continue
             try:
                 message = m.decode(frames[0].buffer)
             except (msgspec.ValidationError, msgspec.DecodeError) as e:

@@ -77,9 +77,12 @@ def test_every_engine_field_survives_serve_to_worker(field, tmp_path):
 
 
 def test_spec_fields_reach_the_worker(tmp_path):
-    config = ServeConfig(kv_backend="tcp", kv_layerwise=False, worker_host="127.0.0.2")
+    config = ServeConfig(
+        kv_backend="tcp", kv_layerwise=False, worker_host="127.0.0.2", kv_transport_security="mac"
+    )
     got = through_serve(config, "prefill", tmp_path)
     assert (got.backends, got.kv_layerwise, got.host) == (("tcp",), False, "127.0.0.2")
+    assert got.kv_transport_security == "mac"
     assert through_serve(ServeConfig(), "mixed", tmp_path).backends == ("shm", "tcp")
 
 

@@ -138,3 +138,82 @@ def test_without_a_key_sockets_stay_plain():
     assert pull.mechanism == zmq.NULL
     pull.close(0)
     ctx.term()
+
+
+# -- kv_transport_security "mac": plain ZeroMQ, every message authenticated ----------------
+
+
+def mac_pair(key: security.ClusterKey):
+    """A decode worker's plain `kv` PULL in a keyed context (as `Worker` makes it) and a
+    prefill worker's MAC'd peers."""
+    from pdserve.transfer.base import PeerSockets
+
+    ctx = zmq.Context()
+    auth = security.secure_context(ctx, key)
+    pull = security.plain(ctx.socket(zmq.PULL))
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.setsockopt(zmq.RCVTIMEO, 5000)
+    addr = f"tcp://127.0.0.1:{pull.bind_to_random_port('tcp://127.0.0.1')}"
+    peers = PeerSockets(ctx, linger_ms=0, kv_mac=security.KVMac(key))
+    return ctx, auth, pull, addr, peers
+
+
+def test_kv_mac_passes_the_cluster_messages_and_refuses_tampered_or_forged_ones():
+    key = security.generate_key()
+    mac = security.KVMac(key)
+    ctx, auth, pull, addr, peers = mac_pair(key)
+    rogue = zmq.Context()
+    try:
+        header, data = m.encode(m.Shutdown()), memoryview(bytes(range(256)) * 64)
+        sock = peers.get(addr)
+        sock.send(header, zmq.SNDMORE)
+        tracker = sock.send(data, copy=False, track=True)  # zero-copy, as TcpSender sends
+        frames = pull.recv_multipart(copy=False)
+        assert tracker.done or tracker.wait(5) is None
+        assert len(frames) == 4  # nonce | header | data | tag
+        assert [bytes(f.buffer) for f in mac.open(frames)] == [header, bytes(data)]
+        raw = [bytes(f.buffer) for f in frames]
+        for i in (0, 1, 2, 3):  # any bit of nonce, header, data or tag
+            tampered = list(raw)
+            tampered[i] = bytes([tampered[i][0] ^ 1]) + tampered[i][1:]
+            assert mac.open(tampered) is None, i
+        resplit = [raw[0], raw[1] + raw[2][:1], raw[2][1:], raw[3]]  # same bytes, cut elsewhere
+        assert mac.open(resplit) is None
+        assert mac.open(raw[1:3]) is None  # a plain peer's message: no nonce, no tag
+        other = security.KVMac(security.generate_key())  # another cluster's key
+        forged = security.MacSocket(security.plain(rogue.socket(zmq.PUSH)), other)
+        forged.setsockopt(zmq.LINGER, 0)
+        forged.connect(addr)
+        forged.send(header, zmq.SNDMORE)
+        forged.send(bytes(data))
+        assert mac.open(pull.recv_multipart(copy=False)) is None
+    finally:
+        peers.close()
+        pull.close(0)
+        auth.stop()
+        rogue.destroy(0)
+        ctx.term()
+
+
+def test_kv_mac_socket_is_plain_zeromq_and_a_curve_peer_cannot_reach_it():
+    """mac mode changes the kv socket only: a CURVE client (an encrypt-mode worker) fails
+    the handshake with it, so a cluster with mixed modes loses KV, never accepts it
+    unchecked."""
+    key = security.generate_key()
+    ctx, auth, pull, addr, peers = mac_pair(key)
+    try:
+        assert pull.mechanism == zmq.NULL
+        curve_client = ctx.socket(zmq.PUSH)  # the context's defaults: a keyed CURVE client
+        curve_client.setsockopt(zmq.LINGER, 0)
+        curve_client.setsockopt(zmq.SNDTIMEO, 500)
+        assert curve_client.mechanism == zmq.CURVE
+        curve_client.connect(addr)
+        with contextlib.suppress(zmq.Again):
+            curve_client.send(b"encrypted")
+        assert pull.poll(1000) == 0
+        curve_client.close(0)
+    finally:
+        peers.close()
+        pull.close(0)
+        auth.stop()
+        ctx.term()

@@ -67,6 +67,7 @@ def test_yaml_then_flags_win(tmp_path, monkeypatch):
         ("engine: {dtype: float8}\n", "dtype"),
         ("port: eighty\n", "port"),
         ("kv_layerwise: 3\n", "kv_layerwise"),
+        ("kv_transport_security: none\n", "kv_transport_security"),
         ("engine: {max_num_seqs: 1.5}\n", "engine.max_num_seqs"),
         ("engine: {batch_invariant: 1}\n", "engine.batch_invariant"),
         ("engine: {batch_invariant: true, device: cuda}\n", "batch_invariant"),

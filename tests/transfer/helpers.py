@@ -35,13 +35,13 @@ def layer_block_bytes(layout: m.KVLayout) -> int:
 class Wire:
     """A decode worker's KV socket (PULL, bound) and a prefill worker's peers (PUSH)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kv_mac=None) -> None:
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.setsockopt(zmq.RCVTIMEO, 5000)  # a missing message fails, never hangs
         self.addr = f"tcp://127.0.0.1:{self.pull.bind_to_random_port('tcp://127.0.0.1')}"
-        self.peers = PeerSockets(self.ctx, linger_ms=0)
+        self.peers = PeerSockets(self.ctx, linger_ms=0, kv_mac=kv_mac)  # MAC'd when given
 
     def receive(self) -> tuple[m.Message, list[memoryview]]:
         frames = self.pull.recv_multipart(copy=False)
