@@ -40,7 +40,9 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -122,6 +124,7 @@ class Server:
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log: deque[str] = deque(maxlen=500)  # its output after "ready", last lines
 
     def wait_ready(self, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s
@@ -129,10 +132,17 @@ class Server:
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if line.startswith("pdserve ready"):
+                # Keep reading: a full pipe would block the server's next log line.
+                threading.Thread(target=self._drain, daemon=True).start()
                 return
             if not line and self.proc.poll() is not None:
                 break
         raise RuntimeError(f"{self.name} did not start")
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.log.append(line.rstrip())
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -14,7 +14,10 @@ worker's pool. So each sample also splits VmRSS into RssAnon (the heap: tensors,
 objects — where a leak would show), RssFile and RssShmem.
 
 Reported: each of those per process at the end of the warm-up (`--warmup-minutes`) and at
-the end, the growth in per cent (goal: within 5 %), and requests by outcome.
+the end, the growth in per cent (goal: within 5 %), the least-squares slope after warm-up
+(MiB per minute), and requests by outcome. Processes are looked up at every sample, so a
+worker that the router declared dead and restarted shows as a new process (and the run
+says when), not as a jump in the old one's memory.
 
     python benchmarks/soak.py [--minutes 30] [--warmup-minutes 5] [--concurrency 8]
         [--mode disaggregated]
@@ -111,11 +114,27 @@ async def client(url: str, end: float, vocab_size: int, seed: int, counts: dict)
                 await asyncio.sleep(0.5)  # refused by the quota: back off a little
 
 
-async def sample(pids: dict[str, int], end: float, every_s: float, samples: list) -> None:
+def processes(server_pid: int) -> dict[str, int]:
+    """The router and its workers now, by name (a restarted worker has a new pid, so a
+    new name: its memory is not mistaken for growth of the one it replaced)."""
+    return {"router": server_pid, **{role(pid): pid for pid in children(server_pid)}}
+
+
+async def sample(server_pid: int, end: float, every_s: float, samples: list) -> None:
     start = time.monotonic()
     while time.monotonic() < end:
-        samples.append((time.monotonic() - start, {n: rss_mib(p) for n, p in pids.items()}))
+        found = {n: rss_mib(p) for n, p in processes(server_pid).items()}
+        samples.append((time.monotonic() - start, {n: v for n, v in found.items() if v}))
         await asyncio.sleep(every_s)
+
+
+def lifetimes(samples: list) -> dict[str, tuple[float, float]]:
+    """Per process name: the first and last time it was sampled."""
+    seen: dict[str, tuple[float, float]] = {}
+    for t, found in samples:
+        for name in found:
+            seen[name] = (seen.get(name, (t, t))[0], t)
+    return seen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--mode", default="disaggregated")
     p.add_argument("--sample-s", type=float, default=10)
+    p.add_argument("--worker-lease-s", type=float, default=30.0)
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     model_dir = common.resolve_model_dir(None)
@@ -133,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     # A quota the mix exceeds now and then, so refusals are part of the soak.
     keys.write_text(f"keys:\n  - {{name: soak, key: {KEY}, requests_per_minute: 240}}\n")
     extra = ["--api-keys", str(keys), "--request-timeout-s", "60"]
+    # On a shared, loaded host a worker can stall for seconds; declared dead, it would be
+    # restarted and the memory being measured would start over.
+    extra += ["--worker-lease-s", str(args.worker_lease_s)]
     server = Server("soak", extra, threads=1, mode=args.mode)
     workload = {k: v for k, v in vars(args).items() if k != "json_out"}
     common.print_header(
@@ -148,9 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     counts: dict[str, int] = {}
     try:
         server.wait_ready()
-        pids = {"router": server.proc.pid}
-        for pid in children(server.proc.pid):
-            pids[role(pid)] = pid
         end = time.monotonic() + args.minutes * 60
 
         async def run() -> None:
@@ -158,19 +178,32 @@ def main(argv: list[str] | None = None) -> int:
                 client(server.url, end, vocab_size, seed, counts)
                 for seed in range(args.concurrency)
             ]
-            await asyncio.gather(sample(pids, end, args.sample_s, samples), *users)
+            await asyncio.gather(sample(server.proc.pid, end, args.sample_s, samples), *users)
 
         asyncio.run(run())
     finally:
         server.stop()
     result = summarise(samples, args.warmup_minutes * 60)
     print(f"requests by outcome: {dict(sorted(counts.items()))}")
+    end_s = samples[-1][0] if samples else 0.0
+    for name, (first, last) in lifetimes(samples).items():
+        if first > 0 or last < end_s:  # a worker that died or was restarted mid-run
+            print(f"{name}: sampled from {first / 60:.1f} to {last / 60:.1f} min")
+    events = [line for line in server.log if any(w in line for w in ("dead", "died", "restart"))]
+    print("\n".join(["server log (worker deaths and restarts):", *events]) if events else "")
     rows = [
-        [name, field, f"{r['warm_mib']:.0f}", f"{r['end_mib']:.0f}", f"{r['growth'] * 100:+.1f} %"]
+        [
+            name,
+            field,
+            f"{r['warm_mib']:.0f}",
+            f"{r['end_mib']:.0f}",
+            f"{r['growth'] * 100:+.1f} %",
+            f"{r['slope_mib_per_min']:+.2f}",
+        ]
         for name, parts in result.items()
         for field, r in parts.items()
     ]
-    head = ["process", "measure", "after warm-up MiB", "at end MiB", "growth"]
+    head = ["process", "measure", "after warm-up MiB", "at end MiB", "growth", "MiB/min"]
     print(common.format_table(head, rows))
     for field in ("VmRSS", "RssAnon"):
         worst = max((p[field]["growth"] for p in result.values() if field in p), default=0.0)
@@ -186,17 +219,36 @@ def summarise(samples: list, warmup_s: float) -> dict:
     after warm-up and in the last minute (a median, so one sample caught mid-allocation does
     not decide)."""
     result: dict[str, dict] = {}
-    names = samples[0][1].keys() if samples else []
+    names = lifetimes(samples)
     end_s = samples[-1][0] if samples else 0
     for name in names:
         for field in FIELDS:
-            warm = [s[name][field] for t, s in samples if warmup_s <= t < warmup_s + 60 and s[name]]
-            last = [s[name][field] for t, s in samples if t >= end_s - 60 and s[name]]
+            warm = [
+                s[name][field] for t, s in samples if warmup_s <= t < warmup_s + 60 and name in s
+            ]
+            last = [s[name][field] for t, s in samples if t >= end_s - 60 and name in s]
             if warm and last:
                 w, e = sorted(warm)[len(warm) // 2], sorted(last)[len(last) // 2]
                 growth = e / w - 1 if w else 0.0
-                result.setdefault(name, {})[field] = {"warm_mib": w, "end_mib": e, "growth": growth}
+                after = [(t, s[name][field]) for t, s in samples if t >= warmup_s and name in s]
+                result.setdefault(name, {})[field] = {
+                    "warm_mib": w,
+                    "end_mib": e,
+                    "growth": growth,
+                    "slope_mib_per_min": slope(after) * 60,
+                }
     return result
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, MiB) points: MiB per second (0 for fewer than 2)."""
+    n = len(points)
+    if n < 2:
+        return 0.0
+    mt = sum(t for t, _ in points) / n
+    mv = sum(v for _, v in points) / n
+    var = sum((t - mt) ** 2 for t, _ in points)
+    return sum((t - mt) * (v - mv) for t, v in points) / var if var else 0.0
 
 
 if __name__ == "__main__":
