@@ -263,18 +263,11 @@ class LlamaForCausalLM(nn.Module):
         """Products of at most this many rows run on OpenBLAS's threads, not torch's."""
         return self.lm_head_mm.max_blas_rows if self.lm_head_mm is not None else 0
 
-    def finish_loading(
-        self, batch_invariant: bool = False, quantization: str | None = None
-    ) -> None:
+    def finish_loading(self, batch_invariant: bool = False) -> None:
         """Hand products on CPU to the gemv kernel / oneDNN once the weights are in place
         (see `cpu_blas`: 1.5-2x faster than torch's MKL path on AMD CPUs), or with
-        `batch_invariant` to the batch-invariant kernels (the caller checked they exist),
-        or with `quantization` replace the weights by 8-bit ones (`quant.py`)."""
-        if quantization is not None:
-            from pdserve.model import quant  # lazily: quant needs this module's Linear
-
-            quant.quantize_model(self, quantization)
-            return
+        `batch_invariant` to the batch-invariant kernels (the caller checked they exist).
+        8-bit weights replace this step (`quant.quantize_model`, called by the loader)."""
         if batch_invariant:
             for norm in self.modules():
                 if isinstance(norm, RMSNorm):

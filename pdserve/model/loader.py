@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from pdserve.config import ModelConfig, read_json
 from pdserve.errors import ModelLoadError
+from pdserve.model import quant
 from pdserve.model.llama import LlamaForCausalLM
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -69,5 +70,8 @@ def load_model(
     files = weight_files(model_dir)
     model = LlamaForCausalLM(config, max_len=max_len, dtype=dtype, device=device)
     model.load_weights(iterate_weights(files))
-    model.finish_loading(batch_invariant, quantization)
+    if quantization is not None:
+        quant.quantize_model(model, quantization)
+    else:
+        model.finish_loading(batch_invariant)
     return model.eval()

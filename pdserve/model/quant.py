@@ -40,6 +40,7 @@ from torch import nn
 from pdserve.config import QUANTIZATIONS
 from pdserve.errors import ConfigError
 from pdserve.model import kernels
+from pdserve.model.llama import Linear
 
 logger = logging.getLogger(__name__)
 
@@ -240,8 +241,6 @@ class _HeadProduct:
 def quantize_model(model: nn.Module, method: str) -> None:
     """Replace every `Linear` of a loaded `LlamaForCausalLM` and its LM head by int8
     versions, in place, releasing the dense weights (a tied embedding stays for lookups)."""
-    from pdserve.model.llama import Linear  # here: llama imports this module lazily too
-
     if method not in QUANTIZATIONS:
         raise ConfigError("quantization", f"{method!r}; one of {QUANTIZATIONS}")
     lib = _kernel() if model.lm_head.device.type == "cpu" else None
