@@ -40,7 +40,8 @@ from pdserve.config import EngineConfig
 from pdserve.control.launcher import LocalLauncher, Watchdog, python_module_command
 from pdserve.control.membership import DEFAULT_LEASE_S
 from pdserve.control.migration import MigrationConfig
-from pdserve.control.planner import PlannerConfig, PlannerLoop, RequestLog
+from pdserve.control.planner import PlannerConfig, RequestLog
+from pdserve.control.planner_loop import PlannerLoop
 from pdserve.control.ray_config import RoleResources, is_loopback, parse_worker_resources
 from pdserve.control.slo_classes import parse_classes
 from pdserve.control.worker_spec import SECRET_ENGINE_FIELDS, SpecFolder, WorkerSpec

@@ -32,7 +32,7 @@ shares of the mix (a worker time-shares them: 1 / sum(share / rate)).
 
 Everything here is plain arithmetic on plain data, torch-free and simulator-free (the
 rate model is passed in), so the simulator can run the same decisions offline and tests
-can check them exactly.
+can check them exactly. `planner_loop.py` runs them beside the router.
 """
 
 from __future__ import annotations
@@ -286,8 +286,8 @@ def decide(
     if last_switch is not None and now - last_switch < config.cooldown_s and not is_continuing:
         return Decision(current, current_goodput, current_goodput, "hold: cooling down")
     reason = (
-        f"{_describe(best.layout)} predicts {best.predicted_goodput:.2f} req/s vs "
-        f"{current_goodput:.2f} for {_describe(current)} at {fc.rate:.2f} req/s"
+        f"{describe_layout(best.layout)} predicts {best.predicted_goodput:.2f} req/s vs "
+        f"{current_goodput:.2f} for {describe_layout(current)} at {fc.rate:.2f} req/s"
     )
     return Decision(
         best.layout, best.predicted_goodput, current_goodput, reason, moves(roles, best.layout)
@@ -303,83 +303,5 @@ def moves(roles: dict[str, str], target: Layout) -> tuple[tuple[str, str], ...]:
     return tuple(zip(spare, needed, strict=True))
 
 
-def _describe(layout: Layout) -> str:
+def describe_layout(layout: Layout) -> str:
     return "/".join(f"{n}{role[0].upper()}" for role, n in layout.as_dict().items() if n)
-
-
-class PlannerLoop:
-    """The planner running beside the router: every `interval_s`, forecast, decide, and
-    carry out one move (`switch(worker, role, reason)`, an awaitable: the elastic
-    drain-and-switch). Decisions are kept (`history`) for `/admin` and the dashboard."""
-
-    def __init__(
-        self,
-        config: PlannerConfig,
-        log: RequestLog,
-        rates: RateModel,
-        roles: Callable[[], dict[str, str]],
-        switch: Callable[[str, str, str], object],
-        on_decision: Callable[[Decision], None] | None = None,
-    ) -> None:
-        self.config = config
-        self.log = log
-        self.rates = rates
-        self.roles = roles
-        self.switch = switch
-        self.on_decision = on_decision
-        self.last_switch: float | None = None
-        self.heading: Layout | None = None  # the target of the transition under way
-        self.history: deque[tuple[float, Decision]] = deque(maxlen=100)
-
-    async def step(self, now: float | None = None) -> Decision | None:
-        import asyncio
-
-        now = time.monotonic() if now is None else now
-        roles = self.roles()
-        if not roles:
-            return None
-        fc = forecast(self.log, self.config, now)
-        from pdserve.control.calibration import calibrate
-        from pdserve.control.slo_classes import class_rates
-
-        rates = await asyncio.get_running_loop().run_in_executor(
-            None, class_rates, self.rates, fc, self.config
-        )
-
-        current = current_layout(roles)
-        rates, calibration = calibrate(
-            rates, current, fc, self.log, self.config, now, since=self.last_switch
-        )
-        if self.heading == current:
-            self.heading = None  # arrived
-        decision = decide(roles, fc, rates, self.config, now, self.last_switch, self.heading)
-        if calibration.factor < 1:
-            note = (
-                f" (model rates x{calibration.factor:.2f}: {_describe(current)} met the SLOs "
-                f"of {calibration.delivered:.2f} req/s of {fc.rate:.2f})"
-            )
-            decision = dataclasses.replace(decision, reason=decision.reason + note)
-        self.history.append((now, decision))
-        if self.on_decision is not None:
-            self.on_decision(decision)
-        if decision.moves:
-            worker_id, role = decision.moves[0]  # one at a time; the next pass re-decides
-            self.heading = decision.target
-            await self.switch(worker_id, role, "planner")
-            self.last_switch = time.monotonic()
-        return decision
-
-    async def run(self) -> None:
-        import asyncio
-        import logging
-
-        logger = logging.getLogger(__name__)
-        while True:
-            await asyncio.sleep(self.config.interval_s)
-            try:
-                decision = await self.step()
-            except Exception:  # the planner must not die of one bad pass
-                logger.exception("planner pass failed")
-                continue
-            if decision is not None and decision.moves:
-                logger.info("planner: %s; moving %s", decision.reason, decision.moves[0])

@@ -63,7 +63,8 @@ from pdserve.sampling_params import SamplingParams, child_params
 from pdserve.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from pdserve.control.planner import PlannerLoop, RequestLog
+    from pdserve.control.planner import RequestLog
+    from pdserve.control.planner_loop import PlannerLoop
 
 logger = logging.getLogger(__name__)
 

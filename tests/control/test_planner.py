@@ -12,7 +12,6 @@ from pdserve.control.planner import (
     Forecast,
     Layout,
     PlannerConfig,
-    PlannerLoop,
     RequestLog,
     RoleRates,
     decide,
@@ -21,6 +20,7 @@ from pdserve.control.planner import (
     moves,
     propose,
 )
+from pdserve.control.planner_loop import PlannerLoop
 from pdserve.errors import ConfigError
 
 CONFIG = PlannerConfig(slo_ttft_ms=1000, slo_tpot_ms=100, interval_s=10, window_s=30)

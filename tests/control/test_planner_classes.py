@@ -15,12 +15,12 @@ from pdserve.control.planner import (
     Forecast,
     Layout,
     PlannerConfig,
-    PlannerLoop,
     RequestLog,
     RoleRates,
     decide,
     forecast,
 )
+from pdserve.control.planner_loop import PlannerLoop
 from pdserve.control.slo_classes import class_rates, parse_classes
 from pdserve.errors import ConfigError
 
