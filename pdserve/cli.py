@@ -266,7 +266,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pdserve.serve import ServeConfig, run_serve
+    from pdserve.serve import run_serve
+    from pdserve.serve_config import ServeConfig
 
     return run_serve(ServeConfig.from_args(args))
 
@@ -275,7 +276,8 @@ def cmd_router(args: argparse.Namespace) -> int:
     """The router alone; workers are started separately and register with it."""
     from dataclasses import replace
 
-    from pdserve.serve import ServeConfig, run_serve
+    from pdserve.serve import run_serve
+    from pdserve.serve_config import ServeConfig
 
     config = ServeConfig.from_args(args)
     given = {n: getattr(args, f"{n}_workers") for n in ("prefill", "decode", "mixed")}
@@ -310,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     serve = commands.add_parser("serve", help="start the OpenAI-compatible server")
-    from pdserve.serve import add_serve_args
+    from pdserve.serve_config import add_serve_args
 
     add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)

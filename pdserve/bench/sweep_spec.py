@@ -22,7 +22,7 @@ from typing import Any
 from pdserve.bench.types import SLO
 from pdserve.config import EngineConfig
 from pdserve.errors import ConfigError
-from pdserve.serve import ServeConfig
+from pdserve.serve_config import ServeConfig
 
 TOP_LEVEL_KEYS = ("configurations", "workloads", "search")
 CHOSEN_BY_SWEEP = ("port", "router_port")  # each server gets free ports

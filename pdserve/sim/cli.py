@@ -87,7 +87,7 @@ def add_sim_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_layout_args(parser: argparse.ArgumentParser) -> None:
-    from pdserve.serve import ENGINE_FLAGS, SERVE_FLAGS
+    from pdserve.serve_config import ENGINE_FLAGS, SERVE_FLAGS
 
     group = parser.add_argument_group("layout (as pdserve serve)")
     group.add_argument("--config", default=None, help="pdserve serve YAML")
@@ -105,7 +105,7 @@ def add_layout_args(parser: argparse.ArgumentParser) -> None:
 
 def serve_config(args: argparse.Namespace):
     """The `ServeConfig` `pdserve serve` would build from the same YAML and flags."""
-    from pdserve.serve import ServeConfig
+    from pdserve.serve_config import ServeConfig
 
     data = _read_yaml(args.config) if args.config else {}
     engine = dict(data.get("engine") or {})

@@ -41,7 +41,7 @@ from collections.abc import Callable
 
 from pdserve.router.kv_index import KVIndex
 from pdserve.router.ledger import LoadLedger
-from pdserve.serve import ServeConfig
+from pdserve.serve_config import ServeConfig
 from pdserve.sim.cost_model import StepCost
 from pdserve.sim.handles import SimHandle, SimPool, SimStats
 from pdserve.sim.profile import Profile

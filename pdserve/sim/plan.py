@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from pdserve.bench.types import SLO, RequestSpec
 from pdserve.config import EngineConfig
-from pdserve.serve import ServeConfig
+from pdserve.serve_config import ServeConfig
 from pdserve.sim.profile import Profile
 from pdserve.sim.search import Found, PhaseRates, SearchSettings, phase_rates, search_rate
 

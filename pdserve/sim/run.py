@@ -22,7 +22,7 @@ from typing import Any
 from pdserve.bench.loadgen import Arrival, arrival_times
 from pdserve.bench.types import RequestRecord, RequestSpec, RunResult
 from pdserve.errors import ConfigError
-from pdserve.serve import ServeConfig
+from pdserve.serve_config import ServeConfig
 from pdserve.sim.cluster import ClusterSim
 from pdserve.sim.profile import Profile
 from pdserve.sim.tokens import PromptEncoder

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pdserve.bench.goodput import search_goodput
 from pdserve.bench.loadgen import Arrival
 from pdserve.bench.types import SLO, RequestSpec, RunResult
-from pdserve.serve import ServeConfig
+from pdserve.serve_config import ServeConfig
 from pdserve.sim.cost_model import StepCost, StepShape
 from pdserve.sim.profile import Profile
 from pdserve.sim.run import simulate

@@ -1,0 +1,444 @@
+"""`pdserve serve`'s configuration: `ServeConfig` (every key of the YAML file and every
+flag), how YAML and flags combine (flags override the file; engine settings under
+`engine:`, per-role overrides under `engine_prefill:` / `engine_decode:` / `engine_mixed:`),
+its validation with errors naming the field, and the flags themselves (`add_serve_args`).
+
+Its own module, below both `serve.py` (which runs a configuration) and `sim/` (which
+simulates one), so the simulator reads the very configuration `pdserve serve` would run
+without importing the launcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pdserve.config import EngineConfig
+from pdserve.control.membership import DEFAULT_LEASE_S
+from pdserve.control.migration import MigrationConfig
+from pdserve.control.planner import PlannerConfig
+from pdserve.control.ray_config import RoleResources, parse_worker_resources
+from pdserve.control.slo_classes import parse_classes
+from pdserve.control.worker_spec import SECRET_ENGINE_FIELDS
+from pdserve.errors import ConfigError
+from pdserve.ipc import security
+from pdserve.router.gateway.config import GatewayConfig
+from pdserve.router.policy import RoutingConfig
+
+ROLES = ("prefill", "decode", "mixed")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str | None = None  # HF folder; None: the built-in model
+    model_name: str | None = None  # served name; default: the folder name
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    admin_key: str | None = None  # for /admin/* (or PDSERVE_ADMIN_KEY); None: admin off
+    mode: str = "auto"  # aggregated | disaggregated | auto
+    prefill_workers: int | None = None  # default: 1 (0 in aggregated mode)
+    decode_workers: int | None = None  # default: 1 (0 in aggregated mode)
+    mixed_workers: int | None = None  # default: 1 in aggregated mode, else 0
+    threads_per_worker: int | None = None  # default: cores split evenly
+    worker_host: str = "127.0.0.1"  # interface workers and the router's worker socket bind
+    router_port: int = 0  # the socket workers report to; 0: any free port
+    kv_backend: str = "auto"  # auto | shm | tcp
+    kv_wire_dtype: str = "auto"  # auto | int8 (tcp transfers only; see kv/int8.py)
+    kv_layerwise: bool = True
+    auto_local_prefill_tokens: int = 256
+    auto_max_prefill_queue_tokens: int = 8192
+    kv_transfer_timeout_s: float = 60.0
+    # Which worker of a pool: kv_aware | least_loaded | round_robin (router/selection.py).
+    routing_policy: str = "kv_aware"
+    kv_aware_prefill_weight: float = 1.0
+    kv_aware_queue_weight: float = 1.0
+    kv_aware_running_weight: float = 16.0
+    kv_aware_usage_weight: float = 512.0
+    kv_aware_load_margin: float = 4096.0
+    # Fault tolerance (control/): a worker silent or stalled this long is dead; a request
+    # moves at most `max_migrations` times, waiting up to `migration_wait_s` for a worker.
+    worker_lease_s: float = DEFAULT_LEASE_S
+    max_migrations: int = 3
+    migration_wait_s: float = 30.0
+    log_level: str = "INFO"
+    # Workers started elsewhere (`pdserve worker --router ...`) that readiness waits for,
+    # on top of the ones this command launches.
+    external_workers: int = 0
+    # The control plane's CURVE key (ipc/security.py): a file from `pdserve keys`, or None
+    # for a fresh key made at start and handed to the children this command launches.
+    cluster_key_file: str | None = None
+    insecure_no_curve: bool = False  # plain ZeroMQ: for debugging only, logged loudly
+    # KV messages between workers (tcp backend): "encrypt" (CURVE, like every channel) or
+    # "mac" (plain ZeroMQ, each message authenticated: integrity, not secrecy)
+    kv_transport_security: str = "encrypt"
+    # Elastic P/D (control/planner.py): "slo" moves workers between roles to follow the
+    # load, with the SLOs and a `pdserve profile` cost model; "none" keeps the layout.
+    planner: str = "none"
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    planner_profile: str | None = None
+    planner_rates_cache: str | None = None  # JSON file of simulated rates kept across runs
+    planner_interval_s: float = 10.0
+    planner_cooldown_s: float = 60.0
+    # YAML only: {class: {ttft_ms, tpot_ms}}; a request's `slo_class` picks one (else the
+    # SLO above). See control/planner.py `parse_classes`.
+    slo_classes: dict = field(default_factory=dict)
+    # The HTTP edge (router/gateway/; every field documented in GatewayConfig).
+    api_keys: str | None = None  # YAML keys file with quotas
+    protect_probes: bool = False
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_n: int = 128
+    max_prompts: int = 64
+    max_stop: int = 16
+    max_stop_chars: int = 256
+    max_stop_token_ids: int = 64
+    max_prompt_bytes: int | None = None
+    admission_ttft_ms: float | None = None
+    admission_prefill_tokens_per_s: float = 2000.0
+    max_queued_requests: int | None = None
+    request_timeout_s: float | None = None
+    limit_concurrency: int | None = None  # generation requests in flight; past it 503
+    backlog: int = 2048  # uvicorn: pending TCP connections
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    # Per-role overrides merged over `engine` (partial mappings; `engine_for`).
+    engine_prefill: dict[str, Any] = field(default_factory=dict)
+    engine_decode: dict[str, Any] = field(default_factory=dict)
+    engine_mixed: dict[str, Any] = field(default_factory=dict)
+    # Where workers run (control/launcher.py): "local" child processes, or "ray" actors on
+    # the Ray cluster at `ray_address`, with per-role `worker_resources` (control/ray_config.py).
+    launcher: str = "local"
+    ray_address: str | None = None  # None: RAY_ADDRESS, or a new Ray on this machine
+    worker_resources: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for role in ROLES:
+            self.engine_for(role)  # validates the overrides
+        self.routing()  # validates the routing fields
+        self.gateway()  # validates the gateway fields
+        if self.kv_transport_security not in security.KV_SECURITY_MODES:
+            modes = " | ".join(security.KV_SECURITY_MODES)
+            raise ConfigError("kv_transport_security", f"must be {modes}")
+        counts = self.worker_counts()
+        if sum(counts.values()) + self.external_workers == 0:
+            raise ConfigError("workers", "no workers configured")
+        if any(n < 0 for n in counts.values()):
+            raise ConfigError("workers", f"negative worker count in {counts}")
+        if not 0 < self.port < 65536:
+            raise ConfigError("port", f"{self.port} is not a TCP port")
+        if self.worker_lease_s <= 0:
+            raise ConfigError("worker_lease_s", "must be > 0")
+        if self.admin_key == "":  # api_key: the gateway config checks it
+            raise ConfigError("admin_key", "is empty; omit it to keep the admin API closed")
+        self.migration()  # validates the migration fields
+        self.planner_config()  # validates the planner fields
+        self.ray_resources()  # validates the launcher fields
+
+    def ray_resources(self) -> dict[str, RoleResources]:
+        if self.launcher not in ("local", "ray"):
+            raise ConfigError("launcher", f"{self.launcher!r}; choose 'local' or 'ray'")
+        return parse_worker_resources(self.worker_resources)
+
+    def planner_config(self) -> PlannerConfig | None:
+        if self.planner not in ("none", "slo"):
+            raise ConfigError("planner", f"{self.planner!r}; choose 'none' or 'slo'")
+        if self.planner == "none":
+            if self.slo_classes:
+                raise ConfigError("slo_classes", "are for the SLO planner: set planner: slo")
+            return None
+        for name in ("slo_ttft_ms", "slo_tpot_ms", "planner_profile"):
+            if getattr(self, name) is None:
+                hint = " (make one with: pdserve profile --out profile.json)"
+                raise ConfigError(
+                    name, "required by planner: slo" + (hint if "profile" in name else "")
+                )
+        if not Path(self.planner_profile).is_file():
+            raise ConfigError("planner_profile", f"{self.planner_profile} does not exist")
+        return PlannerConfig(
+            self.slo_ttft_ms,
+            self.slo_tpot_ms,
+            interval_s=self.planner_interval_s,
+            cooldown_s=self.planner_cooldown_s,
+            classes=parse_classes(self.slo_classes),
+        )
+
+    def migration(self) -> MigrationConfig:
+        return MigrationConfig(self.max_migrations, self.migration_wait_s)
+
+    def worker_counts(self) -> dict[str, int]:
+        aggregated = self.mode == "aggregated"
+        return {
+            "prefill": _or(self.prefill_workers, 0 if aggregated else 1),
+            "decode": _or(self.decode_workers, 0 if aggregated else 1),
+            "mixed": _or(self.mixed_workers, 1 if aggregated else 0),
+        }
+
+    def routing(self) -> RoutingConfig:
+        return RoutingConfig(
+            mode=self.mode,
+            auto_local_prefill_tokens=self.auto_local_prefill_tokens,
+            auto_max_prefill_queue_tokens=self.auto_max_prefill_queue_tokens,
+            kv_backend=self.kv_backend,
+            kv_wire_dtype=self.kv_wire_dtype,
+            kv_transfer_timeout_s=self.kv_transfer_timeout_s,
+            routing_policy=self.routing_policy,
+            kv_aware_prefill_weight=self.kv_aware_prefill_weight,
+            kv_aware_queue_weight=self.kv_aware_queue_weight,
+            kv_aware_running_weight=self.kv_aware_running_weight,
+            kv_aware_usage_weight=self.kv_aware_usage_weight,
+            kv_aware_load_margin=self.kv_aware_load_margin,
+        )
+
+    def gateway(self) -> GatewayConfig:
+        names = [f.name for f in dataclasses.fields(GatewayConfig) if f.name != "api_keys_file"]
+        return GatewayConfig(**{n: getattr(self, n) for n in names}, api_keys_file=self.api_keys)
+
+    def engine_for(self, role: str) -> EngineConfig:
+        """The engine settings of a `role` worker: `engine` with that role's overrides."""
+        overrides = getattr(self, f"engine_{role}")
+        _check_engine_keys(overrides, f"engine_{role}")
+        try:
+            return dataclasses.replace(self.engine, **overrides)
+        except ConfigError as e:
+            raise ConfigError(f"engine_{role}.{e.field}", str(e).split(": ", 1)[-1]) from None
+
+    def threads(self) -> int:
+        if self.threads_per_worker is not None:
+            return self.threads_per_worker
+        num_workers = sum(self.worker_counts().values())
+        return max(1, (os.cpu_count() or 1) // num_workers)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServeConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown setting; known: {sorted(known)}")
+        data = dict(data)
+        sections = {}
+        for name in ("engine", *(f"engine_{role}" for role in ROLES)):
+            section = data.pop(name, None) or {}
+            _check_engine_keys(section, name)
+            _check_types(EngineConfig, section, f"{name}.")
+            sections[name] = dict(section)
+        _check_types(cls, data, "")
+        engine = EngineConfig(**sections.pop("engine"))
+        return cls(**data, **sections, engine=engine)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServeConfig:
+        data: dict[str, Any] = {}
+        if args.config:
+            data = _read_yaml(Path(args.config))
+        engine = data.get("engine") or {}
+        if not isinstance(engine, dict):
+            raise ConfigError("engine", "must be a mapping of engine settings")
+        engine = dict(engine)
+        for name in [*SERVE_FLAGS, *SECURITY_FLAGS, "kv_layerwise", "protect_probes"]:
+            value = getattr(args, name)
+            if value is not None:
+                data[name] = value
+        if args.serve_log_level:
+            data["log_level"] = args.serve_log_level
+        for name in [*ENGINE_FLAGS, "batch_invariant"]:
+            value = getattr(args, f"engine_{name}")
+            if value is not None:
+                engine[name] = value
+                for role in ROLES:  # a flag sets the value for every role
+                    overrides = data.get(f"engine_{role}")
+                    if isinstance(overrides, dict):
+                        data[f"engine_{role}"] = {k: v for k, v in overrides.items() if k != name}
+        if args.api_key is None and os.environ.get("PDSERVE_API_KEY"):
+            data["api_key"] = os.environ["PDSERVE_API_KEY"]
+        if args.admin_key is None and os.environ.get("PDSERVE_ADMIN_KEY"):
+            data["admin_key"] = os.environ["PDSERVE_ADMIN_KEY"]
+        data["engine"] = engine
+        return cls.from_dict(data)
+
+
+def _check_engine_keys(section: Any, name: str) -> None:
+    if not isinstance(section, dict):
+        raise ConfigError(name, "must be a mapping of engine settings")
+    known = {f.name for f in dataclasses.fields(EngineConfig)} - SECRET_ENGINE_FIELDS
+    bad = sorted(set(section) - known)
+    if bad:
+        raise ConfigError(f"{name}.{bad[0]}", f"unknown; known: {sorted(known)}")
+
+
+def _check_types(cls: type, data: dict[str, Any], prefix: str) -> None:
+    """YAML gives any type: reject a value that is not what the field holds."""
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        allowed = typing.get_args(hints[name]) or (hints[name],)
+        allowed = tuple(type(None) if a is None else a for a in allowed)
+        if float in allowed:
+            allowed += (int,)
+        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+        if not ok and name != "engine":
+            names = " or ".join(a.__name__ for a in allowed)
+            raise ConfigError(prefix + name, f"expected {names}, got {value!r}")
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError("config", f"{path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError("config", f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of settings")
+    return data
+
+
+# Flags mirror ServeConfig / EngineConfig fields; None means "not given" so YAML wins.
+SERVE_FLAGS = {
+    "model": (str, "HF model folder (default: the built-in model)"),
+    "model_name": (str, "model name clients send (default: the folder name)"),
+    "host": (str, "HTTP interface (default 127.0.0.1)"),
+    "port": (int, "HTTP port (default 8000)"),
+    "api_key": (str, "require this bearer key on /v1 (or set PDSERVE_API_KEY)"),
+    "admin_key": (str, "bearer key for /admin/* (or set PDSERVE_ADMIN_KEY; default: off)"),
+    "mode": (str, "aggregated | disaggregated | auto (default auto)"),
+    "prefill_workers": (int, "prefill workers (default 1)"),
+    "decode_workers": (int, "decode workers (default 1)"),
+    "mixed_workers": (int, "mixed workers (default 0; 1 in aggregated mode)"),
+    "threads_per_worker": (int, "CPU threads per worker (default: cores / workers)"),
+    "worker_host": (str, "interface for internal sockets (default 127.0.0.1)"),
+    "router_port": (int, "port workers report to (default: any free port)"),
+    "kv_backend": (str, "auto | shm | tcp | nixl (default auto; nixl needs pip install nixl)"),
+    "kv_wire_dtype": (str, "auto | int8: int8 KV with per-block scales on tcp (default auto)"),
+    "kv_transport_security": (
+        str,
+        "encrypt | mac: KV between workers CURVE-encrypted, or authenticated only (a MAC "
+        "per message: for private networks; default encrypt)",
+    ),
+    "auto_local_prefill_tokens": (int, "auto mode: prompts shorter than this prefill locally"),
+    "kv_transfer_timeout_s": (float, "seconds before a KV hand-over is abandoned"),
+    "routing_policy": (str, "kv_aware | least_loaded | round_robin (default kv_aware)"),
+    "worker_lease_s": (float, "a worker silent or stalled this long is dead (default 5)"),
+    "launcher": (str, "local | ray: worker processes here, or Ray actors (default local)"),
+    "ray_address": (str, "launcher ray: the Ray cluster, HOST:PORT (default: RAY_ADDRESS)"),
+    "max_migrations": (int, "times a request may move to another worker (default 3)"),
+    "migration_wait_s": (float, "wait this long for a worker to move a request to (30)"),
+    "planner": (str, "none | slo: move workers between roles to follow the load"),
+    "slo_ttft_ms": (float, "planner slo: time-to-first-token target"),
+    "slo_tpot_ms": (float, "planner slo: time-per-output-token target"),
+    "planner_profile": (str, "planner slo: cost model from `pdserve profile --out FILE`"),
+    "planner_rates_cache": (str, "planner slo: JSON file keeping simulated rates across runs"),
+    "planner_interval_s": (float, "planner slo: seconds between decisions (default 10)"),
+    "planner_cooldown_s": (float, "planner slo: at least this long between switches (60)"),
+    "kv_aware_prefill_weight": (float, "kv_aware: cost per uncached prompt token (default 1)"),
+    "kv_aware_queue_weight": (float, "kv_aware: cost per queued prompt token (default 1)"),
+    "kv_aware_running_weight": (float, "kv_aware: cost per assigned request (default 16)"),
+    "kv_aware_usage_weight": (float, "kv_aware: cost of a full KV pool (default 512)"),
+    "kv_aware_load_margin": (
+        float,
+        "kv_aware: tokens of load past the least-loaded worker beyond which a prefix hit "
+        "no longer counts (default 4096)",
+    ),
+    "api_keys": (str, "YAML file of API keys with quotas (keys: [{name, key, ...}])"),
+    "max_body_bytes": (int, "request bodies above this get 413 (default 4 MiB)"),
+    "max_n": (int, "most samples per prompt (default 128)"),
+    "max_prompts": (int, "most prompts in one completions request (default 64)"),
+    "max_stop": (int, "most stop strings (default 16)"),
+    "max_stop_chars": (int, "longest stop string (default 256)"),
+    "max_stop_token_ids": (int, "most stop token ids (default 64)"),
+    "max_prompt_bytes": (
+        int,
+        "prompt text bytes refused untokenised (default: context x longest token)",
+    ),
+    "admission_ttft_ms": (float, "429 at once when a request's predicted TTFT exceeds this"),
+    "admission_prefill_tokens_per_s": (float, "admission's prefill rate until measured (2000)"),
+    "max_queued_requests": (int, "429 past this many requests waiting for a first token"),
+    "request_timeout_s": (float, "abort requests running longer (default: none)"),
+    "limit_concurrency": (int, "most generation requests in flight; 503 past it"),
+    "backlog": (int, "uvicorn: pending TCP connections (default 2048)"),
+}
+SECURITY_FLAGS = ("cluster_key_file", "insecure_no_curve")
+ENGINE_FLAGS = {
+    "dtype": str,
+    "device": str,
+    "max_model_len": int,
+    "max_num_seqs": int,
+    "max_num_batched_tokens": int,
+    "kv_cache_memory_gib": float,
+    "num_kv_blocks": int,
+    "block_size": int,
+    "seed": int,
+    "kv_host_cache_gib": float,
+    "kv_disk_cache_dir": str,
+    "kv_disk_cache_gib": float,
+    "kv_redis_url": str,
+    "kv_tier_dtype": str,
+    "quantization": str,
+    "kv_tier_admission": str,
+    "kv_tier_admission_threshold": int,
+}
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML file of settings")
+    # Its own dest: a subcommand's default would otherwise mask `pdserve --log-level`.
+    parser.add_argument(
+        "--log-level",
+        dest="serve_log_level",
+        default=None,
+        help="DEBUG | INFO | WARNING (default INFO)",
+    )
+    for name, (kind, help_text) in SERVE_FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
+    parser.add_argument(
+        "--protect-probes",
+        dest="protect_probes",
+        action="store_const",
+        const=True,
+        default=None,
+        help="require an API key on /metrics, /ready and /docs too",
+    )
+    parser.add_argument(
+        "--cluster-key",
+        dest="cluster_key_file",
+        default=None,
+        help="CURVE key file from `pdserve keys` (default: a fresh key for this run)",
+    )
+    parser.add_argument(
+        "--insecure-no-curve",
+        dest="insecure_no_curve",
+        action="store_const",
+        const=True,
+        default=None,
+        help="DEBUG ONLY: internal ZeroMQ sockets without CURVE authentication/encryption",
+    )
+    parser.add_argument(
+        "--no-kv-layerwise",
+        dest="kv_layerwise",
+        action="store_const",
+        const=False,
+        default=None,
+        help="send KV after the whole prefill",
+    )
+    group = parser.add_argument_group("engine (per worker)")
+    for name, kind in ENGINE_FLAGS.items():
+        group.add_argument(
+            "--" + name.replace("_", "-"), dest=f"engine_{name}", type=kind, default=None
+        )
+    group.add_argument(
+        "--batch-invariant",
+        dest="engine_batch_invariant",
+        action="store_const",
+        const=True,
+        default=None,
+        help="logits of a row bitwise independent of its batch (CPU float32)",
+    )
