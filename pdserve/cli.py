@@ -191,8 +191,9 @@ def worker_config(args: argparse.Namespace):
     from pdserve.model.builtin import ensure_builtin_model
     from pdserve.worker.worker import WorkerConfig
 
-    if args.spec:
-        return _spec_worker_config(args.spec)
+    if args.spec:  # a supervisor's probe file goes with how it runs the process, not the spec
+        health_file = Path(args.health_file) if args.health_file else None
+        return _spec_worker_config(args.spec, health_file)
     if not (args.role and args.router):
         raise SystemExit("error: pdserve worker needs --spec FILE, or --role and --router")
     model_dir = Path(args.model) if args.model else ensure_builtin_model(progress=False)
@@ -213,7 +214,7 @@ def worker_config(args: argparse.Namespace):
     return config
 
 
-def _spec_worker_config(path: str):
+def _spec_worker_config(path: str, health_file=None):
     from pathlib import Path
 
     from pdserve.control.worker_spec import read_spec
@@ -232,6 +233,7 @@ def _spec_worker_config(path: str):
         kv_layerwise=spec.kv_layerwise,
         cluster_key_file=Path(spec.cluster_key_file) if spec.cluster_key_file else None,
         kv_transport_security=spec.kv_transport_security,
+        health_file=health_file,
     )
 
 

@@ -76,6 +76,16 @@ def test_every_engine_field_survives_serve_to_worker(field, tmp_path):
     assert (got.model_dir, got.cluster_key_file) == (tmp_path, tmp_path / "cluster.key")
 
 
+def test_a_health_file_goes_with_a_spec(tmp_path):
+    workers = WorkerProcesses(ServeConfig(), tmp_path, "tcp://127.0.0.1:1", None)
+    try:
+        argv = [*workers._command("decode", "decode-0")[3:], "--health-file", "/run/alive"]
+        got = worker_config(build_parser().parse_args(argv))
+        assert (got.worker_id, got.health_file) == ("decode-0", Path("/run/alive"))
+    finally:
+        workers.stop()
+
+
 def test_spec_fields_reach_the_worker(tmp_path):
     config = ServeConfig(
         kv_backend="tcp", kv_layerwise=False, worker_host="127.0.0.2", kv_transport_security="mac"
