@@ -32,6 +32,17 @@ Backends, chosen with `PDSERVE_CPU_BLAS`:
 Only `auto` handles 16-bit weights; the other backends leave them to torch. GPUs always stay
 on torch.
 
+Row buckets (`bucket_rows`): oneDNN builds and caches a primitive per product shape (up to
+1024 of them), and one for a prefill-sized product holds megabytes; a prefill worker sees a
+new row count with almost every step, so its heap grew through a whole soak (measured, see
+docs/benchmarks.md "Soak"). Capping the cache instead rebuilt decode-sized primitives every
+step (4.5x slower products). So products of more than `BUCKET_EXACT_BELOW` rows that go to
+oneDNN (or to torch's own CPU path) are padded with zero rows up to the next bucket, eight
+per doubling (at most 12.5 % extra rows, ~6 % on average), and the padding is sliced off
+the result. Rows of a product are independent, and the padding never leaves the product:
+attention, the KV pool and sampling see only the real rows. Only the set of shapes that
+reach the library is bounded (~60 up to 2048 rows). `PDSERVE_PAD_ROWS=0` turns it off.
+
 Threads: the gemv kernel runs on the C kernels' pool and oneDNN on torch's OpenMP threads;
 OpenBLAS keeps its own pool, sized with `threadpoolctl` to the engine's thread count. The
 model runner gives torch one thread on steps whose products all avoid torch's threads
@@ -64,6 +75,10 @@ GEMV_MAX_ROWS = 8
 # `auto` keeps a second copy of the weights while all of them take at most this share of RAM.
 AUTO_SECOND_COPY_RAM_FRACTION = 1 / 8
 HALF_DTYPES = (torch.bfloat16, torch.float16)
+# Row buckets: counts below this are used as they are (decode batches: a few dozen shapes at
+# most); above, `2**BUCKETS_PER_OCTAVE_LOG2` buckets per doubling.
+BUCKET_EXACT_BELOW = 16
+BUCKETS_PER_OCTAVE_LOG2 = 3
 
 
 def backend() -> str:
@@ -116,6 +131,27 @@ def resolve_backend(weight_bytes: int, dtype: torch.dtype = torch.float32) -> st
     return name
 
 
+def bucket_rows(rows: int) -> int:
+    """The row count a product of `rows` rows runs at: `rows` rounded up to a multiple of
+    2**(floor(log2 rows) - 3), so 16, 18, ..., 30, 32, 36, ..., 60, 64, 72, ... (see above)."""
+    if rows < BUCKET_EXACT_BELOW:
+        return rows
+    step = 1 << (rows.bit_length() - 1 - BUCKETS_PER_OCTAVE_LOG2)
+    return -(-rows // step) * step
+
+
+def pads_rows() -> bool:
+    return os.environ.get("PDSERVE_PAD_ROWS", "1") != "0"
+
+
+def padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`x` `[M, K]` with zero rows appended up to `[rows, K]`."""
+    out = x.new_empty((rows, x.shape[1]))
+    out[: x.shape[0]].copy_(x)
+    out[x.shape[0] :].zero_()
+    return out
+
+
 def physical_memory_bytes() -> int:
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -137,7 +173,15 @@ class CpuMatmul:
     afterwards go through this object, not through `F.linear` on the parameter.
     """
 
-    __slots__ = ("invariant", "max_blas_rows", "max_gemv_rows", "packed", "rows_major", "small")
+    __slots__ = (
+        "invariant",
+        "max_blas_rows",
+        "max_gemv_rows",
+        "packed",
+        "pad_rows",
+        "rows_major",
+        "small",
+    )
 
     def __init__(self) -> None:
         self.packed: torch.Tensor | None = None  # oneDNN blocked layout, float32
@@ -146,6 +190,7 @@ class CpuMatmul:
         self.max_gemv_rows = 0  # products with at most this many rows go to `small`
         self.max_blas_rows = 0  # ... at most this many avoid torch's threads (gemv, OpenBLAS)
         self.invariant: invariant_kernels.PackedLinear | None = None  # `invariant` backend
+        self.pad_rows = pads_rows()  # bucket the row counts of library products (see above)
 
     @classmethod
     def prepare(cls, param: torch.nn.Parameter, backend_name: str, keep_dense: bool):
@@ -200,6 +245,11 @@ class CpuMatmul:
             return y if bias is None else y + bias
         if self.packed is None:
             return None
+        if not self.pad_rows or (bucket := bucket_rows(rows)) == rows:
+            return self._onednn(x, bias)
+        return self._onednn(padded(x, bucket), bias)[:rows]
+
+    def _onednn(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.dtype != torch.float32:  # 16-bit weights with a float32 copy
             bias = None if bias is None else bias.float()
             y = torch.ops.mkldnn._linear_pointwise(x.float(), self.packed, bias, "none", [], "")
@@ -226,6 +276,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias, mm: CpuMatmul | None) ->
         y = mm(x, bias)
         if y is not None:
             return y
+        rows = x.shape[0]
+        if mm.pad_rows and x.dim() == 2 and (bucket := bucket_rows(rows)) != rows:
+            # torch's own path (native bf16 runs on oneDNN too): same bounded shapes
+            return F.linear(padded(x, bucket), weight, bias)[:rows]
     return F.linear(x, weight, bias)
 
 

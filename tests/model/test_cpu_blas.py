@@ -114,3 +114,92 @@ def test_batch_invariant_backend_never_routes_rows_to_the_gemv_kernel():
     x = torch.randn(5, 24)
     alone = torch.cat([mm(x[i : i + 1]) for i in range(5)])
     assert torch.equal(mm(x), alone)  # each row bitwise the same alone or in the batch
+
+
+def test_row_buckets_are_few_and_close_above_the_exact_range():
+    buckets = {cpu_blas.bucket_rows(m) for m in range(1, 2049)}
+    assert {cpu_blas.bucket_rows(m) for m in range(1, cpu_blas.BUCKET_EXACT_BELOW)} == set(
+        range(1, cpu_blas.BUCKET_EXACT_BELOW)
+    )
+    assert len(buckets) <= 15 + 8 * 7 + 1  # 1-15, eight per doubling from 16 to 2047, 2048
+    for m in range(1, 5000):
+        bucket = cpu_blas.bucket_rows(m)
+        assert m <= bucket <= m * 1.125
+        assert cpu_blas.bucket_rows(bucket) == bucket  # a bucket is its own bucket
+
+
+def test_padded_product_returns_only_the_real_rows():
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(40, 24, generator=gen)
+    param = torch.nn.Parameter(weight.clone(), requires_grad=False)
+    mm = cpu_blas.CpuMatmul.prepare(param, "auto", keep_dense=False)
+    seen = []
+    real = cpu_blas.CpuMatmul._onednn
+    cpu_blas.CpuMatmul._onednn = lambda self, x, bias: seen.append(x.clone()) or real(self, x, bias)
+    try:
+        x = torch.randn(17, 24, generator=gen)
+        y = mm(x)
+    finally:
+        cpu_blas.CpuMatmul._onednn = real
+    assert y.shape == (17, 40)
+    assert [t.shape[0] for t in seen] == [18]
+    assert torch.equal(seen[0][:17], x) and torch.equal(seen[0][17:], torch.zeros(1, 24))
+    torch.testing.assert_close(y, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def _row_by_row_onednn(rows_seen):
+    """oneDNN one row at a time: each row's result is then the same whatever the batch, so
+    padded and unpadded runs must agree bit for bit (real oneDNN may pick different kernels
+    for different row counts, which no test may depend on)."""
+    real = cpu_blas.CpuMatmul._onednn
+
+    def onednn(self, x, bias):
+        rows_seen.add(x.shape[0])
+        return torch.cat([real(self, x[i : i + 1], bias) for i in range(x.shape[0])])
+
+    return onednn
+
+
+def _prefill_run(model_dir, prompts, monkeypatch, pad: str):
+    monkeypatch.setenv("PDSERVE_PAD_ROWS", pad)
+    rows_seen: set[int] = set()
+    monkeypatch.setattr(cpu_blas.CpuMatmul, "_onednn", _row_by_row_onednn(rows_seen))
+    llm = LLM(model_dir, skip_tokenizer_init=True, num_kv_blocks=96, enable_prefix_caching=False)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    tokens = [o.outputs[0].token_ids for o in outputs]
+    return tokens, llm.engine.core.runner.kv_cache.clone(), rows_seen
+
+
+def test_padded_prefill_gives_the_same_tokens_and_kv_as_unpadded(tmp_path, monkeypatch):
+    model_dir = make_hf_model_dir(tmp_path, "llama_mha")
+    prompts = [[(7 * i + j) % 500 + 3 for j in range(n)] for i, n in enumerate((17, 45, 101))]
+    padded_tokens, padded_kv, padded_rows = _prefill_run(model_dir, prompts, monkeypatch, "1")
+    exact_tokens, exact_kv, exact_rows = _prefill_run(model_dir, prompts, monkeypatch, "0")
+    assert padded_tokens == exact_tokens == hf_greedy(model_dir, prompts, 3)
+    assert torch.equal(padded_kv, exact_kv)  # every block, every layer, keys and values
+    assert 17 + 45 + 101 in exact_rows  # the one prefill step, unpadded
+    assert cpu_blas.bucket_rows(163) in padded_rows and 163 not in padded_rows
+    assert all(cpu_blas.bucket_rows(m) == m for m in padded_rows)
+
+
+def test_prefill_row_counts_that_reach_the_library_are_bounded(tmp_path, monkeypatch):
+    """60 prompts of 60 different lengths, one per step: without buckets 60 shapes."""
+    model_dir = make_hf_model_dir(tmp_path, "llama_mha")
+    monkeypatch.setenv("PDSERVE_PAD_ROWS", "1")
+    rows_seen: set[int] = set()
+    real = cpu_blas.CpuMatmul._onednn
+
+    def onednn(self, x, bias):
+        rows_seen.add(x.shape[0])
+        return real(self, x, bias)
+
+    monkeypatch.setattr(cpu_blas.CpuMatmul, "_onednn", onednn)
+    llm = LLM(model_dir, skip_tokenizer_init=True, num_kv_blocks=64, enable_prefix_caching=False)
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    for n in range(16, 256, 4):
+        llm.generate(
+            {"prompt_token_ids": [3 + (n + j) % 400 for j in range(n)]}, params, use_tqdm=False
+        )
+    assert rows_seen <= {cpu_blas.bucket_rows(m) for m in range(16, 256)}
+    assert len(rows_seen) <= 8 * 4  # four doublings (16-255), eight buckets each
