@@ -20,7 +20,7 @@ worker that the router declared dead and restarted shows as a new process (and t
 says when), not as a jump in the old one's memory.
 
     python benchmarks/soak.py [--minutes 30] [--warmup-minutes 5] [--concurrency 8]
-        [--mode disaggregated]
+        [--think-s 0] [--kv-cache-gib 1] [--mode disaggregated]
 """
 
 from __future__ import annotations
@@ -94,7 +94,9 @@ def request_body(rng: random.Random, vocab_size: int) -> tuple[str, dict]:
     return kind, body
 
 
-async def client(url: str, end: float, vocab_size: int, seed: int, counts: dict) -> None:
+async def client(
+    url: str, end: float, vocab_size: int, seed: int, counts: dict, think_s: float = 0.0
+) -> None:
     rng = random.Random(seed)
     headers = {"Authorization": f"Bearer {KEY}"}
     async with aiohttp.ClientSession(headers=headers) as http:
@@ -112,6 +114,8 @@ async def client(url: str, end: float, vocab_size: int, seed: int, counts: dict)
             counts[key] = counts.get(key, 0) + 1
             if key.endswith(":429"):
                 await asyncio.sleep(0.5)  # refused by the quota: back off a little
+            if think_s:
+                await asyncio.sleep(rng.expovariate(1 / think_s))
 
 
 def processes(server_pid: int) -> dict[str, int]:
@@ -143,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-minutes", type=float, default=5)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--mode", default="disaggregated")
+    p.add_argument(
+        "--think-s",
+        type=float,
+        default=0.0,
+        help="mean pause of a client between requests (exponential): a load under capacity",
+    )
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="each worker's KV pool")
     p.add_argument("--sample-s", type=float, default=10)
     p.add_argument("--worker-lease-s", type=float, default=30.0)
     p.add_argument("--json-out", default=None)
@@ -156,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     # On a shared, loaded host a worker can stall for seconds; declared dead, it would be
     # restarted and the memory being measured would start over.
     extra += ["--worker-lease-s", str(args.worker_lease_s)]
+    extra += ["--kv-cache-memory-gib", str(args.kv_cache_gib)]  # the last one counts
     server = Server("soak", extra, threads=1, mode=args.mode)
     workload = {k: v for k, v in vars(args).items() if k != "json_out"}
     common.print_header(
@@ -175,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
         async def run() -> None:
             users = [
-                client(server.url, end, vocab_size, seed, counts)
+                client(server.url, end, vocab_size, seed, counts, args.think_s)
                 for seed in range(args.concurrency)
             ]
             await asyncio.gather(sample(server.proc.pid, end, args.sample_s, samples), *users)
