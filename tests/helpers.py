@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -189,8 +189,11 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
     return hf_model_greedy(model.eval(), prompts, max_new_tokens)
 
 
-def hf_model_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """`hf_greedy` with a transformers model already in memory."""
+def hf_model_greedy(
+    model, prompts: list[list[int]], max_new_tokens: int, cache: Callable | None = None
+) -> list[list[int]]:
+    """`hf_greedy` with a transformers model already in memory; `cache()` makes each
+    prompt's KV cache (default: transformers' own)."""
     import torch
 
     outputs = []
@@ -204,6 +207,7 @@ def hf_model_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> lis
                 max_new_tokens=max_new_tokens,
                 min_new_tokens=max_new_tokens,
                 pad_token_id=0,
+                **({"past_key_values": cache()} if cache is not None else {}),
             )
             outputs.append(generated[0, len(prompt) :].tolist())
     return outputs

@@ -93,10 +93,13 @@ class ModelRunner:
         if self.device.type != "cpu" or self.dtype != torch.bfloat16:
             return
         flags = kernels.cpu_flags()
-        if flags and "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        # With the C kernels a bfloat16 model computes in float32 on any CPU (model/llama.py).
+        emulated = flags and "avx512_bf16" not in flags and "amx_bf16" not in flags
+        if emulated and not kernels.is_available():
             logger.warning(
-                "this CPU has no bfloat16 instructions (AVX512-BF16/AMX): torch emulates "
-                "bfloat16 matmuls, several times slower than float32; prefer dtype=float32"
+                "this CPU has no bfloat16 instructions (AVX512-BF16/AMX) and the C kernels are "
+                "not built: torch emulates bfloat16 matmuls, several times slower than "
+                "float32; prefer dtype=float32"
             )
 
     def _decide_num_blocks(self) -> int:

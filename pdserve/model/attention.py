@@ -20,8 +20,13 @@ length that a block table's padding points at: masked-out positions get zero wei
 0 * NaN would still poison the output. The pool is therefore allocated with zeros.
 
 Single-token rows use a C kernel that reads keys and values straight from the pool when
-one is available (CPU, float32; see `kernels/`), else gather + PyTorch SDPA. Masks are
-built once per step and shared by every layer.
+one is available (CPU, float32 queries; see `kernels/`), else gather + PyTorch SDPA. Masks
+are built once per step and shared by every layer.
+
+The pool's dtype may be narrower than the activations' (a 16-bit model on CPU computes in
+float32 over a bfloat16/float16 pool, see `LlamaForCausalLM.finish_loading`): keys and values
+are rounded to the pool's dtype when written, and every attention, prefill included, sees
+exactly those rounded values, widened back.
 """
 
 from __future__ import annotations
@@ -84,12 +89,11 @@ def write_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [T]
 ) -> None:
-    fused = kernels.fuses(k) and kernels.fuses(k_cache)
-    if fused and kernels.write_kv(k, v, k_cache, v_cache, slot_mapping):
+    if kernels.reads_kv(k, k_cache) and kernels.write_kv(k, v, k_cache, v_cache, slot_mapping):
         return
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def paged_attention(
@@ -139,7 +143,7 @@ def paged_attention_output_rows(
 def _decode_attention(q, k_cache, v_cache, tables, lens, get_mask) -> torch.Tensor:
     """One query row per sequence over its `lens` tokens; `get_mask(block_size)` gives the
     PyTorch path's length mask."""
-    if q.device.type == "cpu" and q.dtype == torch.float32 and kernels.is_available():
+    if kernels.reads_kv(q, k_cache):
         return kernels.paged_decode_attention(  # q may be a strided view of q/k/v
             q, k_cache, v_cache, tables, lens, q.shape[-1] ** -0.5
         )
@@ -154,7 +158,7 @@ def _decode_attention_torch(q, k_cache, v_cache, tables, get_mask) -> torch.Tens
     flat_tables = tables.view(-1)
     keys = k_cache.index_select(0, flat_tables).view(num_seqs, length, num_kv_heads, head_dim)
     values = v_cache.index_select(0, flat_tables).view(num_seqs, length, num_kv_heads, head_dim)
-    keys, values = keys.transpose(1, 2), values.transpose(1, 2)
+    keys, values = keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype)
     query = q.unsqueeze(2)  # [S, H, 1, D]
     mask = get_mask(block_size)
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
@@ -164,13 +168,14 @@ def _decode_attention_torch(q, k_cache, v_cache, tables, get_mask) -> torch.Tens
 def _prefill_attention(q, k, v, k_cache, v_cache, span: PrefillSpan) -> torch.Tensor:
     query = q.transpose(0, 1).unsqueeze(0)  # [1, H, Q, D]
     if span.is_fresh:
-        # The whole context is this step's tokens: no need to read the cache back.
-        keys = k.transpose(0, 1).unsqueeze(0)
-        values = v.transpose(0, 1).unsqueeze(0)
+        # The whole context is this step's tokens: no need to read the cache back (only to
+        # round them as the pool stores them, when it is narrower).
+        keys = k.to(k_cache.dtype).to(q.dtype).transpose(0, 1).unsqueeze(0)
+        values = v.to(v_cache.dtype).to(q.dtype).transpose(0, 1).unsqueeze(0)
         out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=True)
     else:
-        keys = _gather_context(k_cache, span)
-        values = _gather_context(v_cache, span)
+        keys = _gather_context(k_cache, span).to(q.dtype)
+        values = _gather_context(v_cache, span).to(q.dtype)
         out = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=span.mask, enable_gqa=True
         )

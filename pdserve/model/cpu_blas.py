@@ -11,9 +11,14 @@ docs/benchmarks.md):
   registers: a bfloat16/float16 model reads half the bytes of a float32 one;
 - several rows (larger decode batches, prefill chunks): oneDNN on a weight reordered once
   into its blocked layout (`torch.ops.mkldnn`, the path `torch.compile` uses on CPU) runs at
-  ~200 GFLOPS from 8 rows up, 1.5-2x OpenBLAS and 2x MKL at 8-32 rows. 16-bit weights get
-  there as a float32 oneDNN copy, unless the CPU has bf16 instructions (then torch's native
-  bf16 path, on the weights as loaded).
+  ~200 GFLOPS from 8 rows up, 1.5-2x OpenBLAS and 2x MKL at 8-32 rows. 16-bit weights stay
+  on the kernel up to `HALF_GEMV_MAX_ROWS` rows (decode batches: it reads half the bytes and
+  widens them in registers) and get to oneDNN above as a float32 copy.
+
+A 16-bit model on CPU computes in float32 (see `LlamaForCausalLM.finish_loading`): x is
+float32 on every path, so the product is the float32 product on the 16-bit-rounded weights
+whichever code runs it. (torch's native bf16 GEMM would round x to bf16 as well: faster
+prefill on CPUs with bf16 instructions, but other maths; not used.)
 
 Backends, chosen with `PDSERVE_CPU_BLAS`:
 - `auto` (default): the gemv kernel up to `GEMV_MAX_ROWS` rows, oneDNN above. That keeps
@@ -59,7 +64,6 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.errors import ConfigError
-from pdserve.model import kernels
 from pdserve.model.kernels import gemv
 from pdserve.model.kernels import invariant as invariant_kernels
 
@@ -72,6 +76,12 @@ MAX_ROWS = 64
 # `auto`: products of at most this many rows go to the gemv kernel (measured crossover with
 # oneDNN on float32 weights; 16-bit weights: see `gemv_max_rows`).
 GEMV_MAX_ROWS = 8
+# ... for 16-bit weights, whose float32 alternative (oneDNN) reads twice the bytes. Measured
+# (benchmarks/cpu_gemm.py --threads 1 --cpu-time, Zen 4; every product of a step), kernel on
+# bf16 weights vs oneDNN float32 at 16 / 32 / 64 rows: AVX-512 13.8 / 28.4 / 50.4 vs
+# 21.0 / 29.9 / 55.0 ms; the AVX2 build vs oneDNN held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2)
+# 23.5 / 48.5 / 89.7 vs 24.0 / 48.7 / 65.3 ms: level up to 32 rows, behind above.
+HALF_GEMV_MAX_ROWS = 32
 # `auto` keeps a second copy of the weights while all of them take at most this share of RAM.
 AUTO_SECOND_COPY_RAM_FRACTION = 1 / 8
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -103,12 +113,6 @@ def onednn_available() -> bool:
         and hasattr(ops, "_reorder_linear_weight")
         and hasattr(ops, "_linear_pointwise")
     )
-
-
-def has_native_bf16() -> bool:
-    """The CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): torch's bf16 path is fast."""
-    flags = kernels.cpu_flags()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_backend(weight_bytes: int, dtype: torch.dtype = torch.float32) -> str:
@@ -163,7 +167,7 @@ def gemv_max_rows(dtype: torch.dtype, backend_name: str) -> int:
     """Rows up to which the gemv kernel beats the wide path for weights of `dtype`."""
     if backend_name == "auto-one-copy":
         return 1 << 62  # 16-bit weights, no room for a float32 copy: the kernel does all
-    return GEMV_MAX_ROWS
+    return HALF_GEMV_MAX_ROWS if dtype in HALF_DTYPES else GEMV_MAX_ROWS
 
 
 class CpuMatmul:
@@ -201,8 +205,6 @@ class CpuMatmul:
             mm.invariant = invariant_kernels.PackedLinear.prepare(weight)
         elif backend_name in ("auto", "auto-one-copy"):
             mm._prepare_auto(weight, backend_name)
-            if weight.dtype in HALF_DTYPES and mm.packed is None and backend_name == "auto":
-                return mm  # native bf16: torch multiplies the dense weight above the kernel
         else:
             mm._prepare_libraries(param, backend_name, keep_dense)
             if backend_name in ("onednn-openblas", "openblas"):
@@ -218,10 +220,7 @@ class CpuMatmul:
         self.max_gemv_rows = self.max_blas_rows = gemv_max_rows(weight.dtype, backend_name)
         if backend_name == "auto-one-copy":
             return
-        if weight.dtype == torch.float32 or not (
-            weight.dtype == torch.bfloat16 and has_native_bf16()
-        ):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.float(), None)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.float(), None)
 
     def _prepare_libraries(self, param, backend_name: str, keep_dense: bool) -> None:
         if backend_name in ("onednn-openblas", "onednn"):

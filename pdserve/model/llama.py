@@ -10,6 +10,12 @@ Differences from the Hugging Face modules, all for speed, none for maths:
 Numerics follow transformers so that greedy outputs match token for token: norms run in
 float32 and cast back, RoPE tables are computed in float32 and cast to the model dtype.
 The device is whatever the weights live on; nothing here assumes CPU.
+
+16-bit models on CPU (with the C kernels): the weights and the KV pool stay in bfloat16 or
+float16 (half the bytes to read), everything else runs in float32 — activations, norms,
+RoPE, attention, and every sum (the products widen the weights in the kernel). That is the
+float32 model on 16-bit-rounded weights, with keys and values rounded to 16 bits as they
+enter the pool; see `finish_loading` and README ("What `--dtype` means on CPU").
 """
 
 from __future__ import annotations
@@ -225,6 +231,8 @@ class LlamaForCausalLM(nn.Module):
             )
         )
         self.lm_head_mm: cpu_blas.CpuMatmul | None = None  # set by `finish_loading`
+        # dtype of activations: the weights' own, or float32 for 16-bit weights on CPU
+        self.compute_dtype = dtype
 
     @torch.inference_mode()
     def forward(
@@ -244,7 +252,7 @@ class LlamaForCausalLM(nn.Module):
 
         `after_layer(i)` runs once layer i has written this step's keys and values
         into the cache: a prefill worker streams them to a decode worker from there."""
-        x = F.embedding(input_ids, self.embed_tokens)
+        x = F.embedding(input_ids, self.embed_tokens).to(self.compute_dtype)
         rope = self.rotary.tables(positions)
         last = len(self.layers) - 1
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
@@ -282,6 +290,23 @@ class LlamaForCausalLM(nn.Module):
             module.finish_loading(backend)
         tied = self.lm_head is self.embed_tokens  # embedding lookups still need the rows
         self.lm_head_mm = cpu_blas.CpuMatmul.prepare(self.lm_head, backend, keep_dense=tied)
+        if dtype in cpu_blas.HALF_DTYPES and kernels.is_available():
+            self._compute_in_float32()
+
+    def _compute_in_float32(self) -> None:
+        """16-bit weights on CPU: activations in float32 from here on. Every product already
+        takes float32 input (the kernel widens the 16-bit weights), so only what multiplies
+        activations directly is widened: norm weights and biases (exactly: the 16-bit values
+        themselves) and the RoPE tables (recomputed in float32, as a float32 model has them).
+        The embedding table and the KV pool stay 16-bit."""
+        self.compute_dtype = torch.float32
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.data = module.weight.data.float()
+            elif isinstance(module, Linear) and module.bias is not None:
+                module.bias.data = module.bias.data.float()
+        max_len, device = self.rotary.cos.shape[0], self.rotary.cos.device
+        self.rotary = RotaryEmbedding(self.config, max_len, torch.float32, device)
 
     # ---- weights ---------------------------------------------------------------------------
 

@@ -100,9 +100,17 @@ def test_unknown_extra_tensors_are_ignored(checkpoint):
 
 def test_weights_are_cast_to_the_requested_dtype(checkpoint):
     model = load_model(checkpoint, torch.bfloat16, "cpu", max_len=64)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    # On CPU with the kernels the model computes in float32 (llama.py): what multiplies the
+    # activations directly (norm weights) is widened, holding the bfloat16 values exactly.
+    widened = {n for n, p in model.named_parameters() if p.dtype == torch.float32}
+    assert widened == (
+        {n for n in dict(model.named_parameters()) if n.endswith("norm.weight")}
+        if model.compute_dtype == torch.float32
+        else set()
+    )
+    assert model.embed_tokens.dtype == torch.bfloat16
     expected = load_file(checkpoint / "model.safetensors")["model.norm.weight"]
-    assert torch.equal(model.norm.weight, expected.to(torch.bfloat16))
+    assert torch.equal(model.norm.weight, expected.to(torch.bfloat16).to(model.compute_dtype))
 
 
 # ---- broken folders ----------------------------------------------------------------------

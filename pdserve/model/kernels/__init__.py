@@ -1,7 +1,8 @@
 """Hand-written CPU kernels, compiled on first use with the machine's C compiler.
 
 Only what PyTorch cannot do well without them: decode attention read straight from the
-paged KV pool (`paged_attention.c`), a decoder layer's element-wise parts fused into one
+paged KV pool (`paged_attention.c`; float32 queries over a float32, bfloat16 or float16
+pool), a decoder layer's element-wise parts fused into one
 pass each (`elementwise.c`: SiLU-and-multiply, RMSNorm with the residual add, RoPE), and
 the sampler's top-p mask without a sort (`sampling.c`, bound in `sampling.py`), the
 sampler's maths row by row for the batch-invariant mode (`categorical.c`, same binding),
@@ -71,6 +72,8 @@ ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"]}
 MIN_BYTES_PER_THREAD = 1 << 20
 # Element-wise kernels: below this many floats per thread, one thread does the whole call.
 MIN_FLOATS_PER_THREAD = 1 << 17
+# Element types of a KV pool the kernels read and write (simd.h's DT_* codes).
+KV_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _num_threads: int | None = None  # None: torch's intra-op thread count
 
 
@@ -143,14 +146,26 @@ def _library() -> ctypes.CDLL | None:
     except OSError as e:
         logger.warning("cannot load kernels (%s): using PyTorch attention", e)
         return None
+    return _bind(lib)
+
+
+@functools.cache
+def variant(extra_flags: tuple[str, ...]) -> ctypes.CDLL | None:
+    """The library as another CPU gets it (tests: `("-mno-avx512f",)`, the AVX2 code), for
+    the `lib` argument of the functions below."""
+    path = _build(cflags=CFLAGS + isa_flags() + list(extra_flags))
+    return None if path is None else _bind(ctypes.CDLL(str(path)))
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn = lib.paged_decode_attention_f32
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float]
-    fn.argtypes += [ctypes.c_int64] * 3
+    fn.argtypes += [ctypes.c_int64, ctypes.c_int] + [ctypes.c_int64] * 2
     mt = lib.paged_decode_attention_mt_f32
     mt.restype = ctypes.c_int
     mt.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float]
-    mt.argtypes += [ctypes.c_int64] * 3
+    mt.argtypes += [ctypes.c_int64, ctypes.c_int] + [ctypes.c_int64] * 2
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.silu_mul_f32.restype = None
     lib.silu_mul_f32.argtypes = [ptr, ptr] + [i64] * 4
@@ -159,7 +174,8 @@ def _library() -> ctypes.CDLL | None:
     lib.rope_neox_f32.restype = None
     lib.rope_neox_f32.argtypes = [ptr] * 3 + [i64] * 5
     lib.write_kv_f32.restype = ctypes.c_int
-    lib.write_kv_f32.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, i64]
+    lib.write_kv_f32.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int]
+    lib.write_kv_f32.argtypes += [i64, i64]
     return lib
 
 
@@ -172,15 +188,27 @@ def is_available() -> bool:
     return _library() is not None
 
 
+def reads_kv(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """True when the attention kernel and `write_kv` handle float32 queries (keys, values)
+    over a pool like `k_cache` (float32, bfloat16 or float16, on CPU)."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and k_cache.dtype in KV_DTYPE_CODES
+        and is_available()
+    )
+
+
 def paged_decode_attention(
     q: torch.Tensor,  # [S, H, D] float32, heads contiguous (rows may be strided)
-    k_cache: torch.Tensor,  # [N, B, Hkv, D] float32, contiguous
+    k_cache: torch.Tensor,  # [N, B, Hkv, D] float32, bfloat16 or float16, contiguous
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,  # [S, M] int64, contiguous
     context_lens: torch.Tensor,  # [S] int64
     scale: float,
+    lib: ctypes.CDLL | None = None,  # default: this CPU's build
 ) -> torch.Tensor:  # [S, H, D]
-    lib = _library()
+    lib = lib or _library()
     if lib is None:
         raise RuntimeError("paged attention kernel is not available")
     num_seqs, num_heads, head_dim = q.shape
@@ -203,6 +231,7 @@ def paged_decode_attention(
         block_size,
         scale,
         q.stride(0),
+        KV_DTYPE_CODES[k_cache.dtype],
     )
     num_threads = max(
         1,
@@ -211,8 +240,8 @@ def paged_decode_attention(
             num_seqs * num_kv_heads,  # work items: (sequence, kv head)
         ),
     )
-    # the kernel lowers the count when the keys and values (K and V, float32) are few
-    min_tokens = MIN_BYTES_PER_THREAD // (2 * head_dim * 4)
+    # the kernel lowers the count when the keys and values (K and V) are few
+    min_tokens = MIN_BYTES_PER_THREAD // (2 * head_dim * k_cache.element_size())
     if lib.paged_decode_attention_mt_f32(*args, num_threads, min_tokens):
         raise MemoryError("paged attention kernel could not allocate its scratch buffer")
     return out
@@ -294,21 +323,24 @@ def rope_neox_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def write_kv(
-    k: torch.Tensor,  # [T, Hkv, D], heads contiguous (rows may be strided)
+    k: torch.Tensor,  # [T, Hkv, D] float32, heads contiguous (rows may be strided)
     v: torch.Tensor,
-    k_cache: torch.Tensor,  # [N, B, Hkv, D] contiguous
+    k_cache: torch.Tensor,  # [N, B, Hkv, D] contiguous, float32, bfloat16 or float16
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [T] int64
+    lib: ctypes.CDLL | None = None,  # default: this CPU's build
 ) -> bool:
-    """Copy each row's keys and values into its pool slot, in this thread; False (nothing
-    done) when the layouts are not the plain ones this copy handles."""
+    """Copy each row's keys and values into its pool slot (rounded to nearest even for a
+    16-bit pool, as `Tensor.to` rounds), in this thread; False (nothing done) when the
+    layouts are not the plain ones this copy handles."""
     rows, heads, head_dim = k.shape
     plain = all(x.stride(2) == 1 and x.stride(1) == head_dim for x in (k, v))
+    plain = plain and k.dtype == v.dtype == torch.float32 and k_cache.dtype == v_cache.dtype
     if not (plain and k_cache.is_contiguous() and v_cache.is_contiguous()):
         return False
     slots = slot_mapping.contiguous()
     num_slots = k_cache.shape[0] * k_cache.shape[1]
-    failed = _library().write_kv_f32(
+    failed = (lib or _library()).write_kv_f32(
         k.data_ptr(),
         v.data_ptr(),
         k.stride(0),
@@ -318,6 +350,7 @@ def write_kv(
         slots.data_ptr(),
         num_slots,
         heads * head_dim,
+        KV_DTYPE_CODES[k_cache.dtype],
         0,
         rows,
     )

@@ -5,7 +5,8 @@
  *   rope_neox_f32  rotate-halves RoPE applied in place to every head of every row
  *   write_kv_f32   a step's keys and values copied into their KV pool slots (torch's
  *                  index_copy_ took ~13 ms a layer for 512 rows with 2 threads on a busy
- *                  machine, 0.3 ms with 1: its threads wait for cores; a copy needs none)
+ *                  machine, 0.3 ms with 1: its threads wait for cores; a copy needs none),
+ *                  rounded to nearest even on the way when the pool is bfloat16 or float16
  *
  * Why: in PyTorch each is 2-7 ops, each a pass over memory with a fresh output tensor, and
  * above ~32k elements each op wakes torch's OpenMP threads: at a batch-32 decode step
@@ -119,19 +120,41 @@ void rope_neox_f32(float *x, const float *cos_table, const float *sin_table, int
     }
 }
 
-/* Keys and values of rows [begin, end) into their pool slots: k, v [rows, row_elems] (rows
-   k_stride / v_stride floats apart, e.g. views into the fused q/k/v output); the caches
-   [num_slots, row_elems] contiguous (one layer of the pool). Returns -1, having written
-   nothing, when a slot is outside [0, num_slots); else 0. (Checked here, not in Python: two
-   torch reductions and their reads cost ~20 us a layer in a batch-1 decode step.) */
+/* One row of n floats into a pool row of type T, rounded to nearest even for 16-bit. */
+static void store_row(void *dst, const float *src, int64_t n, int T) {
+    if (T == DT_F32) {
+        memcpy(dst, src, sizeof(float) * (size_t)n);
+        return;
+    }
+    uint16_t *d = dst;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const v8hu h = T == DT_BF16 ? round8_bf16(load8(src + i)) : round8_f16(load8(src + i));
+        memcpy(d + i, &h, sizeof(h));
+    }
+    if (i < n) {
+        float tail[8] = {0};
+        memcpy(tail, src + i, sizeof(float) * (size_t)(n - i));
+        const v8hu h = T == DT_BF16 ? round8_bf16(load8(tail)) : round8_f16(load8(tail));
+        memcpy(d + i, &h, 2 * (size_t)(n - i));
+    }
+}
+
+/* Keys and values of rows [begin, end) into their pool slots: k, v [rows, row_elems] float32
+   (rows k_stride / v_stride floats apart, e.g. views into the fused q/k/v output); the caches
+   [num_slots, row_elems] contiguous (one layer of the pool), of `cache_type` (DT_*). Returns
+   -1, having written nothing, when a slot is outside [0, num_slots); else 0. (Checked here,
+   not in Python: two torch reductions and their reads cost ~20 us a layer in a batch-1
+   decode step.) */
 int write_kv_f32(const float *k, const float *v, int64_t k_stride, int64_t v_stride,
-                 float *k_cache, float *v_cache, const int64_t *slots, int64_t num_slots,
-                 int64_t row_elems, int64_t begin, int64_t end) {
+                 void *k_cache, void *v_cache, const int64_t *slots, int64_t num_slots,
+                 int64_t row_elems, int cache_type, int64_t begin, int64_t end) {
+    const int64_t row_bytes = row_elems * (cache_type == DT_F32 ? 4 : 2);
     for (int64_t r = begin; r < end; ++r)
         if (slots[r] < 0 || slots[r] >= num_slots) return -1;
     for (int64_t r = begin; r < end; ++r) {
-        memcpy(k_cache + slots[r] * row_elems, k + r * k_stride, sizeof(float) * row_elems);
-        memcpy(v_cache + slots[r] * row_elems, v + r * v_stride, sizeof(float) * row_elems);
+        store_row((char *)k_cache + slots[r] * row_bytes, k + r * k_stride, row_elems, cache_type);
+        store_row((char *)v_cache + slots[r] * row_bytes, v + r * v_stride, row_elems, cache_type);
     }
     return 0;
 }

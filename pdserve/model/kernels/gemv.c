@@ -34,6 +34,7 @@
 #include <string.h>
 
 #include "parallel.h"
+#include "simd.h"
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -46,78 +47,51 @@
 #define MR_MAX 4 /* 16 ymm registers: 8 accumulators (2 each) + 4 weights + a broadcast */
 #endif
 
-enum { T_F32 = 0, T_BF16 = 1, T_F16 = 2 };
+enum { T_F32 = DT_F32, T_BF16 = DT_BF16, T_F16 = DT_F16 };
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16_u __attribute__((vector_size(64), aligned(4), may_alias));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef uint32_t v16u_u __attribute__((vector_size(64), aligned(2), may_alias));
 typedef uint16_t v16h __attribute__((vector_size(32)));
 typedef uint16_t v16h_u __attribute__((vector_size(32), aligned(2), may_alias));
-#define INLINE static inline __attribute__((always_inline))
-#define MIN(a, b) ((a) < (b) ? (a) : (b))
 
 INLINE v16 load16(const float *p) { return *(const v16_u *)p; }
 INLINE void store16(float *p, v16 v) { *(v16_u *)p = v; }
 INLINE v16 splat16(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
-/* ---- 16-bit conversions ------------------------------------------------------------------ */
+/* ---- 16-bit conversions (16 at a time from simd.h's 8-wide ones, but for AVX-512) ------- */
+
+typedef union { v16 v; v8sf h[2]; } Halves;
+typedef union { v16h v; v8hu h[2]; } HalvesH;
 
 INLINE v16 half16_to_float(const uint16_t *p) {
 #if defined(__AVX512F__)
     return (v16)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-#elif defined(__F16C__)
-    union { v16 v; __m256 h[2]; } u;
-    u.h[0] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-    u.h[1] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
-    return u.v;
 #else
-    v16 v;
-    for (int i = 0; i < 16; ++i) {
-        _Float16 h;
-        memcpy(&h, p + i, 2);
-        v[i] = (float)h;
-    }
-    return v;
+    Halves u = {.h = {load8_f16(p), load8_f16(p + 8)}};
+    return u.v;
 #endif
 }
 
 INLINE v16h float_to_half16(v16 v) {
 #if defined(__AVX512F__)
     return (v16h)_mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-#elif defined(__F16C__)
-    union { v16 v; __m256 h[2]; } u = {v};
-    union { v16h v; __m128i h[2]; } o;
-    o.h[0] = _mm256_cvtps_ph(u.h[0], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    o.h[1] = _mm256_cvtps_ph(u.h[1], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    return o.v;
 #else
-    v16h o;
-    for (int i = 0; i < 16; ++i) {
-        const _Float16 h = (_Float16)v[i];
-        memcpy(&o[i], &h, 2);
-    }
-    return o;
+    const Halves u = {v};
+    const HalvesH o = {.h = {round8_f16(u.h[0]), round8_f16(u.h[1])}};
+    return o.v;
 #endif
 }
 
-/* float32 -> bfloat16, round to nearest even (NaN and inf stay NaN and inf). */
+/* float32 -> bfloat16, round to nearest even (as torch; NaN stays NaN, inf inf). */
 INLINE v16h float_to_bf16(v16 v) {
-    const v16u u = (v16u)v;
-    return __builtin_convertvector((u + 0x7fffu + ((u >> 16) & 1u)) >> 16, v16h);
+    const Halves u = {v};
+    const HalvesH o = {.h = {round8_bf16(u.h[0]), round8_bf16(u.h[1])}};
+    return o.v;
 }
 
 INLINE float scalar_to_float(const void *p, int64_t i, int type) {
     if (type == T_F32) return ((const float *)p)[i];
-    const uint16_t h = ((const uint16_t *)p)[i];
-    if (type == T_BF16) {
-        const uint32_t u = (uint32_t)h << 16;
-        float f;
-        memcpy(&f, &u, 4);
-        return f;
-    }
-    uint16_t tmp[16] = {h};
-    return half16_to_float(tmp)[0];
+    return type == T_BF16 ? load1_as(p, i, DT_BF16) : load1_as(p, i, DT_F16);
 }
 
 /* ---- tiles ------------------------------------------------------------------------------- */
@@ -174,16 +148,8 @@ INLINE vf splat_vf(float x) { return (vf){0} + x; }
 INLINE vf half_to_vf(const uint16_t *p) {
 #if VL == 16
     return (vf)half16_to_float(p);
-#elif defined(__F16C__)
-    return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 #else
-    vf v;
-    for (int i = 0; i < VL; ++i) {
-        _Float16 h;
-        memcpy(&h, p + i, 2);
-        v[i] = (float)h;
-    }
-    return v;
+    return (vf)load8_f16(p);
 #endif
 }
 

@@ -1,5 +1,6 @@
 /*
- * Decode attention straight from the paged KV pool, for CPU and float32.
+ * Decode attention straight from the paged KV pool, for CPU: float32 queries and outputs,
+ * and a pool of float32, bfloat16 or float16 (`kv_type`, simd.h's DT_* codes).
  *
  * Why: with PyTorch ops a decode step must first gather every sequence's blocks into a
  * contiguous copy and then run attention over the copy, reading the KV cache three times.
@@ -35,6 +36,11 @@
  * prefetched into L2 (not L1: with prefetcht0 the incoming rows, which sit at the same page
  * offsets as the current ones, evicted them and the kernel got slower), one line at a time
  * between the value FMAs rather than in bursts.
+ *
+ * 16-bit pools: each key and value is widened to float32 as it is loaded (exact), then the
+ * same code runs as for a float32 pool: the result equals the float32 kernel's on the
+ * widened pool, bit for bit (the same operations in the same order), and reads half the
+ * bytes. The element type is a compile-time constant of each instance of `attend`.
  *
  * Portability: GCC/Clang vector extensions (8 x float), no intrinsics; on AVX2 a vector is
  * one register, elsewhere (SSE, NEON) the compiler splits it. head_dim need not be a multiple
@@ -84,18 +90,22 @@ INLINE v8sf transpose_sum8(const v8sf a[TOKENS]) {
            SHUFFLE(r2[0], r2[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
+/* Key and value rows are addressed in bytes (`const char *`): their elements are of type T. */
+#define ESIZE(T) ((T) == DT_F32 ? 4 : 2)
+
 /* Scores of one query against TOKENS key rows: lane j = q . k[j]. */
-INLINE v8sf dot8(const float *restrict q, const float *const k[TOKENS], int64_t head_dim) {
+INLINE v8sf dot8(const float *restrict q, const char *const k[TOKENS], int64_t head_dim,
+                 const int T) {
     v8sf acc[TOKENS] = {0};
     int64_t d = 0;
     for (; d + 8 <= head_dim; d += 8) {
         const v8sf x = load8(q + d);
 #pragma GCC unroll 8
-        for (int j = 0; j < TOKENS; ++j) acc[j] += x * load8(k[j] + d);
+        for (int j = 0; j < TOKENS; ++j) acc[j] += x * load8_as(k[j], d, T);
     }
     v8sf s = transpose_sum8(acc);
     for (; d < head_dim; ++d)
-        for (int j = 0; j < TOKENS; ++j) s[j] += q[d] * k[j][d];
+        for (int j = 0; j < TOKENS; ++j) s[j] += q[d] * load1_as(k[j], d, T);
     return s;
 }
 
@@ -103,9 +113,10 @@ INLINE v8sf dot8(const float *restrict q, const float *const k[TOKENS], int64_t 
    HEADS and VECS: the tile stays in registers). acc rows are head_dim apart. Also prefetches
    the same columns of the next token group's key and value rows (pf, or none if NULL), so
    that memory requests are spread between the arithmetic instead of issued in bursts. */
-INLINE void pv_tile(float *restrict acc, const float *restrict p, const float *const v[TOKENS],
-                    const float *const *pf, int64_t head_dim, int64_t d, const int HEADS,
-                    const int VECS) {
+INLINE void pv_tile(float *restrict acc, const float *restrict p, const char *const v[TOKENS],
+                    const char *const *pf, int64_t head_dim, int64_t d, const int HEADS,
+                    const int VECS, const int T) {
+    const int line_vecs = 64 / (8 * ESIZE(T)); /* vectors per 64-byte line */
     v8sf o[2][8];
 #pragma GCC unroll 2
     for (int h = 0; h < HEADS; ++h)
@@ -115,12 +126,12 @@ INLINE void pv_tile(float *restrict acc, const float *restrict p, const float *c
     for (int j = 0; j < TOKENS; ++j) {
         v8sf x[8];
 #pragma GCC unroll 8
-        for (int i = 0; i < VECS; ++i) x[i] = load8(v[j] + d + 8 * i);
+        for (int i = 0; i < VECS; ++i) x[i] = load8_as(v[j], d + 8 * i, T);
         if (pf)
 #pragma GCC unroll 4
-            for (int i = 0; i < VECS; i += 2) { /* 2 vectors = one 64-byte line */
-                __builtin_prefetch(pf[j] + d + 8 * i, 0, 1);
-                __builtin_prefetch(pf[TOKENS + j] + d + 8 * i, 0, 1);
+            for (int i = 0; i < VECS; i += line_vecs) { /* one 64-byte line at a time */
+                __builtin_prefetch(pf[j] + (d + 8 * i) * ESIZE(T), 0, 1);
+                __builtin_prefetch(pf[TOKENS + j] + (d + 8 * i) * ESIZE(T), 0, 1);
             }
 #pragma GCC unroll 2
         for (int h = 0; h < HEADS; ++h) {
@@ -136,25 +147,28 @@ INLINE void pv_tile(float *restrict acc, const float *restrict p, const float *c
 }
 
 /* The whole head_dim for HEADS (1 or 2) query heads: wide tiles, then 8-wide, then scalar. */
-INLINE void pv_heads(float *restrict acc, const float *restrict p, const float *const v[TOKENS],
-                     const float *const *pf, int64_t head_dim, const int HEADS) {
+INLINE void pv_heads(float *restrict acc, const float *restrict p, const char *const v[TOKENS],
+                     const char *const *pf, int64_t head_dim, const int HEADS, const int T) {
     const int VECS = HEADS == 1 ? 8 : 4;
     int64_t d = 0;
-    for (; d + 8 * VECS <= head_dim; d += 8 * VECS) pv_tile(acc, p, v, pf, head_dim, d, HEADS, VECS);
-    for (; d + 8 <= head_dim; d += 8) pv_tile(acc, p, v, pf, head_dim, d, HEADS, 1);
+    for (; d + 8 * VECS <= head_dim; d += 8 * VECS)
+        pv_tile(acc, p, v, pf, head_dim, d, HEADS, VECS, T);
+    for (; d + 8 <= head_dim; d += 8) pv_tile(acc, p, v, pf, head_dim, d, HEADS, 1, T);
     for (; d < head_dim; ++d)
         for (int h = 0; h < HEADS; ++h)
             for (int j = 0; j < TOKENS; ++j)
-                acc[h * head_dim + d] += p[h * TOKENS + j] * v[j][d];
+                acc[h * head_dim + d] += p[h * TOKENS + j] * load1_as(v[j], d, T);
 }
 
 typedef struct {
-    const float *q, *k_cache, *v_cache;
+    const float *q;
+    const char *k_cache, *v_cache; /* elements of kv_type */
     const int64_t *block_tables, *context_lens;
     float *out;
     int64_t max_blocks, num_heads, num_kv_heads, head_dim, block_size, group;
     float scale;
     int64_t q_stride;
+    int kv_type;
 } Problem;
 
 /* Per-call scratch, sized for every query head of one sequence. */
@@ -196,9 +210,9 @@ static inline void softmax_step(v8sf scores, int64_t n, float *restrict max, flo
     store8(p, w);
 }
 
-/* Query heads of kv heads [h_begin, h_end) of sequence s. */
-static void attend(const Problem *pb, const Scratch *sc, int64_t s, int64_t h_begin,
-                   int64_t h_end) {
+/* Query heads of kv heads [h_begin, h_end) of sequence s, keys and values of type T. */
+INLINE void attend(const Problem *pb, const Scratch *sc, int64_t s, int64_t h_begin,
+                   int64_t h_end, const int T) {
     const int64_t D = pb->head_dim, G = pb->group, len = pb->context_lens[s];
     const int64_t token_stride = pb->num_kv_heads * D;
     const int64_t num_q = (h_end - h_begin) * G;
@@ -226,25 +240,26 @@ static void attend(const Problem *pb, const Scratch *sc, int64_t s, int64_t h_be
         }
         /* kv heads inner: the group's rows of all heads are contiguous in the pool */
         for (int64_t h = h_begin; h < h_end; ++h) {
-            const float *k[TOKENS], *v[TOKENS], *pf[2 * TOKENS]; /* pf: next keys, values */
+            const char *k[TOKENS], *v[TOKENS], *pf[2 * TOKENS]; /* pf: next keys, values */
             for (int j = 0; j < TOKENS; ++j) {
-                k[j] = pb->k_cache + rows[j] + h * D;
-                v[j] = pb->v_cache + rows[j] + h * D;
-                pf[j] = pb->k_cache + next[j] + h * D;
-                pf[TOKENS + j] = pb->v_cache + next[j] + h * D;
+                k[j] = pb->k_cache + (rows[j] + h * D) * ESIZE(T);
+                v[j] = pb->v_cache + (rows[j] + h * D) * ESIZE(T);
+                pf[j] = pb->k_cache + (next[j] + h * D) * ESIZE(T);
+                pf[TOKENS + j] = pb->v_cache + (next[j] + h * D) * ESIZE(T);
             }
             const int64_t q0 = (h - h_begin) * G;
             for (int64_t g = 0; g < G; ++g) {
                 const int64_t i = q0 + g;
-                softmax_step(dot8(sc->q + i * D, k, D), n, sc->max + i, sc->sum + i * TOKENS,
-                             sc->acc + i * D, D, sc->p + g * TOKENS);
+                softmax_step(dot8(sc->q + i * D, k, D, T), n, sc->max + i,
+                             sc->sum + i * TOKENS, sc->acc + i * D, D, sc->p + g * TOKENS);
             }
             float *acc = sc->acc + q0 * D;
             int64_t g = 0;
-            const float *const *prefetch = has_next ? pf : NULL; /* once per kv head */
+            const char *const *prefetch = has_next ? pf : NULL; /* once per kv head */
             for (; g + 2 <= G; g += 2)
-                pv_heads(acc + g * D, sc->p + g * TOKENS, v, g ? NULL : prefetch, D, 2);
-            if (g < G) pv_heads(acc + g * D, sc->p + g * TOKENS, v, g ? NULL : prefetch, D, 1);
+                pv_heads(acc + g * D, sc->p + g * TOKENS, v, g ? NULL : prefetch, D, 2, T);
+            if (g < G)
+                pv_heads(acc + g * D, sc->p + g * TOKENS, v, g ? NULL : prefetch, D, 1, T);
         }
     }
     float *out = pb->out + (s * pb->num_heads + h_begin * G) * D;
@@ -255,16 +270,27 @@ static void attend(const Problem *pb, const Scratch *sc, int64_t s, int64_t h_be
     }
 }
 
-int paged_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache,
+static void attend_f32(const Problem *pb, const Scratch *sc, int64_t s, int64_t h0, int64_t h1) {
+    attend(pb, sc, s, h0, h1, DT_F32);
+}
+static void attend_bf16(const Problem *pb, const Scratch *sc, int64_t s, int64_t h0, int64_t h1) {
+    attend(pb, sc, s, h0, h1, DT_BF16);
+}
+static void attend_f16(const Problem *pb, const Scratch *sc, int64_t s, int64_t h0, int64_t h1) {
+    attend(pb, sc, s, h0, h1, DT_F16);
+}
+
+/* Part `part` of `num_parts` of the call; k_cache and v_cache hold elements of kv_type. */
+int paged_decode_attention_f32(const float *q, const void *k_cache, const void *v_cache,
                                const int64_t *block_tables, const int64_t *context_lens,
                                float *out, int64_t num_seqs, int64_t max_blocks,
                                int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                               int64_t block_size, float scale, int64_t q_stride,
+                               int64_t block_size, float scale, int64_t q_stride, int kv_type,
                                int64_t part, int64_t num_parts) {
-    const Problem pb = {q,         k_cache,    v_cache,      block_tables,
-                        context_lens, out,     max_blocks,   num_heads,
+    const Problem pb = {q,          k_cache,    v_cache,     block_tables,
+                        context_lens, out,      max_blocks,  num_heads,
                         num_kv_heads, head_dim, block_size,  num_heads / num_kv_heads,
-                        scale,     q_stride};
+                        scale,      q_stride,   kv_type};
     const size_t floats = (size_t)(num_heads * (2 * head_dim + 2 * TOKENS + 1));
     float *buf = malloc(sizeof(float) * floats);
     if (!buf) return 1;
@@ -285,19 +311,25 @@ int paged_decode_attention_f32(const float *q, const float *k_cache, const float
             if (h_begin < 0) h_begin = h;
             h_end = h + 1;
         }
-        if (h_begin >= 0) attend(&pb, &sc, s, h_begin, h_end);
+        if (h_begin < 0) continue;
+        if (pb.kv_type == DT_BF16) attend_bf16(&pb, &sc, s, h_begin, h_end);
+        else if (pb.kv_type == DT_F16) attend_f16(&pb, &sc, s, h_begin, h_end);
+        else attend_f32(&pb, &sc, s, h_begin, h_end);
     }
     free(buf);
     return 0;
 }
 
 typedef struct {
-    const float *q, *k_cache, *v_cache;
+    const float *q;
+    const void *k_cache, *v_cache;
     const int64_t *block_tables, *context_lens;
     float *out;
     int64_t num_seqs, max_blocks, num_heads, num_kv_heads, head_dim, block_size;
     float scale;
-    int64_t q_stride, num_parts;
+    int64_t q_stride;
+    int kv_type;
+    int64_t num_parts;
     atomic_int failed;
 } AttentionCall;
 
@@ -306,7 +338,7 @@ static void attention_part(void *ctx, int64_t part) {
     if (paged_decode_attention_f32(a->q, a->k_cache, a->v_cache, a->block_tables,
                                    a->context_lens, a->out, a->num_seqs, a->max_blocks,
                                    a->num_heads, a->num_kv_heads, a->head_dim, a->block_size,
-                                   a->scale, a->q_stride, part, a->num_parts))
+                                   a->scale, a->q_stride, a->kv_type, part, a->num_parts))
         atomic_store(&a->failed, 1);
 }
 
@@ -314,20 +346,20 @@ static void attention_part(void *ctx, int64_t part) {
    less than `min_tokens_per_thread` tokens (of one kv head) per thread; 0, or 1 if a
    scratch allocation failed. (The total is summed here: in Python it was a torch reduction
    and a read per layer of a decode step.) */
-int paged_decode_attention_mt_f32(const float *q, const float *k_cache, const float *v_cache,
+int paged_decode_attention_mt_f32(const float *q, const void *k_cache, const void *v_cache,
                                   const int64_t *block_tables, const int64_t *context_lens,
                                   float *out, int64_t num_seqs, int64_t max_blocks,
                                   int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                   int64_t block_size, float scale, int64_t q_stride,
-                                  int64_t threads, int64_t min_tokens_per_thread) {
+                                  int kv_type, int64_t threads, int64_t min_tokens_per_thread) {
     int64_t tokens = 0;
     for (int64_t s = 0; s < num_seqs; ++s) tokens += context_lens[s] * num_kv_heads;
     if (min_tokens_per_thread > 0 && threads > tokens / min_tokens_per_thread)
         threads = tokens / min_tokens_per_thread > 1 ? tokens / min_tokens_per_thread : 1;
-    AttentionCall a = {q,          k_cache,      v_cache,  block_tables, context_lens,
-                       out,        num_seqs,     max_blocks, num_heads,  num_kv_heads,
-                       head_dim,   block_size,   scale,    q_stride,     threads > 1 ? 4 * threads : 1,
-                       0};
+    AttentionCall a = {q,          k_cache,    v_cache,    block_tables, context_lens,
+                       out,        num_seqs,   max_blocks, num_heads,    num_kv_heads,
+                       head_dim,   block_size, scale,      q_stride,     kv_type,
+                       threads > 1 ? 4 * threads : 1, 0};
     parallel_run(attention_part, &a, a.num_parts, threads);
     return atomic_load(&a.failed);
 }

@@ -1,12 +1,17 @@
 /*
  * Shared by the kernels: 8 x float vectors through GCC/Clang vector extensions (one AVX2
  * register; split by the compiler on SSE and NEON, merged on AVX-512), unaligned loads and
- * stores, and e^x for the x <= 0 that softmax and sigmoid need.
+ * stores, 16-bit storage (bfloat16, float16) widened to and rounded from float32, and e^x
+ * for the x <= 0 that softmax and sigmoid need.
  */
 #ifndef PDSERVE_SIMD_H
 #define PDSERVE_SIMD_H
 
 #include <stdint.h>
+#include <string.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 typedef float v8sf __attribute__((vector_size(32)));
 typedef int32_t v8si __attribute__((vector_size(32)));
@@ -28,6 +33,67 @@ INLINE v8sf select8(v8si mask, v8sf a, v8sf b) {
     return (v8sf)(((v8si)a & mask) | ((v8si)b & ~mask));
 }
 INLINE v8sf max8(v8sf a, v8sf b) { return select8(a > b, a, b); }
+
+/* ---- 16-bit storage: element types of a KV pool (codes shared with the Python side) ---- */
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+typedef uint16_t v8hu __attribute__((vector_size(16)));
+typedef uint16_t v8hu_u __attribute__((vector_size(16), aligned(2), may_alias));
+typedef uint32_t v8su __attribute__((vector_size(32)));
+
+/* bfloat16 -> float32 is exact: the 16 bits are the float's top half. */
+INLINE v8sf load8_bf16(const uint16_t *p) {
+    return (v8sf)(__builtin_convertvector(*(const v8hu_u *)p, v8su) << 16);
+}
+
+/* float32 -> bfloat16, round to nearest even, as torch's `.to(torch.bfloat16)` (NaN: a
+   quiet NaN, 0x7fc0; torch's bits for NaN vary with its code path). */
+INLINE v8hu round8_bf16(v8sf x) {
+    const v8su u = (v8su)x;
+    const v8su rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const v8su is_nan = (v8su)((u & 0x7fffffffu) > 0x7f800000u);
+    return __builtin_convertvector((rounded & ~is_nan) | (0x7fc0u & is_nan), v8hu);
+}
+
+INLINE v8sf load8_f16(const uint16_t *p) {
+#if defined(__F16C__)
+    return (v8sf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    v8sf v;
+    for (int i = 0; i < 8; ++i) {
+        _Float16 h;
+        memcpy(&h, p + i, 2);
+        v[i] = (float)h;
+    }
+    return v;
+#endif
+}
+
+/* float32 -> float16, round to nearest even (overflow to inf), as torch's conversion. */
+INLINE v8hu round8_f16(v8sf x) {
+#if defined(__F16C__)
+    return (v8hu)_mm256_cvtps_ph((__m256)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    v8hu o;
+    for (int i = 0; i < 8; ++i) {
+        const _Float16 h = (_Float16)x[i];
+        memcpy(&o[i], &h, 2);
+    }
+    return o;
+#endif
+}
+
+/* 8 floats from element d of a row of type T (a compile-time constant at every call site). */
+INLINE v8sf load8_as(const void *row, int64_t d, const int T) {
+    if (T == DT_BF16) return load8_bf16((const uint16_t *)row + d);
+    if (T == DT_F16) return load8_f16((const uint16_t *)row + d);
+    return load8((const float *)row + d);
+}
+
+INLINE float load1_as(const void *row, int64_t d, const int T) {
+    if (T == DT_F32) return ((const float *)row)[d];
+    uint16_t h[8] = {((const uint16_t *)row)[d]};
+    return T == DT_BF16 ? load8_bf16(h)[0] : load8_f16(h)[0];
+}
 
 /* e^x for x <= 0 (softmax and sigmoid arguments), within a few float ulps of expf; lanes below -87 and
    -inf give 0. x = n ln2 + r with |r| <= ln2/2, e^r by its degree-7 Taylor polynomial
