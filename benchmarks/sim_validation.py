@@ -31,14 +31,19 @@ HEADLINE = Path(__file__).with_name("sweeps") / "headline.yaml"
 CASES = (
     ("aggregated", "code", None, 8.0),
     ("aggregated", "chat", None, 4.0),
+    ("aggregated", "summarize", None, 0.75),
     ("aggregated", "random:in=1024,out=128", (5000, 50), 1.0),
     ("aggregated-2x1", "code", None, 8.0),
     ("aggregated-2x1", "chat", None, 4.0),
+    ("aggregated-2x1", "summarize", None, 0.75),
+    ("aggregated-2x1", "random:in=1024,out=128", (5000, 50), 1.0),
     ("disaggregated", "code", None, 8.0),
     ("disaggregated", "chat", None, 4.0),
+    ("disaggregated", "summarize", None, 0.75),
     ("disaggregated", "random:in=1024,out=128", (5000, 50), 1.5),
     ("auto", "code", None, 8.0),
     ("auto", "chat", None, 4.0),
+    ("auto", "summarize", None, 0.75),
     ("auto", "random:in=1024,out=128", (5000, 50), 1.5),
 )
 MIN_DURATION_S = 20.0
@@ -92,6 +97,17 @@ def sim_run(settings: dict, profile, specs, slo, rate: float, num_requests: int,
     )
 
 
+def _override(profile, args):
+    import dataclasses
+
+    changes = {
+        "contention": args.contention,
+        "frontend_s_per_request": args.frontend_per_request,
+        "frontend_s_per_token": args.frontend_per_token,
+    }
+    return dataclasses.replace(profile, **{k: v for k, v in changes.items() if v is not None})
+
+
 def _config(slo) -> dict:
     return {"slo_ttft_ms": slo.ttft_ms, "slo_tpot_ms": slo.tpot_ms}
 
@@ -130,8 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out-dir", type=Path, default=None, help="default: a temporary folder")
     p.add_argument("--only", default=None, help="configuration names, comma-separated")
+    p.add_argument("--workloads", default=None, help="workload names, comma-separated")
+    p.add_argument(
+        "--resim",
+        action="store_true",
+        help="no real runs: re-simulate against the real runs already in --out-dir",
+    )
+    p.add_argument("--contention", type=float, default=None, help="override the profile's")
+    p.add_argument("--frontend-per-request", type=float, default=None, help="CPU s (override)")
+    p.add_argument("--frontend-per-token", type=float, default=None, help="CPU s (override)")
     p.add_argument("--json-out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.resim and (args.out_dir is None or not args.profile):
+        p.error("--resim needs --out-dir (with the real runs) and --profile")
     if args.out_dir is None:
         import tempfile
 
@@ -145,12 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         profile = measure_profile([1, 2])
         profile.save(args.out_dir / "profile.json")
     if profile is not None:
+        profile = _override(profile, args)
         print(format_profile(profile), flush=True)
     configs = configurations()
     results = []
     measured_for = None
     for name, workload_name, slo_override, rate in CASES:
         if args.only and name not in args.only.split(","):
+            continue
+        if args.workloads and workload_name.split(":")[0] not in args.workloads.split(","):
             continue
         if args.profile_each and measured_for != name:
             threads = configs[name].get("threads_per_worker", 1)
@@ -161,13 +191,27 @@ def main(argv: list[str] | None = None) -> int:
         slo = SLO(*slo_override) if slo_override else workload.default_slo
         num_requests = max(20, min(160, int(rate * MIN_DURATION_S)))
         specs = workload.sample(num_requests, SEED)
-        started = time.strftime("%H:%M:%S")
-        background = float(Path("/proc/loadavg").read_text().split()[0])  # before our server
-        real = real_run(configs[name], specs, slo, rate, num_requests, args.out_dir)
+        tag = f"{name}_{workload_name.split(':')[0]}"
+        meta_path = args.out_dir / f"{tag}_meta.json"
+        if args.resim:
+            if not meta_path.exists():
+                print(f"| {name} | {workload_name} | no real run in {args.out_dir} |")
+                continue
+            meta = json.loads(meta_path.read_text())
+            real = metrics.from_json((args.out_dir / f"{tag}_real.json").read_text())
+        else:
+            meta = {
+                "at": time.strftime("%H:%M:%S"),
+                # before our server starts: the other programs' load
+                "background_load": float(Path("/proc/loadavg").read_text().split()[0]),
+            }
+            real = real_run(configs[name], specs, slo, rate, num_requests, args.out_dir)
+            meta["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+            meta_path.write_text(json.dumps(meta) + "\n")
+        started, background = meta["at"], meta["background_load"]
         sim = sim_run(configs[name], profile, specs, slo, rate, num_requests)
         loaded = sim_run(configs[name], profile, specs, slo, rate, num_requests, background)
-        tag = f"{name}_{workload_name.split(':')[0]}"
-        for kind, run in (("real", real), ("sim", sim)):
+        for kind, run in (("real", real), ("sim", sim)) if not args.resim else (("sim", sim),):
             text = metrics.to_json(run, metrics.summarize(run, slo))
             (args.out_dir / f"{tag}_{kind}.json").write_text(text + "\n")
         r, s = row(metrics.summarize(real, slo)), row(metrics.summarize(sim, slo))

@@ -60,6 +60,12 @@ def add_sim_parsers(subparsers: argparse._SubParsersAction) -> None:
     profile.add_argument(
         "--merge", nargs="+", default=None, help="no measuring: the fastest of these profiles"
     )
+    profile.add_argument(
+        "--frontend",
+        default=None,
+        help="front-end CPU per request and per token from benchmarks/frontend_cost.py "
+        "--json-out (router + client)",
+    )
     profile.set_defaults(func=cmd_profile)
 
     sim = subparsers.add_parser("sim", help="simulate a deployment under bench load")
@@ -154,10 +160,35 @@ def cmd_profile(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         profile = measure_profile(threads, quick=args.quick, model=args.model)
         print(f"measured in {time.perf_counter() - start:.0f} s")
+    if args.frontend:
+        profile = _with_frontend(profile, args.frontend)
     profile.save(args.out)
     print(format_profile(profile))
     print(f"wrote {args.out}")
     return 0
+
+
+def _with_frontend(profile, path: str):
+    """The profile with the front end's CPU costs measured by benchmarks/frontend_cost.py
+    (the router's and the client's, which share the cores with the workers)."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from pdserve.errors import ConfigError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        per_request = data["router_s_per_request"] + data["client_s_per_request"]
+        per_token = data["router_s_per_token"] + data["client_s_per_token"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError("frontend", f"{path}: not a frontend_cost.py result ({e})") from None
+    return dataclasses.replace(
+        profile,
+        frontend_s_per_request=max(0.0, per_request),
+        frontend_s_per_token=max(0.0, per_token),
+        notes=(*profile.notes, f"front-end costs from {Path(path).name}"),
+    )
 
 
 def _analytic(args: argparse.Namespace):

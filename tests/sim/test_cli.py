@@ -115,3 +115,33 @@ def test_merge_keeps_the_fastest_sample_of_each_shape(tmp_path):
         s["seconds"] for s in fast.checks["runs"]["1"]["samples"]
     )
     assert merged.cost(1).token_knots == (1, 16, 64)
+
+
+def test_profile_takes_front_end_costs_from_frontend_cost_json(tmp_path, capsys):
+    source = tmp_path / "measured.json"
+    dataclasses.replace(make_profile(), checks={"runs": {}}).save(source)
+    frontend = tmp_path / "frontend.json"
+    frontend.write_text(
+        json.dumps(
+            {
+                "router_s_per_request": 0.003,
+                "router_s_per_token": 0.0004,
+                "client_s_per_request": 0.005,
+                "client_s_per_token": -0.0001,  # noise below zero: router + client clipped
+            }
+        )
+    )
+    out = tmp_path / "with_frontend.json"
+    assert (
+        main(["profile", "--merge", str(source), "--frontend", str(frontend), "--out", str(out)])
+        == 0
+    )
+    profile = Profile.load(out)
+    assert profile.frontend_s_per_request == pytest.approx(0.008)
+    assert profile.frontend_s_per_token == pytest.approx(0.0003)
+    frontend.write_text(json.dumps({"router_s_per_request": 0.003}))
+    assert (
+        main(["profile", "--merge", str(source), "--frontend", str(frontend), "--out", str(out)])
+        != 0
+    )
+    assert "frontend_cost.py" in capsys.readouterr().err
