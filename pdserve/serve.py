@@ -109,6 +109,7 @@ async def _serve_with_key(
 
     from pdserve.router.app import build_app
     from pdserve.router.cluster import ClusterClient
+    from pdserve.router.gateway.fast_http import fast_refusal_protocol
     from pdserve.router.metrics import RouterMetrics
 
     counts = config.worker_counts()
@@ -132,6 +133,7 @@ async def _serve_with_key(
             log_level="warning",
             lifespan="off",
             backlog=config.backlog,
+            http=fast_refusal_protocol(app.edge),  # refusals answered below ASGI
         )
     )
 

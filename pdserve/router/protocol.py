@@ -413,9 +413,9 @@ def error_body(
     param: str | None = None,
     code: str | None = None,
 ) -> dict[str, Any]:
-    """The JSON body OpenAI sends with a 4xx/5xx: `{"error": {message, type, param, code}}`."""
-    info = ErrorInfo(message=message, type=type, param=param, code=code)
-    return ErrorResponse(error=info).model_dump()
+    """The JSON body OpenAI sends with a 4xx/5xx: `{"error": {message, type, param, code}}`
+    (`ErrorResponse`'s shape, built directly: it is on the path of every fast refusal)."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 def validation_error_param(model: type[BaseModel], loc: Sequence[int | str]) -> str | None:

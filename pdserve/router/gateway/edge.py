@@ -32,7 +32,10 @@ For `POST /v1/completions` and `/v1/chat/completions`, in order:
 A request that passes carries its `Lease` (the key's slot, taken in step 3) to the route
 in the ASGI scope's state (`lease`); the route uses it instead of opening another, and the
 edge closes it (idempotently) when the app returns, so no exit path leaks the slot.
-Refusals here are counted in `pdserve:requests_rejected_total` like the route's, with
+Under `pdserve serve`, `fast_http.py` calls `refuse_busy` and `screen` from the HTTP
+protocol itself, with the whole body, and writes refusals without going through ASGI;
+requests it lets through arrive here with their `Screening` in the scope state
+(`SCREENED`) and are only run. Refusals here are counted in `pdserve:requests_rejected_total` like the route's, with
 the reason `busy` for step 1. Everything else (other paths, methods, websockets) passes
 through untouched.
 """
@@ -41,10 +44,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 from pdserve.router.gateway.errors import PayloadTooLargeError, RateLimitedError
-from pdserve.router.gateway.gate import Gateway
+from pdserve.router.gateway.gate import Gateway, Lease
 from pdserve.router.gateway.limits import too_large_message
 from pdserve.router.protocol import error_body
 
@@ -56,7 +60,31 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 PRIORITY_KEY = b"priority"
+SCREENED = "pdserve.screened"  # scope state: the `Screening` the fast path made
 BUSY_MESSAGE = "the server has too many requests in flight (limit_concurrency {}); retry later"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A complete error answer: status, OpenAI error body, extra headers."""
+
+    status: int
+    body: dict
+    headers: dict[str, str]
+
+
+@dataclass(slots=True)
+class Screening:
+    """What the edge decided about one generation request (counted in flight).
+
+    `refusal`: answer it and stop. Otherwise the app runs it with `key` and `lease`
+    (`lease` None: the token names no key and the app answers the 401), and
+    `needs_body` says admission still wants the first body message (`refuse_early`)."""
+
+    refusal: Refusal | None = None
+    key: Any = None
+    lease: Lease | None = None
+    needs_body: bool = False
 
 
 class Edge:
@@ -74,50 +102,82 @@ class Edge:
         ):
             await self.app(scope, receive, send)
             return
-        if self.limit is not None and self.num_in_flight >= self.limit:
-            self.gateway.metrics.rejected.labels("busy").inc()
-            body = error_body(BUSY_MESSAGE.format(self.limit), "overloaded", code="server_busy")
-            await respond(send, 503, body, {"retry-after": "1"})
+        screened = scope.get("state", {}).pop(SCREENED, None)
+        if screened is not None:  # the HTTP protocol's fast path decided and counted it
+            await self._run(scope, receive, send, screened)
+            return
+        busy = self.refuse_busy()
+        if busy is not None:
+            await respond(send, busy)
             return
         self.num_in_flight += 1
-        try:
-            await self._generation(scope, receive, send)
-        finally:
-            self.num_in_flight -= 1
+        await self._run(scope, receive, send, self.screen(scope["headers"], None))
 
-    async def _generation(self, scope: Scope, receive: Receive, send: Send) -> None:
-        length, token = _headers(scope["headers"])
+    def refuse_busy(self) -> Refusal | None:
+        """Step 1: the 503 when `limit_concurrency` requests are in flight."""
+        if self.limit is None or self.num_in_flight < self.limit:
+            return None
+        self.gateway.metrics.rejected.labels("busy").inc()
+        body = error_body(BUSY_MESSAGE.format(self.limit), "overloaded", code="server_busy")
+        return Refusal(503, body, {"retry-after": "1"})
+
+    def screen(self, headers: list[tuple[bytes, bytes]], body: bytes | None) -> Screening:
+        """Steps 2-4 for a request already counted in flight. `body`: the whole body when
+        it is known (the HTTP protocol's fast path), None when not yet read."""
+        length, token = _headers(headers)
         max_bytes = self.gateway.config.max_body_bytes
         if length is not None and length > max_bytes:
             exc = PayloadTooLargeError(too_large_message(length, max_bytes))
-            await self._refuse(send, exc, {"connection": "close"})
-            return
+            return Screening(self._refusal(exc, {"connection": "close"}))
         try:
             key = self.gateway.lookup(token)
         except LookupError:  # the app's auth dependency answers the 401
-            await self.app(scope, receive, send)
-            return
+            return Screening()
         try:
             lease = self.gateway.open(key)
         except RateLimitedError as exc:
-            await self._refuse(send, exc)
-            return
-        try:
-            receive, refusal = await self._admission(receive)
-            if refusal is not None:
-                await self._refuse(send, refusal, lease.headers)
-                return
-            state = scope.setdefault("state", {})
-            state["api_key"], state["lease"] = key, lease
-            await self.app(scope, receive, send)
-        finally:
-            lease.close()
-
-    async def _admission(self, receive: Receive) -> tuple[Receive, RateLimitedError | None]:
-        """(the receive the app must use, the refusal the queue alone decides or None)."""
+            return Screening(self._refusal(exc))
         admission = self.gateway.admission
         if not admission.is_active:
-            return receive, None
+            return Screening(key=key, lease=lease)
+        if body is None:
+            return Screening(key=key, lease=lease, needs_body=True)
+        if PRIORITY_KEY in body:  # priority unknown before parsing: the route decides
+            return Screening(key=key, lease=lease)
+        refused = admission.refuse_early(0)
+        if refused is None:
+            return Screening(key=key, lease=lease)
+        refusal = self._refusal(refused, lease.headers)
+        lease.close()
+        return Screening(refusal)
+
+    def finish(self, screened: Screening) -> None:
+        """The end of a request counted in flight (refused or run)."""
+        if screened.lease is not None:
+            screened.lease.close()
+        self.num_in_flight -= 1
+
+    async def _run(self, scope: Scope, receive: Receive, send: Send, screened: Screening) -> None:
+        try:
+            if screened.refusal is not None:
+                await respond(send, screened.refusal)
+                return
+            if screened.lease is None:
+                await self.app(scope, receive, send)
+                return
+            if screened.needs_body:
+                receive, refusal = await self._admission(receive, screened.lease)
+                if refusal is not None:
+                    await respond(send, refusal)
+                    return
+            state = scope.setdefault("state", {})
+            state["api_key"], state["lease"] = screened.key, screened.lease
+            await self.app(scope, receive, send)
+        finally:
+            self.finish(screened)
+
+    async def _admission(self, receive: Receive, lease: Lease) -> tuple[Receive, Refusal | None]:
+        """(the receive the app must use, the refusal the queue alone decides or None)."""
         message = await receive()
         replay = _replaying(message, receive)
         if (
@@ -126,16 +186,15 @@ class Edge:
             or PRIORITY_KEY in message.get("body", b"")
         ):
             return replay, None  # priority unknown before parsing: the route decides
-        return replay, admission.refuse_early(0)
+        refused = self.gateway.admission.refuse_early(0)
+        return replay, None if refused is None else self._refusal(refused, lease.headers)
 
-    async def _refuse(
-        self, send: Send, exc: Exception, extra: dict[str, str] | None = None
-    ) -> None:
+    def _refusal(self, exc: Exception, extra: dict[str, str] | None = None) -> Refusal:
         from pdserve.router.serving import describe_error, error_headers  # serving imports us
 
         self.gateway.note_refusal(exc)
         status, body = describe_error(exc)
-        await respond(send, status, body, {**(extra or {}), **(error_headers(exc) or {})})
+        return Refusal(status, body, {**(extra or {}), **(error_headers(exc) or {})})
 
 
 def _headers(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, str | None]:
@@ -162,10 +221,16 @@ def _replaying(first: Message, receive: Receive) -> Receive:
     return replay
 
 
-async def respond(send: Send, status: int, body: dict, headers: dict[str, str]) -> None:
-    """A complete JSON response in two ASGI messages."""
-    content = json.dumps(body, separators=(",", ":")).encode()
+def response_headers(refusal: Refusal) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """(the JSON body, the headers) of a refusal, as both HTTP paths send them."""
+    content = json.dumps(refusal.body, separators=(",", ":")).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content))]
-    raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
+    raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in refusal.headers.items()]
+    return content, raw
+
+
+async def respond(send: Send, refusal: Refusal) -> None:
+    """A complete JSON response in two ASGI messages."""
+    content, raw = response_headers(refusal)
+    await send({"type": "http.response.start", "status": refusal.status, "headers": raw})
     await send({"type": "http.response.body", "body": content})
