@@ -268,17 +268,26 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pdserve.serve import run_serve
     from pdserve.serve_config import ServeConfig
 
-    return run_serve(ServeConfig.from_args(args))
+    return _run_serve(ServeConfig.from_args(args))
+
+
+def _run_serve(config) -> int:
+    """The router here, or in a Ray actor that this process supervises (`router_on_ray`)."""
+    if config.router_on_ray:
+        from pdserve.serve_ray import run_serve_on_ray
+
+        return run_serve_on_ray(config)
+    from pdserve.serve import run_serve
+
+    return run_serve(config)
 
 
 def cmd_router(args: argparse.Namespace) -> int:
     """The router alone; workers are started separately and register with it."""
     from dataclasses import replace
 
-    from pdserve.serve import run_serve
     from pdserve.serve_config import ServeConfig
 
     config = ServeConfig.from_args(args)
@@ -291,7 +300,7 @@ def cmd_router(args: argparse.Namespace) -> int:
         external_workers=args.expect_workers,
         router_port=config.router_port or DEFAULT_ROUTER_PORT,
     )
-    return run_serve(config)
+    return _run_serve(config)
 
 
 DEFAULT_ROUTER_PORT = 5557

@@ -17,6 +17,10 @@ Shared-memory KV pools of children are removed.
 While serving, the watchdog (control/launcher.py) restarts a worker that exits, with
 exponential backoff and no lifetime cap; a worker whose lease runs out (hung) is killed
 and restarted the same way. Its requests migrate to the others (control/migration.py).
+
+`serve_router` is the router's whole run; with `router_on_ray` it runs inside a Ray actor
+instead of here (serve_ray.py), which is why what this process does around it (signals,
+the printed URL) sits in `ProcessHooks`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pdserve.config import EngineConfig
@@ -57,14 +62,23 @@ def run_serve(config: ServeConfig) -> int:
     from pdserve.model.builtin import ensure_builtin_model
 
     model_dir = Path(config.model) if config.model else ensure_builtin_model(progress=True)
-    http_sock = _bind_http(config.host, config.port)
-    try:
+    http_sock = bind_http(config.host, config.port)
+
+    def run() -> int:
         if config.launcher == "ray":
             from pdserve.control.ray_launcher import connect
 
             connect(config.ray_address)
-        with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             return runner.run(_serve(config, model_dir, http_sock))
+
+    return exit_code_of(config, run)
+
+
+def exit_code_of(config: ServeConfig, run: Callable[[], int]) -> int:
+    """`run()`'s exit code; a pdserve error or an unreachable Ray cluster is printed: 1."""
+    try:
+        return run()
     except PdserveError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -73,7 +87,7 @@ def run_serve(config: ServeConfig) -> int:
         return 1
 
 
-def _event_loop_factory():
+def event_loop_factory():
     """uvloop's loop when installed (a dependency): it accepts and answers connections
     ~1.5-2x faster than asyncio's under a burst (docs/benchmarks.md, Overload)."""
     try:
@@ -83,7 +97,7 @@ def _event_loop_factory():
     return uvloop.new_event_loop
 
 
-def _bind_http(host: str, port: int) -> socket.socket:
+def bind_http(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -94,17 +108,46 @@ def _bind_http(host: str, port: int) -> socket.socket:
 
 
 async def _serve(config: ServeConfig, model_dir: Path, http_sock: socket.socket) -> int:
-    key_file, temp_key = _cluster_key_file(config)
+    key_file, temp_key = cluster_key_file_of(config)
     try:
-        return await _serve_with_key(config, model_dir, http_sock, key_file)
+        return await serve_router(config, model_dir, http_sock, key_file, ProcessHooks(config))
     finally:
         if temp_key is not None:
             temp_key.remove()
 
 
-async def _serve_with_key(
-    config: ServeConfig, model_dir: Path, http_sock: socket.socket, key_file: Path | None
+class ProcessHooks:
+    """What the process hosting the router does when its HTTP server exists and when the
+    workers are ready: here, take the signals and print the URL. The router actor of
+    `router_on_ray` (serve_ray.py) does both its own way."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+
+    def on_server(self, server) -> None:
+        # uvicorn handles SIGINT/SIGTERM while it serves and re-raises them afterwards; these
+        # handlers receive that re-raise so shutdown continues below instead of dying mid-way.
+        def on_signal(signum, frame) -> None:
+            logger.info("received %s; shutting down", signal.Signals(signum).name)
+            server.should_exit = True  # also covers a signal while workers are starting
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+
+    def on_ready(self, details: str) -> None:
+        url = f"http://{self.config.host}:{self.config.port}"
+        print(f"pdserve ready: {url}/v1 ({details})", flush=True)
+
+
+async def serve_router(
+    config: ServeConfig,
+    model_dir: Path,
+    http_sock: socket.socket,
+    key_file: Path | None,
+    hooks: ProcessHooks,
 ) -> int:
+    """The router on `http_sock`, its workers through the configured launcher, the watchdog
+    and the planner, until the HTTP server stops; then every worker is stopped."""
     import uvicorn
 
     from pdserve.router.app import build_app
@@ -136,15 +179,7 @@ async def _serve_with_key(
             http=fast_refusal_protocol(app.edge),  # refusals answered below ASGI
         )
     )
-
-    # uvicorn handles SIGINT/SIGTERM while it serves and re-raises them afterwards; these
-    # handlers receive that re-raise so shutdown continues below instead of dying mid-way.
-    def on_signal(signum, frame) -> None:
-        logger.info("received %s; shutting down", signal.Signals(signum).name)
-        server.should_exit = True  # also covers a signal while workers are starting
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    hooks.on_server(server)
     server_task = asyncio.create_task(server.serve(sockets=[http_sock]))
     workers = make_launcher(config, model_dir, client.router_addr, key_file)
     client.on_worker_expired = workers.kill  # fencing: a hung worker's process is killed
@@ -159,12 +194,7 @@ async def _serve_with_key(
             )
         if not await _wait_ready(client, workers, server_task):
             return 0 if server.should_exit else 1  # a signal during start-up is a clean stop
-        url = f"http://{config.host}:{config.port}"
-        print(
-            f"pdserve ready: {url}/v1 (model {client.model_name!r}, mode {config.mode}, "
-            f"workers {counts})",
-            flush=True,
-        )
+        hooks.on_ready(f"model {client.model_name!r}, mode {config.mode}, workers {counts}")
         watchdog = asyncio.create_task(Watchdog(workers, client.mark_dead).run())
         planner = _start_planner(config, client)
         await server_task
@@ -180,7 +210,7 @@ async def _serve_with_key(
         workers.stop()
 
 
-def _cluster_key_file(config: ServeConfig) -> tuple[Path | None, security.TemporaryKey | None]:
+def cluster_key_file_of(config: ServeConfig) -> tuple[Path | None, security.TemporaryKey | None]:
     """The key file workers get (None: CURVE off), and the temporary key to remove at exit."""
     if config.insecure_no_curve:
         security.warn_insecure("pdserve serve")

@@ -22,7 +22,12 @@ from pdserve.config import EngineConfig
 from pdserve.control.membership import DEFAULT_LEASE_S
 from pdserve.control.migration import MigrationConfig
 from pdserve.control.planner import PlannerConfig
-from pdserve.control.ray_config import RoleResources, parse_worker_resources
+from pdserve.control.ray_config import (
+    RoleResources,
+    RouterResources,
+    parse_router_resources,
+    parse_worker_resources,
+)
 from pdserve.control.slo_classes import parse_classes
 from pdserve.control.worker_spec import SECRET_ENGINE_FIELDS
 from pdserve.errors import ConfigError
@@ -31,6 +36,7 @@ from pdserve.router.gateway.config import GatewayConfig
 from pdserve.router.policy import RoutingConfig
 
 ROLES = ("prefill", "decode", "mixed")
+NODE_IP = "node-ip"  # `host` under router_on_ray: the IP Ray knows the router's node by
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,12 @@ class ServeConfig:
     launcher: str = "local"
     ray_address: str | None = None  # None: RAY_ADDRESS, or a new Ray on this machine
     worker_resources: dict = field(default_factory=dict)
+    # The router (HTTP, control, launcher) in a Ray actor, this process its supervisor
+    # (serve_ray.py); `router_resources` pins it (control/ray_config.py). Ray restarts a
+    # dead router actor, with fresh workers, up to `router_max_restarts` times.
+    router_on_ray: bool = False
+    router_resources: dict = field(default_factory=dict)
+    router_max_restarts: int = 3
 
     def __post_init__(self) -> None:
         for role in ROLES:
@@ -142,7 +154,20 @@ class ServeConfig:
     def ray_resources(self) -> dict[str, RoleResources]:
         if self.launcher not in ("local", "ray"):
             raise ConfigError("launcher", f"{self.launcher!r}; choose 'local' or 'ray'")
+        self.router_placement()
         return parse_worker_resources(self.worker_resources)
+
+    def router_placement(self) -> RouterResources:
+        """The router actor's resources; checks the router-on-Ray settings fit together."""
+        if self.router_on_ray and self.launcher != "ray":
+            raise ConfigError("router_on_ray", "needs launcher: ray (--launcher ray)")
+        if self.router_resources and not self.router_on_ray:
+            raise ConfigError("router_resources", "place the router actor: set router_on_ray")
+        if self.host == NODE_IP and not self.router_on_ray:
+            raise ConfigError("host", f"{NODE_IP!r} means the router actor's node: router_on_ray")
+        if self.router_max_restarts < 0:
+            raise ConfigError("router_max_restarts", "must be >= 0")
+        return parse_router_resources(self.router_resources)
 
     def planner_config(self) -> PlannerConfig | None:
         if self.planner not in ("none", "slo"):
@@ -239,7 +264,13 @@ class ServeConfig:
         if not isinstance(engine, dict):
             raise ConfigError("engine", "must be a mapping of engine settings")
         engine = dict(engine)
-        for name in [*SERVE_FLAGS, *SECURITY_FLAGS, "kv_layerwise", "protect_probes"]:
+        for name in [
+            *SERVE_FLAGS,
+            *SECURITY_FLAGS,
+            "kv_layerwise",
+            "protect_probes",
+            "router_on_ray",
+        ]:
             value = getattr(args, name)
             if value is not None:
                 data[name] = value
@@ -306,7 +337,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 SERVE_FLAGS = {
     "model": (str, "HF model folder (default: the built-in model)"),
     "model_name": (str, "model name clients send (default: the folder name)"),
-    "host": (str, "HTTP interface (default 127.0.0.1)"),
+    "host": (str, "HTTP interface (default 127.0.0.1; router on Ray: node-ip = its node's IP)"),
     "port": (int, "HTTP port (default 8000)"),
     "api_key": (str, "require this bearer key on /v1 (or set PDSERVE_API_KEY)"),
     "admin_key": (str, "bearer key for /admin/* (or set PDSERVE_ADMIN_KEY; default: off)"),
@@ -330,6 +361,7 @@ SERVE_FLAGS = {
     "worker_lease_s": (float, "a worker silent or stalled this long is dead (default 5)"),
     "launcher": (str, "local | ray: worker processes here, or Ray actors (default local)"),
     "ray_address": (str, "launcher ray: the Ray cluster, HOST:PORT (default: RAY_ADDRESS)"),
+    "router_max_restarts": (int, "router on Ray: times Ray restarts a dead router actor (3)"),
     "max_migrations": (int, "times a request may move to another worker (default 3)"),
     "migration_wait_s": (float, "wait this long for a worker to move a request to (30)"),
     "planner": (str, "none | slo: move workers between roles to follow the load"),
@@ -420,6 +452,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         const=True,
         default=None,
         help="DEBUG ONLY: internal ZeroMQ sockets without CURVE authentication/encryption",
+    )
+    parser.add_argument(
+        "--router-on-ray",
+        dest="router_on_ray",
+        action="store_const",
+        const=True,
+        default=None,
+        help="launcher ray: run the router in a Ray actor; this process supervises it",
     )
     parser.add_argument(
         "--no-kv-layerwise",

@@ -15,6 +15,12 @@ Per role, every key optional:
   this role shares one STRICT_PACK placement group with worker *i* of every other `pack`
   role, so a prefill/decode pair lands on one node and its KV goes over shared memory).
 
+With `router_on_ray: true` the router itself runs in a Ray actor (serve_ray.py), placed by
+
+    router_resources: {num_cpus: 1, resources: {head_node: 1}, label_selector: {pool: edge}}
+
+(every key optional; `num_cpus` defaults to 1: the router tokenises and serves HTTP).
+
 Validated once, at load: a bad key or value raises `ConfigError` naming it (for example
 `worker_resources.decode.num_gpus`). Neither Ray nor torch is imported here, so a config
 check stays fast and works without Ray installed.
@@ -66,9 +72,7 @@ def _role(data: Any, name: str) -> RoleResources:
     try:
         parsed = msgspec.convert(data, RoleResources)
     except msgspec.ValidationError as e:
-        where = str(e).rsplit("at `$", 1)
-        field = where[1].rstrip("`").lstrip(".") if len(where) == 2 else ""
-        raise ConfigError(f"{name}.{field}".rstrip("."), where[0].strip(" -")) from None
+        raise ConfigError(*_field_error(name, e)) from None
     if parsed.placement not in PLACEMENTS:
         raise ConfigError(f"{name}.placement", f"{parsed.placement!r}; choose one of {PLACEMENTS}")
     amounts = {"num_gpus": parsed.num_gpus, **parsed.resources}
@@ -78,6 +82,34 @@ def _role(data: Any, name: str) -> RoleResources:
         if amount < 0:
             raise ConfigError(f"{name}.{key}", f"must be >= 0, got {amount}")
     return parsed
+
+
+class RouterResources(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where the router actor may run (`router_resources`)."""
+
+    num_cpus: float = 1.0
+    resources: dict[str, float] = msgspec.field(default_factory=dict)
+    label_selector: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+def parse_router_resources(data: Any) -> RouterResources:
+    if not isinstance(data, dict):
+        raise ConfigError("router_resources", "must be a mapping (num_cpus, resources, ...)")
+    try:
+        parsed = msgspec.convert(data, RouterResources)
+    except msgspec.ValidationError as e:
+        raise ConfigError(*_field_error("router_resources", e)) from None
+    for key, amount in {"num_cpus": parsed.num_cpus, **parsed.resources}.items():
+        if amount < 0:
+            raise ConfigError(f"router_resources.{key}", f"must be >= 0, got {amount}")
+    return parsed
+
+
+def _field_error(name: str, error: msgspec.ValidationError) -> tuple[str, str]:
+    """(field, message) of a msgspec error, the field named from `name` down."""
+    where = str(error).rsplit("at `$", 1)
+    field = where[1].rstrip("`").lstrip(".") if len(where) == 2 else ""
+    return f"{name}.{field}".rstrip("."), where[0].strip(" -")
 
 
 def is_loopback(host: str) -> bool:

@@ -166,12 +166,15 @@ class RayLauncher(Launcher):
             self.roles[worker_id] = role  # its next actor asks for the new role's resources
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        self._refresh_placement()
         stops = [a.handle.stop.remote(timeout_s) for a in self.actors.values() if a.info]
         try:
             self._ray.wait(stops, num_returns=len(stops), timeout=timeout_s + 5)
         finally:
-            for actor in self.actors.values():
-                self._retire(actor)
+            # Waited for: they are this process's tasks, and it may end (a router actor
+            # killed after its stop) before they run.
+            cleanups = [c for c in map(self._retire, self.actors.values()) if c is not None]
+            self._ray.wait(cleanups, num_returns=len(cleanups), timeout=timeout_s + 5)
             self.actors.clear()
             for group in self._packs.values():
                 self._ray.util.remove_placement_group(group)
@@ -253,20 +256,22 @@ class RayLauncher(Launcher):
         for index in sorted(set(self._packs) - used):
             self._ray.util.remove_placement_group(self._packs.pop(index))
 
-    def _retire(self, actor: RayActor) -> None:
-        """Kill an actor (if it lives) and remove what its worker left on its node."""
+    def _retire(self, actor: RayActor) -> Any:
+        """Kill an actor (if it lives) and remove what its worker left on its node (the
+        task doing it, if any)."""
         self._ray.kill(actor.handle, no_restart=True)
         if actor.info is None:
             self._refresh([actor])
         if actor.info:  # {}: it died before Ray placed it, and left nothing
-            self._remove_leftovers(actor)
+            return self._remove_leftovers(actor)
+        return None
 
-    def _remove_leftovers(self, actor: RayActor) -> None:
+    def _remove_leftovers(self, actor: RayActor) -> Any:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         # soft: if the node is gone the task runs elsewhere, where it finds nothing to remove
         where = NodeAffinitySchedulingStrategy(actor.info["node_id"], soft=True)
-        self._leftovers.options(scheduling_strategy=where).remote(
+        return self._leftovers.options(scheduling_strategy=where).remote(
             actor.info["pid"], actor.info["folder"]
         )
 

@@ -11,7 +11,12 @@ The child dies with the actor (PR_SET_PDEATHSIG = SIGKILL): an actor that Ray ki
 loses with its node leaves no worker behind that could keep writing KV after the router
 has moved its requests (fencing). Its pool and folder are removed when the child exits
 while the actor lives, or by `remove_leftovers` (a task the launcher runs on the node)
-when the actor was killed first.
+when the actor was killed first. Actors killed with the router actor that owned them
+(`router_on_ray`: Ray ends an owner's actors with it) leave both behind with nobody to
+remove them; each folder names its worker's pid, and every actor on that node sweeps
+those whose process is gone, when it starts and every `SWEEP_PERIOD_S` after
+(`sweep_orphans`): workers killed with a router that Ray restarts may die only after
+their successors started.
 
 The key arrives as an actor constructor argument wrapped in `Secret`, whose repr hides it:
 Ray keeps constructor arguments in its GCS (see docs/architecture.md, "Ray") but lists
@@ -32,18 +37,24 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from pdserve.control.worker_spec import decode_spec, encode_spec
 
 WAIT_PERIOD_S = 0.1
+SWEEP_PERIOD_S = 10.0
+
+
+FOLDER_PREFIX = "pdserve-ray-"
 
 
 class Secret:
-    """Bytes that never print: the cluster key on its way to an actor."""
+    """A value that never prints: the cluster key (bytes), or the router actor's
+    `ServeConfig` with its API keys, on its way to an actor."""
 
-    def __init__(self, value: bytes) -> None:
+    def __init__(self, value: Any) -> None:
         self.value = value
 
     def __repr__(self) -> str:
@@ -64,9 +75,9 @@ class WorkerHost:
 
         self.node_id = ray.get_runtime_context().get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
-        self.folder = Path(tempfile.mkdtemp(prefix="pdserve-ray-"))  # mkdtemp: 0700
+        self.folder = private_folder()
         spec = decode_spec(spec_json)
-        key_path = _write_private(self.folder / "cluster.key", key.value) if key else None
+        key_path = write_private(self.folder / "cluster.key", key.value) if key else None
         spec = msgspec.structs.replace(
             spec,
             host="127.0.0.1" if bind_loopback else self.node_ip,
@@ -74,13 +85,14 @@ class WorkerHost:
             cluster_key_file=str(key_path) if key_path else None,
             model_dir=_model_dir(spec.model_dir, builtin_model),
         )
-        spec_path = _write_private(self.folder / f"{spec.worker_id}.json", encode_spec(spec))
+        spec_path = write_private(self.folder / f"{spec.worker_id}.json", encode_spec(spec))
         command = [sys.executable, "-m", "pdserve.cli", "--log-level", log_level]
         self.proc = subprocess.Popen(
             [*command, "worker", "--spec", str(spec_path)],
             env={**os.environ, **env},
             preexec_fn=_die_with_parent,
         )
+        mark_owner(self.folder, self.proc.pid)
         self.exit_code: int | None = None
 
     async def info(self) -> dict[str, object]:
@@ -94,8 +106,12 @@ class WorkerHost:
 
     async def wait(self) -> int:
         """The child's exit code, once it exits (its pool and private folder removed)."""
+        num_polls = 0
         while self.proc.poll() is None:
             await asyncio.sleep(WAIT_PERIOD_S)
+            num_polls += 1
+            if num_polls % round(SWEEP_PERIOD_S / WAIT_PERIOD_S) == 0:
+                sweep_orphans()
         self._clean_up()
         return self.proc.returncode
 
@@ -120,6 +136,29 @@ class WorkerHost:
         remove_leftovers(self.proc.pid, str(self.folder))
 
 
+def private_folder() -> Path:
+    """A new folder (0700) for one actor's files on this node (after a sweep)."""
+    sweep_orphans()
+    return Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX))
+
+
+def sweep_orphans() -> None:
+    """Remove the folders (and pools) on this node of actors' processes that are gone
+    while nobody cleaned up after them (module docstring)."""
+    for folder in Path(tempfile.gettempdir()).glob(FOLDER_PREFIX + "*"):
+        try:
+            pid = int((folder / "pid").read_text())
+        except (OSError, ValueError):  # being set up, or another user's (0700)
+            continue
+        if not _is_alive(pid):
+            remove_leftovers(pid, str(folder))
+
+
+def mark_owner(folder: Path, pid: int) -> None:
+    """Name the process whose death makes `folder` (and its pools) garbage."""
+    (folder / "pid").write_text(str(pid))
+
+
 def remove_leftovers(pid: int, folder: str) -> None:
     """Remove a dead worker's shared-memory KV pools and its private folder on this node.
     A pid that is alive here is someone else's process: its pools stay."""
@@ -127,7 +166,7 @@ def remove_leftovers(pid: int, folder: str) -> None:
 
     if not _is_alive(pid):
         remove_shm_pools([pid])
-    if Path(folder).name.startswith("pdserve-ray-"):
+    if Path(folder).name.startswith(FOLDER_PREFIX):
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -143,7 +182,7 @@ def _is_alive(pid: int) -> bool:
     return True
 
 
-def _write_private(path: Path, data: bytes) -> Path:
+def write_private(path: Path, data: bytes) -> Path:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)

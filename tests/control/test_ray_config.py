@@ -126,3 +126,56 @@ def test_an_address_nobody_answers_at_fails_fast():
     with pytest.raises(PdserveError, match=f"127.0.0.1:{port}"):
         _check_reachable(f"127.0.0.1:{port}", timeout_s=5)
     _check_reachable(None)  # unset: ray.init finds RAY_ADDRESS or starts a local Ray
+
+
+def test_router_on_ray_settings_and_the_actor_options(tmp_path):
+    from pdserve.control.ray_config import RouterResources
+    from pdserve.serve_ray import router_options
+
+    path = tmp_path / "serve.yaml"
+    router = {"num_cpus": 2, "resources": {"head_node": 1}, "label_selector": {"pool": "edge"}}
+    path.write_text(yaml.safe_dump({"launcher": "ray", "router_resources": router}))
+    config = parse("--config", str(path), "--router-on-ray", "--host", "node-ip")
+    assert (config.router_on_ray, config.host, config.router_max_restarts) == (True, "node-ip", 3)
+    assert config.router_placement() == RouterResources(2, {"head_node": 1}, {"pool": "edge"})
+    options = router_options(config, "pdserve-router-x")
+    assert options["name"] == "pdserve-router-x" and options["num_cpus"] == 2
+    assert options["resources"] == {"head_node": 1}
+    assert options["label_selector"] == {"pool": "edge"}
+    assert (options["max_restarts"], options["max_task_retries"]) == (3, 0)
+    default = parse("--launcher", "ray", "--router-on-ray", "--router-max-restarts", "0")
+    assert default.router_placement() == RouterResources(num_cpus=1.0)
+    assert router_options(default, "r")["max_restarts"] == 0
+    assert parse().router_on_ray is False
+
+
+@pytest.mark.parametrize(
+    ("argv", "settings", "message"),
+    [
+        (["--router-on-ray"], {}, "router_on_ray: needs launcher: ray"),
+        ([], {"router_on_ray": True, "launcher": "local"}, "router_on_ray: needs launcher: ray"),
+        (["--launcher", "ray"], {"router_resources": {"num_cpus": 1}}, "router_resources: "),
+        (["--launcher", "ray", "--host", "node-ip"], {}, "host: 'node-ip' means the router"),
+        (["--router-on-ray", "--launcher", "ray", "--router-max-restarts", "-1"], {}, "restarts"),
+        (
+            ["--router-on-ray", "--launcher", "ray"],
+            {"router_resources": {"num_gpus": 1}},
+            "router_resources",
+        ),
+        (
+            ["--router-on-ray", "--launcher", "ray"],
+            {"router_resources": {"resources": {"head": -1}}},
+            "router_resources.head: must be >= 0",
+        ),
+        (
+            ["--router-on-ray", "--launcher", "ray"],
+            {"router_resources": [1]},
+            "router_resources: expected dict",
+        ),
+    ],
+)
+def test_router_on_ray_errors_name_the_setting(tmp_path, argv, settings, message):
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    with pytest.raises(ConfigError, match=message):
+        parse("--config", str(path), *argv)

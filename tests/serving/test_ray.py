@@ -4,8 +4,10 @@ One `ray.cluster_utils.Cluster` for the module: a head node with the custom reso
 `prefill_node` and a second node with `decode_node`; `worker_resources` sends each role to
 the node its resource names. One `pdserve serve` drives it through the CLI (flags + YAML),
 and this test process joins the cluster as a second driver to find, inspect and kill the
-actors. The tests run in order and share that server: placement, exact outputs and the
-key's privacy first, then scale out/in through the admin API, an actor killed under load,
+actors. First the router in a Ray actor (`router_on_ray`, its own `pdserve serve`s): where
+it lands, exact outputs through its URL, its death and restart, a clean stop, and a death
+Ray does not repair. Then the other tests run in order and share one server (router in
+the driver): placement, exact outputs and the key's privacy first, then scale out/in through the admin API, an actor killed under load,
 a lost node (its worker moves to a node with room), and a worker that no node has room
 for (pending until a node joins).
 
@@ -28,13 +30,24 @@ from pdserve.control.worker_spec import WorkerSpec, read_spec
 from pdserve.ipc.security import load_key_file
 from pdserve.llm import LLM
 from pdserve.sampling_params import SamplingParams
-from pdserve.transfer import SHM_DIR, SHM_PREFIX
 from tests.serving.faults import ADMIN_KEY, admin, counter, prompts, run_streams, wait_for, workers
+from tests.serving.ray_helpers import (
+    MAX_TOKENS,
+    actor_of,
+    assert_exact,
+    decoding,
+    finish,
+    is_alive,
+    live_actors,
+    node_of,
+    ray,
+    router_runs,
+    run_exact,
+    serving,
+    shm_pools,
+)
 from tests.serving.server import ServerProcess
 
-ray = pytest.importorskip("ray")  # installed by `make setup`; importorskip names the cause
-
-MAX_TOKENS = 64  # long enough that a kill lands while every stream decodes
 # Faster node-death detection for the lost-node tests (Ray's defaults take ~15 s): a
 # removed node's raylet refuses at once, so 3 checks a second apart; a live raylet on an
 # overloaded host still has each check's full timeout to answer. Ray's memory monitor
@@ -62,7 +75,9 @@ def ray_cluster():
     )
     try:
         cluster.decode_node = cluster.add_node(
-            num_cpus=2, resources={"decode_node": 1}, labels={"pdserve-test": "decode"}
+            num_cpus=2,
+            resources={"decode_node": 1, "router_node": 1},
+            labels={"pdserve-test": "decode"},
         )
         ray.init(address=cluster.address, namespace="pdserve", logging_level="WARNING")
         yield cluster
@@ -71,27 +86,21 @@ def ray_cluster():
         cluster.shutdown()
 
 
-@pytest.fixture(scope="module")
-def server(ray_cluster, tmp_path_factory):
-    config = tmp_path_factory.mktemp("ray") / "serve.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "launcher": "ray",
-                "worker_resources": {
-                    "prefill": {"resources": {"prefill_node": 1}},
-                    "decode": {"resources": {"decode_node": 1}},
-                },
-            }
-        )
-    )
-    s = ServerProcess(
+PLACED_BY_RESOURCE = {
+    "prefill": {"resources": {"prefill_node": 1}},
+    "decode": {"resources": {"decode_node": 1}},
+}
+
+
+def start_server(ray_cluster, folder: Path, settings: dict, *args: str) -> ServerProcess:
+    """`pdserve serve --launcher ray` with `settings` in its YAML."""
+    config = folder / "serve.yaml"
+    config.write_text(yaml.safe_dump({"launcher": "ray", **settings}))
+    return ServerProcess(
         "--config",
         str(config),
         "--ray-address",
         ray_cluster.address,
-        "--mode",
-        "disaggregated",
         "--threads-per-worker",
         "1",
         "--batch-invariant",
@@ -101,12 +110,20 @@ def server(ray_cluster, tmp_path_factory):
         "256",
         "--admin-key",
         ADMIN_KEY,
-        "--migration-wait-s",
-        "120",
         # Off loopback, as across machines: workers bind their Ray node's IP, and the
-        # router's wildcard address reaches them as the driver node's IP (CURVE on).
+        # router's wildcard address reaches them as the router node's IP (CURVE on).
         "--worker-host",
         "0.0.0.0",
+        *args,
+    )
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ray")
+    settings = {"worker_resources": PLACED_BY_RESOURCE}
+    s = start_server(
+        ray_cluster, folder, settings, "--mode", "disaggregated", "--migration-wait-s", "120"
     )
     try:
         yield s
@@ -123,50 +140,92 @@ def expected(builtin_model_dir) -> dict[str, str]:
     return {t: o.outputs[0].text for t, o in zip(texts, llm.generate(texts, params), strict=True)}
 
 
-def actor_of(worker_id: str):
-    """The newest live actor of `worker_id` (actors are named pdserve-<run>:<worker>:<n>)."""
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
-    mine = sorted(
-        (n for n in names if n.split(":")[1:2] == [worker_id]),
-        key=lambda n: int(n.rsplit(":", 1)[1]),
-    )
-    assert mine, f"no actor for {worker_id} in {names}"
-    return ray.get_actor(mine[-1], namespace="pdserve")
+ROUTER_ON_RAY = {
+    "router_on_ray": True,
+    "router_resources": {"num_cpus": 0.5, "resources": {"router_node": 1}},
+}
 
 
-def node_of(worker_id: str) -> str:
-    return ray.get(actor_of(worker_id).info.remote(), timeout=60)["node_id"]
+@pytest.fixture(scope="module")
+def router_server(ray_cluster, tmp_path_factory):
+    """The router in an actor on the node with `router_node` (not the driver's), its HTTP
+    server on that node's IP (`host: node-ip`); Ray may restart it once."""
+    folder = tmp_path_factory.mktemp("ray-router")
+    settings = {**ROUTER_ON_RAY, "router_max_restarts": 1, "worker_resources": PLACED_BY_RESOURCE}
+    s = start_server(ray_cluster, folder, settings, "--mode", "disaggregated", "--host", "node-ip")
+    s.url = router_runs(s)[-1][0]
+    try:
+        yield s
+    finally:
+        s.stop()  # the SIGTERM test stopped it already
 
 
-def run_exact(server, expected: dict[str, str]) -> list:
-    """Stream every prompt at once; returns the streams once all have finished."""
-    streams, threads = run_streams(server.url, list(expected), MAX_TOKENS)
-    finish(threads)
-    return streams
+def router_of(server) -> dict:
+    """The router actor's handle and what it says about itself (URL, node, pid)."""
+    handle = ray.get_actor(router_runs(server)[-1][1], namespace="pdserve")
+    return {"handle": handle, **ray.get(handle.ready.remote(), timeout=60)}
 
 
-def decoding(streams) -> bool:
-    return all(3 <= len(s.chunks) < MAX_TOKENS - 16 for s in streams)
+def worker_infos() -> list[dict]:
+    return [ray.get(actor_of(w).info.remote(), timeout=60) for w in ("prefill-0", "decode-0")]
 
 
-def finish(threads) -> None:
-    for t in threads:
-        t.join(180)
+def test_the_router_actor_lands_on_the_node_its_resources_name(
+    ray_cluster, router_server, expected
+):
+    router = router_of(router_server)
+    assert router["node_id"] == ray_cluster.decode_node.node_id  # not the driver's node
+    assert router_server.url == f"http://{router['node_ip']}:{router_server.port}"
+    # The router actor owns the worker actors (they end with it), and workers report to
+    # the address of its node.
+    actors = live_actors()
+    address = next(a["Address"] for a in actors.values() if a["Pid"] == router["pid"])
+    hosts = [a for a in actors.values() if a["ActorClassName"] == "WorkerHost"]
+    assert len(hosts) == 2 and all(a["OwnerAddress"] == address for a in hosts)
+    info = ray.get(actor_of("decode-0").info.remote(), timeout=60)
+    spec = read_spec(Path(info["folder"]) / "decode-0.json")
+    assert spec.router_addr == f"tcp://{router['node_ip']}:{router_server.router_port}"
+    assert_exact(run_exact(router_server, expected), expected)
 
 
-def shm_pools(pid: int) -> list[Path]:
-    return list(SHM_DIR.glob(f"{SHM_PREFIX}*-{pid}"))
+def test_a_killed_router_actor_comes_back_with_fresh_workers(router_server, expected):
+    before, old = router_of(router_server), worker_infos()
+    ray.kill(before["handle"], no_restart=False)
+    wait_for(lambda: len(router_runs(router_server)) == 2, 240, "the router serving again")
+    restarted = "Ray restarts it with fresh workers (restart 1 of at most 1)"
+    assert any(restarted in line for line in router_server.lines)
+    after = router_of(router_server)
+    assert after["pid"] != before["pid"] and after["node_id"] == before["node_id"]
+    assert router_server.url == router_runs(router_server)[-1][0]
+    # Its old workers ended with it; what they left on their nodes is swept.
+    assert router_server.wait_gone([w["pid"] for w in old], 30) == []
+    wait_for(lambda: not any(shm_pools(w["pid"]) for w in old), 30, "old pools swept")
+    wait_for(lambda: not any(Path(w["folder"]).exists() for w in old), 30, "old folders swept")
+    assert_exact(run_exact(router_server, expected), expected)
 
 
-def serving(server, worker_id: str) -> bool:
-    return workers(server).get(worker_id, {}).get("state") == "serving"
+def test_sigterm_to_the_supervisor_leaves_no_actor_and_no_process(router_server):
+    router, infos = router_of(router_server), worker_infos()
+    assert router_server.stop() == 0
+    assert router_server.wait_gone([router["pid"], *(w["pid"] for w in infos)], 30) == []
+    wait_for(lambda: live_actors() == {}, 30, "no actor left")
+    left = [(shm_pools(w["pid"]), Path(w["folder"]).exists()) for w in infos]
+    assert left == [([], False)] * 2
 
 
-def assert_exact(streams, expected: dict[str, str]) -> None:
-    for stream in streams:
-        assert stream.error is None, stream.error
-        assert stream.completion_tokens == MAX_TOKENS
-        assert stream.text == expected[stream.prompt]
+def test_a_router_actor_ray_does_not_restart_ends_the_supervisor(ray_cluster, tmp_path):
+    settings = {**ROUTER_ON_RAY, "router_max_restarts": 0}
+    s = start_server(ray_cluster, tmp_path, settings, "--mode", "aggregated")
+    try:
+        worker = ray.get(actor_of("mixed-0").info.remote(), timeout=60)
+        ray.kill(router_of(s)["handle"])  # no restart
+        assert s.proc.wait(60) == 1
+        died = "error: the router actor died and Ray will not restart it"
+        wait_for(lambda: any(died in line for line in s.lines), 10, "the supervisor's error")
+        assert s.wait_gone([worker["pid"]], 30) == []
+        wait_for(lambda: live_actors() == {}, 30, "no actor left")
+    finally:
+        s.stop()
 
 
 def test_workers_land_on_the_nodes_their_resources_name(ray_cluster, server, expected):
@@ -314,10 +373,6 @@ def test_a_lost_nodes_worker_is_recreated_on_a_node_with_room(ray_cluster, serve
     assert counter(server, "pdserve:request_migrations_total") > before
     wait_for(lambda: serving(server, "decode-0"), 120, "decode-0 back")
     assert node_of("decode-0") == spare.node_id
-
-
-def is_alive(node_id: str) -> bool:
-    return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
 
 
 def test_a_worker_no_node_has_room_for_waits_as_pending(ray_cluster, server, expected):
