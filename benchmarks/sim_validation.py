@@ -102,6 +102,7 @@ def _override(profile, args):
 
     changes = {
         "contention": args.contention,
+        "compute_contention": args.compute_contention,
         "frontend_s_per_request": args.frontend_per_request,
         "frontend_s_per_token": args.frontend_per_token,
     }
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         help="no real runs: re-simulate against the real runs already in --out-dir",
     )
     p.add_argument("--contention", type=float, default=None, help="override the profile's")
+    p.add_argument("--compute-contention", type=float, default=None, help="override it too")
     p.add_argument("--frontend-per-request", type=float, default=None, help="CPU s (override)")
     p.add_argument("--frontend-per-token", type=float, default=None, help="CPU s (override)")
     p.add_argument("--json-out", type=Path, default=None)

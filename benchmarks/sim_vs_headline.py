@@ -104,12 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="configuration names, comma-separated")
     p.add_argument("--workloads", default=None, help="workload names, comma-separated")
     p.add_argument("--contention", type=float, default=None, help="override the profile's")
+    p.add_argument("--compute-contention", type=float, default=None, help="override it too")
     p.add_argument("--frontend-per-request", type=float, default=None, help="CPU s (override)")
     p.add_argument("--frontend-per-token", type=float, default=None, help="CPU s (override)")
     args = p.parse_args(argv)
     profile = Profile.load(args.profile)
     overrides = {
         "contention": args.contention,
+        "compute_contention": args.compute_contention,
         "frontend_s_per_request": args.frontend_per_request,
         "frontend_s_per_token": args.frontend_per_token,
     }

@@ -223,7 +223,13 @@ class ClusterSim(SimRouter):
                 self.at(busy.end_time(), self._end_step, started, busy, busy.version)
             return
         profile = self.profile
-        new = speeds(steps, profile.cores, self.background_load, profile.contention)
+        new = speeds(
+            steps,
+            profile.cores,
+            self.background_load,
+            profile.contention,
+            compute_contention=profile.compute_contention,
+        )
         for key, busy in steps.items():
             speed = new[key]
             if key != started and speed == busy.speed:

@@ -49,10 +49,10 @@ def measure_profile(
     costs, checks = {}, {}
     for n, run in runs.items():
         costs[n], checks[str(n)] = _fit(run)
-    contention = 1.0  # --quick: not measured (two more children, ~10 s)
+    contention = compute_contention = 1.0  # --quick: not measured (two more children)
     if not quick:
         log("timing two workers at once (contention)...")
-        contention, checks["contention"] = _contention(model, repeats)
+        (contention, compute_contention), checks["contention"] = _contention(model, repeats)
     log("timing ZeroMQ over loopback...")
     tcp, ipc_latency = _measure_tcp()
     first = runs[threads[0]]
@@ -70,6 +70,7 @@ def measure_profile(
         ipc_latency_s=ipc_latency,
         cores=os.cpu_count() or 1,
         contention=contention,
+        compute_contention=compute_contention,
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         notes=(
             f"pdserve profile{' --quick' if quick else ''}: model runner timed on synthetic "
@@ -110,6 +111,7 @@ def merge_fastest(profiles: list[Profile]) -> Profile:
         transfer=transfer,
         ipc_latency_s=min(p.ipc_latency_s for p in profiles),
         contention=min(p.contention for p in profiles),
+        compute_contention=min(p.compute_contention for p in profiles),
         notes=(f"the fastest of {len(profiles)} measured profiles, shape by shape, refitted",),
         checks=checks | {"runs": runs, "merged_from": [p.created for p in profiles]},
     )
@@ -175,27 +177,56 @@ def _fit_copy(copies: list[dict[str, Any]]) -> TransferCost:
     )
 
 
-def _contention(model: str | None, repeats: int) -> tuple[float, dict[str, Any]]:
-    """`Profile.contention`: how much slower the weights' read gets while another 1-thread
-    worker steps beside it. Each shape's slowdown `s` (together / alone) stretches only its
-    weight-read part `m` (a one-row decode's time alone: all read), so each gives
-    `1 + (s - 1) * t / m`; the median over shapes and both children (≥ 1)."""
+def _contention(model: str | None, repeats: int) -> tuple[tuple[float, float], dict[str, Any]]:
+    """`Profile.contention` and `compute_contention`: how much slower the weights' read
+    and the rest of a step get while another 1-thread worker steps beside it. Each shape
+    timed alone (`t`) and together (`s * t`) splits into its weight read `m = min(t,
+    memory_s)` (a one-row decode's time alone: all read) and compute `t - m`, so
+    `(s - 1) t = (contention - 1) m + (compute_contention - 1) (t - m)`; both factors
+    from least squares over the shapes and both children (each at least 1)."""
     if (os.cpu_count() or 1) < 2:
-        return 1.0, {}
+        return (1.0, 1.0), {}
     alone = _run_child(1, "contention", repeats, model)
     procs = [_start_child(1, "contention", repeats, model) for _ in range(2)]
     together = [json.loads(p.communicate()[0]) for p in procs]
     memory_s = min(
         s["seconds"] for s in alone["samples"] if s["kind"] == "decode" and s["num_decodes"] == 1
     )
-    slowdowns, factors = [], []
+    rows, slowdowns = [], []
     for run in together:
         for a, b in zip(alone["samples"], run["samples"], strict=True):
-            slowdown = b["seconds"] / a["seconds"]
-            slowdowns.append(slowdown)
-            factors.append(1.0 + (slowdown - 1.0) * a["seconds"] / memory_s)
-    details = {"alone": alone["samples"], "slowdowns": slowdowns, "factors": factors}
-    return max(1.0, statistics.median(factors)), details
+            t = a["seconds"]
+            slowdowns.append(b["seconds"] / t)
+            rows.append((min(t, memory_s), t - min(t, memory_s), b["seconds"] - t))
+    factors = fit_contention(rows)
+    details = {"alone": alone["samples"], "slowdowns": slowdowns, "factors": list(factors)}
+    return factors, details
+
+
+def fit_contention(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """(contention, compute_contention) from rows (read seconds, compute seconds, extra
+    seconds together): least squares on `extra = (c - 1) read + (k - 1) compute`, a
+    negative excess (noise) clipped to 0 and the other refitted."""
+
+    def one(index: int) -> float:
+        den = sum(r[index] ** 2 for r in rows)
+        return max(0.0, sum(r[index] * r[2] for r in rows) / den) if den else 0.0
+
+    srr = sum(r[0] * r[0] for r in rows)
+    scc = sum(r[1] * r[1] for r in rows)
+    src = sum(r[0] * r[1] for r in rows)
+    sre = sum(r[0] * r[2] for r in rows)
+    sce = sum(r[1] * r[2] for r in rows)
+    det = srr * scc - src * src
+    if det <= 1e-18 * max(srr * scc, 1e-300):
+        return 1.0 + one(0), 1.0
+    read = (sre * scc - sce * src) / det
+    compute = (srr * sce - src * sre) / det
+    if read < 0:
+        read, compute = 0.0, one(1)
+    elif compute < 0:
+        read, compute = one(0), 0.0
+    return 1.0 + read, 1.0 + compute
 
 
 def _measure_tcp() -> tuple[TransferCost, float]:

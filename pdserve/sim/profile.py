@@ -3,7 +3,8 @@
 A profile holds, per worker size (CPU threads per worker here; GPUs per worker in an
 analytic profile), one fitted `StepCost` (sim/cost_model.py), plus the KV hand-over cost
 per transfer backend, the latency of one internal message, how much slower a step's weight
-reads get beside another worker (memory bandwidth shared by co-located workers), and the
+reads and the rest of it get beside another worker (memory bandwidth, and cores that are
+not quite separate, shared by co-located workers), and the
 CPU the front end (router + client) spends per request and per token (sim/sharing.py). It
 names the hardware (CPU model, ISA, cores) and the model it was taken on, and keeps its
 raw samples and the fit's error on each, so a reader can judge it. `pdserve profile`
@@ -52,6 +53,7 @@ class Profile:
     ipc_latency_s: float = 1e-4
     cores: int = 1  # shared by every worker on a machine (CPU); devices per node (GPU)
     contention: float = 1.0  # weight reads this much slower beside another worker
+    compute_contention: float = 1.0  # ... and the rest of a step (sim/sharing.py)
     frontend_s_per_request: float = 0.0  # CPU of the router + client per request
     frontend_s_per_token: float = 0.0  # ... and per streamed token (sim/sharing.py)
     created: str = ""
@@ -97,6 +99,7 @@ class Profile:
             "model": self.model,
             "cores": self.cores,
             "contention": self.contention,
+            "compute_contention": self.compute_contention,
             "frontend_s_per_request": self.frontend_s_per_request,
             "frontend_s_per_token": self.frontend_s_per_token,
             "ipc_latency_s": self.ipc_latency_s,
@@ -118,6 +121,7 @@ class Profile:
             ipc_latency_s=float(data.get("ipc_latency_s", 1e-4)),
             cores=int(data.get("cores", 1)),
             contention=float(data.get("contention", 1.0)),
+            compute_contention=float(data.get("compute_contention", 1.0)),
             frontend_s_per_request=float(data.get("frontend_s_per_request", 0.0)),
             frontend_s_per_token=float(data.get("frontend_s_per_token", 0.0)),
             created=data.get("created", ""),
@@ -185,7 +189,8 @@ def format_profile(profile: Profile) -> str:
     lines = [
         f"{profile.kind} profile of {profile.model.get('name')} on "
         f"{hw.get('cpu_model') or hw.get('name')} ({', '.join(hw.get('isa', [])) or '-'}), "
-        f"{profile.cores} cores; contention x{profile.contention:.2f}",
+        f"{profile.cores} cores; contention x{profile.contention:.2f} (weights' read), "
+        f"x{profile.compute_contention:.2f} (compute)",
     ]
     for size, cost in sorted(profile.costs.items()):
         pf = [cost.seconds(StepShape(q, 1, q * q, 0)) * 1e3 for q in (128, 512, 2048)]

@@ -12,6 +12,11 @@ Three effects, each from a number a profile measures:
   `contention`, a long prefill barely: a step of `t` seconds runs at
   `t / (t + (contention - 1) * min(t, memory_s))`. (For a run of decode steps, `t` is
   its mean step.)
+- Compute (`Profile.compute_contention`): where two "cores" are hardware threads of one
+  physical core, or a hypervisor gives two busy vCPUs less than two cores, the rest of a
+  step (`t - min(t, memory_s)`) is also slower while another worker steps, by this
+  factor (1.0: not slower). `pdserve profile` fits both factors to the slowdowns of a
+  prefill and two decode shapes run alone and beside one another.
 - The front end (`Profile.frontend_s_per_request`, `frontend_s_per_token`): the router
   process and the load generator spend CPU on every request (HTTP, tokenising) and every
   streamed token (detokenising, SSE, parsing) on the same cores. It is one more busy
@@ -38,7 +43,12 @@ class FrontEnd:
 
 
 def speeds(
-    steps: Mapping[str, Busy], cores: int, background_load: float, contention: float
+    steps: Mapping[str, Busy],
+    cores: int,
+    background_load: float,
+    contention: float,
+    *,
+    compute_contention: float = 1.0,
 ) -> dict[str, float]:
     """The speed of each work in progress (module docstring)."""
     demand = background_load + sum(b.worker.threads for b in steps.values())
@@ -48,8 +58,9 @@ def speeds(
     for key, busy in steps.items():
         speed = share
         memory_s = busy.worker.memory_s
-        if memory_s > 0 and num_reading > 1 and contention != 1.0:
+        if memory_s > 0 and num_reading > 1 and (contention != 1.0 or compute_contention != 1.0):
             t = busy.total / len(busy.works)
-            speed *= t / (t + (contention - 1.0) * min(t, memory_s))
+            m = min(t, memory_s)
+            speed *= t / (t + (contention - 1.0) * m + (compute_contention - 1.0) * (t - m))
         out[key] = speed
     return out

@@ -223,7 +223,8 @@ class SimWorker:
 def sampled_token(request: Request) -> int:
     """A made-up token id, fixed by the request and its position (never an EOS: the
     simulated requests carry no EOS ids)."""
-    return sampled_tokens(request, 1)[0]
+    base = _token_base(request.request_id)
+    return (base + 7919 * len(request.output_token_ids)) % 30000 + 1000
 
 
 def sampled_tokens(request: Request, num: int) -> list[int]:

@@ -40,6 +40,36 @@ def test_speeds_stretch_the_weight_read_and_share_the_cores():
     )
 
 
+def test_compute_contention_stretches_the_rest_of_a_step():
+    steps = {
+        "long": Busy(Reader(), None, [0.040], 0.0),  # 10 ms read + 30 ms compute
+        "short": Busy(Reader(), None, [0.010], 0.0),  # read only
+    }
+    got = speeds(steps, cores=2, background_load=0.0, contention=2.0, compute_contention=1.5)
+    # long: 10 ms * 2 + 30 ms * 1.5 = 65 ms; short: 10 ms * 2 = 20 ms.
+    assert got == pytest.approx({"long": 0.040 / 0.065, "short": 0.010 / 0.020})
+    alone = {"long": steps["long"]}
+    assert speeds(alone, cores=2, background_load=0.0, contention=2.0, compute_contention=1.5) == {
+        "long": 1.0
+    }
+
+
+def test_contention_fit_recovers_both_factors():
+    from pdserve.sim.measure import fit_contention
+
+    # (read s, compute s, extra s together) for factors 1.6 (read) and 1.25 (compute)
+    shapes = [(0.010, 0.0), (0.010, 0.015), (0.010, 0.140)]
+    rows = [(m, c, 0.6 * m + 0.25 * c) for m, c in shapes]
+    assert fit_contention(rows) == pytest.approx((1.6, 1.25))
+    # Compute that got faster together (noise): clipped to 1, the read refitted alone.
+    rows = [(m, c, 0.6 * m - 0.05 * c) for m, c in shapes]
+    read, compute = fit_contention(rows)
+    assert compute == 1.0
+    assert read == pytest.approx(
+        1.0 + sum(m * e for m, _, e in rows) / sum(m * m for m, *_ in rows)
+    )
+
+
 @pytest.mark.parametrize("decode_runs", [False, True])
 def test_two_workers_stepping_together_stretch_by_the_contention_model(decode_runs):
     serve = dataclasses.replace(layout("aggregated"), mixed_workers=2, routing_policy="round_robin")
