@@ -40,10 +40,12 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from pdserve.control.ray_config import is_loopback
 from pdserve.control.ray_worker_host import Secret, mark_owner, private_folder, write_private
 from pdserve.errors import PdserveError
 from pdserve.serve import (
@@ -60,6 +62,7 @@ logger = logging.getLogger("pdserve.serve.ray")
 
 STOP_TIMEOUT_S = 60.0
 POLL_S = 0.2
+PENDING_HINT_S = 10.0  # say so when the router actor has no node for this long
 WILDCARDS = ("0.0.0.0", "::", "[::]", NODE_IP)
 
 
@@ -184,6 +187,8 @@ class Supervisor:
         self.name = f"pdserve-router-{uuid.uuid4().hex[:8]}"
         self.is_stopping = False
         self.num_restarts = 0
+        self._placed = None  # ObjectRef: ready once Ray placed (and constructed) the actor
+        self._placed_since = 0.0
 
     def run(self) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -214,9 +219,11 @@ class Supervisor:
     def _supervise(self, router) -> int | None:
         """None when a signal stopped it; else the exit code."""
         ref, phase = router.ready.remote(), "ready"
+        self._watch_placement(router)
         while not self.is_stopping:
             done, _ = self._ray.wait([ref], timeout=POLL_S)
             if not done:
+                self._hint_if_pending()
                 continue
             try:
                 value = self._ray.get(ref)
@@ -225,6 +232,7 @@ class Supervisor:
             except self._ray.exceptions.RayActorError as e:  # unavailable: Ray restarts it
                 self._report_restart(e)
                 ref, phase = router.ready.remote(), "ready"
+                self._watch_placement(router)
                 continue
             except self._ray.exceptions.RayTaskError as e:  # `ready` raised: start-up failed
                 return _fail(_cause(e))
@@ -234,6 +242,27 @@ class Supervisor:
             else:
                 return value if value == 0 else _fail(f"the router stopped (exit {value})")
         return None
+
+    def _watch_placement(self, router) -> None:
+        self._placed = router.__ray_ready__.remote()  # Ray's own: answers once constructed
+        self._placed_since = time.monotonic()
+
+    def is_placed(self) -> bool:
+        return bool(self._ray.wait([self._placed], timeout=0)[0])
+
+    def _hint_if_pending(self) -> None:
+        """Once, after `PENDING_HINT_S`: the actor waits for a node with its resources."""
+        if self._placed_since and time.monotonic() - self._placed_since > PENDING_HINT_S:
+            self._placed_since = 0.0
+            if not self.is_placed():
+                wanted = self.config.router_placement()
+                print(
+                    f"pdserve: the router actor waits for a node with num_cpus "
+                    f"{wanted.num_cpus:g}, resources {wanted.resources}, labels "
+                    f"{wanted.label_selector} (router_resources)",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def _report_restart(self, error: Exception) -> None:
         self.num_restarts += 1
@@ -247,12 +276,16 @@ class Supervisor:
 
     def _print_ready(self, details: dict[str, Any]) -> None:
         where = f"router actor {self.name} on {details['node_ip']}"
+        elsewhere = details["node_id"] != self._ray.get_runtime_context().get_node_id()
+        if elsewhere and is_loopback(self.config.host):
+            where += ", loopback: from that node only"
         print(f"pdserve ready: {details['url']}/v1 ({details['about']}; {where})", flush=True)
 
     def _stop(self, router) -> int | None:
         code = None
         try:
-            code = self._ray.get(router.stop.remote(), timeout=STOP_TIMEOUT_S + 10)
+            if self.is_placed():  # else nothing runs there yet: the kill is the stop
+                code = self._ray.get(router.stop.remote(), timeout=STOP_TIMEOUT_S + 10)
         except Exception as e:  # dead already, or stuck: the kill below ends it
             logger.info("router actor: stop: %s", type(e).__name__)
         self._ray.kill(router, no_restart=True)

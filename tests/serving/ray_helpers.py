@@ -1,5 +1,5 @@
-"""Builders for the Ray serving tests (test_ray.py): find a worker's or the router's actor
-and where it runs, stream prompts and compare them with the offline engine's text, and
+"""Builders for the Ray serving tests (test_ray.py): start `pdserve serve --launcher ray`
+with given YAML settings, find a worker's actor and where it runs, stream prompts and compare them with the offline engine's text, and
 list what a run left behind (live actors, shared-memory pools)."""
 
 from __future__ import annotations
@@ -8,9 +8,11 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pdserve.transfer import SHM_DIR, SHM_PREFIX
-from tests.serving.faults import run_streams, workers
+from tests.serving.faults import ADMIN_KEY, run_streams, workers
+from tests.serving.server import ServerProcess
 
 MAX_TOKENS = 64  # long enough that a kill lands while every stream decodes
 ray = pytest.importorskip("ray")  # installed by `make setup`; importorskip names the cause
@@ -77,3 +79,38 @@ def router_runs(server) -> list[tuple[str, str]]:
 def live_actors() -> dict[str, dict]:
     """Every live actor of the cluster, by id, as Ray's GCS lists it."""
     return {a: i for a, i in ray._private.state.actors().items() if i["State"] == "ALIVE"}
+
+
+PLACED_BY_RESOURCE = {
+    "prefill": {"resources": {"prefill_node": 1}},
+    "decode": {"resources": {"decode_node": 1}},
+}
+
+
+def start_server(
+    ray_cluster, folder: Path, settings: dict, *args: str, wait: bool = True
+) -> ServerProcess:
+    """`pdserve serve --launcher ray` with `settings` in its YAML."""
+    config = folder / "serve.yaml"
+    config.write_text(yaml.safe_dump({"launcher": "ray", **settings}))
+    return ServerProcess(
+        "--config",
+        str(config),
+        "--ray-address",
+        ray_cluster.address,
+        "--threads-per-worker",
+        "1",
+        "--batch-invariant",
+        "--max-num-seqs",
+        "8",
+        "--num-kv-blocks",
+        "256",
+        "--admin-key",
+        ADMIN_KEY,
+        # Off loopback, as across machines: workers bind their Ray node's IP, and the
+        # router's wildcard address reaches them as the router node's IP (CURVE on).
+        "--worker-host",
+        "0.0.0.0",
+        *args,
+        wait=wait,
+    )

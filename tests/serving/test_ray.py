@@ -23,16 +23,16 @@ from pathlib import Path
 
 import httpx2 as httpx
 import pytest
-import yaml
 
 from pdserve.config import EngineConfig
 from pdserve.control.worker_spec import WorkerSpec, read_spec
 from pdserve.ipc.security import load_key_file
 from pdserve.llm import LLM
 from pdserve.sampling_params import SamplingParams
-from tests.serving.faults import ADMIN_KEY, admin, counter, prompts, run_streams, wait_for, workers
+from tests.serving.faults import admin, counter, prompts, run_streams, wait_for, workers
 from tests.serving.ray_helpers import (
     MAX_TOKENS,
+    PLACED_BY_RESOURCE,
     actor_of,
     assert_exact,
     decoding,
@@ -45,8 +45,8 @@ from tests.serving.ray_helpers import (
     run_exact,
     serving,
     shm_pools,
+    start_server,
 )
-from tests.serving.server import ServerProcess
 
 # Faster node-death detection for the lost-node tests (Ray's defaults take ~15 s): a
 # removed node's raylet refuses at once, so 3 checks a second apart; a live raylet on an
@@ -84,38 +84,6 @@ def ray_cluster():
     finally:
         ray.shutdown()
         cluster.shutdown()
-
-
-PLACED_BY_RESOURCE = {
-    "prefill": {"resources": {"prefill_node": 1}},
-    "decode": {"resources": {"decode_node": 1}},
-}
-
-
-def start_server(ray_cluster, folder: Path, settings: dict, *args: str) -> ServerProcess:
-    """`pdserve serve --launcher ray` with `settings` in its YAML."""
-    config = folder / "serve.yaml"
-    config.write_text(yaml.safe_dump({"launcher": "ray", **settings}))
-    return ServerProcess(
-        "--config",
-        str(config),
-        "--ray-address",
-        ray_cluster.address,
-        "--threads-per-worker",
-        "1",
-        "--batch-invariant",
-        "--max-num-seqs",
-        "8",
-        "--num-kv-blocks",
-        "256",
-        "--admin-key",
-        ADMIN_KEY,
-        # Off loopback, as across machines: workers bind their Ray node's IP, and the
-        # router's wildcard address reaches them as the router node's IP (CURVE on).
-        "--worker-host",
-        "0.0.0.0",
-        *args,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +153,9 @@ def test_the_router_actor_lands_on_the_node_its_resources_name(
     info = ray.get(actor_of("decode-0").info.remote(), timeout=60)
     spec = read_spec(Path(info["folder"]) / "decode-0.json")
     assert spec.router_addr == f"tcp://{router['node_ip']}:{router_server.router_port}"
+    # The key the router actor got hidden reaches its workers; Ray's actor table shows none.
+    secret = load_key_file(Path(info["folder"]) / "cluster.key").secret
+    assert secret.decode() not in repr(ray._private.state.actors())
     assert_exact(run_exact(router_server, expected), expected)
 
 
@@ -223,6 +194,18 @@ def test_a_router_actor_ray_does_not_restart_ends_the_supervisor(ray_cluster, tm
         died = "error: the router actor died and Ray will not restart it"
         wait_for(lambda: any(died in line for line in s.lines), 10, "the supervisor's error")
         assert s.wait_gone([worker["pid"]], 30) == []
+        wait_for(lambda: live_actors() == {}, 30, "no actor left")
+    finally:
+        s.stop()
+
+
+def test_a_router_actor_no_node_has_room_for_is_named_and_stops_cleanly(ray_cluster, tmp_path):
+    settings = {"router_on_ray": True, "router_resources": {"resources": {"nowhere": 1}}}
+    s = start_server(ray_cluster, tmp_path, settings, "--mode", "aggregated", wait=False)
+    try:
+        waits = "the router actor waits for a node with num_cpus 1, resources {'nowhere': 1.0}"
+        wait_for(lambda: any(waits in line for line in s.lines), 60, "the pending hint")
+        assert s.stop() == 0
         wait_for(lambda: live_actors() == {}, 30, "no actor left")
     finally:
         s.stop()
