@@ -168,6 +168,7 @@ async def serve_router(
         cluster_key=security.load_key_file(key_file) if key_file else None,
     )
     client.metrics = RouterMetrics(client.model_name)
+    client.elastic.drain_timeout_s = config.role_switch_drain_s
     await client.start()
     app = build_app(client, client.metrics, gateway=config.gateway(), admin_key=config.admin_key)
     server = uvicorn.Server(

@@ -92,6 +92,9 @@ class ServeConfig:
     planner_rates_cache: str | None = None  # JSON file of simulated rates kept across runs
     planner_interval_s: float = 10.0
     planner_cooldown_s: float = 60.0
+    # A role switch lets the worker's running requests finish this long before the rest
+    # migrate (router/elastic.py); 0 migrates them at once.
+    role_switch_drain_s: float = 10.0
     # YAML only: {class: {ttft_ms, tpot_ms}}; a request's `slo_class` picks one (else the
     # SLO above). See control/planner.py `parse_classes`.
     slo_classes: dict = field(default_factory=dict)
@@ -145,6 +148,8 @@ class ServeConfig:
             raise ConfigError("port", f"{self.port} is not a TCP port")
         if self.worker_lease_s <= 0:
             raise ConfigError("worker_lease_s", "must be > 0")
+        if not 0 <= self.role_switch_drain_s < float("inf"):
+            raise ConfigError("role_switch_drain_s", "must be >= 0 seconds")
         if self.admin_key == "":  # api_key: the gateway config checks it
             raise ConfigError("admin_key", "is empty; omit it to keep the admin API closed")
         self.migration()  # validates the migration fields
@@ -371,6 +376,10 @@ SERVE_FLAGS = {
     "planner_rates_cache": (str, "planner slo: JSON file keeping simulated rates across runs"),
     "planner_interval_s": (float, "planner slo: seconds between decisions (default 10)"),
     "planner_cooldown_s": (float, "planner slo: at least this long between switches (60)"),
+    "role_switch_drain_s": (
+        float,
+        "a role switch lets running requests finish this long, then migrates the rest (10)",
+    ),
     "kv_aware_prefill_weight": (float, "kv_aware: cost per uncached prompt token (default 1)"),
     "kv_aware_queue_weight": (float, "kv_aware: cost per queued prompt token (default 1)"),
     "kv_aware_running_weight": (float, "kv_aware: cost per assigned request (default 16)"),

@@ -27,7 +27,6 @@ switched back, docs/benchmarks.md "Elastic P/D").
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from pdserve.control.planner import MIN_MIX, Forecast, Layout, PlannerConfig, RequestLog, RoleRates
@@ -80,5 +79,4 @@ def calibrate(
     if delivered >= TARGET * fc.rate or capacity <= 0:
         return rates, Calibration(1.0, delivered, len(recent))
     factor = min(1.0, max(num_met, FLOOR_MET) / span / capacity)
-    scaled = RoleRates(*(getattr(rates, f.name) * factor for f in dataclasses.fields(rates)))
-    return scaled, Calibration(factor, delivered, len(recent))
+    return rates.scaled(factor), Calibration(factor, delivered, len(recent))

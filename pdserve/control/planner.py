@@ -14,6 +14,15 @@ instead of hand-set thresholds:
    rule over one worker's goodput per role (a `RateModel`; `sim/rates.py`'s `SimRates`
    measures those with the simulator on the `pdserve profile` cost model, the one cost
    model the planner and the simulator share).
+   Contention: workers sharing a host's cores slow each other (memory bandwidth, the
+   front end's CPU; sim/sharing.py), so a rate model may also give each role's rate
+   beside a worker that is always busy (`RoleRates.*_busy`). A worker's rate in a layout
+   is then between the two, by how busy the other workers are at the layout's capacity
+   (`Layout.capacity`): two mixed workers at capacity are both busy and each runs at its
+   busy rate, while the prefill worker of a 1P + 1D split that decode limits idles part
+   of the time and slows the decode worker less. (Measured on 2 cores: two mixed workers
+   delivered less than the alone rates promised, and the planner without this term
+   preferred them where 1P + 1D had won, docs/benchmarks.md "Elastic P/D".)
    When the current layout misses its SLOs, the rates are first scaled to what it
    delivers (control/calibration.py): the profile fixes the layouts' relative merits,
    the cluster's observed goodput their level.
@@ -196,11 +205,36 @@ def forecast(log: RequestLog, config: PlannerConfig, now: float, max_mix: int = 
 
 @dataclass(frozen=True, slots=True)
 class RoleRates:
-    """One worker's goodput (requests/s meeting both SLOs) in each role, for one mix."""
+    """One worker's goodput (requests/s meeting both SLOs) in each role, for one mix,
+    alone and beside a worker that is always busy (None: no contention known)."""
 
     prefill: float
     decode: float
     mixed: float
+    prefill_busy: float | None = None
+    decode_busy: float | None = None
+    mixed_busy: float | None = None
+
+    def busy(self, role: str) -> float:
+        value = getattr(self, role + "_busy")
+        return getattr(self, role) if value is None else value
+
+    def scaled(self, factor: float) -> RoleRates:
+        """Every rate (alone and busy) times `factor`."""
+        return RoleRates(*(None if v is None else v * factor for v in dataclasses.astuple(self)))
+
+
+CONTENTION_PASSES = 4  # fixed-point passes of `Layout.capacity` (converges in 2-3)
+
+
+def rate_beside(alone: float, busy: float, neighbour_busy: float) -> float:
+    """A worker's rate while its neighbours are busy `neighbour_busy` (0-1) of the time:
+    its time per request is the alone and the busy one's, weighted by that share."""
+    if alone <= 0 or busy <= 0:
+        return 0.0
+    if busy == alone:  # no contention known: exactly the alone rate
+        return alone
+    return 1.0 / ((1.0 - neighbour_busy) / alone + neighbour_busy / busy)
 
 
 RateModel = Callable[[Forecast, PlannerConfig], RoleRates]
@@ -213,11 +247,30 @@ class Layout:
     mixed: int
 
     def capacity(self, rates: RoleRates) -> float:
-        """DistServe's rule: a P/D split serves what its slower phase can; mixed add up."""
-        split = min(self.prefill * rates.prefill, self.decode * rates.decode)
-        if self.prefill == 0 or self.decode == 0:
-            split = 0.0
-        return split + self.mixed * rates.mixed
+        """DistServe's rule: a P/D split serves what its slower phase can; mixed add up.
+        Each role's rate is the one beside the other workers' busy share at that
+        capacity (module docstring, contention), found by a few fixed-point passes."""
+        counts = self.as_dict()
+        num_workers = sum(counts.values())
+        rate = {role: getattr(rates, role) for role in ROLES}  # first pass: alone
+        total = 0.0
+        for _ in range(CONTENTION_PASSES):
+            split = min(self.prefill * rate["prefill"], self.decode * rate["decode"])
+            if self.prefill == 0 or self.decode == 0:
+                split = 0.0
+            total = split + self.mixed * rate["mixed"]
+            if num_workers < 2:
+                break
+            use = {  # how busy one worker of each role is at that capacity (0-1)
+                "prefill": split / (self.prefill * rate["prefill"]) if split else 0.0,
+                "decode": split / (self.decode * rate["decode"]) if split else 0.0,
+                "mixed": 1.0 if rate["mixed"] > 0 else 0.0,
+            }
+            busy_sum = sum(counts[role] * use[role] for role in ROLES)
+            for role in ROLES:
+                others = (busy_sum - use[role]) / (num_workers - 1) if counts[role] else 0.0
+                rate[role] = rate_beside(getattr(rates, role), rates.busy(role), others)
+        return total
 
     def as_dict(self) -> dict[str, int]:
         return {"prefill": self.prefill, "decode": self.decode, "mixed": self.mixed}

@@ -63,10 +63,14 @@ def class_rates(model: RateModel, fc: Forecast, config: PlannerConfig) -> RoleRa
         sub = Forecast(fc.rate * shares[-1], mix, (name,) * len(mix))
         per_class.append(model(sub, config.for_class(name)))
 
-    def blend(role: str) -> float:
-        rates = [getattr(r, role) for r in per_class]
+    def blend(field: str) -> float | None:
+        rates = [getattr(r, field) for r in per_class]
+        if any(rate is None for rate in rates):
+            return None  # the busy rates, when some class has none
         if min(rates) <= 0:
             return 0.0
         return 1.0 / sum(share / rate for share, rate in zip(shares, rates, strict=True))
 
-    return RoleRates(*(blend(role) for role in ROLES))
+    alone = [blend(role) for role in ROLES]
+    busy = [blend(role + "_busy") for role in ROLES]
+    return RoleRates(*alone, *busy)  # type: ignore[arg-type]

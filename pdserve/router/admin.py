@@ -71,7 +71,10 @@ def admin_router(
     async def set_role(worker_id: str, request: Request) -> JSONResponse:
         body = await _decode(request, RoleBody)
         _worker(client, worker_id)
-        switch = await _call(client.elastic.switch_role(worker_id, body.role, "admin"))  # type: ignore[attr-defined]
+        elastic = client.elastic  # type: ignore[attr-defined]
+        switch = await _call(
+            elastic.switch_role(worker_id, body.role, "admin", body.drain_timeout_s)
+        )
         return JSONResponse(msgspec.to_builtins(switch) | {"status": "serving"})
 
     @router.post("/workers")
@@ -155,6 +158,9 @@ def _admin_auth(admin_key: str | None) -> Callable:
 
 class RoleBody(msgspec.Struct, forbid_unknown_fields=True):
     role: str
+    # a switch: running requests finish this long, then the rest migrate (default: the
+    # serve setting role_switch_drain_s; 0 migrates at once)
+    drain_timeout_s: float | None = None
 
 
 async def _body(request: Request) -> DrainBody:

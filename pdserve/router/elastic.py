@@ -1,10 +1,14 @@
 """Changing the cluster's shape at runtime: role switches and scale in/out.
 
-- `switch_role(worker, role)`: drain the worker (its requests migrate, control/migration.py),
-  tell it `SetRole`, wait until it registers again in the new role (same process, same
+- `switch_role(worker, role)`: drain the worker — it takes no new work, its running
+  requests finish where they are for up to `drain_timeout_s` and only what is left then
+  migrates (control/migration.py): a migrated request is prefilled again elsewhere, on
+  the same cores, so moving it costs more than letting it finish (measured: a switch
+  that moved everything at once cost 90 recomputed requests in one run) — then tell it
+  `SetRole`, wait until it registers again in the new role (same process, same
   incarnation: its weights, KV pool, blocks and prefix cache stay, and so does its entry
   in the global prefix index), then let it take work again. The launcher restarts it in
-  the new role if it ever dies.
+  the new role if it ever dies. `drain_timeout_s=0` migrates everything at once.
 - `scale_out(role)`: the launcher starts one more worker; returns once it serves.
 - `scale_in(worker)`: drain, `Shutdown`, the launcher stops it for good; its entry leaves
   the router.
@@ -37,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 ROLES = tuple(ROLE_CAN)
 SWITCH_TIMEOUT_S = 30.0  # for the worker to answer SetRole
+DRAIN_TIMEOUT_S = 10.0  # running requests finish this long before the rest migrate
 START_TIMEOUT_S = 300.0  # for a new worker to load and register
 
 
@@ -48,6 +53,7 @@ class RoleSwitch:
     num_migrated: int
     seconds: float  # drain + switch
     switch_seconds: float  # SetRole sent -> registered in the new role
+    num_finished: int = 0  # requests that finished on the worker during the drain
 
 
 class ElasticHost(Protocol):
@@ -71,17 +77,25 @@ class Elastic:
         self.client = client
         self._locks: dict[str, asyncio.Lock] = {}
         self.history: deque[tuple[float, RoleSwitch, str]] = deque(maxlen=50)  # (when, what, why)
+        self.drain_timeout_s = DRAIN_TIMEOUT_S  # serve setting `role_switch_drain_s`
 
-    async def switch_role(self, worker_id: str, role: str, reason: str = "admin") -> RoleSwitch:
+    async def switch_role(
+        self, worker_id: str, role: str, reason: str = "admin", drain_timeout_s: float | None = None
+    ) -> RoleSwitch:
+        """Drain (finish, then migrate what is left after `drain_timeout_s`, default
+        `self.drain_timeout_s`), switch, serve again (module docstring)."""
         if role not in ROLES:
             raise ConfigError("role", f"{role!r}; choose one of {ROLES}")
+        timeout_s = self.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
         async with self._locks.setdefault(worker_id, asyncio.Lock()):
             handle = self._handle(worker_id)
             old = handle.role
             start = time.monotonic()
             if old == role:
                 return RoleSwitch(worker_id, old, role, 0, 0.0, 0.0)
-            report = await self.client.drain(worker_id, migrate=True)
+            report = await self.client.drain(
+                worker_id, migrate=timeout_s <= 0, timeout_s=max(0.0, timeout_s)
+            )
             switch_start = time.monotonic()
             handle.send(m.SetRole(role))
             try:
@@ -93,13 +107,27 @@ class Elastic:
             if self.client.metrics is not None:
                 self.client.metrics.observe_role_switch(old, role, reason)
             now = time.monotonic()
-            self.history.append((now, RoleSwitch(worker_id, old, role, 0, 0.0, 0.0), reason))
+            switch = RoleSwitch(
+                worker_id,
+                old,
+                role,
+                report.num_migrated,
+                now - start,
+                now - switch_start,
+                report.num_finished,
+            )
+            self.history.append((now, switch, reason))
             logger.info(
-                "worker %s: %s -> %s (%s) in %.2f s", worker_id, old, role, reason, now - start
+                "worker %s: %s -> %s (%s) in %.2f s: %d finished, %d moved",
+                worker_id,
+                old,
+                role,
+                reason,
+                switch.seconds,
+                switch.num_finished,
+                switch.num_migrated,
             )
-            return RoleSwitch(
-                worker_id, old, role, report.num_migrated, now - start, now - switch_start
-            )
+            return switch
 
     async def scale_out(self, role: str) -> str:
         if role not in ROLES:

@@ -60,13 +60,15 @@ class ClusterSim(SimRouter):
         role_costs: dict[str, StepCost] | None = None,
         background_load: float = 0.0,
         decode_runs: bool = True,
+        busy_workers: int = 0,
     ) -> None:
         """`max_blocks`: cap each KV pool (the planner's shortcut: a pool larger than its
         requests can ever fill only costs set-up time, but it also keeps more prefixes
         cached, so the cap should be generous). `role_costs`: a cost per role instead of
         the profile's (the planner times one phase alone by making the other free).
         `background_load`: threads of other programs running on the machine all along
-        (a shared host), which take their share of the cores."""
+        (a shared host), which take their share of the cores. `busy_workers`: workers
+        outside the simulation stepping all along (sim/sharing.py)."""
         self.serve = serve
         self.decode_runs = decode_runs
         self.max_blocks = max_blocks
@@ -91,6 +93,7 @@ class ClusterSim(SimRouter):
         self.transfer = profile.transfer_cost(self._backend())
         self.shares_cores = profile.hardware.get("device") == "cpu"
         self.background_load = background_load
+        self.busy_workers = busy_workers
         self._steps: dict[str, Busy] = {}
         self._inbox: dict[str, deque] = {w: deque() for w in self.workers}
         self._flights: dict[str, Flight] = {}
@@ -229,6 +232,7 @@ class ClusterSim(SimRouter):
             self.background_load,
             profile.contention,
             compute_contention=profile.compute_contention,
+            busy_workers=self.busy_workers,
         )
         for key, busy in steps.items():
             speed = new[key]

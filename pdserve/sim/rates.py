@@ -8,6 +8,11 @@ prompts would hit the simulated prefix cache and make prefill look almost free (
 first version sent `[1] * n` for every request and measured ~57 prompts/s of 1024
 tokens per worker, ~30x the profile's prefill speed).
 
+On a CPU host (the workers share its cores) each role is rated twice: alone, and beside
+a neighbour that steps all along (`busy_workers=1`, sim/sharing.py: its share of the
+cores and the profile's measured memory-bandwidth `contention`), the planner's
+contention term (`RoleRates.*_busy`, control/planner.py `Layout.capacity`).
+
 A cache miss costs tens of seconds to minutes of pure-Python simulation. The planner
 calls the model off the event loop, but a thread still shares the router's GIL, so the
 simulation runs in a child process (spawned, at `nice` +10 below the workers) and the
@@ -71,7 +76,8 @@ class SimRates:
 
     def _profile_key(self) -> list:
         """What the cached rates depend on besides the mix and the SLO."""
-        return [str(Path(self.profile_path).resolve()), self.threads_per_worker, repr(self.engine)]
+        key = [str(Path(self.profile_path).resolve()), self.threads_per_worker, repr(self.engine)]
+        return [*key, "busy-rates"]  # rows from before the contention term lack them
 
     def _save(self) -> None:
         if not self.cache_path:
@@ -108,7 +114,8 @@ def measure_rates(
     slo_ttft_ms: float,
     slo_tpot_ms: float,
 ) -> RoleRates:
-    """`phase_rates` for `mix` ((prompt, output) tokens per request) under the SLO."""
+    """`phase_rates` for `mix` ((prompt, output) tokens per request) under the SLO, alone
+    and (on a CPU host) beside a busy neighbour."""
     from pdserve.bench.types import SLO, RequestSpec
     from pdserve.config import EngineConfig
     from pdserve.sim.profile import Profile
@@ -121,12 +128,12 @@ def measure_rates(
         for i, (p, o) in enumerate(itertools.islice(itertools.cycle(mix), MAX_REQUESTS))
     ]
     settings = SearchSettings(min_duration_s=10.0, max_requests=MAX_REQUESTS, max_probes=6)
-    found = phase_rates(
-        Profile.load(profile_path),
-        threads_per_worker,
-        engine or EngineConfig(),
-        specs,
-        SLO(slo_ttft_ms, slo_tpot_ms),
-        settings,
-    )
-    return RoleRates(found.prefill.goodput, found.decode.goodput, found.mixed.goodput)
+    profile = Profile.load(profile_path)
+    args = (profile, threads_per_worker, engine or EngineConfig(), specs)
+    slo = SLO(slo_ttft_ms, slo_tpot_ms)
+    alone = phase_rates(*args, slo, settings)
+    rates = (alone.prefill.goodput, alone.decode.goodput, alone.mixed.goodput)
+    if profile.hardware.get("device") != "cpu":  # own devices: no neighbour slows a worker
+        return RoleRates(*rates)
+    busy = phase_rates(*args, slo, settings, busy_workers=1)
+    return RoleRates(*rates, busy.prefill.goodput, busy.decode.goodput, busy.mixed.goodput)

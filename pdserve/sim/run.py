@@ -123,6 +123,7 @@ def simulate(
     role_costs: dict | None = None,
     background_load: float = 0.0,
     decode_runs: bool = True,
+    busy_workers: int = 0,
 ) -> RunResult:
     """Run `specs` through a simulated `serve` deployment; what a client would measure.
     `decode_runs=False` simulates every step on its own (slower; the same clock)."""
@@ -130,7 +131,9 @@ def simulate(
         raise ConfigError("specs", "no requests to send")
     if num_requests is None and duration_s is None and arrival.kind != "trace":
         raise ConfigError("num_requests", "give a number of requests or a duration")
-    sim = ClusterSim(serve, profile, max_blocks, role_costs, background_load, decode_runs)
+    sim = ClusterSim(
+        serve, profile, max_blocks, role_costs, background_load, decode_runs, busy_workers
+    )
     load = _Load(sim, specs, encoder or PromptEncoder(), num_requests, duration_s)
     if arrival.kind == "concurrency":
         load.closed_loop(arrival.concurrency or 1)

@@ -15,7 +15,9 @@ goodput of ONE worker of a kind, per phase —
   measures only the wait for decode slots, under both SLOs.
 A split of `p` prefill and `d` decode workers then serves about `min(p x prefill, d x
 decode)` (DistServe's placement rule), `m` mixed workers `m x mixed`; the planner checks
-its best estimates with whole-unit searches.
+its best estimates with whole-unit searches. `busy_workers=1` rates the same worker
+beside a neighbour that steps all along (sim/sharing.py: shared cores and memory
+bandwidth), the SLO planner's contention term.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def search_rate(
     settings: SearchSettings,
     start_rate: float | None = None,
     role_costs: dict[str, StepCost] | None = None,
+    busy_workers: int = 0,
 ) -> Found:
     """The goodput of `serve` under `specs` and `slo`, simulated."""
     num_workers = sum(serve.worker_counts().values())
@@ -78,6 +81,7 @@ def search_rate(
             seed=settings.seed,
             max_blocks=max_blocks,
             role_costs=role_costs,
+            busy_workers=busy_workers,
         )
 
     result = search_goodput(
@@ -144,12 +148,13 @@ def phase_rates(
     specs: Sequence[RequestSpec],
     slo: SLO,
     settings: SearchSettings,
+    busy_workers: int = 0,
 ) -> PhaseRates:
     """One worker's goodput per role (see the module docstring)."""
     one = ServeConfig(mode="aggregated", mixed_workers=1, threads_per_worker=size, engine=engine)
-    mixed = search_rate(one, profile, specs, slo, settings)
+    mixed = search_rate(one, profile, specs, slo, settings, busy_workers=busy_workers)
     prompts = [dataclasses.replace(s, max_tokens=1) for s in specs]
-    prefill = search_rate(one, profile, prompts, slo, settings)
+    prefill = search_rate(one, profile, prompts, slo, settings, busy_workers=busy_workers)
     pair = ServeConfig(
         mode="disaggregated",
         prefill_workers=1,
@@ -157,5 +162,6 @@ def phase_rates(
         threads_per_worker=size,
         engine=engine,
     )
-    decode = search_rate(pair, profile, specs, slo, settings, role_costs={"prefill": FREE})
+    free = {"prefill": FREE}
+    decode = search_rate(pair, profile, specs, slo, settings, None, free, busy_workers)
     return PhaseRates(mixed, prefill, decode)

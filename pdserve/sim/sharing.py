@@ -4,11 +4,13 @@ Three effects, each from a number a profile measures:
 
 - Cores (processor sharing): with `d` threads busy on `c` cores each runs at
   `min(1, c/d)` of its speed alone. Busy threads are the stepping workers', the front
-  end's while it has work, and `background_load` (other programs on a shared host).
+  end's while it has work, `background_load` (other programs on a shared host), and
+  `busy_workers` (workers outside the simulation stepping all along: the SLO planner
+  rates one worker beside a busy neighbour this way, sim/rates.py).
 - Memory bandwidth (`Profile.contention`): a step reads the model's weights once, which
   alone takes `memory_s` (the cost of a one-token step, `tokens(1)`: a step that small is
-  bound by that read). While another worker steps, the read is `contention` times slower;
-  the rest of the step (compute) is not. So a small decode step stretches by nearly
+  bound by that read). While another worker steps (or a `busy_workers` one is counted),
+  the read is `contention` times slower; the rest of the step (compute) is not. So a small decode step stretches by nearly
   `contention`, a long prefill barely: a step of `t` seconds runs at
   `t / (t + (contention - 1) * min(t, memory_s))`. (For a run of decode steps, `t` is
   its mean step.)
@@ -49,11 +51,12 @@ def speeds(
     contention: float,
     *,
     compute_contention: float = 1.0,
+    busy_workers: int = 0,
 ) -> dict[str, float]:
     """The speed of each work in progress (module docstring)."""
-    demand = background_load + sum(b.worker.threads for b in steps.values())
+    demand = background_load + busy_workers + sum(b.worker.threads for b in steps.values())
     share = min(1.0, cores / demand) if demand > 0 else 1.0
-    num_reading = sum(1 for b in steps.values() if b.worker.memory_s > 0)
+    num_reading = busy_workers + sum(1 for b in steps.values() if b.worker.memory_s > 0)
     out = {}
     for key, busy in steps.items():
         speed = share

@@ -104,3 +104,19 @@ def test_the_front_end_takes_its_share_of_one_core():
     # arrives at 37 ms. The same again for the second decode step.
     assert record.ttft_s == pytest.approx(0.022)
     assert record.itl_s == pytest.approx([0.015, 0.015])
+
+
+def test_a_busy_worker_outside_the_simulation_contends_like_one_inside():
+    """`busy_workers=1` (the SLO planner's neighbour, sim/rates.py): one worker alone is
+    stretched exactly as if a second one were stepping beside it all along."""
+    serve = dataclasses.replace(layout("aggregated"), mixed_workers=1)
+    run = {"num_requests": 1, "decode_runs": False}
+    profile = make_profile(cores=2, contention=1.5)
+    alone = simulate(serve, profile, [spec(100, 3)], Arrival.poisson(float("inf")), **run)
+    beside = simulate(
+        serve, profile, [spec(100, 3)], Arrival.poisson(float("inf")), busy_workers=1, **run
+    )
+    assert alone.records[0].ttft_s == pytest.approx(0.001 + 0.020 + 0.001)
+    assert alone.records[0].itl_s == pytest.approx([0.010, 0.010])
+    assert beside.records[0].ttft_s == pytest.approx(0.001 + 0.025 + 0.001)
+    assert beside.records[0].itl_s == pytest.approx([0.015, 0.015])
