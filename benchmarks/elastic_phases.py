@@ -165,6 +165,23 @@ def run_one(name: str, out: Path, phases_path: Path) -> None:
             print(f"WARNING: killed leftover processes {killed}", file=sys.stderr)
 
 
+def measure_profile(path: Path) -> None:
+    """`pdserve profile --quick` on one thread, plus the two-worker contention factors
+    (`--quick` leaves them at 1.0): the planner's contention term needs them."""
+    import subprocess
+
+    from pdserve.sim.measure import _contention
+
+    command = [sys.executable, "-m", "pdserve.cli", "profile", "--quick", "--threads", "1"]
+    subprocess.run([*command, "--out", str(path)], check=True)
+    (read, compute), _ = _contention(None, 3)
+    data = json.loads(path.read_text())
+    data |= {"contention": read, "compute_contention": compute}
+    data["notes"] = [*data.get("notes", []), "contention measured by elastic_phases.py"]
+    path.write_text(json.dumps(data, indent=1))
+    print(f"contention: read x{read:.2f}, compute x{compute:.2f}", flush=True)
+
+
 def warm_rates(cache: Path, phases_path: Path) -> None:
     """Compute the planner's simulated rates for the mixes this trace will show (each
     class's requests over a 20 s window, as `forecast` reads them) into `cache`, before
@@ -258,18 +275,21 @@ def main() -> None:
     parser.add_argument(
         "--measure-profile", action="store_true", help="profile this host first, plan with it"
     )
+    parser.add_argument(
+        "--profile-only", action="store_true", help="with --measure-profile: only that"
+    )
     args = parser.parse_args()
     if args.summarize:
         summarize(args.out)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     PLANNER["planner_rates_cache"] = str(args.out / "rates.json")
+    if args.measure_profile or (args.out / "profile.json").is_file():
+        PLANNER["planner_profile"] = str(args.out / "profile.json")  # this host's, measured
     if args.measure_profile:  # the planner's cost model, measured now (under the lock)
-        import subprocess
-
-        PLANNER["planner_profile"] = str(args.out / "profile.json")
-        command = [sys.executable, "-m", "pdserve.cli", "profile", "--quick", "--threads", "1"]
-        subprocess.run([*command, "--out", PLANNER["planner_profile"]], check=True)
+        measure_profile(Path(PLANNER["planner_profile"]))
+        if args.profile_only:
+            return
     if args.warm_rates or args.measure_profile:
         warm_rates(Path(PLANNER["planner_rates_cache"]), args.phases)
         if args.warm_rates:

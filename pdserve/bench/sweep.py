@@ -41,6 +41,9 @@ The YAML (every key but `configurations` optional):
       ready_timeout_s: 300     # server start-up limit
       seed: 0                  # workload sampling and arrivals
 
+With `phases:` (a `bench run --phases` list) instead of `workloads:`, each configuration
+is sent that one phase-shifting trace instead of goodput searches (bench/sweep_phases.py).
+
 Every configuration is validated with `ServeConfig.from_dict` before anything starts;
 `port` and `router_port` are chosen by the sweep and may not be set. Errors name the
 field, e.g. `configurations[1].engine.max_num_seqs: expected int, got 'many'`.
@@ -345,11 +348,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     out_dir = Path(args.out or f"sweep-{Path(args.config).stem}")
     for server in spec.configurations:
         print(f"{server.name}: {server.settings} ({spec.num_cores(server)} cores)")
-    print(f"workloads: {', '.join(spec.workload_names())}; search: {spec.search}")
+    if spec.phases:
+        print(f"phases: {', '.join(p.label for p in spec.phases)}; search: {spec.search}")
+    else:
+        print(f"workloads: {', '.join(spec.workload_names())}; search: {spec.search}")
     if getattr(args, "dry_run", False):
         return 0
     # SIGTERM must unwind like Ctrl-C, so the server being measured is stopped too.
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    if spec.phases:  # one phase-shifting trace per configuration (bench/sweep_phases.py)
+        from pdserve.bench import sweep_phases
+
+        results = sweep_phases.run_phased_sweep(spec, out_dir)
+        print("\n" + sweep_phases.format_ranking(results))
+        print(f"wrote {out_dir / 'sweep.json'}")
+        return 0 if any(r.is_ok for r in results) else 1
     sweep = run_sweep(spec, out_dir)
     print("\n" + format_ranking(sweep))
     write_json(sweep, out_dir / "sweep.json")

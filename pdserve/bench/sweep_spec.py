@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pdserve.bench.phases import Phase, parse_phases
 from pdserve.bench.types import SLO
 from pdserve.config import EngineConfig
 from pdserve.errors import ConfigError
 from pdserve.serve_config import ServeConfig
 
-TOP_LEVEL_KEYS = ("configurations", "workloads", "search")
+TOP_LEVEL_KEYS = ("configurations", "workloads", "phases", "search")
 CHOSEN_BY_SWEEP = ("port", "router_port")  # each server gets free ports
 DEFAULT_WORKLOADS = ("chat",)
 
@@ -81,6 +82,9 @@ class SweepSpec:
     configurations: tuple[ServerSpec, ...]
     workloads: tuple[WorkloadSpec, ...]
     search: SearchSettings
+    # Instead of `workloads`: one phase-shifting trace sent to every configuration
+    # (bench/phases.py; bench/sweep_phases.py runs it), ranked by whole-trace goodput.
+    phases: tuple[Phase, ...] = ()
 
     @classmethod
     def load(cls, path: Path) -> SweepSpec:
@@ -105,6 +109,11 @@ class SweepSpec:
             raise ConfigError("configurations", "list at least one server configuration")
         servers = tuple(_server(i, c) for i, c in enumerate(configurations))
         _check_unique("configurations", [s.name for s in servers])
+        settings = SearchSettings.from_dict(data.get("search") or {})
+        if "phases" in data:
+            if "workloads" in data:
+                raise ConfigError("phases", "a sweep has workloads or phases, not both")
+            return cls(servers, (), settings, parse_phases(data["phases"]))
         workloads = tuple(
             _workload(i, w)
             for i, w in enumerate(_list("workloads", data.get("workloads", DEFAULT_WORKLOADS)))
@@ -112,7 +121,7 @@ class SweepSpec:
         if not workloads:
             raise ConfigError("workloads", "list at least one workload")
         _check_unique("workloads", [w.name for w in workloads])
-        return cls(servers, workloads, SearchSettings.from_dict(data.get("search") or {}))
+        return cls(servers, workloads, settings)
 
     def workload_names(self) -> list[str]:
         return [w.name for w in self.workloads]
