@@ -293,9 +293,15 @@ class Proposal:
 
 def propose(fc: Forecast, rates: RoleRates, num_workers: int) -> list[Proposal]:
     """Layouts by predicted goodput, best first (ties: more mixed workers, the layout
-    that adapts to any mix)."""
+    that adapts to any mix). A prefill worker without a decode worker, or the reverse,
+    is never proposed: the model rates it idle (and so no contender for the others),
+    while in `auto` mode a lone decode worker prefills locally and contends like a
+    mixed one (measured by the contention term's first offline pass: 1 mixed + 1 idle
+    decode rated above 1P + 1D for long prompts)."""
     proposals = [
-        Proposal(layout, min(fc.rate, layout.capacity(rates))) for layout in layouts(num_workers)
+        Proposal(layout, min(fc.rate, layout.capacity(rates)))
+        for layout in layouts(num_workers)
+        if (layout.prefill == 0) == (layout.decode == 0)
     ]
     return sorted(
         proposals, key=lambda p: (-p.predicted_goodput, -p.layout.mixed, -p.layout.decode)

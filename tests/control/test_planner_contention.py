@@ -97,3 +97,15 @@ def test_calibration_and_class_blending_keep_the_busy_rates():
 
     partial = class_rates(partial_model, fc, config)
     assert partial.mixed_busy is None  # one class without busy rates: none blended
+
+
+def test_a_lone_prefill_or_decode_worker_is_never_proposed():
+    # Long prompts on a host with strong contention (runs/B's rates, rounded): one mixed
+    # worker beside an idle decode worker would rate 2.21, above 1P + 1D, but a lone
+    # decode worker is not idle in auto mode (it prefills locally).
+    long = RoleRates(4.19, 4.19, 2.21, 1.98, 2.56, 0.81)
+    assert Layout(0, 1, 1).capacity(long) == 2.21
+    ranked = propose(Forecast(rate=10.0, mix=((1024, 128),)), long, 2)
+    assert [p.layout for p in ranked] == [Layout(1, 1, 0), Layout(0, 0, 2)]
+    assert ranked[0].predicted_goodput == pytest.approx(Layout(1, 1, 0).capacity(long))
+    assert ranked[1].predicted_goodput == pytest.approx(2 * 0.81)
