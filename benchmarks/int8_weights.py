@@ -319,6 +319,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--kv-cache-memory-gib", type=float, default=0.5, help="speed: KV pool")
     p.add_argument("--json-out", default=None)
+    # decode_roofline's timer also reads these; this script always times wall clock.
+    p.set_defaults(cpu_time=False)
     return p.parse_args(argv)
 
 
