@@ -1,5 +1,6 @@
 """What the Ray launcher costs: `pdserve serve` with `launcher: ray` vs local worker
-processes, the same layout side by side in one run.
+processes, the same layout side by side in one run; and with the router itself in a Ray
+actor (`router_on_ray`, layout `ray-router`).
 
 Layout: disaggregated, one prefill and one decode worker, `--threads` each, the built-in
 model. The Ray side runs on a one-node Ray cluster this script starts (and stops) with
@@ -10,11 +11,14 @@ layouts put P and D on one host, so KV goes over shared memory in both.
 Per layout and round: start-up (process start to the "pdserve ready" line), then
 `pdserve bench`'s load generator at concurrency `--concurrency` with a `random` workload
 (`--input-tokens` in, `--output-tokens` out, ignore_eos), after `--warmup` unmeasured
-requests: TTFT p50/p99, TPOT p50 and output throughput. Rounds alternate local and Ray
-(local, ray, local, ray, ...) so drift on a shared host hits both. Goal (issue 17): steady
+requests: TTFT p50/p99, TPOT p50 and output throughput. Rounds alternate the layouts
+(local, ray, ray-router, local, ...) so drift on a shared host hits each alike. The
+router actor runs on the same host and binds 127.0.0.1 there, so the load generator
+reaches it as it reaches the local router. Goal (issue 17): steady
 state (TTFT p50, throughput) within 5 % of local.
 
     python benchmarks/ray_overhead.py [--rounds 2] [--num-requests 48] [--json-out F]
+        [--layouts local,ray,ray-router]
 """
 
 from __future__ import annotations
@@ -47,8 +51,10 @@ def settings(args, launcher: str, ray_address: str | None) -> dict:
         "worker_lease_s": 30.0,
         "engine": {"max_num_seqs": args.concurrency, "num_kv_blocks": 1024},
     }
-    if launcher == "ray":
+    if launcher in ("ray", "ray-router"):
         base |= {"launcher": "ray", "ray_address": ray_address}
+    if launcher == "ray-router":  # no CPU of Ray's reserved for it, like the local router
+        base |= {"router_on_ray": True, "router_resources": {"num_cpus": 0}}
     return base
 
 
@@ -120,15 +126,18 @@ def verdict(rows: list[dict]) -> str:
     def median(launcher: str, key: str) -> float:
         return statistics.median(r[key] for r in rows if r["launcher"] == launcher)
 
-    ttft = median("ray", "ttft_p50_ms") / median("local", "ttft_p50_ms")
-    tput = median("ray", "output_tok_s") / median("local", "output_tok_s")
-    startup = median("ray", "startup_s") - median("local", "startup_s")
-    met = ttft <= 1 + GOAL and tput >= 1 - GOAL
-    return (
-        f"ray / local (medians over rounds): TTFT p50 {ttft:.3f}x, output throughput "
-        f"{tput:.3f}x, start-up {startup:+.1f} s; steady-state goal (within {GOAL:.0%}) "
-        f"{'met' if met else 'NOT met'}"
-    )
+    lines = []
+    for layout in sorted({r["launcher"] for r in rows} - {"local"}):
+        ttft = median(layout, "ttft_p50_ms") / median("local", "ttft_p50_ms")
+        tput = median(layout, "output_tok_s") / median("local", "output_tok_s")
+        startup = median(layout, "startup_s") - median("local", "startup_s")
+        met = ttft <= 1 + GOAL and tput >= 1 - GOAL
+        lines.append(
+            f"{layout} / local (medians over rounds): TTFT p50 {ttft:.3f}x, output throughput "
+            f"{tput:.3f}x, start-up {startup:+.1f} s; steady-state goal (within {GOAL:.0%}) "
+            f"{'met' if met else 'NOT met'}"
+        )
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -143,6 +152,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-dir", default="/tmp/pdserve-ray-overhead-bench")
     parser.add_argument("--json-out", default=None)
+    parser.add_argument(
+        "--layouts", default="local,ray,ray-router", help="local first: ratios are to it"
+    )
     args = parser.parse_args()
     import ray
 
@@ -166,7 +178,7 @@ def main() -> int:
     rows = []
     try:
         for i in range(args.rounds):
-            for launcher in ("local", "ray"):
+            for launcher in args.layouts.split(","):
                 row = run_layout(args, launcher, cluster.address, measured, warm)
                 rows.append({"round": i + 1, **row})
                 print(table(rows[-1:]).splitlines()[-1], flush=True)

@@ -56,9 +56,7 @@ READY_TIMEOUT_S = 300.0
 
 
 def run_serve(config: ServeConfig) -> int:
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(config)
     from pdserve.model.builtin import ensure_builtin_model
 
     model_dir = Path(config.model) if config.model else ensure_builtin_model(progress=True)
@@ -73,6 +71,12 @@ def run_serve(config: ServeConfig) -> int:
             return runner.run(_serve(config, model_dir, http_sock))
 
     return exit_code_of(config, run)
+
+
+def setup_logging(config: ServeConfig) -> None:
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 def exit_code_of(config: ServeConfig, run: Callable[[], int]) -> int:

@@ -33,6 +33,7 @@ with it every worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -55,6 +56,7 @@ from pdserve.serve import (
     event_loop_factory,
     exit_code_of,
     serve_router,
+    setup_logging,
 )
 from pdserve.serve_config import NODE_IP, ServeConfig
 
@@ -74,6 +76,7 @@ class RouterActor(ProcessHooks):
         import ray
 
         super().__init__(config.value)
+        setup_logging(self.config)  # this process's own: Ray configures only its loggers
         self.node_id = ray.get_runtime_context().get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
         self.folder = private_folder()
@@ -111,8 +114,9 @@ class RouterActor(ProcessHooks):
         """Stop the HTTP server; the router then stops its workers (their actors end)."""
         with self._lock:
             self._is_stopping = True
-            if self._server is not None:
-                self._loop.call_soon_threadsafe(setattr, self._server, "should_exit", True)
+            if self._server is not None and not self._is_done.is_set():
+                with contextlib.suppress(RuntimeError):  # its loop closed meanwhile
+                    self._loop.call_soon_threadsafe(setattr, self._server, "should_exit", True)
         self._is_done.wait(timeout_s)
         return self.exit_code
 
@@ -164,9 +168,7 @@ async def _serve_in_actor(actor: RouterActor) -> int:
 
 def run_serve_on_ray(config: ServeConfig) -> int:
     """`pdserve serve` as the router actor's supervisor (module docstring)."""
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(config)
     from pdserve.control.ray_launcher import connect
 
     def run() -> int:
