@@ -110,11 +110,26 @@ def merge_fastest(profiles: list[Profile]) -> Profile:
         costs=costs,
         transfer=transfer,
         ipc_latency_s=min(p.ipc_latency_s for p in profiles),
-        contention=min(p.contention for p in profiles),
-        compute_contention=min(p.compute_contention for p in profiles),
+        contention=min(c for c, _ in map(_contention_of, profiles)),
+        compute_contention=min(k for _, k in map(_contention_of, profiles)),
         notes=(f"the fastest of {len(profiles)} measured profiles, shape by shape, refitted",),
         checks=checks | {"runs": runs, "merged_from": [p.created for p in profiles]},
     )
+
+
+def _contention_of(profile: Profile) -> tuple[float, float]:
+    """A profile's two contention factors, refitted from its contention samples when it
+    kept them (profiles from before `compute_contention` stored only one factor)."""
+    details = profile.checks.get("contention") or {}
+    alone, slowdowns = details.get("alone"), details.get("slowdowns")
+    if not alone or not slowdowns or len(slowdowns) % len(alone):
+        return profile.contention, profile.compute_contention
+    memory_s = min(s["seconds"] for s in alone if s["kind"] == "decode" and s["num_decodes"] == 1)
+    rows = []
+    for i, slowdown in enumerate(slowdowns):
+        t = alone[i % len(alone)]["seconds"]
+        rows.append((min(t, memory_s), t - min(t, memory_s), (slowdown - 1.0) * t))
+    return fit_contention(rows)
 
 
 def _bandwidth(transfer: TransferCost) -> float:

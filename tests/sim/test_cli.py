@@ -145,3 +145,32 @@ def test_profile_takes_front_end_costs_from_frontend_cost_json(tmp_path, capsys)
         != 0
     )
     assert "frontend_cost.py" in capsys.readouterr().err
+
+
+def test_merge_refits_both_contention_factors_from_the_samples():
+    from pdserve.sim.measure import merge_fastest
+
+    def shape(kind: str, rows: int, prefill: int, seconds: float) -> dict:
+        return {
+            "kind": kind,
+            "num_decodes": rows,
+            "decode_context": 64 if rows else 0,
+            "prefill_tokens": prefill,
+            "prefill_context": 0,
+            "seconds": seconds,
+        }
+
+    # Alone: a 256-token prefill of 150 ms, a one-row decode of 10 ms (all weights' read),
+    # a 16-row decode of 25 ms. Together, read x1.5 and compute x1.2 (each child):
+    # prefill 10 * 1.5 + 140 * 1.2 = 183 ms, decodes 15 ms and 15 + 15 * 1.2 = 33 ms.
+    alone = [shape("prefill", 0, 256, 0.150), shape("decode", 1, 0, 0.010)]
+    alone.append(shape("decode", 16, 0, 0.025))
+    slowdowns = [0.183 / 0.150, 0.015 / 0.010, 0.033 / 0.025] * 2
+    old = dataclasses.replace(  # stored before compute_contention: one factor only
+        make_profile(),
+        contention=2.0,
+        checks={"runs": {}, "contention": {"alone": alone, "slowdowns": slowdowns}},
+    )
+    merged = merge_fastest([old])
+    assert merged.contention == pytest.approx(1.5)
+    assert merged.compute_contention == pytest.approx(1.2)
