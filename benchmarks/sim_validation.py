@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,25 @@ CASES = (
 )
 MIN_DURATION_S = 20.0
 SEED = 0
+
+
+def runnable_weight(samples: int = 10, interval_s: float = 0.2) -> float:
+    """Other programs' runnable threads, each weighted by its CFS share against a nice-0
+    thread (1.25 ** -nice: a nice-15 test thread counts 0.035), averaged over a few
+    samples: the background load the kernel's scheduler actually lets compete with the
+    server's nice-0 processes (the load average counts every niced test thread as 1)."""
+    me = os.getpid()
+    total = 0.0
+    for _ in range(samples):
+        for task in Path("/proc").glob("[0-9]*/task/[0-9]*/stat"):
+            try:
+                fields = task.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] == "R" and int(task.parent.parent.parent.name) != me:
+                total += 1.25 ** -int(fields[16])
+        time.sleep(interval_s)
+    return total / samples
 
 
 def configurations() -> dict[str, dict]:
@@ -157,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compute-contention", type=float, default=None, help="override it too")
     p.add_argument("--frontend-per-request", type=float, default=None, help="CPU s (override)")
     p.add_argument("--frontend-per-token", type=float, default=None, help="CPU s (override)")
+    p.add_argument(
+        "--weighted-background",
+        action="store_true",
+        help="the loaded simulation takes the runnable threads weighted by nice "
+        "(runnable_weight) instead of the 1-minute load average",
+    )
     p.add_argument("--json-out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.resim and (args.out_dir is None or not args.profile):
@@ -206,11 +232,15 @@ def main(argv: list[str] | None = None) -> int:
                 "at": time.strftime("%H:%M:%S"),
                 # before our server starts: the other programs' load
                 "background_load": float(Path("/proc/loadavg").read_text().split()[0]),
+                "background_weighted": runnable_weight(),
             }
             real = real_run(configs[name], specs, slo, rate, num_requests, args.out_dir)
             meta["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
             meta_path.write_text(json.dumps(meta) + "\n")
-        started, background = meta["at"], meta["background_load"]
+        started = meta["at"]
+        background = meta.get(
+            "background_weighted" if args.weighted_background else "background_load", 0.0
+        )
         sim = sim_run(configs[name], profile, specs, slo, rate, num_requests)
         loaded = sim_run(configs[name], profile, specs, slo, rate, num_requests, background)
         for kind, run in (("real", real), ("sim", sim)) if not args.resim else (("sim", sim),):
@@ -223,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                 "case": [name, workload_name, rate],
                 "at": started,
                 "background_load": background,
+                "meta": meta,
                 "real": r,
                 "sim": s,
                 "sim_with_background": b,
