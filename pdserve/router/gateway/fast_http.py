@@ -76,7 +76,11 @@ class FastRefusalProtocol(HttpToolsProtocol):
             self._refuse(busy)
             return
         self.edge.num_in_flight += 1
-        screened = self.edge.screen(self.headers, body)
+        try:
+            screened = self.edge.screen(self.headers, body)
+        except BaseException:
+            self.edge.num_in_flight -= 1
+            raise
         if screened.refusal is not None:
             self.edge.finish(screened)
             self._refuse(screened.refusal)
