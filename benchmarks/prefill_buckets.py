@@ -12,7 +12,12 @@ shapes. This measures what that costs and what it saves, each setting in its own
   been seen, so this pass times the padding itself against cached primitives;
 - the distinct row counts that reached oneDNN / torch's own path.
 
-    .venv/bin/python benchmarks/prefill_buckets.py [--groups 150] [--threads 2]
+`--speed` measures the padding's cost alone, robust to a shared host: one process, the
+same groups run padded and unpadded alternately (the `pad_rows` flag of every product
+switched between them), after a pass that built every shape for both; the ratio of
+summed times, and the median of the per-group ratios.
+
+    .venv/bin/python benchmarks/prefill_buckets.py [--groups 150] [--threads 2] [--speed]
 """
 
 from __future__ import annotations
@@ -93,15 +98,56 @@ def child(args: argparse.Namespace) -> dict:
     }
 
 
+def speed(args: argparse.Namespace) -> None:
+    """The padding's cost with every primitive built: padded and unpadded, alternately."""
+    import statistics
+
+    from pdserve import LLM
+
+    llm = LLM(num_kv_blocks=512, num_threads=args.threads, enable_prefix_caching=False)
+    model = llm.engine.core.runner.model
+    products = [m.cpu_mm for m in model.modules() if getattr(m, "cpu_mm", None) is not None]
+    products.append(model.lm_head_mm)
+    vocab = llm.engine.core.runner.model_config.vocab_size
+    lengths = common.seeded_uniform(GROUP * args.groups, 16, 255, seed=7)
+    groups = [lengths[g : g + GROUP] for g in range(0, len(lengths), GROUP)]
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for measured in (False, True):  # the first round builds every shape for both
+        for i, group in enumerate(groups):
+            order = (True, False) if i % 2 == 0 else (False, True)
+            for pad in order:
+                for mm in products:
+                    mm.pad_rows = pad
+                elapsed, _, _ = run_pass(llm, group, vocab, seed=i * 7919 + measured * 13 + pad)
+                if measured:
+                    times[pad].append(elapsed)
+    tokens = sum(lengths)
+    ratios = [a / b for a, b in zip(times[True], times[False], strict=True)]
+    print(
+        common.format_table(
+            ["rows", "prefill tok/s (all shapes built)"],
+            [["buckets", tokens / sum(times[True])], ["exact rows", tokens / sum(times[False])]],
+        )
+    )
+    print(f"time padded / unpadded: {sum(times[True]) / sum(times[False]):.3f} (sums), ", end="")
+    print(f"{statistics.median(ratios):.3f} (median of {len(ratios)} groups)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--groups", type=int, default=150, help="groups of 8 prompts per pass")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--speed", action="store_true", help="the padding's cost alone")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json-out")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args)))
+        return
+    if args.speed:
+        print(f"load average before: {common.machine_load():.2f}")
+        speed(args)
+        print(f"load average after: {common.machine_load():.2f}")
         return
     results = {}
     load_before = common.machine_load()

@@ -127,14 +127,14 @@ class Admission:
         self.num_queued += 1
         return ticket
 
-    def refuse_early(self, priority: int = 0) -> RateLimitedError | None:
-        """The refusal any request of `priority` would get now, whatever its size (as if
-        it had one prompt token: more tokens only predict a later first token), or None.
-        Decided from the queue alone, so the HTTP edge can answer before parsing a body
-        (`gateway/edge.py`); it changes nothing."""
+    def refuse_early(self, priority: int = 0, num_tokens: int = 1) -> RateLimitedError | None:
+        """The refusal any request of `priority` with at least `num_tokens` queued prompt
+        tokens would get now (more tokens only predict a later first token), or None.
+        Decided from the queue and that floor alone, so the HTTP edge can answer before
+        parsing a body (`gateway/edge.py`); it changes nothing."""
         if not self.is_active:
             return None
-        return self._decide(1, priority)[0]
+        return self._decide(num_tokens, priority)[0]
 
     def _decide(
         self, num_tokens: int, priority: int

@@ -27,7 +27,13 @@ For `POST /v1/completions` and `/v1/chat/completions`, in order:
    the request has the default priority 0 and the decision is exact. When they do (or
    the body comes in several messages) the request goes on and is decided after parsing.
    A body that spells the key with JSON escapes (`\\u0070riority`) is judged as priority
-   0: it can only be refused, never let in, by that.
+   0: it can only be refused, never let in, by that. When the whole body is at hand (the
+   HTTP protocol's fast path, `fast_http.py`), a request that passes that test, or names
+   a priority, is also judged at its own size: the body is decoded as JSON (no model,
+   no tokenisation) for its priority and a lower bound on the prompt tokens it will queue
+   (`limits.queued_tokens_floor`: token ids counted, text bytes over the longest token's
+   bytes), so a 256-token request that would miss the TTFT target is refused here too,
+   exactly as the route would, while a one-token request behind the same queue is not.
 
 A request that passes carries its `Lease` (the key's slot, taken in step 3) to the route
 in the ASGI scope's state (`lease`); the route uses it instead of opening another, and the
@@ -49,7 +55,7 @@ from typing import Any
 
 from pdserve.router.gateway.errors import PayloadTooLargeError, RateLimitedError
 from pdserve.router.gateway.gate import Gateway, Lease
-from pdserve.router.gateway.limits import too_large_message
+from pdserve.router.gateway.limits import queued_tokens_floor, too_large_message
 from pdserve.router.protocol import error_body
 
 Scope = MutableMapping[str, Any]
@@ -142,14 +148,27 @@ class Edge:
             return Screening(key=key, lease=lease)
         if body is None:
             return Screening(key=key, lease=lease, needs_body=True)
-        if PRIORITY_KEY in body:  # priority unknown before parsing: the route decides
-            return Screening(key=key, lease=lease)
-        refused = admission.refuse_early(0)
+        if PRIORITY_KEY in body:  # the priority decides: read it from the body
+            refused = self._refuse_whole(body)
+        else:
+            refused = admission.refuse_early(0)  # full for any request of priority 0
+            if refused is None and admission.target_s is not None:
+                refused = self._refuse_whole(body)  # too late at this request's size
         if refused is None:
             return Screening(key=key, lease=lease)
         refusal = self._refusal(refused, lease.headers)
         lease.close()
         return Screening(refusal)
+
+    def _refuse_whole(self, body: bytes) -> RateLimitedError | None:
+        """Admission's refusal for a body read whole, from a lower bound on the prompt
+        tokens it will queue and its priority (`limits.queued_tokens_floor`: a JSON
+        decode, no tokenisation), or None when the body does not say."""
+        floor = queued_tokens_floor(body, self.gateway.token_bytes)
+        if floor is None:
+            return None
+        num_tokens, priority = floor
+        return self.gateway.admission.refuse_early(priority, num_tokens)
 
     def finish(self, screened: Screening) -> None:
         """The end of a request counted in flight (refused or run)."""

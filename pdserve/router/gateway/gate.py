@@ -28,7 +28,12 @@ from pdserve.router.gateway.errors import (
     PayloadTooLargeError,
     RateLimitedError,
 )
-from pdserve.router.gateway.limits import check_limits, check_unsupported, max_prompt_bytes
+from pdserve.router.gateway.limits import (
+    check_limits,
+    check_unsupported,
+    max_prompt_bytes,
+    max_token_bytes,
+)
 from pdserve.router.gateway.metrics import NO_KEY, GatewayMetrics
 
 
@@ -43,7 +48,8 @@ class Gateway:
         self.keys = k.KeyRing.build(config.api_key, config.api_keys_file)
         self.admission = Admission(config, client.queued_prefill_tokens)
         self.metrics = GatewayMetrics(registry, self.admission)
-        self.max_prompt_bytes = max_prompt_bytes(config, client.tokenizer, client.max_model_len)
+        self.token_bytes = max_token_bytes(client.tokenizer)  # the longest token's UTF-8
+        self.max_prompt_bytes = max_prompt_bytes(config, self.token_bytes, client.max_model_len)
 
     def authenticate(self, token: str | None) -> k.ApiKey | None:
         """The key a bearer token belongs to; None when keys are off. Raises `LookupError`

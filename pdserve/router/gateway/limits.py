@@ -24,6 +24,7 @@ different output.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -131,12 +132,59 @@ def _prompt_fits(size: int, max_bytes: int, param: str) -> None:
         )
 
 
-def max_prompt_bytes(config: GatewayConfig, tokenizer: Any, max_model_len: int) -> int:
+def max_prompt_bytes(config: GatewayConfig, token_bytes: int, max_model_len: int) -> int:
     """`config.max_prompt_bytes`, or the context length times the longest token's bytes
-    (an upper bound on the text any in-context prompt can have)."""
+    (`token_bytes`: an upper bound on the text any in-context prompt can have)."""
     if config.max_prompt_bytes is not None:
         return config.max_prompt_bytes
-    return max_model_len * max_token_bytes(tokenizer)
+    return max_model_len * token_bytes
+
+
+def queued_tokens_floor(body: bytes, token_bytes: int) -> tuple[int, int] | None:
+    """(a lower bound on the prompt tokens x n the request will queue, its priority) from
+    a raw JSON body, or None when the body does not say (not JSON, unexpected types: the
+    route then parses it and answers). Token-id prompts count exactly; text counts its
+    UTF-8 bytes over `token_bytes`, the longest token's (no tokenisation); chat counts
+    the text of its messages (the template only adds). Used by the HTTP edge to refuse a
+    request that would miss admission even at this size, before parsing it properly."""
+    try:
+        data = json.loads(body)
+        priority, n = data.get("priority", 0), data.get("n", 1)
+    except (ValueError, AttributeError):
+        return None
+    if type(priority) is not int or type(n) is not int or n < 1:
+        return None
+    if "messages" in data:
+        texts = _message_texts(data["messages"])
+        return None if texts is None else (max(1, sum(texts) // token_bytes) * n, priority)
+    count = _prompt_tokens_floor(data.get("prompt"), token_bytes)
+    return None if count is None else (count * n, priority)
+
+
+def _prompt_tokens_floor(prompt: Any, token_bytes: int) -> int | None:
+    if isinstance(prompt, str):
+        return max(1, len(prompt.encode()) // token_bytes)
+    if isinstance(prompt, list) and prompt:
+        if all(type(t) is int for t in prompt):
+            return len(prompt)
+        parts = [_prompt_tokens_floor(p, token_bytes) for p in prompt]
+        return None if None in parts else sum(parts)
+    return None
+
+
+def _message_texts(messages: Any) -> list[int] | None:
+    """UTF-8 byte counts of the text in chat messages (content strings or text parts)."""
+    if not isinstance(messages, list) or not messages:
+        return None
+    sizes = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            sizes.append(len(content.encode()))
+        elif isinstance(content, list):
+            texts = [p.get("text") for p in content if isinstance(p, dict)]
+            sizes += [len(t.encode()) for t in texts if isinstance(t, str)]
+    return sizes
 
 
 def max_token_bytes(tokenizer: Any) -> int:

@@ -194,3 +194,34 @@ async def test_a_request_let_through_runs_and_gives_back_its_slot(tokenizer, tmp
         assert app.state.gateway.keys.keys[0].num_running == 0
         metrics = app.state.metrics.registry
         assert metrics.get_sample_value("pdserve:key_requests_total", {"key_name": "a"}) == 2
+
+
+def as_dict(answer: tuple[list[bytes], bytes]) -> tuple[bytes, dict, dict]:
+    (status, *headers), body = answer
+    return status, dict(h.partition(b": ")[::2] for h in headers), json.loads(body)
+
+
+async def test_a_request_too_large_for_the_ttft_target_is_refused_at_its_own_size(tokenizer):
+    """50 tokens queued at 1000 tokens/s against a 100 ms target: a 1-token request fits,
+    a 100-token one does not. The fast path refuses the latter from its body, with the
+    route's answer (same status, body and headers), and lets the former through."""
+    config = GatewayConfig(admission_ttft_ms=100, admission_prefill_tokens_per_s=1000)
+    big, small = json.dumps({"prompt": [7] * 100}), json.dumps({"prompt": [7]})
+    answers, paths = [], []
+    for fast in (True, False):
+        client = ScriptedEngineClient(tokenizer, [], hang=True)
+        app = build_app(client, gateway=config)
+        async with serving(app, fast) as served:
+            writer = await park(served.port, client, {"prompt": [1] * 50})
+            answers.append(as_dict((await exchange(served.port, raw_request(big.encode())))[0]))
+            paths.append(list(served.asgi_paths))
+            if fast:
+                let_through = await park(served.port, client, json.loads(small))
+                assert len(client.started) == 2 and served.asgi_paths == [CMPL, CMPL]
+                let_through.close()
+            writer.close()
+    assert answers[0] == answers[1]
+    status, headers, body = answers[0]
+    assert status.startswith(b"HTTP/1.1 429") and body["error"]["code"] == "ttft_unattainable"
+    assert "predicted 150 ms" in body["error"]["message"] and headers[b"retry-after"] == b"1"
+    assert paths == [[CMPL], [CMPL, CMPL]]  # the fast path never reached ASGI for it
