@@ -165,7 +165,7 @@ def _prompt_tokens_floor(prompt: Any, token_bytes: int) -> int | None:
     if isinstance(prompt, str):
         return max(1, len(prompt.encode()) // token_bytes)
     if isinstance(prompt, list) and prompt:
-        if all(type(t) is int for t in prompt):
+        if set(map(type, prompt)) == {int}:  # token ids (in C: no loop in Python)
             return len(prompt)
         parts = [_prompt_tokens_floor(p, token_bytes) for p in prompt]
         return None if None in parts else sum(parts)
