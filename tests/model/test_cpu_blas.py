@@ -27,6 +27,26 @@ def test_matmul_equals_linear(backend, with_bias):
         torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16_bit_weights_take_float32_rows_on_every_path(dtype):
+    """A 16-bit model computes in float32: every row count, the kernel's (up to
+    HALF_GEMV_MAX_ROWS) and oneDNN's float32 copy (above), gives the float32 product on the
+    16-bit weight's values, and one 16-bit copy of the weight is all the kernel keeps."""
+    gen = torch.Generator().manual_seed(1)
+    param = torch.nn.Parameter(torch.randn(96, 48, generator=gen).to(dtype), requires_grad=False)
+    weight = param.detach().float()
+    bias = torch.randn(96, generator=gen)
+    mm = cpu_blas.CpuMatmul.prepare(param, "auto", keep_dense=False)
+    assert mm.max_gemv_rows == cpu_blas.HALF_GEMV_MAX_ROWS and mm.small.dtype == dtype
+    assert mm.packed is not None and param.numel() == 0
+    limit = cpu_blas.HALF_GEMV_MAX_ROWS
+    for rows in (1, 9, limit, limit + 1, 300):
+        x = torch.randn(rows, 48, generator=gen)
+        got = cpu_blas.linear(x, param, bias, mm)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
 def test_backends_route_rows_and_keep_or_release_the_dense_weight():
     def prepared(backend, keep_dense=False):
         param = torch.nn.Parameter(torch.randn(8, 4), requires_grad=False)
