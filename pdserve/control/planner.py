@@ -127,6 +127,7 @@ class RequestLog:
         self.keep_s = keep_s
         self.arrivals: deque[Arrival] = deque()
         self.outcomes: deque[Outcome] = deque()
+        self.started: float | None = None  # the first admission ever: no evidence before it
 
     def record_outcome(
         self,
@@ -149,6 +150,7 @@ class RequestLog:
         slo_class: str | None = None,
     ) -> None:
         now = time.monotonic() if now is None else now
+        self.started = now if self.started is None else min(self.started, now)
         self.arrivals.append(Arrival(now, prompt_tokens, output_tokens, slo_class))
         while self.arrivals and self.arrivals[0].time < now - self.keep_s:
             self.arrivals.popleft()

@@ -248,3 +248,24 @@ def test_only_requests_admitted_after_the_last_switch_count():
     assert blamed.factor < 0.1  # without `since`: the old layout's backlog counts
     rates, cal = calibrate(PD_BETTER, current, fc, log, CONFIG, now=60.0, since=45.0)
     assert (rates, cal.factor, cal.num_outcomes) == (PD_BETTER, 1.0, 0)
+
+
+def test_delivered_is_counted_over_the_time_there_was_traffic():
+    from pdserve.control.calibration import calibrate
+
+    log = RequestLog()  # traffic started 7 s ago at 3 req/s; 18 finished, all in their SLO
+    for i in range(21):
+        log.record(64, 32, now=53.0 + i / 3, slo_class="long")
+    for i in range(18):
+        log.record_outcome(0.2, 0.03, "long", now=54.0 + i / 3, arrival=53.0 + i / 3)
+    fc = forecast(log, CONFIG, now=60.0)
+    rates, cal = calibrate(PD_BETTER, Layout(0, 0, 2), fc, log, CONFIG, now=60.0)
+    # 18 met over the 7 s of traffic (not over the 20 s window): 2.6 req/s, nothing scaled.
+    assert cal.delivered == pytest.approx(18 / 7.0) and (rates, cal.factor) == (PD_BETTER, 1.0)
+    # Evidence over 10 s of traffic would be counted over 10 s, not 20: 2 req/s delivered.
+    longer = RequestLog()
+    for i in range(30):
+        longer.record(64, 32, now=50.0 + i / 3, slo_class="long")
+        longer.record_outcome(0.2, 0.03, "long", now=50.5 + i / 3, arrival=50.0 + i / 3)
+    _, cal = calibrate(PD_BETTER, Layout(0, 0, 2), fc, longer, CONFIG, now=60.0)
+    assert cal.delivered == pytest.approx(29 / 10.0) and cal.factor == 1.0
