@@ -149,9 +149,14 @@ def run_one(name: str, out: Path, phases_path: Path) -> None:
         print(f"{name}\n{phases.format_phases(parts)}", flush=True)
         text = urllib.request.urlopen(proc.url + "/metrics", timeout=10).read().decode()
         planner = get_json(proc.url, "/admin/planner")
+        try:  # each switch's requests finished on the worker / moved off it
+            switches = get_json(proc.url, "/dashboard/data")["role_switches"]
+        except (OSError, KeyError) as e:
+            switches = [f"unavailable: {e}"]
         server = {
             "role_timeline": poller.timeline,
             "planner": planner,
+            "switches": switches,
             "role_switches": metric_sum(text, "pdserve:role_switches"),
             "migrations": metric_sum(text, "pdserve:request_migrations"),
             "run_seconds": time.perf_counter() - poller.start_s,

@@ -168,6 +168,9 @@ def snapshot(client: EngineClient, telemetry: Telemetry) -> dict[str, Any]:
                 "from": s.old_role,
                 "to": s.new_role,
                 "reason": reason,
+                "num_finished": s.num_finished,  # ran to the end during the drain
+                "num_migrated": s.num_migrated,  # still running after it: moved
+                "seconds": round(s.seconds, 2),
             }
             for when, s, reason in (elastic.history if elastic is not None else [])
         ],

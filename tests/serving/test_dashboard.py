@@ -85,6 +85,9 @@ def test_dashboard_shows_live_numbers_and_a_role_switch(builtin_model_dir, brows
         )
         switches = browser.find_element("id", "switches").text
         assert "decode-0: decode → mixed (admin" in switches
+        (switch,) = admin(server, "GET", "/dashboard/data").json()["role_switches"]
+        # The streams had ended: nothing ran on the worker to finish or to move.
+        assert (switch["from"], switch["num_finished"], switch["num_migrated"]) == ("decode", 0, 0)
         assert browser.get_log("browser") == []  # no error, warning or message
     finally:
         assert server.stop() == 0
