@@ -12,8 +12,9 @@ docs/benchmarks.md):
 - several rows (larger decode batches, prefill chunks): oneDNN on a weight reordered once
   into its blocked layout (`torch.ops.mkldnn`, the path `torch.compile` uses on CPU) runs at
   ~200 GFLOPS from 8 rows up, 1.5-2x OpenBLAS and 2x MKL at 8-32 rows. 16-bit weights stay
-  on the kernel up to `HALF_GEMV_MAX_ROWS` rows (decode batches: it reads half the bytes and
-  widens them in registers) and get to oneDNN above as a float32 copy.
+  on the kernel up to `HALF_GEMV_MAX_ROWS` rows (16 in an AVX2 build; decode batches: it
+  reads half the bytes and widens them in registers) and get to oneDNN above as a float32
+  copy.
 
 A 16-bit model on CPU computes in float32 (see `LlamaForCausalLM.finish_loading`): x is
 float32 on every path, so the product is the float32 product on the 16-bit-rounded weights
@@ -80,8 +81,12 @@ GEMV_MAX_ROWS = 8
 # (benchmarks/cpu_gemm.py --threads 1 --cpu-time, Zen 4; every product of a step), kernel on
 # bf16 weights vs oneDNN float32 at 16 / 32 / 64 rows: AVX-512 13.8 / 28.4 / 50.4 vs
 # 21.0 / 29.9 / 55.0 ms; the AVX2 build vs oneDNN held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2)
-# 23.5 / 48.5 / 89.7 vs 24.0 / 48.7 / 65.3 ms: level up to 32 rows, behind above.
+# 23.5 / 48.5 / 89.7 vs 24.0 / 48.7 / 65.3 ms: level up to 32 rows, behind above. In the
+# locked decode run (docs/benchmarks.md) the AVX2 build's bf16 step at batch 32 came out
+# 0.95x float32's (which had AVX-512 oneDNN there), so an AVX2 build keeps only up to 16
+# rows: above, 16-bit weights take oneDNN like float32 ones and never fall behind them.
 HALF_GEMV_MAX_ROWS = 32
+HALF_GEMV_MAX_ROWS_AVX2 = 16
 # `auto` keeps a second copy of the weights while all of them take at most this share of RAM.
 AUTO_SECOND_COPY_RAM_FRACTION = 1 / 8
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -167,7 +172,9 @@ def gemv_max_rows(dtype: torch.dtype, backend_name: str) -> int:
     """Rows up to which the gemv kernel beats the wide path for weights of `dtype`."""
     if backend_name == "auto-one-copy":
         return 1 << 62  # 16-bit weights, no room for a float32 copy: the kernel does all
-    return HALF_GEMV_MAX_ROWS if dtype in HALF_DTYPES else GEMV_MAX_ROWS
+    if dtype not in HALF_DTYPES:
+        return GEMV_MAX_ROWS
+    return HALF_GEMV_MAX_ROWS if gemv.vector_floats() >= 16 else HALF_GEMV_MAX_ROWS_AVX2
 
 
 class CpuMatmul:

@@ -37,9 +37,10 @@ def test_16_bit_weights_take_float32_rows_on_every_path(dtype):
     weight = param.detach().float()
     bias = torch.randn(96, generator=gen)
     mm = cpu_blas.CpuMatmul.prepare(param, "auto", keep_dense=False)
-    assert mm.max_gemv_rows == cpu_blas.HALF_GEMV_MAX_ROWS and mm.small.dtype == dtype
+    limit = cpu_blas.gemv_max_rows(dtype, "auto")
+    assert limit in (cpu_blas.HALF_GEMV_MAX_ROWS, cpu_blas.HALF_GEMV_MAX_ROWS_AVX2)
+    assert mm.max_gemv_rows == limit and mm.small.dtype == dtype
     assert mm.packed is not None and param.numel() == 0
-    limit = cpu_blas.HALF_GEMV_MAX_ROWS
     for rows in (1, 9, limit, limit + 1, 300):
         x = torch.randn(rows, 48, generator=gen)
         got = cpu_blas.linear(x, param, bias, mm)

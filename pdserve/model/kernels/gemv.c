@@ -313,6 +313,9 @@ static void gemv_chunk(void *ctx, int64_t chunk) {
 
 int64_t gemv_panel_width(void) { return PANEL; }
 
+/* Floats per vector in the tile's inner loop: 16 in an AVX-512 build, 8 otherwise. */
+int64_t gemv_vector_floats(void) { return VL; }
+
 /* 1 when bf16 x bf16 products use `vdpbf16ps` (AVX512-BF16 in this build), else 0. */
 int64_t gemv_has_dpbf16(void) { return HAS_DPBF16; }
 

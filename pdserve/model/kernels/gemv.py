@@ -28,6 +28,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gemv_panel_width.argtypes = []
     lib.gemv_has_dpbf16.restype = i64
     lib.gemv_has_dpbf16.argtypes = []
+    lib.gemv_vector_floats.restype = i64
+    lib.gemv_vector_floats.argtypes = []
     lib.gemv_pack.restype = None
     lib.gemv_pack.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr]
     lib.gemv.restype = ctypes.c_int
@@ -62,6 +64,12 @@ def has_native_bf16(lib: ctypes.CDLL | None = None) -> bool:
     """True when bf16 x bf16 products use the CPU's bf16 dot-product instruction."""
     lib = lib or library()
     return bool(lib is not None and lib.gemv_has_dpbf16())
+
+
+def vector_floats(lib: ctypes.CDLL | None = None) -> int:
+    """Floats per vector of the kernel's inner loop: 16 with AVX-512, 8 with AVX2."""
+    lib = lib or library()
+    return int(lib.gemv_vector_floats()) if lib is not None else 0
 
 
 def _threads() -> int:
