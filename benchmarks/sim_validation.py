@@ -126,6 +126,16 @@ def _override(profile, args):
         "frontend_s_per_request": args.frontend_per_request,
         "frontend_s_per_token": args.frontend_per_token,
     }
+    if args.receive_per_request is not None:
+        changes["receive_s_per_request"] = args.receive_per_request
+        changes["receive_s_per_block"] = args.receive_per_block or 0.0
+    if args.contention_curve_from:
+        from pdserve.sim.measure import fit_contention_curve
+        from pdserve.sim.profile import Profile
+
+        paths = args.contention_curve_from.split(",")
+        runs = [Profile.load(path).checks.get("contention") for path in paths]
+        changes["contention_curve"] = fit_contention_curve(runs)
     return dataclasses.replace(profile, **{k: v for k, v in changes.items() if v is not None})
 
 
@@ -177,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compute-contention", type=float, default=None, help="override it too")
     p.add_argument("--frontend-per-request", type=float, default=None, help="CPU s (override)")
     p.add_argument("--frontend-per-token", type=float, default=None, help="CPU s (override)")
+    p.add_argument(
+        "--contention-curve-from",
+        default=None,
+        help="profiles (comma-separated) whose contention runs give the curve by step size",
+    )
+    p.add_argument("--receive-per-request", type=float, default=None, help="s (override)")
+    p.add_argument("--receive-per-block", type=float, default=None, help="s (override)")
     p.add_argument(
         "--weighted-background",
         action="store_true",

@@ -115,6 +115,7 @@ class ClusterSim(SimRouter):
             self.max_model_len,
             self.threads,
             self.decode_runs,
+            (self.profile.receive_s_per_request, self.profile.receive_s_per_block),
         )
         self.workers[worker_id] = worker
         self.pool.add(
@@ -168,9 +169,13 @@ class ClusterSim(SimRouter):
         if started is None:
             return
         work, works = started
-        if not isinstance(work, DecodeRun):
+        if isinstance(work, DecodeRun):
+            tokens = len(worker.scheduler.running)
+        else:
             works[0] += self._copy_seconds(work)
-        self._steps[worker.worker_id] = Busy(worker, work, works, self.now)
+            tokens = sum(s.num_new_tokens for s in work.scheduled)
+        works[0] += worker.take_receive_seconds()
+        self._steps[worker.worker_id] = Busy(worker, work, works, self.now, tokens)
         self._reschedule(worker.worker_id)
 
     def _copy_seconds(self, output) -> float:
@@ -233,6 +238,7 @@ class ClusterSim(SimRouter):
             profile.contention,
             compute_contention=profile.compute_contention,
             busy_workers=self.busy_workers,
+            curve=profile.contention_curve,
         )
         for key, busy in steps.items():
             speed = new[key]

@@ -2,8 +2,9 @@
 
 For each thread count a child process times the model runner on synthetic batches
 (`python -m pdserve.engine.step_timing`, the only part that imports torch); then two
-children at once time a few shapes to get the slowdown of sharing the machine; ZeroMQ
-over loopback gives the tcp backend's bandwidth and the message latency. `--quick`
+children at once time a few shapes to get the slowdown of sharing the machine (two
+factors and a curve by step size); the decode side of a hand-over is timed in-process
+(sim/receive.py); ZeroMQ over loopback gives the tcp backend's bandwidth and the message latency. `--quick`
 (tests) uses a coarse grid, skips the contention runs and finishes in about 10 s per
 thread count on two idle cores; the full grid takes a few minutes.
 
@@ -35,6 +36,7 @@ from pdserve.sim.cost_model import (
 )
 from pdserve.sim.hardware import this_machine
 from pdserve.sim.profile import Profile, TransferCost, model_facts
+from pdserve.sim.receive import measure_receive
 
 
 def measure_profile(
@@ -53,6 +55,9 @@ def measure_profile(
     if not quick:
         log("timing two workers at once (contention)...")
         (contention, compute_contention), checks["contention"] = _contention(model, repeats)
+    curve = fit_contention_curve([checks["contention"]]) if not quick else ()
+    log("timing the decode side of a hand-over...")
+    per_request, per_block, checks["receive"] = measure_receive(quick)
     log("timing ZeroMQ over loopback...")
     tcp, ipc_latency = _measure_tcp()
     first = runs[threads[0]]
@@ -71,6 +76,9 @@ def measure_profile(
         cores=os.cpu_count() or 1,
         contention=contention,
         compute_contention=compute_contention,
+        contention_curve=curve,
+        receive_s_per_request=per_request,
+        receive_s_per_block=per_block,
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         notes=(
             f"pdserve profile{' --quick' if quick else ''}: model runner timed on synthetic "
@@ -112,6 +120,10 @@ def merge_fastest(profiles: list[Profile]) -> Profile:
         ipc_latency_s=min(p.ipc_latency_s for p in profiles),
         contention=min(c for c, _ in map(_contention_of, profiles)),
         compute_contention=min(k for _, k in map(_contention_of, profiles)),
+        contention_curve=fit_contention_curve([p.checks.get("contention") for p in profiles])
+        or profiles[0].contention_curve,
+        receive_s_per_request=min(p.receive_s_per_request for p in profiles),
+        receive_s_per_block=min(p.receive_s_per_block for p in profiles),
         notes=(f"the fastest of {len(profiles)} measured profiles, shape by shape, refitted",),
         checks=checks | {"runs": runs, "merged_from": [p.created for p in profiles]},
     )
@@ -130,6 +142,25 @@ def _contention_of(profile: Profile) -> tuple[float, float]:
         t = alone[i % len(alone)]["seconds"]
         rows.append((min(t, memory_s), t - min(t, memory_s), (slowdown - 1.0) * t))
     return fit_contention(rows)
+
+
+def fit_contention_curve(runs: list[dict[str, Any] | None]) -> tuple[tuple[int, float], ...]:
+    """`Profile.contention_curve` from contention runs (`checks["contention"]` of one or
+    more profiles): per step shape, its tokens (a prefill's new tokens, a decode's rows)
+    and the median slowdown over every child of every run (at least 1); one knot per
+    token count (shapes with equal counts pooled). Empty without samples."""
+    pooled: dict[int, list[float]] = {}
+    for run in runs:
+        alone, slowdowns = (run or {}).get("alone"), (run or {}).get("slowdowns")
+        if not alone or not slowdowns or len(slowdowns) % len(alone):
+            continue
+        for i, slowdown in enumerate(slowdowns):
+            shape = alone[i % len(alone)]
+            tokens = shape["num_decodes"] + shape["prefill_tokens"]
+            pooled.setdefault(tokens, []).append(slowdown)
+    return tuple(
+        (tokens, max(1.0, statistics.median(values))) for tokens, values in sorted(pooled.items())
+    )
 
 
 def _bandwidth(transfer: TransferCost) -> float:

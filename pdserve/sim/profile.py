@@ -56,6 +56,11 @@ class Profile:
     compute_contention: float = 1.0  # ... and the rest of a step (sim/sharing.py)
     frontend_s_per_request: float = 0.0  # CPU of the router + client per request
     frontend_s_per_token: float = 0.0  # ... and per streamed token (sim/sharing.py)
+    # (step tokens, slowdown beside another worker) knots; set, it replaces the two
+    # factors above (sim/sharing.py `curve_slowdown`)
+    contention_curve: tuple[tuple[int, float], ...] = ()
+    receive_s_per_request: float = 0.0  # decode worker's CPU per hand-over (sim/receive.py)
+    receive_s_per_block: float = 0.0  # ... and per block of its prompt
     created: str = ""
     notes: tuple[str, ...] = ()
     checks: dict[str, Any] = field(default_factory=dict)
@@ -102,6 +107,9 @@ class Profile:
             "compute_contention": self.compute_contention,
             "frontend_s_per_request": self.frontend_s_per_request,
             "frontend_s_per_token": self.frontend_s_per_token,
+            "contention_curve": [list(k) for k in self.contention_curve],
+            "receive_s_per_request": self.receive_s_per_request,
+            "receive_s_per_block": self.receive_s_per_block,
             "ipc_latency_s": self.ipc_latency_s,
             "costs": {str(k): v.to_dict() for k, v in sorted(self.costs.items())},
             "transfer": {k: asdict(v) for k, v in self.transfer.items()},
@@ -124,6 +132,11 @@ class Profile:
             compute_contention=float(data.get("compute_contention", 1.0)),
             frontend_s_per_request=float(data.get("frontend_s_per_request", 0.0)),
             frontend_s_per_token=float(data.get("frontend_s_per_token", 0.0)),
+            contention_curve=tuple(
+                (int(n), float(f)) for n, f in data.get("contention_curve") or ()
+            ),
+            receive_s_per_request=float(data.get("receive_s_per_request", 0.0)),
+            receive_s_per_block=float(data.get("receive_s_per_block", 0.0)),
             created=data.get("created", ""),
             notes=tuple(data.get("notes", ())),
             checks=dict(data.get("checks") or {}),

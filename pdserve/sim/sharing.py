@@ -19,6 +19,13 @@ Three effects, each from a number a profile measures:
   step (`t - min(t, memory_s)`) is also slower while another worker steps, by this
   factor (1.0: not slower). `pdserve profile` fits both factors to the slowdowns of a
   prefill and two decode shapes run alone and beside one another.
+- Contention by step shape (`Profile.contention_curve`): the same runs say the slowdown
+  depends on the step (a 256-token prefill ~1.8x, a one-row decode ~1.2x on the Zen 4
+  host), which two factors over read/compute seconds do not follow. When the profile has
+  the curve — (tokens in the step, slowdown) knots, each the median slowdown measured for
+  that shape — a step of N tokens (a decode run: its rows) beside another stepping worker
+  runs at `1 / curve_slowdown(N)`: linear between knots, flat past the ends. It then
+  replaces the two factors.
 - The front end (`Profile.frontend_s_per_request`, `frontend_s_per_token`): the router
   process and the load generator spend CPU on every request (HTTP, tokenising) and every
   streamed token (detokenising, SSE, parsing) on the same cores. It is one more busy
@@ -30,6 +37,7 @@ and steps at full speed.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 
 from pdserve.sim.steps import Busy
@@ -44,6 +52,16 @@ class FrontEnd:
     memory_s = 0.0  # not a contender for the weights' bandwidth
 
 
+def curve_slowdown(curve: tuple[tuple[int, float], ...], num_tokens: int) -> float:
+    """The slowdown of an N-token step beside another worker (module docstring)."""
+    if num_tokens <= curve[0][0]:
+        return curve[0][1]
+    for (x0, y0), (x1, y1) in itertools.pairwise(curve):
+        if num_tokens <= x1:
+            return y0 + (y1 - y0) * (num_tokens - x0) / (x1 - x0)
+    return curve[-1][1]
+
+
 def speeds(
     steps: Mapping[str, Busy],
     cores: int,
@@ -52,6 +70,7 @@ def speeds(
     *,
     compute_contention: float = 1.0,
     busy_workers: int = 0,
+    curve: tuple[tuple[int, float], ...] = (),
 ) -> dict[str, float]:
     """The speed of each work in progress (module docstring)."""
     demand = background_load + busy_workers + sum(b.worker.threads for b in steps.values())
@@ -61,7 +80,9 @@ def speeds(
     for key, busy in steps.items():
         speed = share
         memory_s = busy.worker.memory_s
-        if memory_s > 0 and num_reading > 1 and (contention != 1.0 or compute_contention != 1.0):
+        if curve and memory_s > 0 and num_reading > 1:
+            speed /= curve_slowdown(curve, busy.tokens)
+        elif memory_s > 0 and num_reading > 1 and (contention != 1.0 or compute_contention != 1.0):
             t = busy.total / len(busy.works)
             m = min(t, memory_s)
             speed *= t / (t + (contention - 1.0) * m + (compute_contention - 1.0) * (t - m))

@@ -20,6 +20,7 @@ class Busy:
     work: object  # SchedulerOutput, or DecodeRun
     works: list[float]  # each step's seconds at full speed
     started: float
+    tokens: int = 0  # tokens of each step (a decode run: its rows), for `contention_curve`
     speed: float = 0.0  # set by `set_speed` before the first end event
     version: int = 0
     done: float = 0.0  # work done by `since`

@@ -7,7 +7,8 @@ worker (queued in arrival order until the pool has room), imports, and the prefi
 stop after the first token (`Request.kv_dest`). Only the model is missing: a step's
 duration comes from the cost model (`StepCost.step_seconds` of the scheduled batch) and
 the sampled token of each row is a made-up id that never stops a request (outputs run to
-`max_tokens`, as with `ignore_eos`).
+`max_tokens`, as with `ignore_eos`). A received hand-over's own CPU (the receive path's
+bookkeeping, `Profile.receive_s_per_*`, sim/receive.py) is added to the next step.
 
 Its KV events come from the block manager through the real `KVEventPublisher`, so the
 router's prefix index (`router/kv_index.py`) is fed exactly as in a deployment.
@@ -84,8 +85,11 @@ class SimWorker:
         max_model_len: int,
         threads: int = 1,
         decode_runs: bool = True,
+        receive_cost: tuple[float, float] = (0.0, 0.0),
     ) -> None:
         self.worker_id = worker_id
+        self.receive_cost = receive_cost  # seconds per hand-over, per its block (sim/receive.py)
+        self._receive_s = 0.0  # owed by the next step
         self.decode_runs = decode_runs
         self.role = role
         self.cost = cost
@@ -143,11 +147,19 @@ class SimWorker:
     def on_kv_done(self, request_id: str, first_token_id: int, is_finished: bool) -> None:
         """`KVDone`: the prompt's KV is in the reserved blocks (always intact here)."""
         request = self.requests[request_id]
+        per_request, per_block = self.receive_cost
+        self._receive_s += per_request + per_block * len(request.block_ids)
         if is_finished:
             self.scheduler.abort_requests([request])
             del self.requests[request_id]
             return
         self.scheduler.finish_import(request, first_token_id, is_intact=True)
+
+    def take_receive_seconds(self) -> float:
+        """The CPU the hand-overs received since the last step cost this worker (the
+        real worker spends it between steps, in its loop pass): the next step carries it."""
+        seconds, self._receive_s = self._receive_s, 0.0
+        return seconds
 
     # ---- steps ---------------------------------------------------------------------------
 
