@@ -23,9 +23,13 @@ Three effects, each from a number a profile measures:
   depends on the step (a 256-token prefill ~1.8x, a one-row decode ~1.2x on the Zen 4
   host), which two factors over read/compute seconds do not follow. When the profile has
   the curve — (tokens in the step, slowdown) knots, each the median slowdown measured for
-  that shape — a step of N tokens (a decode run: its rows) beside another stepping worker
-  runs at `1 / curve_slowdown(N)`: linear between knots, flat past the ends. It then
-  replaces the two factors.
+  that shape beside the same shape — every stepping worker runs at `1 /
+  curve_slowdown(N)`, N the tokens of the largest step in progress (a decode run: its
+  rows): linear between knots, flat past the ends. It then replaces the two factors.
+  The profile times each shape only beside itself, so whether a decode beside a prefill
+  slows like the decode or like the prefill is not measured; re-simulating the evening's
+  16 real runs, the larger step's slowdown for both (3 cells meet both goals) beat each
+  step's own (1 cell) — docs/benchmarks.md.
 - The front end (`Profile.frontend_s_per_request`, `frontend_s_per_token`): the router
   process and the load generator spend CPU on every request (HTTP, tokenising) and every
   streamed token (detokenising, SSE, parsing) on the same cores. It is one more busy
@@ -76,12 +80,13 @@ def speeds(
     demand = background_load + busy_workers + sum(b.worker.threads for b in steps.values())
     share = min(1.0, cores / demand) if demand > 0 else 1.0
     num_reading = busy_workers + sum(1 for b in steps.values() if b.worker.memory_s > 0)
+    largest = max((b.tokens for b in steps.values() if b.worker.memory_s > 0), default=0)
     out = {}
     for key, busy in steps.items():
         speed = share
         memory_s = busy.worker.memory_s
         if curve and memory_s > 0 and num_reading > 1:
-            speed /= curve_slowdown(curve, busy.tokens)
+            speed /= curve_slowdown(curve, max(busy.tokens, largest))
         elif memory_s > 0 and num_reading > 1 and (contention != 1.0 or compute_contention != 1.0):
             t = busy.total / len(busy.works)
             m = min(t, memory_s)

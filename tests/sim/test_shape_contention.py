@@ -38,14 +38,18 @@ def test_curve_slowdown_is_linear_between_knots_and_flat_outside():
     assert curve_slowdown(CURVE, 5000) == 2.0
 
 
-def test_speeds_follow_the_curve_by_each_steps_tokens():
+def test_speeds_follow_the_curve_at_the_largest_steps_tokens():
     steps = {
         "prefill": Busy(Reader(), None, [0.020], 0.0, tokens=101),
         "decode": Busy(Reader(), None, [0.010], 0.0, tokens=1),
     }
-    # The curve replaces both factors (contention 3.0 would give other speeds).
+    # The curve replaces both factors (contention 3.0 would give other speeds); the
+    # larger step (101 tokens) sets the slowdown of both.
     got = speeds(steps, cores=2, background_load=0.0, contention=3.0, curve=CURVE)
-    assert got == {"prefill": 1 / 2.0, "decode": 1 / 1.5}
+    assert got == {"prefill": 1 / 2.0, "decode": 1 / 2.0}
+    decodes = {"a": steps["decode"], "b": Busy(Reader(), None, [0.010], 0.0, tokens=51)}
+    got = speeds(decodes, cores=2, background_load=0.0, contention=3.0, curve=CURVE)
+    assert got == {"a": 1 / 1.75, "b": 1 / 1.75}
     alone = {"prefill": steps["prefill"]}
     assert speeds(alone, cores=2, background_load=0.0, contention=3.0, curve=CURVE) == {
         "prefill": 1.0
