@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     serve = commands.add_parser("serve", help="start the OpenAI-compatible server")
-    from pdserve.serve_config import add_serve_args
+    from pdserve.serve_flags import add_serve_args
 
     add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)

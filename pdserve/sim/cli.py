@@ -93,7 +93,7 @@ def add_sim_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_layout_args(parser: argparse.ArgumentParser) -> None:
-    from pdserve.serve_config import ENGINE_FLAGS, SERVE_FLAGS
+    from pdserve.serve_flags import ENGINE_FLAGS, SERVE_FLAGS
 
     group = parser.add_argument_group("layout (as pdserve serve)")
     group.add_argument("--config", default=None, help="pdserve serve YAML")
