@@ -122,11 +122,16 @@ def merge_fastest(profiles: list[Profile]) -> Profile:
         compute_contention=min(k for _, k in map(_contention_of, profiles)),
         contention_curve=fit_contention_curve([p.checks.get("contention") for p in profiles])
         or profiles[0].contention_curve,
-        receive_s_per_request=min(p.receive_s_per_request for p in profiles),
-        receive_s_per_block=min(p.receive_s_per_block for p in profiles),
+        receive_s_per_request=_smallest_measured(p.receive_s_per_request for p in profiles),
+        receive_s_per_block=_smallest_measured(p.receive_s_per_block for p in profiles),
         notes=(f"the fastest of {len(profiles)} measured profiles, shape by shape, refitted",),
         checks=checks | {"runs": runs, "merged_from": [p.created for p in profiles]},
     )
+
+
+def _smallest_measured(values) -> float:
+    """The smallest of the values a profile measured (0.0: older profiles did not)."""
+    return min((v for v in values if v > 0), default=0.0)
 
 
 def _contention_of(profile: Profile) -> tuple[float, float]:

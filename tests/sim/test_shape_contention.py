@@ -124,3 +124,23 @@ def test_fit_line_and_the_quick_receive_timing():
     assert [x for x, _ in details["blocks_seconds"]] == [1.0, 32.0]
     assert per_request >= 0.0 and per_block >= 0.0
     assert all(seconds > 0 for _, seconds in details["blocks_seconds"])
+
+
+def test_merge_pools_the_curve_and_keeps_the_smallest_measured_receive_cost():
+    from pdserve.sim.measure import merge_fastest
+
+    alone = [{"kind": "decode", "num_decodes": 1, "prefill_tokens": 0, "seconds": 0.01}]
+
+    def measured(slowdowns: list[float], per_request: float) -> Profile:
+        checks = {"runs": {}, "contention": {"alone": alone, "slowdowns": slowdowns}}
+        return dataclasses.replace(
+            make_profile(),
+            checks=checks,
+            receive_s_per_request=per_request,
+            receive_s_per_block=per_request / 4,
+        )
+
+    old = dataclasses.replace(measured([1.9], 0.0), checks={"runs": {}})  # measured neither
+    merged = merge_fastest([measured([1.2, 1.4], 8e-6), measured([1.3], 6e-6), old])
+    assert merged.contention_curve == ((1, 1.3),)  # median of 1.2, 1.4, 1.3
+    assert (merged.receive_s_per_request, merged.receive_s_per_block) == (6e-6, 1.5e-6)
