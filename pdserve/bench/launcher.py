@@ -61,6 +61,7 @@ class ServeProcess:
             yaml.safe_dump(settings, f, sort_keys=False)
         self.config_path = Path(name)
         self.lines: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self.log_path = log_path
         self._log = open(log_path, "w", encoding="utf-8") if log_path else None  # noqa: SIM115
         self._ready = threading.Event()
         self._seen: set[ProcId] = set()
@@ -106,6 +107,14 @@ class ServeProcess:
                 return False
         self._remember_descendants()
         return True
+
+    def start_error(self, timeout_s: float) -> str | None:
+        """`wait_ready`, but None once ready, or why not: exited (with its code) or too slow."""
+        if self.wait_ready(timeout_s):
+            return None
+        code = self.proc.poll()
+        how = f"exited with code {code}" if code is not None else "was not ready in time"
+        return f"server {how} (log: {self.log_path})"
 
     def is_running(self) -> bool:
         return self.proc.poll() is None

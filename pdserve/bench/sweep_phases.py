@@ -69,10 +69,9 @@ def _run_one(
     started = time.monotonic()
     proc = ServeProcess(server.settings, log_path)
     try:
-        if not proc.wait_ready(spec.search.ready_timeout_s):
-            code = proc.proc.poll()
-            how = f"exited with code {code}" if code is not None else "was not ready in time"
-            return _failed(result, proc, f"server {how} (log: {log_path})")
+        error = proc.start_error(spec.search.ready_timeout_s)
+        if error is not None:
+            return _failed(result, proc, error)
         result.startup_s = time.monotonic() - started
         try:
             result.phases = run_trace(proc.url, spec)
