@@ -4,7 +4,9 @@ whose every chunk is recorded, worker pids by id, and the router's migration cou
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -98,6 +100,20 @@ def wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None:
 def worker_pid(server: ServerProcess, worker_id: str) -> int:
     (pid,) = server.worker_pids(worker_id)
     return pid
+
+
+def freeze_holding(server: ServerProcess, worker_id: str, pid: int, settle_s: float = 0.3) -> bool:
+    """SIGSTOP `pid` (the process of `worker_id`); True if, once the router has read what
+    the worker sent before it stopped, the worker still holds requests: they cannot finish
+    now, so killing it must migrate them. False (and SIGCONT) if it had already finished
+    them: a kill timed by "the router said it holds some" alone can land after the last
+    one left, which moves nothing (a flake, not a fault)."""
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(settle_s)
+    if workers(server).get(worker_id, {}).get("num_requests", 0) > 0:
+        return True
+    os.kill(pid, signal.SIGCONT)
+    return False
 
 
 def admin(server: ServerProcess, method: str, path: str, **kwargs) -> httpx.Response:

@@ -17,6 +17,7 @@ from tests.serving.faults import (
     ADMIN_KEY,
     admin,
     counter,
+    freeze_holding,
     prompts,
     run_streams,
     wait_for,
@@ -59,10 +60,22 @@ def assert_all_exact(streams, expected: list[str], n: int = 1) -> None:
         assert stream.text == text
 
 
-def kill_under_load(server, victim: str, texts: list[str], when, **params) -> list:
+def kill_under_load(server, victim, texts: list[str], when, **params) -> list:
+    """Start the streams; once `when(streams)` holds, kill -9 the worker `victim()` names
+    while it provably holds requests (frozen first: see freeze_holding)."""
     streams, threads = run_streams(server.url, texts, MAX_TOKENS, **params)
-    wait_for(lambda: when(streams), what="the streams to reach the kill point")
-    os.kill(worker_pid(server, victim() if callable(victim) else victim), signal.SIGKILL)
+
+    def frozen_holding() -> bool:
+        if not when(streams):
+            return False
+        worker = victim() if callable(victim) else victim
+        pid = worker_pid(server, worker)
+        if not freeze_holding(server, worker, pid):
+            return False
+        os.kill(pid, signal.SIGKILL)
+        return True
+
+    wait_for(frozen_holding, what="the streams to reach the kill point")
     for t in threads:
         t.join(120)
     return streams
@@ -101,7 +114,7 @@ def busiest(server: ServerProcess, role: str) -> str | None:
 def test_kill_9_loses_no_request(builtin_model_dir, layout, role, moment):
     server = ServerProcess(*layout, *COMMON)
     try:
-        texts = prompts(8, words=60 if moment == "arrived" else 30)
+        texts = prompts(8, words=150 if moment == "arrived" else 30)
         expected = reference(server, texts)
         before = counter(server, "pdserve:request_migrations_total")
         victim = []

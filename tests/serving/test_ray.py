@@ -29,7 +29,15 @@ from pdserve.control.worker_spec import WorkerSpec, read_spec
 from pdserve.ipc.security import load_key_file
 from pdserve.llm import LLM
 from pdserve.sampling_params import SamplingParams
-from tests.serving.faults import admin, counter, prompts, run_streams, wait_for, workers
+from tests.serving.faults import (
+    admin,
+    counter,
+    freeze_holding,
+    prompts,
+    run_streams,
+    wait_for,
+    workers,
+)
 from tests.serving.ray_helpers import (
     MAX_TOKENS,
     PLACED_BY_RESOURCE,
@@ -326,11 +334,18 @@ def test_scale_out_and_in_go_through_the_ray_launcher(ray_cluster, server):
     wait_for(lambda: not shm_pools(pid), 30, "the removed worker's pool to go")
 
 
+def frozen(server, worker_id: str, pid: int) -> None:
+    """Stop the worker's process while it holds requests, so the death that follows must
+    move some (a kill that lands after the last stream finished moves none)."""
+    assert freeze_holding(server, worker_id, pid), f"{worker_id} finished before the kill"
+
+
 def test_a_killed_worker_actor_loses_no_request_and_comes_back(ray_cluster, server, expected):
     before = counter(server, "pdserve:request_migrations_total")
     old = ray.get(actor_of("decode-0").info.remote(), timeout=60)
     streams, threads = run_streams(server.url, list(expected), MAX_TOKENS)
     wait_for(lambda: decoding(streams), 120, "every stream decoding")
+    frozen(server, "decode-0", old["pid"])
     ray.kill(actor_of("decode-0"))
     finish(threads)
     assert_exact(streams, expected)
@@ -347,8 +362,10 @@ def test_a_killed_worker_actor_loses_no_request_and_comes_back(ray_cluster, serv
 def test_a_lost_nodes_worker_is_recreated_on_a_node_with_room(ray_cluster, server, expected):
     spare = ray_cluster.add_node(num_cpus=2, resources={"decode_node": 1})
     before = counter(server, "pdserve:request_migrations_total")
+    pid = ray.get(actor_of("decode-0").info.remote(), timeout=60)["pid"]
     streams, threads = run_streams(server.url, list(expected), MAX_TOKENS)
     wait_for(lambda: decoding(streams), 120, "every stream decoding")
+    frozen(server, "decode-0", pid)
     ray_cluster.remove_node(ray_cluster.decode_node, allow_graceful=False)
     ray_cluster.decode_node = spare
     finish(threads)
