@@ -85,8 +85,17 @@ def process_cpu_s(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def burst(port: int, n: int, request: bytes, connect: str = "before", pid: int | None = None):
-    """Send `n` copies of `request` at once; returns the summary dict (see `summarise`)."""
+def burst(
+    port: int,
+    n: int,
+    request: bytes,
+    connect: str = "before",
+    pid: int | None = None,
+    keep: list | None = None,
+):
+    """Send `n` copies of `request` at once; returns the summary dict (see `summarise`).
+    `keep`: a list that receives (client port, sent, done, status) per connection, the
+    times from `time.perf_counter` (CLOCK_MONOTONIC: comparable with the server's)."""
     poller = select.epoll(sizehint=n)
     conns: dict[int, Conn] = {}
     if connect == "before":
@@ -117,6 +126,8 @@ def burst(port: int, n: int, request: bytes, connect: str = "before", pid: int |
     server1 = process_cpu_s(pid)
     server_s = server1 - server0 if server0 is not None and server1 is not None else None
     for conn in conns.values():
+        if keep is not None:
+            keep.append((conn.sock.getsockname()[1], conn.sent, conn.done, conn.status))
         conn.sock.close()
     return summarise(list(conns.values()), client_s, server_s, wall_s)
 

@@ -1,16 +1,29 @@
-"""Refusals at once: the HTTP protocol's fast path against the ASGI path, side by side.
+"""Refusals at once: where a burst's time goes, and the router's set-up before vs after.
 
-The router's app (`build_app`, the real gateway with `max_queued_requests 1`) on uvicorn
-and uvloop, as `pdserve serve` runs it, in a child process, with an engine that never
-answers (the test suite's scripted fake: no worker shares the cores), one request parked
-so the queue is full. Each protocol in turn (`fast`: `gateway/fast_http.py`, what
-`pdserve serve` uses; `asgi`: uvicorn's plain httptools protocol, the edge in ASGI)
-takes raw-socket bursts (`raw_burst.py`) of N requests written at once, on connections
-opened beforehand and on connections opened at burst time. Each refusal's latency runs
-from the client's write of *that* request's bytes to the last byte of its answer; the
-CPU each side spent per request comes from getrusage (client) and /proc (server).
+The router's app (`build_app`, the real gateway, `max_queued_requests 1` with one request
+admitted so the queue is full) on uvicorn and uvloop in a child process, with an engine
+that never answers (the test suite's scripted fake: no worker shares the cores). Variants,
+each its own child, all started at once and measured in turn (burst by burst, so load on
+the shared host drifts over all of them alike):
 
-    python benchmarks/refusal_path.py [--at-once 500,1000,2000] [--repeats 3]
+- `before`: as `pdserve serve` ran it up to commit 60e102f: the HTTP protocol's fast path
+  (`gateway/fast_http.py`), uvicorn's default backlog of 2048, the collector untouched.
+- `after`: as `pdserve serve` runs it now: the same protocol, `ServeConfig.backlog`, and
+  the start-up objects frozen out of the collector (`router/heap.py`).
+- `asgi`: uvicorn's plain httptools protocol (the edge in ASGI), the `before` set-up.
+
+Bursts (`raw_burst.py`) of N requests written at once, on connections opened beforehand
+(`before`) or at burst time (`during`, so the accept is included). Per refusal, times on
+one clock (CLOCK_MONOTONIC in both processes): the client's write of that request, the
+server's first read of it and its write of the 429 (an instrumented protocol subclass,
+~1 us a request), the client's read of the last byte. So the client's latency splits
+into the wait for the server (`server p99`: write of the 429 - client's write) and the
+client's own lag. Also per burst: time in the server's garbage collector, its CPU per
+request (from /proc), the client's CPU per request, and the kernel's listen-queue
+overflows (`ListenOverflows`: each is a SYN dropped and retried after 1 s).
+
+    python benchmarks/refusal_path.py [--at-once 500,1000,2000,4000] [--repeats 3]
+        [--variants before,after]
 """
 
 from __future__ import annotations
@@ -18,20 +31,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import common
 import raw_burst
 
 BODY = json.dumps({"prompt": [5] * 256, "max_tokens": 32, "stream": True}).encode()
+BEFORE_BACKLOG = 2048  # uvicorn's default, pdserve's until this change
+VARIANTS = ("before", "after", "asgi")
 
 
-def serve(protocol: str, port: int) -> None:
-    """The child: the app on 127.0.0.1:port until killed."""
+# ----------------------------------------------------------------------------- the child
+
+
+def serve(variant: str, port: int, dump: str) -> None:
+    """The child: the app on 127.0.0.1:port until killed; SIGUSR1 writes what it timed
+    since the last SIGUSR1 to `dump`."""
+    import asyncio
+    import gc
+
     import uvicorn
     import uvloop
 
@@ -39,38 +64,114 @@ def serve(protocol: str, port: int) -> None:
     from pdserve.router.app import build_app
     from pdserve.router.gateway import GatewayConfig
     from pdserve.router.gateway.fast_http import fast_refusal_protocol
+    from pdserve.router.heap import freeze_startup_objects
+    from pdserve.serve_config import ServeConfig
     from pdserve.tokenizer import Tokenizer
     from tests.router.fakes import ScriptedEngineClient
 
     tokenizer = Tokenizer.from_pretrained(ensure_builtin_model(progress=False))
-    client = ScriptedEngineClient(tokenizer, [], hang=True)
-    app = build_app(client, gateway=GatewayConfig(max_queued_requests=1))
-    http = fast_refusal_protocol(app.edge) if protocol == "fast" else "httptools"
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, http=http, lifespan="off", log_level="warning"
+    app = build_app(
+        ScriptedEngineClient(tokenizer, [], hang=True),
+        gateway=GatewayConfig(max_queued_requests=1),
     )
-    config.backlog = 4096
-    uvloop.run(uvicorn.Server(config).serve())
+    app.edge.gateway.admission.admit("parked", 256)  # the queue is full from here on
+    base = fast_refusal_protocol(app.edge) if variant != "asgi" else None
+    backlog = ServeConfig().backlog if variant == "after" else BEFORE_BACKLOG
+    if variant == "after":
+        freeze_startup_objects()
+    timed, gc_time = timed_protocol(base), collector_timer(gc)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, http=timed, lifespan="off", log_level="warning"
+    )
+    config.backlog = backlog
+
+    def write_dump() -> None:
+        Path(dump).write_text(json.dumps({"refused": timed.records, **gc_time}))
+        timed.records.clear()
+        gc_time.update(gc_s=0.0, collections=[0, 0, 0])
+
+    async def main() -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, write_dump)
+        await uvicorn.Server(config).serve()
+
+    uvloop.run(main())
 
 
-def start(protocol: str) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    cmd = [sys.executable, __file__, "--serve", protocol, "--port", str(port)]
-    env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT)}
-    proc = subprocess.Popen(cmd, env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            park = socket.create_connection(("127.0.0.1", port))
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        raise RuntimeError(f"{protocol} server did not start")
-    park.sendall(raw_burst.request_bytes("/v1/completions", BODY))  # fills the queue
-    time.sleep(1.0)
-    proc.parked = park  # type: ignore[attr-defined]
-    return proc, port
+def timed_protocol(base):
+    """`base` (None: uvicorn's httptools protocol) recording, per refusal, (client port,
+    first read, write of the answer) on `perf_counter`."""
+    from time import perf_counter
+    from typing import ClassVar
+
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class Timed(base or HttpToolsProtocol):
+        records: ClassVar[list] = []
+        read_at: float | None = None
+
+        def data_received(self, data: bytes) -> None:
+            if self.read_at is None:
+                self.read_at = perf_counter()
+            super().data_received(data)
+
+        def on_response_complete(self) -> None:  # after the 429's bytes went to the transport
+            super().on_response_complete()
+            self.records.append((self.client[1], self.read_at, perf_counter()))
+            self.read_at = None
+
+    return Timed
+
+
+def collector_timer(gc) -> dict:
+    """Time spent in the garbage collector, by `gc.callbacks`."""
+    from time import perf_counter
+
+    state = {"gc_s": 0.0, "collections": [0, 0, 0], "start": 0.0}
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            state["start"] = perf_counter()
+        else:
+            state["gc_s"] += perf_counter() - state["start"]
+            state["collections"][info["generation"]] += 1
+
+    gc.callbacks.append(on_gc)
+    return state
+
+
+# ----------------------------------------------------------------------------- the client
+
+
+class Server:
+    def __init__(self, variant: str, workdir: str) -> None:
+        self.variant, self.port = variant, free_port()
+        self.dump = os.path.join(workdir, f"{variant}.json")
+        cmd = [sys.executable, __file__, "--serve", variant, "--port", str(self.port)]
+        env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT)}
+        self.proc = subprocess.Popen([*cmd, "--dump", self.dump], env=env)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port)).close()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"{self.variant} server did not start")
+
+    def take_dump(self) -> dict:
+        os.unlink(self.dump) if os.path.exists(self.dump) else None
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.dump) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.1)  # written in one go, but let the write finish
+        return json.loads(Path(self.dump).read_text())
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
 def free_port() -> int:
@@ -79,72 +180,110 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(protocol: str, sizes: list[int], repeats: int) -> list[dict]:
-    proc, port = start(protocol)
+def listen_overflows() -> int:
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=True):
+        fields = dict(zip(names.split()[1:], values.split()[1:], strict=True))
+        if "ListenOverflows" in fields:
+            return int(fields["ListenOverflows"])
+    return 0
+
+
+def one_burst(server: Server, n: int, connect: str) -> dict:
     request = raw_burst.request_bytes("/v1/completions", BODY)
-    rows = []
-    try:
-        raw_burst.burst(port, 200, request, "before", proc.pid)  # warm-up
-        for n in sizes:
-            for connect in ("before", "during"):
-                runs = [
-                    raw_burst.burst(port, n, request, connect, proc.pid) for _ in range(repeats)
-                ]
-                rows.append({"protocol": protocol, "n": n, "connect": connect, **median(runs)})
-                time.sleep(0.5)
-    finally:
-        proc.kill()
-        proc.wait()
+    server.take_dump()  # start the server's records afresh
+    overflows0, kept = listen_overflows(), []
+    row = raw_burst.burst(server.port, n, request, connect, server.proc.pid, keep=kept)
+    row["listen_overflows"] = listen_overflows() - overflows0
+    dump = server.take_dump()
+    written = {port: wrote for port, _read, wrote in dump["refused"]}
+    server_ms = sorted(
+        (written[port] - sent) * 1000
+        for port, sent, done, status in kept
+        if status in raw_burst.REFUSALS and port in written
+    )
+    row["server_p50_ms"], row["server_p99_ms"] = pct(server_ms, 50), pct(server_ms, 99)
+    row["gc_ms"], row["collections"] = dump["gc_s"] * 1000, dump["collections"]
+    return row
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+
+
+def measure(variants: list[str], sizes: list[int], repeats: int) -> list[dict]:
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as workdir:
+        servers = [Server(v, workdir) for v in variants]
+        try:
+            for server in servers:
+                server.wait_ready()
+                raw_burst.burst(server.port, 200, raw_burst.request_bytes("/v1/completions", BODY))
+            for n in sizes:
+                for connect in ("before", "during"):
+                    runs: dict[str, list[dict]] = {v: [] for v in variants}
+                    for _ in range(repeats):
+                        for server in servers:  # interleaved: drift hits every variant
+                            runs[server.variant].append(one_burst(server, n, connect))
+                            time.sleep(0.3)
+                    for v in variants:
+                        rows.append({"variant": v, "n": n, "connect": connect, **median(runs[v])})
+        finally:
+            for server in servers:
+                server.stop()
     return rows
 
 
 def median(runs: list[dict]) -> dict:
     keys = [k for k, v in runs[0].items() if isinstance(v, (int, float))]
-    out = {k: statistics.median(r[k] for r in runs if r[k] is not None) for k in keys}
+    out = {}
+    for k in keys:
+        values = [r[k] for r in runs if r[k] is not None]
+        out[k] = statistics.median(values) if values else None
     statuses: dict[str, int] = {}
     for r in runs:
         for status, count in r["statuses"].items():
             statuses[str(status)] = statuses.get(str(status), 0) + count
-    return {**out, "statuses": statuses}
+    return {**out, "statuses": statuses, "runs": runs}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--at-once", default="500,1000,2000")
+    p.add_argument("--at-once", default="500,1000,2000,4000")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", default="before,after")
     p.add_argument("--json-out")
-    p.add_argument("--serve", help=argparse.SUPPRESS)
+    p.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--dump", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve:
-        serve(args.serve, args.port)
+        serve(args.serve, args.port, args.dump)
         return
     sizes = [int(n) for n in args.at_once.split(",")]
+    variants = args.variants.split(",")
     load0 = common.machine_load()
-    rows = measure("fast", sizes, args.repeats) + measure("asgi", sizes, args.repeats)
+    rows = measure(variants, sizes, args.repeats)
     common.print_header(
-        "Refusals at once: fast path vs ASGI",
+        "Refusals at once: before vs after",
         {"hardware": common.hardware_info(), "load": {"before": load0}},
     )
-    headers = ["protocol", "N", "connect", "p50 ms", "p99 ms", "max ms", "server us/req"]
-    headers += ["client us/req", "statuses"]
-    table = [
-        [
-            r["protocol"],
-            r["n"],
-            r["connect"],
-            r["refused_p50_ms"],
-            r["refused_p99_ms"],
-            r["refused_max_ms"],
-            r["server_cpu_us_per_request"],
-            r["client_cpu_us_per_request"],
-            r["statuses"],
-        ]
-        for r in rows
-    ]
-    print(common.format_table(headers, table))
+    print(common.format_table(*table(rows)))
     print(f"load average after: {common.machine_load():.2f}")
     common.write_json(args.json_out, {"rows": rows})
+
+
+def table(rows: list[dict]) -> tuple[list[str], list[list]]:
+    headers = ["variant", "N", "connect", "client p50 ms", "client p99 ms", "server p50 ms"]
+    headers += ["server p99 ms", "GC ms", "listen overflows", "server us/req", "client us/req"]
+    headers += ["statuses"]
+    keys = ["variant", "n", "connect", "refused_p50_ms", "refused_p99_ms", "server_p50_ms"]
+    keys += ["server_p99_ms", "gc_ms", "listen_overflows", "server_cpu_us_per_request"]
+    keys += ["client_cpu_us_per_request", "statuses"]
+    body = [[r[k] for k in keys] for r in rows]
+    return headers, body
 
 
 if __name__ == "__main__":

@@ -157,6 +157,7 @@ async def serve_router(
     from pdserve.router.app import build_app
     from pdserve.router.cluster import ClusterClient
     from pdserve.router.gateway.fast_http import fast_refusal_protocol
+    from pdserve.router.heap import freeze_startup_objects
     from pdserve.router.metrics import RouterMetrics
 
     counts = config.worker_counts()
@@ -175,6 +176,7 @@ async def serve_router(
     client.elastic.drain_timeout_s = config.role_switch_drain_s
     await client.start()
     app = build_app(client, client.metrics, gateway=config.gateway(), admin_key=config.admin_key)
+    freeze_startup_objects()  # full collections stalled bursts for 0.1-0.8 s (router/heap.py)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

@@ -114,7 +114,7 @@ class ServeConfig:
     max_queued_requests: int | None = None
     request_timeout_s: float | None = None
     limit_concurrency: int | None = None  # generation requests in flight; past it 503
-    backlog: int = 2048  # uvicorn: pending TCP connections
+    backlog: int = 4096  # pending TCP connections (the kernel caps it at net.core.somaxconn)
     engine: EngineConfig = field(default_factory=EngineConfig)
     # Per-role overrides merged over `engine` (partial mappings; `engine_for`).
     engine_prefill: dict[str, Any] = field(default_factory=dict)

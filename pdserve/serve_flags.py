@@ -76,7 +76,7 @@ SERVE_FLAGS = {
     "max_queued_requests": (int, "429 past this many requests waiting for a first token"),
     "request_timeout_s": (float, "abort requests running longer (default: none)"),
     "limit_concurrency": (int, "most generation requests in flight; 503 past it"),
-    "backlog": (int, "uvicorn: pending TCP connections (default 2048)"),
+    "backlog": (int, "pending TCP connections (default 4096; capped by somaxconn)"),
 }
 SECURITY_FLAGS = ("cluster_key_file", "insecure_no_curve")
 ENGINE_FLAGS = {

@@ -22,6 +22,8 @@ Only predictions of a fitted model count (not of the prior, whose errors say not
 about the fit), and only those of the last `RATIO_MAX_AGE_S` seconds: a correction
 learned under one load must not keep refusing requests once it has passed (refusing
 leaves fewer first tokens to learn from).
+Requests still queued count too, as lower bounds: one waiting 1.5x its prediction already
+says the host is slower now than the measured ratios know (`Admission.overdue`).
 
 Decisions, in order, when a request arrives:
 1. `max_queued_requests` reached: the newest queued request of the numerically highest
@@ -201,15 +203,35 @@ class Admission:
 
     @property
     def correction(self) -> float:
-        """How much longer than the fit's predictions TTFTs have lately been (a high
-        quantile, so that most accepted requests meet the target); 1 until measured."""
+        """How much longer than the fit's predictions TTFTs are lately: a high quantile
+        of the measured ratios (so that most accepted requests meet the target), 1 until
+        measured, raised to what a request still queued already shows (`overdue`)."""
         now = self.clock()
         while self._ratios and now - self._ratios[0][0] > RATIO_MAX_AGE_S:
             self._ratios.popleft()
-        if len(self._ratios) < MIN_RATIOS:
-            return 1.0
-        ordered = sorted(ratio for _, ratio in self._ratios)
-        return ordered[min(len(ordered) - 1, int(RATIO_QUANTILE * len(ordered)))]
+        measured = 1.0
+        if len(self._ratios) >= MIN_RATIOS:
+            ordered = sorted(ratio for _, ratio in self._ratios)
+            measured = ordered[min(len(ordered) - 1, int(RATIO_QUANTILE * len(ordered)))]
+        return max(measured, self.overdue(now))
+
+    def overdue(self, now: float) -> float:
+        """The largest elapsed / predicted of the oldest queued request of each priority
+        (fitted predictions, admitted within `RATIO_MAX_AGE_S`), or 0.
+
+        Why: a TTFT is measured only once it has passed, so when the host slows down
+        (other work takes its cores) the measured ratios learn it one TTFT late, and
+        requests admitted meanwhile miss the target. A request still waiting longer than
+        predicted is evidence now: its ratio will be at least elapsed / predicted. The
+        oldest of each priority is checked (O(priorities) per decision: a burst's
+        refusals pay it each)."""
+        worst = 0.0
+        for queue in self._queued.values():
+            oldest = next(iter(queue.values()))
+            elapsed = now - oldest.admitted_at
+            if oldest.predicted_s and elapsed <= RATIO_MAX_AGE_S:
+                worst = max(worst, elapsed / oldest.predicted_s)
+        return worst
 
     def release(self, ticket: Ticket) -> None:
         """The request ended (any way); idempotent."""

@@ -191,3 +191,30 @@ def test_the_correction_forgets_old_ratios_and_ignores_the_prior():
     assert admission.correction == pytest.approx(1.5)
     clock.now += 31  # that load has passed
     assert admission.correction == 1.0
+
+
+def test_a_request_still_waiting_past_its_prediction_raises_the_correction_at_once():
+    clock = Clock()
+    admission = make(clock, admission_ttft_ms=1000)
+    admission.model = fitted_model()
+    first = admission.admit("a", 300)  # alone; predicted 0.3 s
+    assert admission.refuse_early(0, 300) is None  # 600 tokens: 0.6 s fits the 1 s target
+    clock.now += 0.6  # no TTFT measured yet, but "a" has waited 2x its prediction
+    assert admission.correction == pytest.approx(2.0)
+    refused = admission.refuse_early(0, 300)
+    assert refused is not None and "predicted 1200 ms" in str(refused)
+    admission.started(first)  # measured at 2x: one ratio, under MIN_RATIOS
+    assert admission.correction == 1.0
+    assert admission.refuse_early(0, 300) is None
+
+
+def test_waiting_requests_count_only_with_a_fitted_prediction_and_for_30_s():
+    clock = Clock()
+    admission = make(clock, admission_ttft_ms=1000, admission_prefill_tokens_per_s=1000)
+    admission.admit("prior", 300, priority=1)  # predicted by the prior: says nothing
+    admission.model = fitted_model()
+    admission.admit("fitted", 300, priority=0)  # the other is not ahead of it
+    clock.now += 0.9
+    assert admission.correction == pytest.approx(3.0)  # 0.9 / 0.3, the fitted one only
+    clock.now += 30  # older than the measured ratios are kept: no longer evidence
+    assert admission.correction == 1.0
