@@ -11,10 +11,11 @@ once beforehand, so both calls find them in the prefix cache and their (tiny) pr
 cancels out. Batches of 16 and 32 use the same method.
 
 `--variants` measures several pdserve builds side by side in one run, in turns: a variant is
-`BACKEND` or `BACKEND@ISA`, BACKEND a `PDSERVE_CPU_BLAS` value (`auto`: the gemv kernel for
-decode-sized products; `onednn-openblas`: the default before it) and ISA a
+`BACKEND[@ISA][:unfused]`, BACKEND a `PDSERVE_CPU_BLAS` value (`auto`: the gemv kernel for
+decode-sized products; `onednn-openblas`: the default before it), ISA a
 `PDSERVE_KERNELS_ISA` value (`avx2`: the C kernels built without AVX-512, i.e. the AVX2 path
-on an AVX-512 host; it is labelled so in the table).
+on an AVX-512 host; it is labelled so in the table), and `:unfused` sets
+`PDSERVE_FUSED_DECODE=0` (decode steps layer by layer through PyTorch, not one C call).
 
 llama.cpp runs on the same model folder converted to GGUF at the same dtype, with its
 default f16 KV cache (measured here: an f32 cache takes a slow flash-attention path, 3x
@@ -165,11 +166,21 @@ def decode_steps_for(batch: int, args: argparse.Namespace) -> int:
     return args.decode_steps if batch == 1 else args.batch_decode_steps
 
 
+def parse_variant(variant: str) -> tuple[str, str, bool]:
+    """`BACKEND[@ISA][:unfused]` -> (backend, isa or "", fused)."""
+    base, _, mode = variant.partition(":")
+    if mode not in ("", "unfused"):
+        raise SystemExit(f"variant {variant!r}: the only mode is ':unfused'")
+    backend, _, isa = base.partition("@")
+    return backend, isa, mode != "unfused"
+
+
 @contextlib.contextmanager
 def variant_env(variant: str):
-    """Environment of one `BACKEND[@ISA]` variant while its engine is built."""
-    backend, _, isa = variant.partition("@")
+    """Environment of one `BACKEND[@ISA][:unfused]` variant while its engine is built."""
+    backend, isa, fused = parse_variant(variant)
     values = {"PDSERVE_CPU_BLAS": backend, "PDSERVE_KERNELS_ISA": isa or "native"}
+    values["PDSERVE_FUSED_DECODE"] = "1" if fused else "0"
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -183,8 +194,9 @@ def variant_env(variant: str):
 
 
 def variant_label(variant: str) -> str:
-    backend, _, isa = variant.partition("@")
-    return backend + (f" ({isa.upper()} path on this host)" if isa else "")
+    backend, isa, fused = parse_variant(variant)
+    label = backend + (f" ({isa.upper()} path on this host)" if isa else "")
+    return label + ("" if fused else ", layer by layer")
 
 
 def measure_pdserve(
@@ -194,8 +206,8 @@ def measure_pdserve(
     live in this process together and are measured in turns, `--rounds` times (best of
     rounds); one ISA's group finishes before the next loads its kernel library."""
     steps: dict[str, dict[int, float]] = {}
-    for isa in dict.fromkeys(v.partition("@")[2] for v in args.variants):
-        group = [v for v in args.variants if v.partition("@")[2] == isa]
+    for isa in dict.fromkeys(parse_variant(v)[1] for v in args.variants):
+        group = [v for v in args.variants if parse_variant(v)[1] == isa]
         steps |= _measure_group(model_dir, dtype, group, args)
     return steps
 
@@ -418,7 +430,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--variants",
         default="auto",
         type=lambda s: s.split(","),
-        help="pdserve builds side by side: BACKEND[@ISA], e.g. onednn-openblas,auto,auto@avx2",
+        help="pdserve builds side by side: BACKEND[@ISA][:unfused], e.g. auto:unfused,auto,auto@avx2",
     )
     p.add_argument("--rounds", type=int, default=1, help="turns over the variants (best of)")
     p.add_argument(

@@ -36,6 +36,7 @@ from pdserve.model.attention import (
     paged_attention_output_rows,
     write_kv,
 )
+from pdserve.model.kernels.decode_step import FusedDecode
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # keys, values: [num_blocks, block_size, Hkv, D]
 RopeTables = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [T, 1, D/2]
@@ -233,6 +234,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head_mm: cpu_blas.CpuMatmul | None = None  # set by `finish_loading`
         # dtype of activations: the weights' own, or float32 for 16-bit weights on CPU
         self.compute_dtype = dtype
+        # pure-decode steps as one C call (`kernels/decode_step.py`), set by `finish_loading`
+        self.fused_decode: FusedDecode | None = None
 
     @torch.inference_mode()
     def forward(
@@ -253,6 +256,10 @@ class LlamaForCausalLM(nn.Module):
         `after_layer(i)` runs once layer i has written this step's keys and values
         into the cache: a prefill worker streams them to a decode worker from there."""
         x = F.embedding(input_ids, self.embed_tokens).to(self.compute_dtype)
+        if self.fused_decode is not None and after_layer is None:
+            hidden = self.fused_decode(x, positions, kv_caches, meta)  # None: not its step
+            if hidden is not None:
+                return hidden
         rope = self.rotary.tables(positions)
         last = len(self.layers) - 1
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
@@ -292,6 +299,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head_mm = cpu_blas.CpuMatmul.prepare(self.lm_head, backend, keep_dense=tied)
         if dtype in cpu_blas.HALF_DTYPES and kernels.is_available():
             self._compute_in_float32()
+        if not batch_invariant:
+            self.fused_decode = FusedDecode.prepare(self)
 
     def _compute_in_float32(self) -> None:
         """16-bit weights on CPU: activations in float32 from here on. Every product already

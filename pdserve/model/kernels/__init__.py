@@ -50,6 +50,7 @@ SOURCES = [
         "gemv.c",
         "parallel.c",
         "gemm_int8.c",
+        "decode_step.c",
     )
 ]
 HEADERS = [Path(__file__).with_name(n) for n in ("simd.h", "parallel.h")]
