@@ -75,11 +75,17 @@ def configurations() -> dict[str, dict]:
     return {c.pop("name"): c for c in data["configurations"]}
 
 
-def real_run(settings: dict, specs, slo, rate: float, num_requests: int, log_dir: Path):
+def real_run(settings: dict, specs, slo, rate: float, num_requests: int, log_dir: Path, steps=None):
+    """One real run; with `steps` (a folder) every worker logs its engine steps there
+    (`PDSERVE_STEP_LOG`, engine/step_log.py)."""
     from pdserve.bench import loadgen
     from pdserve.bench.launcher import ServeProcess
+    from pdserve.engine.step_log import ENV
 
+    if steps is not None:
+        os.environ[ENV] = str(steps)
     proc = ServeProcess(settings, log_dir / "serve.log")
+    os.environ.pop(ENV, None)
     try:
         if not proc.wait_ready(300):
             raise RuntimeError(f"server not ready: {proc.log_tail()[-5:]}")
@@ -200,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the loaded simulation takes the runnable threads weighted by nice "
         "(runnable_weight) instead of the 1-minute load average",
     )
+    p.add_argument(
+        "--step-log",
+        action="store_true",
+        help="the real workers log every engine step into --out-dir/<case>_steps/ "
+        "(benchmarks/step_log_compare.py prices them with a profile)",
+    )
     p.add_argument("--json-out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.resim and (args.out_dir is None or not args.profile):
@@ -251,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                 "background_load": float(Path("/proc/loadavg").read_text().split()[0]),
                 "background_weighted": runnable_weight(),
             }
-            real = real_run(configs[name], specs, slo, rate, num_requests, args.out_dir)
+            steps = args.out_dir / f"{tag}_steps" if args.step_log else None
+            real = real_run(configs[name], specs, slo, rate, num_requests, args.out_dir, steps)
             meta["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
             meta_path.write_text(json.dumps(meta) + "\n")
         started = meta["at"]

@@ -25,6 +25,7 @@ from pdserve.engine.scheduler import (
     SchedulerConfig,
     SchedulerOutput,
 )
+from pdserve.engine.step_log import StepLog
 from pdserve.errors import ConfigError, InvalidRequestError
 from pdserve.kv.events import AnyKVEvent
 from pdserve.outputs import EngineCoreOutput
@@ -114,6 +115,7 @@ class EngineCore:
         )
         self.requests: dict[str, Request] = {}
         self.failures: list[RequestFailure] = []
+        self.step_log = StepLog.from_env(config.num_threads)  # PDSERVE_STEP_LOG: off unless set
         # Host RAM / disk / Redis below the device pool (kvstore/); None when none is on.
         self.kv_tiers: KVTierConnector | None = None
         if config.has_kv_tiers:
@@ -217,6 +219,17 @@ class EngineCore:
     # ---- the loop ------------------------------------------------------------------------
 
     def step(self) -> list[EngineCoreOutput]:
+        if self.step_log is None:
+            return self._step(None)
+        wall, start = time.time(), time.perf_counter()
+        marks: list = []  # [shape, perf_counter after schedule, after execute]
+        outputs = self._step(marks)
+        if len(marks) == 3:
+            phases = (marks[1] - start, marks[2] - marks[1], time.perf_counter() - marks[2])
+            self.step_log.record(wall, phases, marks[0])
+        return outputs
+
+    def _step(self, marks: list | None) -> list[EngineCoreOutput]:
         scheduled = self.scheduler.schedule()
         if self.kv_tiers is not None:
             self.kv_tiers.before_execute()  # save evicted blocks, load tier hits
@@ -224,6 +237,8 @@ class EngineCore:
             self.block_manager.drain_evicted()  # events on but no tier: nothing to save
         if scheduled.is_empty:
             return []
+        if marks is not None:
+            marks += [StepLog.shape(scheduled.scheduled), time.perf_counter()]
         streamer = self.kv_streamer
         after_layer = streamer.begin_step(scheduled.scheduled) if streamer is not None else None
         try:
@@ -237,6 +252,8 @@ class EngineCore:
             return []
         if streamer is not None:
             streamer.end_step()
+        if marks is not None:
+            marks.append(time.perf_counter())
         failed = [rid for rid, result in results.items() if result.error is not None]
         sampled = {rid: r.token_id for rid, r in results.items() if r.error is None}
         outputs = []
@@ -327,6 +344,8 @@ class EngineCore:
     def close(self, persist_kv: bool = True) -> None:
         """Stop background KV writers; with `persist_kv`, first write the cached KV down to
         the persistent tiers (disk, Redis) so a restarted engine finds it."""
+        if self.step_log is not None:
+            self.step_log.flush()
         if self.kv_tiers is not None:
             self.kv_tiers.close(persist=persist_kv)
             self.kv_tiers = None
