@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import common  # noqa: F401  (sys.path and thread settings, like every benchmark)
+from sim_validation import row
 
 METRICS = ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "throughput", "goodput")
 
@@ -32,15 +33,7 @@ def real_rows(folder: Path) -> dict[str, dict]:
         run = metrics.from_json(path.read_text())
         config = data.get("config", {})
         slo = SLO(config.get("slo_ttft_ms"), config.get("slo_tpot_ms"))
-        s = metrics.summarize(run, slo)
-        rows[path.name.removesuffix("_real.json")] = {
-            "ttft_p50": s.ttft_ms.p50,
-            "ttft_p99": s.ttft_ms.p99,
-            "tpot_p50": s.tpot_ms.p50 if s.tpot_ms else None,
-            "tpot_p99": s.tpot_ms.p99 if s.tpot_ms else None,
-            "throughput": s.output_throughput,
-            "goodput": s.goodput,
-        }
+        rows[path.name.removesuffix("_real.json")] = row(metrics.summarize(run, slo))
     return rows
 
 
