@@ -157,7 +157,7 @@ class Admission:
         ahead = self.tokens_ahead(priority)
         raw = self.model.predict(ahead + num_tokens, self.num_running)
         if self.target_s is not None and ahead > 0:
-            predicted = raw * self.correction
+            predicted = raw * self.correction_for(priority)
             if predicted > self.target_s:
                 refusal = RateLimitedError(
                     f"the server cannot start this request within its TTFT target of "
@@ -203,9 +203,14 @@ class Admission:
 
     @property
     def correction(self) -> float:
-        """How much longer than the fit's predictions TTFTs are lately: a high quantile
-        of the measured ratios (so that most accepted requests meet the target), 1 until
-        measured, raised to what a request still queued already shows (`overdue`)."""
+        """`correction_for` a request behind everything queued."""
+        return self.correction_for(None)
+
+    def correction_for(self, priority: int | None) -> float:
+        """How much longer than the fit's predictions TTFTs of a request of `priority`
+        are lately: a high quantile of the measured ratios (so that most accepted
+        requests meet the target), 1 until measured, raised to what a request it would
+        wait behind, still queued, already shows (`overdue`)."""
         now = self.clock()
         while self._ratios and now - self._ratios[0][0] > RATIO_MAX_AGE_S:
             self._ratios.popleft()
@@ -213,20 +218,25 @@ class Admission:
         if len(self._ratios) >= MIN_RATIOS:
             ordered = sorted(ratio for _, ratio in self._ratios)
             measured = ordered[min(len(ordered) - 1, int(RATIO_QUANTILE * len(ordered)))]
-        return max(measured, self.overdue(now))
+        return max(measured, self.overdue(now, priority))
 
-    def overdue(self, now: float) -> float:
+    def overdue(self, now: float, priority: int | None = None) -> float:
         """The largest elapsed / predicted of the oldest queued request of each priority
-        (fitted predictions, admitted within `RATIO_MAX_AGE_S`), or 0.
+        <= `priority` (None: all; fitted predictions, admitted within `RATIO_MAX_AGE_S`),
+        or 0.
 
         Why: a TTFT is measured only once it has passed, so when the host slows down
         (other work takes its cores) the measured ratios learn it one TTFT late, and
         requests admitted meanwhile miss the target. A request still waiting longer than
-        predicted is evidence now: its ratio will be at least elapsed / predicted. The
-        oldest of each priority is checked (O(priorities) per decision: a burst's
-        refusals pay it each)."""
+        predicted is evidence now: its ratio will be at least elapsed / predicted. Only
+        priorities a newcomer waits behind count: a less important request overtaken by
+        more important ones is late for a reason that does not delay those. The oldest
+        of each priority is checked (O(priorities) per decision: a burst's refusals pay
+        it each)."""
         worst = 0.0
-        for queue in self._queued.values():
+        for queued_priority, queue in self._queued.items():
+            if priority is not None and queued_priority > priority:
+                continue
             oldest = next(iter(queue.values()))
             elapsed = now - oldest.admitted_at
             if oldest.predicted_s and elapsed <= RATIO_MAX_AGE_S:

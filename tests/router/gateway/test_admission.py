@@ -218,3 +218,17 @@ def test_waiting_requests_count_only_with_a_fitted_prediction_and_for_30_s():
     assert admission.correction == pytest.approx(3.0)  # 0.9 / 0.3, the fitted one only
     clock.now += 30  # older than the measured ratios are kept: no longer evidence
     assert admission.correction == 1.0
+
+
+def test_only_overdue_requests_a_newcomer_waits_behind_raise_its_correction():
+    clock = Clock()
+    admission = make(clock, admission_ttft_ms=1000)
+    admission.model = fitted_model()
+    admission.admit("background", 300, priority=5)  # predicted 0.3 s
+    clock.now += 0.9  # 3x late: overtaken, or the host slowed down
+    admission.admit("urgent", 300, priority=0)  # just now: on time so far
+    assert admission.correction_for(5) == pytest.approx(3.0)
+    assert admission.correction_for(0) == 1.0  # a priority-0 request does not wait behind it
+    assert admission.refuse_early(0, 300) is None  # 600 tokens: 0.6 s
+    refused = admission.refuse_early(5, 100)  # 700 tokens: 0.7 s x 3
+    assert refused is not None and "predicted 2100 ms" in str(refused)
