@@ -128,7 +128,9 @@ class FusedDecode:
             final_norm=model.norm.weight.data_ptr(),
         )
         self.weights = [_layer_weights(layer) for layer in model.layers]
-        self.modules = [*model.layers.modules(), model.norm]  # whose hooks it would bypass
+        # the hook tables of the modules it bypasses (registering a hook fills one in place)
+        modules = [*model.layers.modules(), model.norm]
+        self.hooks = [h for m in modules for h in (m._forward_hooks, m._forward_pre_hooks)]
         self._layers_for: tuple[int, ...] = ()
         self._layers: ctypes.Array | None = None
 
@@ -183,7 +185,7 @@ class FusedDecode:
         """True when a forward hook would see the modules run (the fused call skips them)."""
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
             return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
+        return any(self.hooks)
 
     def _layer_array(self, kv_caches) -> ctypes.Array | None:
         """The `Layer` array for this KV pool (rebuilt only when the pool changes)."""
