@@ -255,11 +255,11 @@ class LlamaForCausalLM(nn.Module):
 
         `after_layer(i)` runs once layer i has written this step's keys and values
         into the cache: a prefill worker streams them to a decode worker from there."""
-        x = F.embedding(input_ids, self.embed_tokens).to(self.compute_dtype)
         if self.fused_decode is not None and after_layer is None:
-            hidden = self.fused_decode(x, positions, kv_caches, meta)  # None: not its step
+            hidden = self.fused_decode(input_ids, positions, kv_caches, meta)  # None: not its step
             if hidden is not None:
                 return hidden
+        x = F.embedding(input_ids, self.embed_tokens).to(self.compute_dtype)
         rope = self.rotary.tables(positions)
         last = len(self.layers) - 1
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):

@@ -132,21 +132,20 @@ def test_steps_it_does_not_take_fall_back(model_dirs):
     model = load_model(model_dirs["llama_gqa_llama3"], torch.float32, "cpu", MAX_LEN)
     fused = model.fused_decode
     pool = random_pool(model, torch.float32, 0)
-    x = torch.zeros(fused.max_rows + 1, model.config.hidden_size)
-    _, positions, meta = decode_batch(fused.max_rows + 1, 0)
-    assert fused(x, positions, pool, meta) is None  # more rows than the gemv kernel takes
-    x, (_, positions, meta) = x[:2], decode_batch(2, 0)
+    ids, positions, meta = decode_batch(fused.max_rows + 1, 0)
+    assert fused(ids, positions, pool, meta) is None  # more rows than the gemv kernel takes
+    ids, positions, meta = decode_batch(2, 0)
     meta.num_decode_tokens = 1  # the second row is a (one-token) prefill span
     meta.prefills = [PrefillSpan(1, 1, 5, torch.tensor([3]))]
-    assert fused(x, positions, pool, meta) is None
+    assert fused(ids, positions, pool, meta) is None
     _, positions, meta = decode_batch(2, 0)
     meta.output_rows = torch.tensor([1])
-    assert fused(x, positions, pool, meta) is None
+    assert fused(ids, positions, pool, meta) is None
     _, positions, meta = decode_batch(2, 0)
     handle = model.layers[0].mlp.register_forward_hook(lambda *args: None)
-    assert fused(x, positions, pool, meta) is None  # it would skip the hook
+    assert fused(ids, positions, pool, meta) is None  # it would skip the hook
     handle.remove()
-    assert fused(x, positions, pool, meta) is not None
+    assert fused(ids, positions, pool, meta) is not None
     qk_norm = load_model(model_dirs["qwen3_qk_norm"], torch.float32, "cpu", MAX_LEN)
     assert qk_norm.fused_decode is None  # its q/k norms run in torch: not fused
 
@@ -156,7 +155,7 @@ def test_fused_decode_can_be_turned_off(model_dirs, monkeypatch):
     assert load_model(model_dirs["llama_mha"], torch.float32, "cpu", MAX_LEN).fused_decode is None
 
 
-def test_bad_slot_and_position_raise_like_the_layer_path(model_dirs):
+def test_bad_slot_position_and_token_raise_like_the_layer_path(model_dirs):
     model = load_model(model_dirs["llama_mha"], torch.float32, "cpu", MAX_LEN)
     pool = random_pool(model, torch.float32, 0)
     ids, positions, meta = decode_batch(2, 0)
@@ -166,6 +165,8 @@ def test_bad_slot_and_position_raise_like_the_layer_path(model_dirs):
     ids, positions, meta = decode_batch(2, 0)
     with pytest.raises(IndexError, match="position outside the RoPE tables"):
         model(ids, torch.tensor([0, MAX_LEN]), pool, meta)
+    with pytest.raises(IndexError, match="token id outside the embedding table"):
+        model(torch.tensor([0, model.config.vocab_size]), positions, pool, meta)
 
 
 def test_engine_decodes_through_it_with_the_same_tokens_and_logprobs(model_dirs, monkeypatch):

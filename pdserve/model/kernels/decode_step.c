@@ -1,6 +1,6 @@
 /*
- * A decode step's whole decoder stack in one call, for CPU: every layer of a Llama-family
- * model over a few single-token rows (decodes), then the final norm.
+ * A decode step's whole decoder stack in one call, for CPU: the embedding lookup, every
+ * layer of a Llama-family model over a few single-token rows (decodes), the final norm.
  *
  * Why: at batch 1 the products read the weights at close to the memory bandwidth, and the
  * rest of a step was the Python and torch work around them: ~12 kernel calls a layer through
@@ -68,33 +68,62 @@ typedef struct {
     int64_t threads;            /* products; attention takes min(threads, rows * kv_heads) */
     int64_t attn_min_tokens;    /* the attention kernel's min_tokens_per_thread */
     int64_t wtype, kv_type;     /* gemv.c and simd.h type codes */
+    int64_t vocab, embed_type;  /* rows and simd.h type code of the embedding table */
     float eps, scale;
     const float *cos, *sin;     /* [max_positions, head_dim / 2] float32 */
     const float *final_norm;
+    const void *embed;          /* [vocab, hidden] */
 } Model;
 
-enum { OK = 0, NO_MEMORY = -1, BAD_SLOT = -2, BAD_POSITION = -3, ATTENTION_FAILED = -4 };
+enum {
+    OK = 0,
+    NO_MEMORY = -1,
+    BAD_SLOT = -2,
+    BAD_POSITION = -3,
+    ATTENTION_FAILED = -4,
+    BAD_TOKEN = -5,
+};
 
 typedef struct {
-    float *h, *qkv, *attn, *o, *gate_up, *act, *down;
+    float *x, *h, *qkv, *attn, *o, *gate_up, *act, *down;
 } Scratch;
 
+#define PARTS 8
 static float *scratch_alloc(const Model *m, int64_t rows, Scratch *s) {
     const int64_t qkv_width = (m->heads + 2 * m->kv_heads) * m->head_dim;
     const int64_t q_width = m->heads * m->head_dim;
-    const int64_t sizes[7] = {m->hidden, qkv_width, q_width, m->hidden, 2 * m->inter,
-                              m->inter,  m->hidden};
+    const int64_t sizes[PARTS] = {m->hidden,   m->hidden, qkv_width, q_width,
+                                  m->hidden,   2 * m->inter, m->inter, m->hidden};
     int64_t total = 0;
-    for (int i = 0; i < 7; ++i) total += rows * sizes[i];
+    for (int i = 0; i < PARTS; ++i) total += rows * sizes[i];
     float *base = malloc(sizeof(float) * (size_t)total);
     if (!base) return NULL;
-    float **parts[7] = {&s->h, &s->qkv, &s->attn, &s->o, &s->gate_up, &s->act, &s->down};
+    float **parts[PARTS] = {&s->x,  &s->h,       &s->qkv, &s->attn,
+                            &s->o,  &s->gate_up, &s->act, &s->down};
     float *at = base;
-    for (int i = 0; i < 7; ++i) {
+    for (int i = 0; i < PARTS; ++i) {
         *parts[i] = at;
         at += rows * sizes[i];
     }
     return base;
+}
+
+/* x[r] = the embedding row of ids[r], widened to float32 (exact, as torch's `.to`). */
+INLINE void embed_as(const Model *m, const int64_t *ids, float *x, int64_t rows, const int T) {
+    const int64_t row_bytes = m->hidden * (T == DT_F32 ? 4 : 2);
+    for (int64_t r = 0; r < rows; ++r) {
+        const char *e = (const char *)m->embed + ids[r] * row_bytes;
+        float *xr = x + r * m->hidden;
+        int64_t i = 0;
+        for (; i + 8 <= m->hidden; i += 8) store8(xr + i, load8_as(e, i, T));
+        for (; i < m->hidden; ++i) xr[i] = load1_as(e, i, T);
+    }
+}
+
+static void embed(const Model *m, const int64_t *ids, float *x, int64_t rows) {
+    if (m->embed_type == DT_BF16) embed_as(m, ids, x, rows, DT_BF16);
+    else if (m->embed_type == DT_F16) embed_as(m, ids, x, rows, DT_F16);
+    else embed_as(m, ids, x, rows, DT_F32);
 }
 
 /* Threads of the attention kernel for `rows` sequences, as kernels.paged_decode_attention
@@ -147,20 +176,25 @@ static int mlp_half(const Model *m, const Layer *l, const Scratch *s, float *x, 
     return OK;
 }
 
-/* x [rows, hidden] float32, the embedded tokens: run every layer over it in place (x ends
-   as the residual stream) and write the final norm of each row to out [rows, hidden].
-   positions, slots, context_lens [rows]; block_tables [rows, max_blocks]. Returns OK, or a
-   negative code (then the pool and x may be partly written): NO_MEMORY, BAD_SLOT (a slot
-   outside the pool: nothing of that layer written), BAD_POSITION (outside the RoPE tables:
-   nothing done), ATTENTION_FAILED. */
-int decode_step_f32(const Model *m, const Layer *layers, float *x, float *out, int64_t rows,
-                    const int64_t *positions, const int64_t *slots, const int64_t *block_tables,
-                    int64_t max_blocks, const int64_t *context_lens) {
-    for (int64_t r = 0; r < rows; ++r)
+/* ids [rows]: embed each token, run every layer over the rows (the residual stream in
+   float32) and write the final norm of each row to out [rows, hidden] float32. positions,
+   slots, context_lens [rows]; block_tables [rows, max_blocks]. Returns OK, or a negative
+   code: BAD_TOKEN (an id outside the table) and BAD_POSITION (outside the RoPE tables) with
+   nothing done; BAD_SLOT (a slot outside the pool: the layers before written), NO_MEMORY,
+   ATTENTION_FAILED. */
+int decode_step_f32(const Model *m, const Layer *layers, const int64_t *ids, float *out,
+                    int64_t rows, const int64_t *positions, const int64_t *slots,
+                    const int64_t *block_tables, int64_t max_blocks,
+                    const int64_t *context_lens) {
+    for (int64_t r = 0; r < rows; ++r) {
+        if (ids[r] < 0 || ids[r] >= m->vocab) return BAD_TOKEN;
         if (positions[r] < 0 || positions[r] >= m->max_positions) return BAD_POSITION;
+    }
     Scratch s;
     float *base = scratch_alloc(m, rows, &s);
     if (!base) return NO_MEMORY;
+    float *x = s.x;
+    embed(m, ids, x, rows);
     int status = OK;
     for (int64_t i = 0; i < m->num_layers && status == OK; ++i) {
         const Layer *l = layers + i;

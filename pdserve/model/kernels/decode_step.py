@@ -31,6 +31,7 @@ ERRORS = {
     -2: (IndexError, "KV slot out of range"),
     -3: (IndexError, "position outside the RoPE tables"),
     -4: (MemoryError, "paged attention kernel could not allocate its scratch buffer"),
+    -5: (IndexError, "token id outside the embedding table"),
 }
 
 
@@ -59,10 +60,12 @@ class Model(ctypes.Structure):
             "attn_min_tokens",
             "wtype",
             "kv_type",
+            "vocab",
+            "embed_type",
         )
     ]
     _fields_ += [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
-    _fields_ += [("cos", _ptr), ("sin", _ptr), ("final_norm", _ptr)]
+    _fields_ += [("cos", _ptr), ("sin", _ptr), ("final_norm", _ptr), ("embed", _ptr)]
 
 
 def is_enabled() -> bool:
@@ -126,6 +129,9 @@ class FusedDecode:
             cos=model.rotary.cos.data_ptr(),
             sin=model.rotary.sin.data_ptr(),
             final_norm=model.norm.weight.data_ptr(),
+            vocab=model.embed_tokens.shape[0],
+            embed_type=kernels.KV_DTYPE_CODES[model.embed_tokens.dtype],
+            embed=model.embed_tokens.data_ptr(),
         )
         self.weights = [_layer_weights(layer) for layer in model.layers]
         # the hook tables of the modules it bypasses (registering a hook fills one in place)
@@ -147,30 +153,31 @@ class FusedDecode:
         except _NotFusable:
             return None
 
-    def __call__(self, x, positions, kv_caches, meta) -> torch.Tensor | None:
-        """Final-norm hidden states `[T, hidden]` of a pure-decode step, or None."""
-        rows = x.shape[0]
+    def __call__(self, input_ids, positions, kv_caches, meta) -> torch.Tensor | None:
+        """Final-norm hidden states `[T, hidden]` float32 of a pure-decode step, or None."""
+        rows = input_ids.shape[0]
         if not (0 < rows <= self.max_rows and meta.num_decode_tokens == rows):
             return None
-        if meta.prefills or meta.output_rows is not None or x.dtype != torch.float32:
+        if meta.prefills or meta.output_rows is not None or self._hooked():
             return None
-        if self._hooked():
+        # int64 on CPU, contiguous; held in locals until the call returns
+        ints = [input_ids, positions, meta.slot_mapping]
+        ints += [meta.decode_block_tables, meta.decode_context_lens]
+        if any(t.dtype != torch.int64 or t.device.type != "cpu" for t in ints):
             return None
+        ids, positions, slots, tables, lens = (t.contiguous() for t in ints)
         layers = self._layer_array(kv_caches)
         if layers is None:
             return None
-        x = x.contiguous()  # the residual stream: overwritten (the caller's fresh embedding)
-        out = torch.empty_like(x)
-        tables = meta.decode_block_tables.contiguous()
-        lens, slots = meta.decode_context_lens.contiguous(), meta.slot_mapping.contiguous()
+        out = torch.empty(rows, self.shape.hidden)
         self.shape.threads = kernels._num_threads or torch.get_num_threads()
         status = self.fn(
             ctypes.byref(self.shape),
             layers,
-            x.data_ptr(),
+            ids.data_ptr(),
             out.data_ptr(),
             rows,
-            positions.contiguous().data_ptr(),
+            positions.data_ptr(),
             slots.data_ptr(),
             tables.data_ptr(),
             tables.shape[1],
@@ -234,6 +241,9 @@ def _fusable(model) -> bool:
     if any(p is None for p in products) or len({id(p.lib) for p in products}) != 1:
         return False
     if len({p.wtype for p in products}) != 1:
+        return False
+    table = model.embed_tokens
+    if table.dtype not in kernels.KV_DTYPE_CODES or not table.is_contiguous():
         return False
     norms = [model.norm] + [n for layer in layers for n in _norms(layer)]
     return all(n.weight.dtype == torch.float32 and n.weight.is_contiguous() for n in norms)
