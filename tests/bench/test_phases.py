@@ -166,7 +166,9 @@ def test_a_phased_run_sends_each_phase_in_order_with_its_extra_body():
     # Each request leaves at its time, never before it; how late depends on the host's load
     # (a shared CI host ran 67 ms behind), so lateness is not asserted.
     starts = [r.start_s for r in result.records]
-    assert all(start >= spec.timestamp_s - 1e-3 for start, spec in zip(starts, load.specs, strict=True))
+    assert all(
+        start >= spec.timestamp_s - 1e-3 for start, spec in zip(starts, load.specs, strict=True)
+    )
     assert min(starts[load.counts[0] :]) >= 0.3 - 1e-3  # the second phase after the first
     parts = summarize_phases(result)
     assert [p.num_requests for p in parts] == [*load.counts, len(load.specs)]
