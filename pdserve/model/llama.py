@@ -271,6 +271,11 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[S, hidden] -> [S, vocab] float32 (sampling maths always runs in float32)."""
+        if (
+            self.fused_decode is not None
+            and (logits := self.fused_decode.logits_of(hidden)) is not None
+        ):
+            return logits  # the fused step's own product of these rows
         return cpu_blas.linear(hidden, self.lm_head, None, self.lm_head_mm).float()
 
     @property

@@ -1,5 +1,5 @@
 """The fused decode step (`kernels/decode_step.c`) against the layer-by-layer path it stands
-in for: the same hidden states and the same KV pool, bit for bit, for every model kind it
+in for: the same hidden states, logits and KV pool, bit for bit, for every model kind it
 takes, float32 and 16-bit weights, 1 to the most rows it takes, on this CPU's kernels and on
 the AVX2 build (on AVX-512 hosts too); and the steps it does not take fall back."""
 
@@ -54,7 +54,7 @@ def kernels_built_for(isa: str):
 def count_calls(fused) -> list[int]:
     """The rows of every fused call from now on."""
     calls, real = [], fused.fn
-    fused.fn = lambda *args: calls.append(args[4]) or real(*args)
+    fused.fn = lambda *args: calls.append(args[5]) or real(*args)
     return calls
 
 
@@ -123,8 +123,8 @@ def test_fused_step_equals_the_layer_path_bit_for_bit(model_dirs, kind, dtype, i
             assert hidden.dtype == torch.float32 and hidden.shape == ref_hidden.shape
             assert torch.equal(hidden, ref_hidden), f"{rows} rows: hidden states differ"
             assert torch.equal(pool, ref_pool), f"{rows} rows: KV pools differ"
-            logits = model.compute_logits(hidden)
-            assert torch.equal(logits, model.compute_logits(ref_hidden))
+            logits = fused.logits_of(hidden)  # the C call's LM head product
+            assert logits is not None and torch.equal(logits, model.compute_logits(ref_hidden))
         assert calls == sorted({1, 2, 3, fused.max_rows})  # the fused call did each step
 
 

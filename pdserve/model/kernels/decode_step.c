@@ -1,6 +1,6 @@
 /*
- * A decode step's whole decoder stack in one call, for CPU: the embedding lookup, every
- * layer of a Llama-family model over a few single-token rows (decodes), the final norm.
+ * A decode step's whole model in one call, for CPU: the embedding lookup, every layer of a
+ * Llama-family model over a few single-token rows (decodes), the final norm, the LM head.
  *
  * Why: at batch 1 the products read the weights at close to the memory bandwidth, and the
  * rest of a step was the Python and torch work around them: ~12 kernel calls a layer through
@@ -17,6 +17,7 @@
  *   x += o; h = rms_norm(x)                           rms_norm_f32 with the residual
  *   gu = h Wgate_up^T (+ b); s = silu(gate) * up      gemv, silu_mul_f32
  *   x += s Wdown^T (+ b)                              gemv, then one add per element
+ * and after the last layer the final rms_norm and the LM head's gemv (the logits).
  *
  * so the result is the Python path's bit for bit (same kernels, same thread counts, same
  * order of operations; the residual add is one IEEE add per element either way). The
@@ -73,6 +74,8 @@ typedef struct {
     const float *cos, *sin;     /* [max_positions, head_dim / 2] float32 */
     const float *final_norm;
     const void *embed;          /* [vocab, hidden] */
+    const void *lm_head;        /* packed by gemv_pack, [vocab_out, hidden] */
+    int64_t vocab_out;
 } Model;
 
 enum {
@@ -177,13 +180,14 @@ static int mlp_half(const Model *m, const Layer *l, const Scratch *s, float *x, 
 }
 
 /* ids [rows]: embed each token, run every layer over the rows (the residual stream in
-   float32) and write the final norm of each row to out [rows, hidden] float32. positions,
+   float32), write the final norm of each row to out [rows, hidden] float32 and its logits
+   (LM head product, no bias) to logits [rows, vocab_out] float32. positions,
    slots, context_lens [rows]; block_tables [rows, max_blocks]. Returns OK, or a negative
    code: BAD_TOKEN (an id outside the table) and BAD_POSITION (outside the RoPE tables) with
    nothing done; BAD_SLOT (a slot outside the pool: the layers before written), NO_MEMORY,
    ATTENTION_FAILED. */
 int decode_step_f32(const Model *m, const Layer *layers, const int64_t *ids, float *out,
-                    int64_t rows, const int64_t *positions, const int64_t *slots,
+                    float *logits, int64_t rows, const int64_t *positions, const int64_t *slots,
                     const int64_t *block_tables, int64_t max_blocks,
                     const int64_t *context_lens) {
     for (int64_t r = 0; r < rows; ++r) {
@@ -203,8 +207,12 @@ int decode_step_f32(const Model *m, const Layer *layers, const int64_t *ids, flo
                                 context_lens);
         if (status == OK) status = mlp_half(m, l, &s, x, rows);
     }
-    if (status == OK)
+    if (status == OK) {
         rms_norm_f32(x, NULL, m->final_norm, out, m->hidden, m->hidden, m->eps, 0, rows);
+        if (gemv(out, m->lm_head, NULL, logits, rows, m->vocab_out, m->hidden, m->hidden,
+                 m->vocab_out, (int)m->wtype, DT_F32, m->threads))
+            status = NO_MEMORY;
+    }
     free(base);
     return status;
 }

@@ -66,6 +66,7 @@ class Model(ctypes.Structure):
     ]
     _fields_ += [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
     _fields_ += [("cos", _ptr), ("sin", _ptr), ("final_norm", _ptr), ("embed", _ptr)]
+    _fields_ += [("lm_head", _ptr), ("vocab_out", _i64)]
 
 
 def is_enabled() -> bool:
@@ -75,7 +76,7 @@ def is_enabled() -> bool:
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn = lib.decode_step_f32
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.POINTER(Model), ctypes.POINTER(Layer), _ptr, _ptr, _i64]
+    fn.argtypes = [ctypes.POINTER(Model), ctypes.POINTER(Layer), _ptr, _ptr, _ptr, _i64]
     fn.argtypes += [_ptr] * 3 + [_i64, _ptr]
     return lib
 
@@ -112,7 +113,7 @@ class FusedDecode:
         layer0 = model.layers[0]
         attn, mlp = layer0.self_attn, layer0.mlp
         # rows up to which every product of the PyTorch path runs on the gemv kernel too
-        self.max_rows = min(mm.max_gemv_rows for mm in _mms(model))
+        self.max_rows = min(mm.max_gemv_rows for mm in [*_mms(model), model.lm_head_mm])
         self.wtype = _packed(attn.qkv_proj).wtype
         cfg = model.config
         self.shape = Model(
@@ -132,6 +133,8 @@ class FusedDecode:
             vocab=model.embed_tokens.shape[0],
             embed_type=kernels.KV_DTYPE_CODES[model.embed_tokens.dtype],
             embed=model.embed_tokens.data_ptr(),
+            lm_head=model.lm_head_mm.small.packed.data_ptr(),
+            vocab_out=model.lm_head_mm.small.out_features,
         )
         self.weights = [_layer_weights(layer) for layer in model.layers]
         # the hook tables of the modules it bypasses (registering a hook fills one in place)
@@ -139,6 +142,7 @@ class FusedDecode:
         self.hooks = [h for m in modules for h in (m._forward_hooks, m._forward_pre_hooks)]
         self._layers_for: tuple[int, ...] = ()
         self._layers: ctypes.Array | None = None
+        self._logits: tuple[torch.Tensor, torch.Tensor] | None = None  # (hidden, logits)
 
     @classmethod
     def prepare(cls, model, lib: ctypes.CDLL | None = None) -> FusedDecode | None:
@@ -170,12 +174,14 @@ class FusedDecode:
         if layers is None:
             return None
         out = torch.empty(rows, self.shape.hidden)
+        logits = torch.empty(rows, self.shape.vocab_out)
         self.shape.threads = kernels._num_threads or torch.get_num_threads()
         status = self.fn(
             ctypes.byref(self.shape),
             layers,
             ids.data_ptr(),
             out.data_ptr(),
+            logits.data_ptr(),
             rows,
             positions.data_ptr(),
             slots.data_ptr(),
@@ -186,7 +192,13 @@ class FusedDecode:
         if status:
             error, message = ERRORS.get(status, (RuntimeError, f"fused decode failed ({status})"))
             raise error(message)
+        self._logits = (out, logits)
         return out
+
+    def logits_of(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The logits the last call computed, when `hidden` is what it returned (once)."""
+        last, self._logits = self._logits, None
+        return last[1] if last is not None and last[0] is hidden else None
 
     def _hooked(self) -> bool:
         """True when a forward hook would see the modules run (the fused call skips them)."""
@@ -238,6 +250,7 @@ def _fusable(model) -> bool:
     if not layers or any(layer.self_attn.q_norm is not None for layer in layers):
         return False
     products = [_packed(m) for layer in layers for m in _linears(layer)]
+    products.append(getattr(model.lm_head_mm, "small", None))
     if any(p is None for p in products) or len({id(p.lib) for p in products}) != 1:
         return False
     if len({p.wtype for p in products}) != 1:
