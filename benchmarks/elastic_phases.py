@@ -1,7 +1,8 @@
 """Elastic P/D against static layouts on one phase-shifting trace (issue 15, part 5).
 
-One `pdserve bench run --phases` load — by default `code`, then long prompts with a tight
-TPOT target, then `chat` (`benchmarks/phases/elastic.yaml`) — against each configuration
+One `pdserve bench run --phases` load — by default `code` with a tight TTFT, then long
+prompts with a tight TPOT (`benchmarks/phases/elastic-contrast.yaml`; the planner's SLO
+classes are read from it) — against each configuration
 of `CONFIGURATIONS`, each on a fresh `pdserve serve` (bench/launcher.py) of two
 single-thread workers on the built-in model:
 
@@ -44,9 +45,9 @@ sys.path.insert(0, str(REPO))
 ADMIN_KEY = "elastic-bench"
 DEFAULT = "default"
 PROFILE = Path(
-    os.environ.get("ELASTIC_PROFILE", REPO / "benchmarks/profiles/zen4-shared-quick.json")
+    os.environ.get("ELASTIC_PROFILE", REPO / "benchmarks/profiles/zen4-full.json")
 )
-PHASES = REPO / "benchmarks/phases/elastic.yaml"
+PHASES = REPO / "benchmarks/phases/elastic-contrast.yaml"
 ENGINE = {"max_num_batched_tokens": 512, "kv_cache_memory_gib": 0.5}
 # A worker whose engine loop is silent for worker_lease_s is declared dead and its
 # requests move; on a busy shared host one step can take seconds, so the lease is long.
@@ -57,18 +58,14 @@ BASE = {
     "worker_lease_s": 30.0,
     "engine": ENGINE,
 }
-SLO_SCALE = float(os.environ.get("ELASTIC_SLO_SCALE", "1"))  # the phases file's scale
 PLANNER = {
     "planner": "slo",
     "planner_profile": str(PROFILE),
-    # The default class (the `chat` phase sends none); `code` and `long` send slo_class.
-    # Scaled like the phases file when the host is slower than the profile's.
-    "slo_ttft_ms": 1500 * SLO_SCALE,
-    "slo_tpot_ms": 100 * SLO_SCALE,
-    "slo_classes": {
-        "code": {"ttft_ms": 400 * SLO_SCALE, "tpot_ms": 50 * SLO_SCALE},
-        "long": {"ttft_ms": 5000 * SLO_SCALE, "tpot_ms": 50 * SLO_SCALE},
-    },
+    # The SLOs: the default class's and one class per phase naming an `slo_class`, taken
+    # from the phases file (`planner_slos`).
+    "slo_ttft_ms": 1500.0,
+    "slo_tpot_ms": 100.0,
+    "slo_classes": {},
     "planner_rates_cache": None,  # <out>/rates.json
     "planner_interval_s": 5.0,
     "planner_cooldown_s": 20.0,
@@ -116,6 +113,24 @@ class RolePoller(threading.Thread):
             roles = {w["worker_id"]: w["role"] for w in workers}
             if not self.timeline or self.timeline[-1][1] != roles:
                 self.timeline.append((round(time.perf_counter() - self.start_s, 1), roles))
+
+
+def planner_slos(phases_path: Path) -> None:
+    """The planner's SLOs from the trace: each phase that names an `slo_class` makes that
+    class with the phase's SLO, a phase that names none sets the default class's; so the
+    planner plans against the targets the run is scored by."""
+    from pdserve.bench import phases
+
+    steps, seed = phases.load_phases(phases_path)
+    load = phases.build_load(steps, seed or 0)
+    classes = {}
+    for phase, slo in zip(load.phases, load.slos, strict=True):
+        name = dict(phase.extra_body).get("slo_class")
+        if name is None:
+            PLANNER["slo_ttft_ms"], PLANNER["slo_tpot_ms"] = slo.ttft_ms, slo.tpot_ms
+        else:
+            classes[name] = {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms}
+    PLANNER["slo_classes"] = classes
 
 
 def run_one(name: str, out: Path, phases_path: Path) -> None:
@@ -288,6 +303,7 @@ def main() -> None:
         summarize(args.out)
         return
     args.out.mkdir(parents=True, exist_ok=True)
+    planner_slos(args.phases)
     PLANNER["planner_rates_cache"] = str(args.out / "rates.json")
     if args.measure_profile or (args.out / "profile.json").is_file():
         PLANNER["planner_profile"] = str(args.out / "profile.json")  # this host's, measured

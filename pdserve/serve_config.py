@@ -196,6 +196,7 @@ class ServeConfig:
             interval_s=self.planner_interval_s,
             cooldown_s=self.planner_cooldown_s,
             classes=parse_classes(self.slo_classes),
+            local_prefill=self.mode == "auto",
         )
 
     def migration(self) -> MigrationConfig:

@@ -14,15 +14,12 @@ instead of hand-set thresholds:
    rule over one worker's goodput per role (a `RateModel`; `sim/rates.py`'s `SimRates`
    measures those with the simulator on the `pdserve profile` cost model, the one cost
    model the planner and the simulator share).
-   Contention: workers sharing a host's cores slow each other (memory bandwidth, the
-   front end's CPU; sim/sharing.py), so a rate model may also give each role's rate
-   beside a worker that is always busy (`RoleRates.*_busy`). A worker's rate in a layout
-   is then between the two, by how busy the other workers are at the layout's capacity
-   (`Layout.capacity`): two mixed workers at capacity are both busy and each runs at its
-   busy rate, while the prefill worker of a 1P + 1D split that decode limits idles part
-   of the time and slows the decode worker less. (Measured on 2 cores: two mixed workers
-   delivered less than the alone rates promised, and the planner without this term
-   preferred them where 1P + 1D had won, docs/benchmarks.md "Elastic P/D".)
+   Contention: workers sharing a host's cores slow each other (sim/sharing.py), so a
+   rate model may also give each role's rate beside a worker that is always busy
+   (`RoleRates.*_busy`); a worker's rate in a layout is between the two, by how busy the
+   other workers are at the layout's capacity (`Layout.capacity`). (Measured on 2 cores:
+   without this term the planner preferred two mixed workers where 1P + 1D had won.)
+   In `auto` mode a layout is rated as what it serves as (`Layout.serving`).
    When the current layout misses its SLOs, the rates are first scaled to what it
    delivers (control/calibration.py): the profile fixes the layouts' relative merits,
    the cluster's observed goodput their level.
@@ -71,6 +68,9 @@ class PlannerConfig:
     cooldown_s: float = 60.0  # between two switches
     hysteresis: float = 0.1  # the best layout must beat the current one by this share
     smoothing: float = 0.5  # weight of the newest window in the rate forecast
+    # The cluster runs in `auto` mode: roles serve as `Layout.serving` says (a decode
+    # worker with nothing to hand prompts to prefills them itself, and so on).
+    local_prefill: bool = False
 
     # Per workload class SLOs: (name, ttft_ms, tpot_ms); a request names its class in the
     # `slo_class` body field, and a request of no (or an unknown) class gets the default
@@ -277,6 +277,24 @@ class Layout:
     def as_dict(self) -> dict[str, int]:
         return {"prefill": self.prefill, "decode": self.decode, "mixed": self.mixed}
 
+    def serving(self, local_prefill: bool) -> Layout:
+        """What the router makes of these roles. In `auto` mode (`local_prefill`,
+        router/policy.py) a decode worker with no prefill-capable worker beside it
+        prefills every prompt itself — it serves as a mixed worker — and a mixed worker
+        beside prefill workers but no decode worker is their decode target, prefilling
+        short prompts locally like auto's decode worker. So 2M -> 1P/1D is one move
+        (2M -> 1P/1M) and 1P/1D -> 2M one move (-> 1D/1M): each move drains a worker,
+        and a 1P/1M or 1D/1M layout is not a half-done transition but the whole of it.
+        (Without this the planner rated 1D/1M as one mixed worker beside an idle one and
+        stopped a transition there: control/replay.py on the elastic trace.)"""
+        if not local_prefill:
+            return self
+        if self.prefill == 0:
+            return Layout(0, 0, self.decode + self.mixed)
+        if self.decode == 0:
+            return Layout(self.prefill, self.mixed, 0)
+        return self
+
 
 def layouts(num_workers: int) -> list[Layout]:
     """Every assignment of `num_workers` to roles."""
@@ -293,18 +311,21 @@ class Proposal:
     predicted_goodput: float
 
 
-def propose(fc: Forecast, rates: RoleRates, num_workers: int) -> list[Proposal]:
-    """Layouts by predicted goodput, best first (ties: more mixed workers, the layout
-    that adapts to any mix). A prefill worker without a decode worker, or the reverse,
-    is never proposed: the model rates it idle (and so no contender for the others),
-    while in `auto` mode a lone decode worker prefills locally and contends like a
-    mixed one (measured by the contention term's first offline pass: 1 mixed + 1 idle
-    decode rated above 1P + 1D for long prompts)."""
-    proposals = [
-        Proposal(layout, min(fc.rate, layout.capacity(rates)))
-        for layout in layouts(num_workers)
-        if (layout.prefill == 0) == (layout.decode == 0)
-    ]
+def propose(
+    fc: Forecast, rates: RoleRates, num_workers: int, local_prefill: bool = False
+) -> list[Proposal]:
+    """Layouts by predicted goodput (of the layout they serve as, `Layout.serving`),
+    best first (ties: more mixed workers, the layout that adapts to any mix). A layout
+    that serves as prefill workers without decode workers, or the reverse, is never
+    proposed: the model rates the lone role idle (and so no contender for the others),
+    while a lone decode worker in fact prefills locally and contends like a mixed one
+    (measured by the contention term's first offline pass: 1 mixed + 1 idle decode
+    rated above 1P + 1D for long prompts)."""
+    proposals = []
+    for layout in layouts(num_workers):
+        serving = layout.serving(local_prefill)
+        if (serving.prefill == 0) == (serving.decode == 0):
+            proposals.append(Proposal(layout, min(fc.rate, serving.capacity(rates))))
     return sorted(
         proposals, key=lambda p: (-p.predicted_goodput, -p.layout.mixed, -p.layout.decode)
     )
@@ -336,14 +357,25 @@ def decide(
     layout of the last decision that moved a worker; its remaining moves are not held
     back by the cooldown (a transition is one decision, not one per worker)."""
     current = current_layout(roles)
-    current_goodput = min(fc.rate, current.capacity(rates))
-    best = propose(fc, rates, len(roles))[0]
+    current_goodput = min(fc.rate, current.serving(config.local_prefill).capacity(rates))
+    proposals = propose(fc, rates, len(roles), config.local_prefill)
+    top = proposals[0].predicted_goodput
+    # Of the layouts that predict the most: the one a transition under way heads for,
+    # else the one the fewest moves away (each drains a worker), else `propose`'s order.
+    best = min(
+        (p for p in proposals if p.predicted_goodput >= top),
+        key=lambda p: (p.layout != heading, len(moves(roles, p.layout))),
+    )
     gain = best.predicted_goodput - current_goodput
-    if best.layout == current or gain <= config.hysteresis * max(current_goodput, 1e-9):
+    # The rest of a transition already decided is not held back by the hysteresis
+    # either: stopping half-way leaves a layout nobody chose (replay: 1P/1M held for
+    # 45 s of a long-prompt phase because the forecast rate fell near its capacity).
+    is_continuing = heading is not None and best.layout == heading and gain > 0
+    threshold = config.hysteresis * max(current_goodput, 1e-9)
+    if best.layout == current or (gain <= threshold and not is_continuing):
         return Decision(
             current, current_goodput, current_goodput, "hold: current layout within hysteresis"
         )
-    is_continuing = heading is not None and best.layout == heading
     if last_switch is not None and now - last_switch < config.cooldown_s and not is_continuing:
         return Decision(current, current_goodput, current_goodput, "hold: cooling down")
     reason = (

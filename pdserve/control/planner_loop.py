@@ -42,6 +42,7 @@ class PlannerLoop:
         roles: Callable[[], dict[str, str]],
         switch: Callable[[str, str, str], object],
         on_decision: Callable[[Decision], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.log = log
@@ -49,12 +50,13 @@ class PlannerLoop:
         self.roles = roles
         self.switch = switch
         self.on_decision = on_decision
+        self.clock = clock  # when a switch ended (control/replay.py runs a simulated one)
         self.last_switch: float | None = None
         self.heading: Layout | None = None  # the target of the transition under way
         self.history: deque[tuple[float, Decision]] = deque(maxlen=100)
 
     async def step(self, now: float | None = None) -> Decision | None:
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         roles = self.roles()
         if not roles:
             return None
@@ -83,7 +85,7 @@ class PlannerLoop:
             worker_id, role = decision.moves[0]  # one at a time; the next pass re-decides
             self.heading = decision.target
             await self.switch(worker_id, role, "planner")
-            self.last_switch = time.monotonic()
+            self.last_switch = self.clock()
         return decision
 
     async def run(self) -> None:
