@@ -44,9 +44,7 @@ sys.path.insert(0, str(REPO))
 
 ADMIN_KEY = "elastic-bench"
 DEFAULT = "default"
-PROFILE = Path(
-    os.environ.get("ELASTIC_PROFILE", REPO / "benchmarks/profiles/zen4-full.json")
-)
+PROFILE = Path(os.environ.get("ELASTIC_PROFILE", REPO / "benchmarks/profiles/zen4-full.json"))
 PHASES = REPO / "benchmarks/phases/elastic-contrast.yaml"
 ENGINE = {"max_num_batched_tokens": 512, "kv_cache_memory_gib": 0.5}
 # A worker whose engine loop is silent for worker_lease_s is declared dead and its
