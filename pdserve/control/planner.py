@@ -278,20 +278,20 @@ class Layout:
         return {"prefill": self.prefill, "decode": self.decode, "mixed": self.mixed}
 
     def serving(self, local_prefill: bool) -> Layout:
-        """What the router makes of these roles. In `auto` mode (`local_prefill`,
-        router/policy.py) a decode worker with no prefill-capable worker beside it
-        prefills every prompt itself — it serves as a mixed worker — and a mixed worker
-        beside prefill workers but no decode worker is their decode target, prefilling
-        short prompts locally like auto's decode worker. So 2M -> 1P/1D is one move
-        (2M -> 1P/1M) and 1P/1D -> 2M one move (-> 1D/1M): each move drains a worker,
-        and a 1P/1M or 1D/1M layout is not a half-done transition but the whole of it.
-        (Without this the planner rated 1D/1M as one mixed worker beside an idle one and
-        stopped a transition there: control/replay.py on the elastic trace.)"""
+        """What the router makes of these roles in `auto` mode (`local_prefill`,
+        router/policy.py), where it is exact: decode workers with no prefill-capable
+        worker prefill every prompt themselves (2D serves as 2M), and mixed workers
+        beside prefill workers but no decode worker are their decode targets, prefilling
+        short prompts locally like auto's decode worker (1P/1M serves as 1P/1D). So
+        2M -> 1P/1D and 1P/1D -> 2M are one move each (-> 1P/1M, -> 2D), one drain.
+        1D/1M is not mapped: its decode worker hands prompts to the mixed one, neither
+        layout. (Without this the planner rated 1D/1M as one mixed worker beside an idle
+        one, above 2M, and stopped a transition there: control/replay.py.)"""
         if not local_prefill:
             return self
-        if self.prefill == 0:
-            return Layout(0, 0, self.decode + self.mixed)
-        if self.decode == 0:
+        if self.prefill == 0 and self.mixed == 0:
+            return Layout(0, 0, self.decode)
+        if self.decode == 0 and self.prefill > 0:
             return Layout(self.prefill, self.mixed, 0)
         return self
 
