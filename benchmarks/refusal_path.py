@@ -8,8 +8,10 @@ the shared host drifts over all of them alike):
 
 - `before`: as `pdserve serve` ran it up to commit 60e102f: the HTTP protocol's fast path
   (`gateway/fast_http.py`), uvicorn's default backlog of 2048, the collector untouched.
-- `after`: as `pdserve serve` runs it now: the same protocol, `ServeConfig.backlog`, and
-  the start-up objects frozen out of the collector (`router/heap.py`).
+- `after`: as `pdserve serve` runs it now: the same protocol, `ServeConfig.backlog`, the
+  start-up objects frozen out of the collector and young collections spaced further
+  apart (`router/heap.py`).
+- `freeze`: `after` with CPython's default collection threshold (700): the freeze alone.
 - `asgi`: uvicorn's plain httptools protocol (the edge in ASGI), the `before` set-up.
 
 Bursts (`raw_burst.py`) of N requests written at once, on connections opened beforehand
@@ -22,8 +24,12 @@ client's own lag. Also per burst: time in the server's garbage collector, its CP
 request (from /proc), the client's CPU per request, and the kernel's listen-queue
 overflows (`ListenOverflows`: each is a SYN dropped and retried after 1 s).
 
+`--pin`: each server on CPU 0 and the client on CPU 1 (`sched_setaffinity`), so that on
+a 2-core host the router has a core of its own instead of sharing both with the load
+generator (other processes still run anywhere).
+
     python benchmarks/refusal_path.py [--at-once 500,1000,2000,4000] [--repeats 3]
-        [--variants before,after]
+        [--variants before,after] [--pin]
 """
 
 from __future__ import annotations
@@ -45,15 +51,20 @@ import raw_burst
 
 BODY = json.dumps({"prompt": [5] * 256, "max_tokens": 32, "stream": True}).encode()
 BEFORE_BACKLOG = 2048  # uvicorn's default, pdserve's until this change
-VARIANTS = ("before", "after", "asgi")
+VARIANTS = ("before", "after", "freeze", "asgi")
 
 
 # ----------------------------------------------------------------------------- the child
 
 
-def serve(variant: str, port: int, dump: str) -> None:
+SERVER_CPU, CLIENT_CPU = 0, 1  # with --pin
+
+
+def serve(variant: str, port: int, dump: str, pin: bool) -> None:
     """The child: the app on 127.0.0.1:port until killed; SIGUSR1 writes what it timed
     since the last SIGUSR1 to `dump`."""
+    if pin:
+        os.sched_setaffinity(0, {SERVER_CPU})
     import asyncio
     import gc
 
@@ -76,9 +87,11 @@ def serve(variant: str, port: int, dump: str) -> None:
     )
     app.edge.gateway.admission.admit("parked", 256)  # the queue is full from here on
     base = fast_refusal_protocol(app.edge) if variant != "asgi" else None
-    backlog = ServeConfig().backlog if variant == "after" else BEFORE_BACKLOG
+    backlog = BEFORE_BACKLOG if variant in ("before", "asgi") else ServeConfig().backlog
     if variant == "after":
         freeze_startup_objects()
+    elif variant == "freeze":
+        freeze_startup_objects(gen0_threshold=gc.get_threshold()[0])
     timed, gc_time = timed_protocol(base), collector_timer(gc)
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, http=timed, lifespan="off", log_level="warning"
@@ -143,10 +156,11 @@ def collector_timer(gc) -> dict:
 
 
 class Server:
-    def __init__(self, variant: str, workdir: str) -> None:
+    def __init__(self, variant: str, workdir: str, pin: bool) -> None:
         self.variant, self.port = variant, free_port()
         self.dump = os.path.join(workdir, f"{variant}.json")
         cmd = [sys.executable, __file__, "--serve", variant, "--port", str(self.port)]
+        cmd += ["--pin"] if pin else []
         env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT)}
         self.proc = subprocess.Popen([*cmd, "--dump", self.dump], env=env)
 
@@ -213,10 +227,12 @@ def pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
-def measure(variants: list[str], sizes: list[int], repeats: int) -> list[dict]:
+def measure(variants: list[str], sizes: list[int], repeats: int, pin: bool) -> list[dict]:
     rows: list[dict] = []
+    if pin:
+        os.sched_setaffinity(0, {CLIENT_CPU})
     with tempfile.TemporaryDirectory() as workdir:
-        servers = [Server(v, workdir) for v in variants]
+        servers = [Server(v, workdir, pin) for v in variants]
         try:
             for server in servers:
                 server.wait_ready()
@@ -254,21 +270,22 @@ def main() -> None:
     p.add_argument("--at-once", default="500,1000,2000,4000")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default="before,after")
+    p.add_argument("--pin", action="store_true", help="servers on CPU 0, the client on CPU 1")
     p.add_argument("--json-out")
     p.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--dump", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve:
-        serve(args.serve, args.port, args.dump)
+        serve(args.serve, args.port, args.dump, args.pin)
         return
     sizes = [int(n) for n in args.at_once.split(",")]
     variants = args.variants.split(",")
     load0 = common.machine_load()
-    rows = measure(variants, sizes, args.repeats)
+    rows = measure(variants, sizes, args.repeats, args.pin)
     common.print_header(
         "Refusals at once: before vs after",
-        {"hardware": common.hardware_info(), "load": {"before": load0}},
+        {"hardware": common.hardware_info(), "load": {"before": load0}, "pin": {"on": args.pin}},
     )
     print(common.format_table(*table(rows)))
     print(f"load average after: {common.machine_load():.2f}")
