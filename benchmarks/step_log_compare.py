@@ -12,6 +12,10 @@ price), and where the rest of the worker's wall time went: scheduling and updati
 (the worker loop's messaging: receiving requests, sending outputs, KV events).
 
     python benchmarks/step_log_compare.py --profile P.json DIR [DIR ...]
+
+With `--fit-out OUT.json` it also writes a copy of the profile calibrated on the logs
+(sim/step_log_fit.py): each logged thread count's step cost fitted to the steps that ran
+alone (trimmed), and every size's loop overhead (`step_overhead_s`).
 """
 
 from __future__ import annotations
@@ -104,13 +108,47 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--profile", required=True)
     p.add_argument("dirs", nargs="+", type=Path)
+    p.add_argument("--fit-out", type=Path, default=None, help="write a calibrated profile")
+    p.add_argument("--trim", type=float, default=None, help="sim/step_log_fit.py's TRIM")
     args = p.parse_args(argv)
     profile = Profile.load(args.profile)
     for folder in args.dirs:
         for stem, records in read_step_log(folder).items():
             if records:
                 print_summary(f"{folder.name}/{stem}", summarize(profile, records))
+    if args.fit_out:
+        calibrated = calibrate(profile, args.dirs, args.trim)
+        calibrated.save(args.fit_out)
+        print(f"\nwrote {args.fit_out}: " + "; ".join(calibrated.notes[-2:]))
     return 0
+
+
+def calibrate(profile: Profile, dirs: list[Path], trim: float | None) -> Profile:
+    """`profile` with its step costs refitted on the logs (module docstring)."""
+    import dataclasses
+
+    from pdserve.sim import step_log_fit as f
+
+    by_threads: dict[int, list[dict]] = {}
+    logs = []
+    for folder in dirs:
+        run = read_step_log(folder)
+        logs += list(run.values())
+        for records in f.alone(run).values():
+            for r in records:
+                by_threads.setdefault(r["threads"], []).append(r)
+    overhead = f.loop_overhead_s(logs)
+    costs = dict(profile.costs)
+    for threads, records in sorted(by_threads.items()):
+        costs[threads] = f.fit_step_log(records, trim=trim if trim is not None else f.TRIM)
+    calibrated = dataclasses.replace(profile, costs=costs)
+    calibrated = f.with_step_overhead(calibrated, overhead)
+    sizes = ", ".join(f"{t} threads: {len(r)} steps" for t, r in sorted(by_threads.items()))
+    notes = (
+        f"step costs refitted on step logs of {len(dirs)} runs ({sizes})",
+        f"loop overhead {1e3 * overhead:.3f} ms per step from the same logs",
+    )
+    return dataclasses.replace(calibrated, notes=tuple(profile.notes) + notes)
 
 
 if __name__ == "__main__":

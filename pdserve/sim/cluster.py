@@ -25,9 +25,11 @@ free blocks at its end, not after each of its steps. KV hand-over: `shm` copies 
 the prefill worker's step (`TransferCost.on_sender`); other backends overlap the prefill
 layer by layer and add what is left after its step.
 
-Not modelled: the worker loop's bookkeeping outside `ModelRunner.execute`, stop strings
-and EOS (outputs run to `max_tokens`), timeouts and failures; the front end's CPU slows
-the workers but does not delay the tokens it streams.
+The worker loop's bookkeeping outside `ModelRunner.execute` is the cost model's
+`step_overhead_s` (measured from a real run's step log, sim/step_log_fit.py; 0 in a
+profile that has none). Not modelled: stop strings and EOS (outputs run to
+`max_tokens`), timeouts and failures; the front end's CPU slows the workers but does not
+delay the tokens it streams.
 
 Deterministic: no wall clock and no randomness beyond the workload's seeded sampling.
 """

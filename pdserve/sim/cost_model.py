@@ -12,7 +12,15 @@ The model, for a step computing N tokens of which S rows are sampled:
             + row_s * (S - 1)                 each sampled row past the first: lm_head + sampler
             + prefill_attention_s * Σ q·(c+q) over prefill spans (q new tokens after c)
             + decode_attention_s  * Σ (c+1)   over decode rows (the context each one reads)
+            + prefill_step_s      if the step has a prefill span
             + step_overhead_s
+
+`prefill_step_s`: a step of decode rows only runs the whole decoder stack in one fused
+call on a CPU (model/kernels/decode_step.c); a step with any prefill span runs layer by
+layer in PyTorch, which costs a few ms more per step whatever its size (measured on the
+Zen 4 host: a one-row decode plus a two-token prompt tail 14-19 ms, a three-row decode
+8-10 ms). `step_overhead_s`: the worker's loop pass around each step (scheduling,
+sending outputs, reading messages), from a real run's step log (sim/step_log_fit.py).
 
 `tokens(N)` carries the weight-bound and compute-bound regimes of the linear layers (flat
 while a step is bound by reading the weights, then rising with N); the attention terms
@@ -71,6 +79,7 @@ class StepCost:
     prefill_attention_s: float
     decode_attention_s: float
     step_overhead_s: float = 0.0
+    prefill_step_s: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.token_knots) != len(self.token_seconds) or not self.token_knots:
@@ -97,6 +106,7 @@ class StepCost:
             + self.row_s * max(0, shape.num_sampled - 1)
             + self.prefill_attention_s * shape.prefill_attention
             + self.decode_attention_s * shape.decode_context
+            + (self.prefill_step_s if shape.prefill_attention else 0.0)
             + self.step_overhead_s
         )
 
@@ -119,6 +129,7 @@ class StepCost:
             prefill_attention_s=float(data["prefill_attention_s"]),
             decode_attention_s=float(data["decode_attention_s"]),
             step_overhead_s=float(data.get("step_overhead_s", 0.0)),
+            prefill_step_s=float(data.get("prefill_step_s", 0.0)),
         )
 
     def scaled(self, factor: float) -> StepCost:
@@ -130,6 +141,7 @@ class StepCost:
             self.prefill_attention_s * factor,
             self.decode_attention_s * factor,
             self.step_overhead_s * factor,
+            self.prefill_step_s * factor,
         )
 
 
@@ -154,6 +166,7 @@ class StepTimer:
             + cost.row_s * max(0, num_sampled - 1)
             + cost.prefill_attention_s * prefill
             + cost.decode_attention_s * decode
+            + (cost.prefill_step_s if prefill else 0.0)
             + cost.step_overhead_s
         )
 
@@ -181,49 +194,61 @@ class TimedStep:
     seconds: float
 
 
-def fit_step_cost(samples: Sequence[TimedStep], step_overhead_s: float = 0.0) -> StepCost:
+def fit_step_cost(
+    samples: Sequence[TimedStep],
+    step_overhead_s: float = 0.0,
+    knots: Sequence[int] | None = None,
+) -> StepCost:
     """Least squares on relative error over the model's parameters: the value of
     `tokens(N)` at every N measured without prefill context (decode-only steps, fresh
     prefills: hat functions; a step at another N reads `tokens(N)` between its
-    neighbouring knots, as `tokens_seconds` does), `row_s` and the two attention
-    coefficients. So a prefill after context pins the prefill-attention term whether or
-    not a fresh prefill of the same N was measured. Negative coefficients (noise) are
-    clipped to 0 and the rest refitted."""
+    neighbouring knots, as `tokens_seconds` does), `row_s`, the two attention
+    coefficients and, when the samples have both decode-only steps and steps with a
+    prefill span, `prefill_step_s`. So a prefill after context pins the
+    prefill-attention term whether or not a fresh prefill of the same N was measured.
+    `knots`: fixed N knots instead (samples of a real run have too many distinct N).
+    Negative coefficients (noise) are clipped to 0 and the rest refitted."""
     import numpy as np
 
-    knots = sorted({s.shape.num_tokens for s in samples if _is_knot(s.shape)})
-    if not knots:
-        knots = sorted({s.shape.num_tokens for s in samples})
-    extras = ["row", "prefill_attention", "decode_attention"]
-    num_params = len(knots) + len(extras)
+    if knots is None:
+        knots = sorted({s.shape.num_tokens for s in samples if _is_knot(s.shape)})
+        if not knots:
+            knots = sorted({s.shape.num_tokens for s in samples})
+    knots = list(knots)
+    has_prefill = [s.shape.prefill_attention > 0 for s in samples]
+    with_step = any(has_prefill) and not all(has_prefill)
+    k = len(knots)
+    num_params = k + 4
     rows, targets = [], []
-    for sample in samples:
+    for sample, prefill in zip(samples, has_prefill, strict=True):
         row = [0.0] * num_params
         for i, w in _hat_weights(knots, sample.shape.num_tokens):
             row[i] += w
-        row[len(knots)] = max(0, sample.shape.num_sampled - 1)
-        row[len(knots) + 1] = sample.shape.prefill_attention
-        row[len(knots) + 2] = sample.shape.decode_context
+        row[k] = max(0, sample.shape.num_sampled - 1)
+        row[k + 1] = sample.shape.prefill_attention
+        row[k + 2] = sample.shape.decode_context
+        row[k + 3] = 1.0 if prefill else 0.0
         weight = 1.0 / sample.seconds
         rows.append([v * weight for v in row])
         targets.append((sample.seconds - step_overhead_s) * weight)
     a, b = np.asarray(rows), np.asarray(targets)
-    free = list(range(num_params))
+    free = list(range(num_params if with_step else num_params - 1))
     for _ in range(num_params):
         solution = np.zeros(num_params)
         solution[free] = np.linalg.lstsq(a[:, free], b, rcond=None)[0]
-        negative = [i for i in free if solution[i] < 0 and i >= len(knots)]
+        negative = [i for i in free if solution[i] < 0 and i >= k]
         if not negative:
             break
         free = [i for i in free if i not in negative]
     values = [max(0.0, float(v)) for v in solution]
     return StepCost(
         token_knots=tuple(knots),
-        token_seconds=tuple(values[: len(knots)]),
-        row_s=values[len(knots)],
-        prefill_attention_s=values[len(knots) + 1],
-        decode_attention_s=values[len(knots) + 2],
+        token_seconds=tuple(values[:k]),
+        row_s=values[k],
+        prefill_attention_s=values[k + 1],
+        decode_attention_s=values[k + 2],
         step_overhead_s=step_overhead_s,
+        prefill_step_s=values[k + 3],
     )
 
 

@@ -90,3 +90,33 @@ def test_a_prefill_after_context_pins_attention_without_a_fresh_prefill_of_its_s
     assert fitted.token_knots == truth.token_knots  # no knot at 128
     assert fitted.prefill_attention_s == pytest.approx(truth.prefill_attention_s, rel=1e-6)
     assert fitted.token_seconds == pytest.approx(truth.token_seconds, rel=1e-6)
+
+
+def test_a_step_with_a_prefill_span_pays_the_layer_path_once():
+    cost = StepCost((1, 101), (0.01, 0.02), 0.0, 0.0, 0.0, prefill_step_s=0.005)
+    assert cost.seconds(StepShape(3, 3, 0, 30)) == pytest.approx(0.0102)  # decode rows only
+    assert cost.seconds(StepShape(3, 1, 4, 10)) == pytest.approx(0.0152)  # a 2-token tail
+    assert cost.seconds(StepShape(101, 1, 100 * 100, 10)) == pytest.approx(0.025)
+    params = SamplingParams()
+    decode = Request("d", list(range(11)), params)
+    chunk = Request("p", list(range(300)), params)
+    timer = StepTimer(cost, max_tokens=128)
+    for scheduled in ([ScheduledRequest(decode, 1, 10)], [ScheduledRequest(chunk, 100, 50)]):
+        assert timer(scheduled) == cost.step_seconds(scheduled)
+    assert StepCost.from_dict(cost.to_dict()) == cost
+    assert cost.scaled(2.0).prefill_step_s == 0.01
+
+
+def test_the_fit_separates_the_prefill_path_from_decode_rows_of_the_same_size():
+    truth = StepCost(
+        (1, 16, 64, 256), (0.008, 0.012, 0.03, 0.1), 0.0004, 2e-7, 1e-6, prefill_step_s=0.004
+    )
+    shapes = [StepShape(q, 1, q * q, 0) for q in (16, 64, 256)]
+    shapes += [StepShape(q, 1, q * (q + 512), 0) for q in (64, 256)]
+    shapes += [StepShape(b, b, 0, b * c) for b in (1, 16, 64) for c in (64, 1024)]
+    fitted = fit_step_cost([TimedStep(s, truth.seconds(s)) for s in shapes])
+    assert fitted.prefill_step_s == pytest.approx(0.004, rel=1e-6)
+    assert fitted.token_seconds == pytest.approx(truth.token_seconds, rel=1e-6)
+    # With fixed knots (a real run's many sizes), the same parameters.
+    fixed = fit_step_cost([TimedStep(s, truth.seconds(s)) for s in shapes], knots=(1, 16, 64, 256))
+    assert fixed.prefill_step_s == pytest.approx(0.004, rel=1e-6)

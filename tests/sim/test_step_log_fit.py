@@ -1,0 +1,92 @@
+"""Calibrating on a real run's step log (sim/step_log_fit.py): the worker loop's time
+between steps and the simulator charging it on every step, steps that overlapped another
+worker's, and the trimmed fit recovering a known cost from steps of which some were slowed
+by another program. Hand-computed."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.bench.loadgen import Arrival
+from pdserve.sim.cost_model import StepCost, StepShape
+from pdserve.sim.run import simulate
+from pdserve.sim.step_log_fit import (
+    alone,
+    fit_step_log,
+    loop_overhead_s,
+    overheads,
+    with_step_overhead,
+)
+from tests.sim.builders import layout, make_profile, spec
+
+
+def step(t: float, execute: float, schedule: float = 0.0001, update: float = 0.0002) -> dict:
+    return {"t": t, "schedule": schedule, "execute": execute, "update": update}
+
+
+def test_overhead_is_schedule_update_and_the_gap_to_the_next_step():
+    records = [
+        step(0.0, 0.010),  # ends at 0.0103; next starts 0.2 ms later
+        step(0.0105, 0.010),  # ends at 0.0208; next starts 0.6 ms later
+        step(0.0214, 0.010),  # ends at 0.0217; the next one 1 s later: idle, left out
+        step(1.0217, 0.010),
+    ]
+    assert overheads(records) == pytest.approx([0.0005, 0.0009])
+    assert loop_overhead_s([records, [step(0.0, 0.01), step(0.0108, 0.01)]]) == pytest.approx(
+        0.0008  # the median of 0.5, 0.9 and 0.8 ms
+    )
+
+
+def test_no_consecutive_steps_is_an_error():
+    with pytest.raises(ValueError, match="no two consecutive"):
+        loop_overhead_s([[step(0.0, 0.01)]])
+
+
+def test_the_simulator_adds_it_to_every_step():
+    profile = with_step_overhead(make_profile(), 0.002)
+    assert {c.step_overhead_s for c in profile.costs.values()} == {0.002}
+    serve = layout("aggregated")
+    record = simulate(
+        serve, profile, [spec(100, 5)], Arrival.poisson(float("inf")), num_requests=1
+    ).records[0]
+    # AddRequest 1 ms; prefill of 101 tokens 20 ms + 2 ms; token to the router 1 ms.
+    assert record.ttft_s == pytest.approx(0.024)
+    assert record.itl_s == pytest.approx([0.012] * 4)  # each decode step 10 + 2 ms
+
+
+def logged(t: float, execute: float, tokens: int, sampled: int, pa: int, dc: int) -> dict:
+    return {
+        "t": t,
+        "schedule": 0.0,
+        "execute": execute,
+        "update": 0.0,
+        "tokens": tokens,
+        "sampled": sampled,
+        "prefill_attention": pa,
+        "decode_context": dc,
+    }
+
+
+def test_steps_that_overlap_another_workers_step_are_not_alone():
+    a = [logged(0.0, 0.010, 1, 1, 0, 10), logged(0.020, 0.010, 1, 1, 0, 11)]
+    b = [logged(0.025, 0.010, 1, 1, 0, 10), logged(0.050, 0.010, 1, 1, 0, 11)]
+    kept = alone({"a": a, "b": b})
+    assert kept == {"a": [a[0]], "b": [b[1]]}  # a[1] (20-30 ms) and b[0] (25-35 ms) overlap
+
+
+def test_the_fit_drops_steps_another_program_slowed_and_recovers_the_cost():
+    truth = StepCost((1, 16, 64), (0.008, 0.012, 0.03), 0.0004, 2e-7, 1e-6, prefill_step_s=0.004)
+    shapes = [StepShape(q, 1, q * q, 0) for q in (16, 64)] + [StepShape(40, 1, 40 * 60, 0)]
+    shapes += [StepShape(q, 1, q * (q + 512), 0) for q in (16, 64)]  # after context
+    shapes += [StepShape(b, b, 0, b * c) for b in (1, 4, 16, 64) for c in (64, 1024)]
+    records = [
+        logged(
+            i, truth.seconds(s), s.num_tokens, s.num_sampled, s.prefill_attention, s.decode_context
+        )
+        for i, s in enumerate(shapes)
+    ]
+    slowed = [dict(r, execute=2.5 * r["execute"]) for r in records[::3]]  # a busy neighbour
+    fitted = fit_step_log(records + slowed)
+    for s in shapes:
+        assert fitted.seconds(s) == pytest.approx(truth.seconds(s), rel=1e-6)
+    assert fitted.prefill_step_s == pytest.approx(0.004, rel=1e-6)
