@@ -276,11 +276,24 @@ def summarize(out: Path) -> None:
             top = max(runs[s]["phases"][i]["goodput"] for s in statics) if statics else best[p]
             ratios.append(f"{p} {runs[name]['phases'][i]['goodput'] / top:.2f}x")
         print(f"{name} vs best static: " + ", ".join(ratios))
-        for when, roles in runs[name]["server"]["role_timeline"]:
-            print(f"  t={when:>6.1f}s roles {roles}")
-        for d in runs[name]["server"]["planner"]["decisions"]:
-            if d["moves"]:
-                print(f"  planner (age {d['age_s']} s): {d['reason']}; moves {d['moves']}")
+        print_switches(runs[name]["server"])
+
+
+def print_switches(server: dict) -> None:
+    """Each switch at its time from the run's start, what its drain did to the requests
+    on the worker, and the planner's reason for the move."""
+    end = server["run_seconds"]
+    for when, roles in server["role_timeline"]:
+        print(f"  t={when:>6.1f}s roles {roles}")
+    for s in server["switches"]:
+        if isinstance(s, dict):
+            print(
+                f"  switch ended t={end - s['age_s']:.0f}s {s['worker_id']} {s['from']}->{s['to']}"
+                f" in {s['seconds']} s: {s['num_finished']} finished, {s['num_migrated']} moved"
+            )
+    for d in server["planner"]["decisions"]:
+        if d["moves"]:
+            print(f"  planner t={end - d['age_s']:.0f}s: {d['reason']}; moves {d['moves']}")
 
 
 def main() -> None:

@@ -91,3 +91,38 @@ def test_scale_out_and_in_through_the_admin_api(builtin_model_dir):
         assert admin(server, "DELETE", "/admin/workers/nobody").status_code == 404
     finally:
         assert server.stop() == 0
+
+
+def test_auto_mode_serves_with_two_decode_workers_and_back(builtin_model_dir):
+    """The planner's one-move transitions in auto mode (control/planner.py
+    `Layout.serving`): 1P/1D -> 2D (both prefill locally, nothing to hand prompts to) and
+    back, under streaming load, token-exact."""
+    server = ServerProcess(
+        "--mode", "auto", "--prefill-workers", "1", "--decode-workers", "1", *COMMON
+    )
+    try:
+        texts = prompts(6, words=40)
+        expected = reference(server, texts)
+        streams, threads = run_streams(server.url, texts, MAX_TOKENS)
+        wait_for(lambda: all(len(s.chunks) >= 2 for s in streams), what="decoding")
+        r = admin(server, "POST", "/admin/workers/prefill-0/role", json={"role": "decode"})
+        assert r.status_code == 200, r.text
+        for t in threads:
+            t.join(120)
+        assert_all_exact(streams, expected)
+        roles = {w: info["role"] for w, info in workers(server).items()}
+        assert roles == {"prefill-0": "decode", "decode-0": "decode"}
+        streams, threads = run_streams(server.url, texts, MAX_TOKENS)  # 2D: all local
+        for t in threads:
+            t.join(120)
+        assert_all_exact(streams, expected)
+        r = admin(server, "POST", "/admin/workers/decode-0/role", json={"role": "prefill"})
+        assert r.status_code == 200, r.text  # 1P/1D again, the other way round
+        streams, threads = run_streams(server.url, texts, MAX_TOKENS)
+        for t in threads:
+            t.join(120)
+        assert_all_exact(streams, expected)
+        assert counter(server, "pdserve:role_switches_total") == 2
+        assert_pools_idle(server)
+    finally:
+        assert server.stop() == 0
