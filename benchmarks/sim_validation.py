@@ -105,7 +105,9 @@ def real_run(settings: dict, specs, slo, rate: float, num_requests: int, log_dir
         proc.stop()
 
 
-def sim_run(settings: dict, profile, specs, slo, rate: float, num_requests: int, load=0.0):
+def sim_run(
+    settings: dict, profile, specs, slo, rate: float, num_requests: int, load=0.0, host=None
+):
     from pdserve.bench.loadgen import Arrival
     from pdserve.serve import ServeConfig
     from pdserve.sim.run import simulate
@@ -120,6 +122,7 @@ def sim_run(settings: dict, profile, specs, slo, rate: float, num_requests: int,
         seed=SEED,
         config=_config(slo),
         background_load=load,
+        host_slowdown=host,
     )
 
 
@@ -212,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the real workers log every engine step into --out-dir/<case>_steps/ "
         "(benchmarks/step_log_compare.py prices them with a profile)",
     )
+    p.add_argument(
+        "--replay-host",
+        action="store_true",
+        help="also simulate each case with its real run's host slowdown replayed "
+        "(from --out-dir/<case>_steps/, sim/host_trace.py): the result's sim_replayed",
+    )
     p.add_argument("--json-out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.resim and (args.out_dir is None or not args.profile):
@@ -273,6 +282,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         sim = sim_run(configs[name], profile, specs, slo, rate, num_requests)
         loaded = sim_run(configs[name], profile, specs, slo, rate, num_requests, background)
+        replayed = None
+        if args.replay_host and (args.out_dir / f"{tag}_steps").is_dir():
+            from pdserve.engine.step_log import read_step_log
+            from pdserve.sim.host_trace import from_step_logs
+
+            host = from_step_logs(read_step_log(args.out_dir / f"{tag}_steps"), profile)
+            run = sim_run(configs[name], profile, specs, slo, rate, num_requests, host=host)
+            replayed = row(metrics.summarize(run, slo))
         for kind, run in (("real", real), ("sim", sim)) if not args.resim else (("sim", sim),):
             text = metrics.to_json(run, metrics.summarize(run, slo))
             (args.out_dir / f"{tag}_{kind}.json").write_text(text + "\n")
@@ -287,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 "real": r,
                 "sim": s,
                 "sim_with_background": b,
+                "sim_replayed": replayed,
             }
         )
         cells = " | ".join(

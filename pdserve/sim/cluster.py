@@ -46,6 +46,7 @@ from pdserve.router.ledger import LoadLedger
 from pdserve.serve_config import ServeConfig
 from pdserve.sim.cost_model import StepCost
 from pdserve.sim.handles import SimHandle, SimPool, SimStats
+from pdserve.sim.host_trace import HostSlowdown
 from pdserve.sim.profile import Profile
 from pdserve.sim.router_side import Flight, SimRouter
 from pdserve.sim.sharing import FrontEnd, speeds
@@ -63,6 +64,7 @@ class ClusterSim(SimRouter):
         background_load: float = 0.0,
         decode_runs: bool = True,
         busy_workers: int = 0,
+        host_slowdown: HostSlowdown | None = None,
     ) -> None:
         """`max_blocks`: cap each KV pool (the planner's shortcut: a pool larger than its
         requests can ever fill only costs set-up time, but it also keeps more prefixes
@@ -70,7 +72,8 @@ class ClusterSim(SimRouter):
         the profile's (the planner times one phase alone by making the other free).
         `background_load`: threads of other programs running on the machine all along
         (a shared host), which take their share of the cores. `busy_workers`: workers
-        outside the simulation stepping all along (sim/sharing.py)."""
+        outside the simulation stepping all along (sim/sharing.py). `host_slowdown`: a real
+        run's measured slowdown over time, replayed on every worker (sim/host_trace.py)."""
         self.serve = serve
         self.decode_runs = decode_runs
         self.max_blocks = max_blocks
@@ -97,6 +100,10 @@ class ClusterSim(SimRouter):
         self.background_load = background_load
         self.busy_workers = busy_workers
         self._steps: dict[str, Busy] = {}
+        self._host_factor = 1.0
+        if host_slowdown is not None:
+            for t, factor in zip(host_slowdown.times, host_slowdown.factors, strict=True):
+                self.at(t, self._set_host_factor, factor)
         self._inbox: dict[str, deque] = {w: deque() for w in self.workers}
         self._flights: dict[str, Flight] = {}
         self.frontend = FrontEnd()
@@ -226,10 +233,11 @@ class ClusterSim(SimRouter):
         """Every work in progress's speed now (sim/sharing.py). Work whose speed is
         unchanged keeps its end event."""
         steps = self._steps
+        host = 1.0 / self._host_factor
         if not self.shares_cores:  # own devices: only the new step needs its end event
             if started is not None:
                 busy = steps[started]
-                busy.set_speed(self.now, 1.0)
+                busy.set_speed(self.now, host)
                 self.at(busy.end_time(), self._end_step, started, busy, busy.version)
             return
         profile = self.profile
@@ -243,10 +251,20 @@ class ClusterSim(SimRouter):
             curve=profile.contention_curve,
         )
         for key, busy in steps.items():
-            speed = new[key]
+            speed = new[key] if busy.worker is self.frontend else new[key] * host
             if key != started and speed == busy.speed:
                 continue
             busy.set_speed(self.now, speed)
+            self.at(busy.end_time(), self._end_step, key, busy, busy.version)
+
+    def _set_host_factor(self, factor: float) -> None:
+        """The replayed host slowdown changes (sim/host_trace.py): every step's speed too."""
+        self._host_factor = factor
+        if self.shares_cores:
+            self._reschedule(None)
+            return
+        for key, busy in self._steps.items():
+            busy.set_speed(self.now, 1.0 / factor)
             self.at(busy.end_time(), self._end_step, key, busy, busy.version)
 
     def _frontend_work(self, seconds: float) -> None:

@@ -24,6 +24,7 @@ from pdserve.bench.types import RequestRecord, RequestSpec, RunResult
 from pdserve.errors import ConfigError
 from pdserve.serve_config import ServeConfig
 from pdserve.sim.cluster import ClusterSim
+from pdserve.sim.host_trace import HostSlowdown
 from pdserve.sim.profile import Profile
 from pdserve.sim.tokens import PromptEncoder
 
@@ -124,15 +125,24 @@ def simulate(
     background_load: float = 0.0,
     decode_runs: bool = True,
     busy_workers: int = 0,
+    host_slowdown: HostSlowdown | None = None,
 ) -> RunResult:
     """Run `specs` through a simulated `serve` deployment; what a client would measure.
-    `decode_runs=False` simulates every step on its own (slower; the same clock)."""
+    `decode_runs=False` simulates every step on its own (slower; the same clock).
+    `host_slowdown`: replay a real run's measured host slowdown (sim/host_trace.py)."""
     if not specs:
         raise ConfigError("specs", "no requests to send")
     if num_requests is None and duration_s is None and arrival.kind != "trace":
         raise ConfigError("num_requests", "give a number of requests or a duration")
     sim = ClusterSim(
-        serve, profile, max_blocks, role_costs, background_load, decode_runs, busy_workers
+        serve,
+        profile,
+        max_blocks,
+        role_costs,
+        background_load,
+        decode_runs,
+        busy_workers,
+        host_slowdown,
     )
     load = _Load(sim, specs, encoder or PromptEncoder(), num_requests, duration_s)
     if arrival.kind == "concurrency":

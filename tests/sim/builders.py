@@ -56,3 +56,14 @@ def spec(num_words: int, max_tokens: int, first: str = "alpha") -> RequestSpec:
     """A completion of BOS + `num_words` words (stand-in ids: one id per word)."""
     words = [first] + [f"w{i}" for i in range(num_words - 1)]
     return RequestSpec(prompt=" ".join(words), max_tokens=max_tokens)
+
+
+def one_request(profile: Profile, mode: str = "aggregated", max_tokens: int = 3, **kw):
+    """The record of one 101-token prompt sent alone to a `mode` layout."""
+    from pdserve.bench.loadgen import Arrival
+    from pdserve.sim.run import simulate
+
+    specs = [spec(100, max_tokens)]
+    return simulate(
+        layout(mode), profile, specs, Arrival.poisson(float("inf")), num_requests=1, **kw
+    ).records[0]

@@ -1,14 +1,18 @@
 """Calibrating on a real run's step log (sim/step_log_fit.py): the worker loop's time
 between steps and the simulator charging it on every step, steps that overlapped another
 worker's, and the trimmed fit recovering a known cost from steps of which some were slowed
-by another program. Hand-computed."""
+by another program; the host's slowdown per window, measured and replayed
+(sim/host_trace.py). Hand-computed."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 
 from pdserve.bench.loadgen import Arrival
 from pdserve.sim.cost_model import StepCost, StepShape
+from pdserve.sim.host_trace import HostSlowdown, from_step_logs
 from pdserve.sim.run import simulate
 from pdserve.sim.step_log_fit import (
     alone,
@@ -17,7 +21,7 @@ from pdserve.sim.step_log_fit import (
     overheads,
     with_step_overhead,
 )
-from tests.sim.builders import layout, make_profile, spec
+from tests.sim.builders import layout, make_profile, one_request, spec
 
 
 def step(t: float, execute: float, schedule: float = 0.0001, update: float = 0.0002) -> dict:
@@ -64,6 +68,7 @@ def logged(t: float, execute: float, tokens: int, sampled: int, pa: int, dc: int
         "sampled": sampled,
         "prefill_attention": pa,
         "decode_context": dc,
+        "threads": 1,
     }
 
 
@@ -90,3 +95,28 @@ def test_the_fit_drops_steps_another_program_slowed_and_recovers_the_cost():
     for s in shapes:
         assert fitted.seconds(s) == pytest.approx(truth.seconds(s), rel=1e-6)
     assert fitted.prefill_step_s == pytest.approx(0.004, rel=1e-6)
+
+
+def test_a_replayed_host_slowdown_stretches_the_steps_in_its_window():
+    # Factor 2 until 11 ms: the prefill (20 ms of work from 1 ms) does 5 ms of work by
+    # 11 ms and the other 15 ms at full speed: it ends at 26 ms, the token is at the
+    # router at 27 ms. The decode steps after run at full speed.
+    slow = HostSlowdown((0.0, 0.011), (2.0, 1.0))
+    for profile in (
+        make_profile(),
+        dataclasses.replace(make_profile(), hardware={"device": "cuda"}),
+    ):
+        record = one_request(profile, host_slowdown=slow)
+        assert record.ttft_s == pytest.approx(0.027)
+        assert record.itl_s == pytest.approx([0.010, 0.010])
+
+
+def test_the_slowdown_per_window_is_measured_over_priced_steps_that_ran_alone():
+    profile = make_profile()  # tokens(N) = 10 ms + 0.1 ms per token past the first
+    a = [logged(100.0, 0.020, 1, 1, 0, 10), logged(100.5, 0.010, 1, 1, 0, 11)]
+    a += [logged(104.2, 0.030, 1, 1, 0, 12)]  # window 2 (4-6 s): 3x
+    b = [logged(100.505, 0.010, 1, 1, 0, 10)]  # overlaps a[1]: neither counts
+    slow = from_step_logs({"a": a, "b": b}, profile, window_s=2.0)
+    assert slow.times == (0.0, 2.0, 4.0, 6.0)
+    assert slow.factors == pytest.approx((2.0, 1.0, 3.0, 1.0))
+    assert slow.factor(5.0) == pytest.approx(3.0) and slow.factor(60.0) == 1.0
