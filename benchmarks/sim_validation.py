@@ -70,6 +70,60 @@ def runnable_weight(samples: int = 10, interval_s: float = 0.2) -> float:
     return total / samples
 
 
+def _descendants(root: int) -> set[int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    family, grew = {root}, True
+    while grew:
+        new = {pid for pid, parent in parents.items() if parent in family} - family
+        family |= new
+        grew = bool(new)
+    return family
+
+
+class BackgroundSampler:
+    """`runnable_weight` of every process outside this one's tree (the server, its
+    workers and the client are ours), sampled every `interval_s` (a scan costs ~20-50 ms of this
+    process's CPU, so not more often) while a real run
+    goes: the trace `--replay-background` feeds the simulation (time 0: the start)."""
+
+    def __init__(self, interval_s: float = 2.0) -> None:
+        import threading
+
+        self.interval_s = interval_s
+        self.trace: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> BackgroundSampler:
+        self._start = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            ours = _descendants(os.getpid())
+            total = 0.0
+            for task in Path("/proc").glob("[0-9]*/task/[0-9]*/stat"):
+                try:
+                    fields = task.read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if fields[0] == "R" and int(task.parent.parent.parent.name) not in ours:
+                    total += 1.25 ** -int(fields[16])
+            self.trace.append((round(time.monotonic() - self._start, 3), round(total, 3)))
+            self._stop.wait(self.interval_s)
+
+
 def configurations() -> dict[str, dict]:
     data = yaml.safe_load(HEADLINE.read_text())
     return {c.pop("name"): c for c in data["configurations"]}
@@ -106,7 +160,15 @@ def real_run(settings: dict, specs, slo, rate: float, num_requests: int, log_dir
 
 
 def sim_run(
-    settings: dict, profile, specs, slo, rate: float, num_requests: int, load=0.0, host=None
+    settings: dict,
+    profile,
+    specs,
+    slo,
+    rate: float,
+    num_requests: int,
+    load=0.0,
+    host=None,
+    trace=(),
 ):
     from pdserve.bench.loadgen import Arrival
     from pdserve.serve import ServeConfig
@@ -123,6 +185,7 @@ def sim_run(
         config=_config(slo),
         background_load=load,
         host_slowdown=host,
+        background_trace=trace,
     )
 
 
@@ -221,6 +284,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also simulate each case with its real run's host slowdown replayed "
         "(from --out-dir/<case>_steps/, sim/host_trace.py): the result's sim_replayed",
     )
+    p.add_argument(
+        "--replay-background",
+        action="store_true",
+        help="also simulate each case with the other programs' load sampled during its "
+        "real run (meta background_trace) as a changing background_load: "
+        "the result's sim_background_trace",
+    )
     p.add_argument("--json-out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.resim and (args.out_dir is None or not args.profile):
@@ -273,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
                 "background_weighted": runnable_weight(),
             }
             steps = args.out_dir / f"{tag}_steps" if args.step_log else None
-            real = real_run(configs[name], specs, slo, rate, num_requests, args.out_dir, steps)
+            with BackgroundSampler() as sampler:
+                real = real_run(configs[name], specs, slo, rate, num_requests, args.out_dir, steps)
+            meta["background_trace"] = sampler.trace
             meta["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
             meta_path.write_text(json.dumps(meta) + "\n")
         started = meta["at"]
@@ -290,6 +362,18 @@ def main(argv: list[str] | None = None) -> int:
             host = from_step_logs(read_step_log(args.out_dir / f"{tag}_steps"), profile)
             run = sim_run(configs[name], profile, specs, slo, rate, num_requests, host=host)
             replayed = row(metrics.summarize(run, slo))
+        traced = None
+        if args.replay_background and meta.get("background_trace"):
+            run = sim_run(
+                configs[name],
+                profile,
+                specs,
+                slo,
+                rate,
+                num_requests,
+                trace=[tuple(x) for x in meta["background_trace"]],
+            )
+            traced = row(metrics.summarize(run, slo))
         for kind, run in (("real", real), ("sim", sim)) if not args.resim else (("sim", sim),):
             text = metrics.to_json(run, metrics.summarize(run, slo))
             (args.out_dir / f"{tag}_{kind}.json").write_text(text + "\n")
@@ -305,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                 "sim": s,
                 "sim_with_background": b,
                 "sim_replayed": replayed,
+                "sim_background_trace": traced,
             }
         )
         cells = " | ".join(

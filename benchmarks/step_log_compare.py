@@ -32,7 +32,12 @@ from pdserve.engine.step_log import read_step_log
 from pdserve.sim.cost_model import StepShape
 from pdserve.sim.profile import Profile
 
-BUSY_GAP_S = 0.05  # a gap longer than this between steps is idle time, not loop overhead
+BUSY_GAP_S = 0.05
+# A thread count is refitted only from this many steps that ran alone, this many of them
+# with a prefill span (two busy workers rarely leave one alone: a few hundred decode steps
+# do not pin tokens(N) of prefills).
+MIN_STEPS = 500
+MIN_PREFILL_STEPS = 50  # a gap longer than this between steps is idle time, not loop overhead
 
 
 def step_class(r: dict) -> str:
@@ -140,10 +145,19 @@ def calibrate(profile: Profile, dirs: list[Path], trim: float | None) -> Profile
     overhead = f.loop_overhead_s(logs)
     costs = dict(profile.costs)
     for threads, records in sorted(by_threads.items()):
+        num_prefill = sum(1 for r in records if r["prefills"])
+        if len(records) < MIN_STEPS or num_prefill < MIN_PREFILL_STEPS:
+            print(
+                f"{threads} threads: {len(records)} steps ran alone ({num_prefill} with a "
+                "prefill span): too few to fit; the profile's cost is kept"
+            )
+            del by_threads[threads]
+            continue
         costs[threads] = f.fit_step_log(records, trim=trim if trim is not None else f.TRIM)
     calibrated = dataclasses.replace(profile, costs=costs)
     calibrated = f.with_step_overhead(calibrated, overhead)
     sizes = ", ".join(f"{t} threads: {len(r)} steps" for t, r in sorted(by_threads.items()))
+    sizes = sizes or "none refitted"
     notes = (
         f"step costs refitted on step logs of {len(dirs)} runs ({sizes})",
         f"loop overhead {1e3 * overhead:.3f} ms per step from the same logs",

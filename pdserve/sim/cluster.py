@@ -39,7 +39,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from pdserve.router.kv_index import KVIndex
 from pdserve.router.ledger import LoadLedger
@@ -65,6 +65,7 @@ class ClusterSim(SimRouter):
         decode_runs: bool = True,
         busy_workers: int = 0,
         host_slowdown: HostSlowdown | None = None,
+        background_trace: Sequence[tuple[float, float]] = (),
     ) -> None:
         """`max_blocks`: cap each KV pool (the planner's shortcut: a pool larger than its
         requests can ever fill only costs set-up time, but it also keeps more prefixes
@@ -73,7 +74,9 @@ class ClusterSim(SimRouter):
         `background_load`: threads of other programs running on the machine all along
         (a shared host), which take their share of the cores. `busy_workers`: workers
         outside the simulation stepping all along (sim/sharing.py). `host_slowdown`: a real
-        run's measured slowdown over time, replayed on every worker (sim/host_trace.py)."""
+        run's measured slowdown over time, replayed on every worker (sim/host_trace.py).
+        `background_trace`: (time, threads) samples of other programs' load during a real
+        run, replayed as a `background_load` that changes at each sample's time."""
         self.serve = serve
         self.decode_runs = decode_runs
         self.max_blocks = max_blocks
@@ -104,6 +107,8 @@ class ClusterSim(SimRouter):
         if host_slowdown is not None:
             for t, factor in zip(host_slowdown.times, host_slowdown.factors, strict=True):
                 self.at(t, self._set_host_factor, factor)
+        for t, threads in background_trace:
+            self.at(t, self._set_background, threads)
         self._inbox: dict[str, deque] = {w: deque() for w in self.workers}
         self._flights: dict[str, Flight] = {}
         self.frontend = FrontEnd()
@@ -256,6 +261,10 @@ class ClusterSim(SimRouter):
                 continue
             busy.set_speed(self.now, speed)
             self.at(busy.end_time(), self._end_step, key, busy, busy.version)
+
+    def _set_background(self, threads: float) -> None:
+        self.background_load = threads
+        self._reschedule(None)
 
     def _set_host_factor(self, factor: float) -> None:
         """The replayed host slowdown changes (sim/host_trace.py): every step's speed too."""

@@ -126,10 +126,12 @@ def simulate(
     decode_runs: bool = True,
     busy_workers: int = 0,
     host_slowdown: HostSlowdown | None = None,
+    background_trace: Sequence[tuple[float, float]] = (),
 ) -> RunResult:
     """Run `specs` through a simulated `serve` deployment; what a client would measure.
     `decode_runs=False` simulates every step on its own (slower; the same clock).
-    `host_slowdown`: replay a real run's measured host slowdown (sim/host_trace.py)."""
+    `host_slowdown`: replay a real run's measured host slowdown (sim/host_trace.py);
+    `background_trace`: (time, threads) of other programs' load sampled during one."""
     if not specs:
         raise ConfigError("specs", "no requests to send")
     if num_requests is None and duration_s is None and arrival.kind != "trace":
@@ -143,6 +145,7 @@ def simulate(
         decode_runs,
         busy_workers,
         host_slowdown,
+        background_trace,
     )
     load = _Load(sim, specs, encoder or PromptEncoder(), num_requests, duration_s)
     if arrival.kind == "concurrency":

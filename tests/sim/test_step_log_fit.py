@@ -120,3 +120,11 @@ def test_the_slowdown_per_window_is_measured_over_priced_steps_that_ran_alone():
     assert slow.times == (0.0, 2.0, 4.0, 6.0)
     assert slow.factors == pytest.approx((2.0, 1.0, 3.0, 1.0))
     assert slow.factor(5.0) == pytest.approx(3.0) and slow.factor(60.0) == 1.0
+
+
+def test_a_sampled_background_load_takes_its_share_while_it_lasts():
+    # One core; another program's thread runnable until 11 ms: the prefill runs at half
+    # speed until then (5 of its 20 ms of work), the rest at full speed, as above.
+    record = one_request(make_profile(cores=1), background_trace=[(0.0, 1.0), (0.011, 0.0)])
+    assert record.ttft_s == pytest.approx(0.027)
+    assert record.itl_s == pytest.approx([0.010, 0.010])
