@@ -197,6 +197,11 @@ def test_a_layout_that_meets_its_slos_is_not_recalibrated():
     fc = forecast(log, CONFIG, now=60.0)
     rates, cal = calibrate(PD_BETTER, Layout(0, 0, 2), fc, log, CONFIG, now=60.0)
     assert (rates, cal.factor, cal.num_outcomes) == (PD_BETTER, 1.0, 40)
+    # Fewer finished than the forecast says arrived (1.5 of 2.0 req/s: Poisson noise, or
+    # requests still running) but every one met its SLO: no evidence of saturation.
+    slow = log_with_outcomes(num_met=30, num_missed=0)
+    rates, cal = calibrate(PD_BETTER, Layout(0, 0, 2), fc, slow, CONFIG, now=60.0)
+    assert (rates, cal.factor, cal.delivered) == (PD_BETTER, 1.0, pytest.approx(1.5))
     few = RequestLog()
     few.record_outcome(None, None, now=59.0)  # a miss, but too few outcomes to judge by
     assert calibrate(PD_BETTER, Layout(0, 0, 2), fc, few, CONFIG, 60.0)[1].factor == 1.0
