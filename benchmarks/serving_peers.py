@@ -75,6 +75,10 @@ PDSERVE_CONFIGS = {
         "engine": {"kv_cache_memory_gib": 2.0},
     },
 }
+# The same as pdserve-aggregated with decode steps layer by layer through PyTorch instead of
+# one C call (kernels/decode_step.c): the fused step's effect, side by side (not in the default).
+PDSERVE_CONFIGS["pdserve-aggregated-unfused"] = PDSERVE_CONFIGS["pdserve-aggregated"]
+PDSERVE_ENV = {"pdserve-aggregated-unfused": {"PDSERVE_FUSED_DECODE": "0"}}
 PEERS = ("llama-server", "transformers-serve")
 
 
@@ -125,7 +129,7 @@ def start_server(name: str, model_dir: Path, log_dir: Path, context: int, specs)
     log_path = log_dir / f"{name}.log"
     if name in PDSERVE_CONFIGS:
         settings = {"model": str(model_dir), **PDSERVE_CONFIGS[name]}
-        server = ServeProcess(settings, log_path=log_path)
+        server = ServeProcess(settings, log_path=log_path, env=PDSERVE_ENV.get(name))
         return server, None, {"ignore_eos": True, "temperature": 0.0}
     port = free_port()
     if name == "llama-server":
@@ -219,7 +223,8 @@ def _rounded(row: dict) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model folder (default: built-in)")
-    parser.add_argument("--servers", default=",".join([*PDSERVE_CONFIGS, *PEERS]))
+    default = [n for n in PDSERVE_CONFIGS if n not in PDSERVE_ENV]
+    parser.add_argument("--servers", default=",".join([*default, *PEERS]))
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--workload", default="random:in=256,out=128")
     parser.add_argument("--num-requests", type=int, default=0, help="per level (0: 3x c, >=16)")
