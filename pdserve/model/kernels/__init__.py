@@ -9,7 +9,8 @@ sampler's maths row by row for the batch-invariant mode (`categorical.c`, same b
 and that mode's matrix product (`gemm.c`, its own library: `invariant.py`), and the
 small-batch decode product over float32 or 16-bit weights (`gemv.c`, bound in `gemv.py`;
 it shares the attention kernel's thread pool, so idle workers of one never spin on the
-cores the other needs). The kernels are plain C called through ctypes — no
+cores the other needs), and a pure-decode step from token ids to logits calling those
+kernels from C in one call (`decode_step.c`, bound in `decode_step.py`). The kernels are plain C called through ctypes — no
 PyTorch headers, so a build takes about a second — and compiled with `-march=native` into
 a cache folder keyed by the source, the flags and the CPU, so a shared home directory on a
 mixed cluster never runs code built for another CPU.
