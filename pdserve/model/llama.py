@@ -271,11 +271,9 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[S, hidden] -> [S, vocab] float32 (sampling maths always runs in float32)."""
-        if (
-            self.fused_decode is not None
-            and (logits := self.fused_decode.logits_of(hidden)) is not None
-        ):
-            return logits  # the fused step's own product of these rows
+        logits = self.fused_decode and self.fused_decode.logits_of(hidden)  # the fused step's
+        if logits is not None:
+            return logits
         return cpu_blas.linear(hidden, self.lm_head, None, self.lm_head_mm).float()
 
     @property
@@ -304,8 +302,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head_mm = cpu_blas.CpuMatmul.prepare(self.lm_head, backend, keep_dense=tied)
         if dtype in cpu_blas.HALF_DTYPES and kernels.is_available():
             self._compute_in_float32()
-        if not batch_invariant:
-            self.fused_decode = FusedDecode.prepare(self)
+        self.fused_decode = None if batch_invariant else FusedDecode.prepare(self)
 
     def _compute_in_float32(self) -> None:
         """16-bit weights on CPU: activations in float32 from here on. Every product already
