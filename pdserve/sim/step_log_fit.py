@@ -65,25 +65,66 @@ def with_step_overhead(profile: Profile, seconds: float) -> Profile:
 
 def alone(logs: Mapping[str, Sequence[dict]]) -> dict[str, list[dict]]:
     """Each worker's steps that overlapped no step of another worker of the same run."""
+    fractions = _overlaps(logs)
+    return {
+        name: [r for r, f in zip(records, fractions[name], strict=True) if f == 0.0]
+        for name, records in logs.items()
+    }
+
+
+def overlapped(logs: Mapping[str, Sequence[dict]], at_least: float = 0.9) -> list[dict]:
+    """Every step that other workers' steps overlapped for `at_least` of its time."""
+    fractions = _overlaps(logs)
+    return [
+        r
+        for name, records in logs.items()
+        for r, f in zip(records, fractions[name], strict=True)
+        if f >= at_least
+    ]
+
+
+def _overlaps(logs: Mapping[str, Sequence[dict]]) -> dict[str, list[float]]:
+    """Per worker, the fraction of each step's execute time during which another worker
+    of the run was executing a step too."""
     spans = {
         name: [(r["t"] + r["schedule"], r["t"] + r["schedule"] + r["execute"]) for r in records]
         for name, records in logs.items()
     }
     out = {}
-    for name, records in logs.items():
+    for name in logs:
         others = sorted(s for other, items in spans.items() if other != name for s in items)
         starts = [s for s, _ in others]
-        kept = []
-        for record, (start, end) in zip(records, spans[name], strict=True):
-            if not _overlaps(others, starts, start, end):
-                kept.append(record)
-        out[name] = kept
+        fractions = []
+        for start, end in spans[name]:
+            i = bisect.bisect_left(starts, end)  # spans starting before our end
+            covered = sum(
+                max(0.0, min(end, e) - max(start, s)) for s, e in others[max(0, i - 64) : i]
+            )
+            fractions.append(min(1.0, covered / (end - start)) if end > start else 0.0)
+        out[name] = fractions
     return out
 
 
-def _overlaps(others: list[tuple[float, float]], starts: list[float], start: float, end: float):
-    i = bisect.bisect_left(starts, end)  # spans starting before our end
-    return any(e > start for _, e in others[max(0, i - 64) : i])
+def contention_from_logs(
+    logs: Iterable[Mapping[str, Sequence[dict]]], profile: Profile
+) -> tuple[float, float]:
+    """`Profile.contention` and `compute_contention` as the serving workers met them:
+    every step another worker overlapped (>= 90 % of its time) against its price alone,
+    split into weight read and compute as `pdserve profile`'s contention runs are
+    (`measure.fit_contention`). In situ, so the front end and the message traffic of a
+    real run are in it; a calm run is needed (other programs' bursts would count too)."""
+    from pdserve.sim.measure import fit_contention
+
+    rows = []
+    for run in logs:
+        for r in overlapped(run):
+            cost = profile.cost(r["threads"])
+            t = cost.seconds(shape(r)) - cost.step_overhead_s
+            m = min(t, cost.tokens_seconds(1))
+            rows.append((m, t - m, r["execute"] - t))
+    if not rows:
+        raise ValueError("no overlapped steps in the step logs")
+    return fit_contention(rows)
 
 
 def shape(record: dict) -> StepShape:

@@ -16,6 +16,7 @@ from pdserve.sim.host_trace import HostSlowdown, from_step_logs
 from pdserve.sim.run import simulate
 from pdserve.sim.step_log_fit import (
     alone,
+    contention_from_logs,
     fit_step_log,
     loop_overhead_s,
     overheads,
@@ -128,3 +129,15 @@ def test_a_sampled_background_load_takes_its_share_while_it_lasts():
     record = one_request(make_profile(cores=1), background_trace=[(0.0, 1.0), (0.011, 0.0)])
     assert record.ttft_s == pytest.approx(0.027)
     assert record.itl_s == pytest.approx([0.010, 0.010])
+
+
+def test_contention_in_situ_splits_the_overlapped_steps_extra_into_read_and_compute():
+    # tokens(N) = 10 ms + 0.1 ms per token past the first: the weights' read (tokens(1))
+    # is 10 ms. With read x1.5 and compute x3: a one-row decode (10 ms, all read) takes
+    # 15 ms; a 101-token prefill (20 ms: 10 read + 10 compute) takes 15 + 30 = 45 ms.
+    profile = make_profile()
+    a = [logged(0.0, 0.045, 101, 1, 101 * 101, 0)]
+    b = [logged(t, 0.015, 1, 1, 0, 0) for t in (0.0, 0.015, 0.030)]  # each inside a[0]
+    b.append(logged(2.0, 0.030, 1, 1, 0, 0))  # alone: left out
+    read, compute = contention_from_logs([{"a": a, "b": b}], profile)
+    assert (read, compute) == (pytest.approx(1.5), pytest.approx(3.0))
