@@ -19,8 +19,9 @@ Bursts (`raw_burst.py`) of N requests written at once, on connections opened bef
 one clock (CLOCK_MONOTONIC in both processes): the client's write of that request, the
 server's first read of it and its write of the 429 (an instrumented protocol subclass,
 ~1 us a request), the client's read of the last byte. So the client's latency splits
-into the wait for the server (`server p99`: write of the 429 - client's write) and the
-client's own lag. Also per burst: time in the server's garbage collector, its CPU per
+into the wait for the server (`server p99`: write of the 429 - client's write), of which
+the refusal itself (`read -> 429`: first read to write), and the client's own lag (its
+read - the server's write). Also per burst: time in the server's garbage collector, its CPU per
 request (from /proc), the client's CPU per request, and the kernel's listen-queue
 overflows (`ListenOverflows`: each is a SYN dropped and retried after 1 s).
 
@@ -210,13 +211,16 @@ def one_burst(server: Server, n: int, connect: str) -> dict:
     row = raw_burst.burst(server.port, n, request, connect, server.proc.pid, keep=kept)
     row["listen_overflows"] = listen_overflows() - overflows0
     dump = server.take_dump()
-    written = {port: wrote for port, _read, wrote in dump["refused"]}
-    server_ms = sorted(
-        (written[port] - sent) * 1000
+    timed = {port: (read, wrote) for port, read, wrote in dump["refused"]}
+    joined = [
+        (sent, *timed[port], done)
         for port, sent, done, status in kept
-        if status in raw_burst.REFUSALS and port in written
-    )
+        if status in raw_burst.REFUSALS and port in timed
+    ]
+    server_ms = sorted((wrote - sent) * 1000 for sent, _, wrote, _ in joined)
     row["server_p50_ms"], row["server_p99_ms"] = pct(server_ms, 50), pct(server_ms, 99)
+    row["refusal_p99_ms"] = pct(sorted((w - r) * 1000 for _, r, w, _ in joined), 99)
+    row["client_lag_p99_ms"] = pct(sorted((d - w) * 1000 for _, _, w, d in joined), 99)
     row["gc_ms"], row["collections"] = dump["gc_s"] * 1000, dump["collections"]
     return row
 
@@ -294,11 +298,12 @@ def main() -> None:
 
 def table(rows: list[dict]) -> tuple[list[str], list[list]]:
     headers = ["variant", "N", "connect", "client p50 ms", "client p99 ms", "server p50 ms"]
-    headers += ["server p99 ms", "GC ms", "listen overflows", "server us/req", "client us/req"]
-    headers += ["statuses"]
+    headers += ["server p99 ms", "read -> 429 p99 ms", "client lag p99 ms", "GC ms"]
+    headers += ["listen overflows", "server us/req", "client us/req", "statuses"]
     keys = ["variant", "n", "connect", "refused_p50_ms", "refused_p99_ms", "server_p50_ms"]
-    keys += ["server_p99_ms", "gc_ms", "listen_overflows", "server_cpu_us_per_request"]
-    keys += ["client_cpu_us_per_request", "statuses"]
+    keys += ["server_p99_ms", "refusal_p99_ms", "client_lag_p99_ms", "gc_ms"]
+    keys += ["listen_overflows", "server_cpu_us_per_request", "client_cpu_us_per_request"]
+    keys += ["statuses"]
     body = [[r[k] for k in keys] for r in rows]
     return headers, body
 

@@ -7,8 +7,8 @@ tracked object, and after start-up that is ~200k of them (FastAPI and pydantic m
 the tokenizer, prometheus, ZeroMQ), ~50-150 ms on this project's hosts. Collections are
 triggered by the net growth of tracked objects (700 more than freed: a young collection;
 every 10th of those looks at the middle generation, every 10th of those at all), and a
-burst of connections grows them fast: each open connection holds ~30 (protocol,
-transport, parser, flow control), so 2000-4000 requests at once ran 1-2 full
+burst of connections grows them fast: each open connection holds tens (protocol,
+transport, parser, flow control, headers), so 2000-4000 requests at once ran 1-2 full
 collections, and the router spent 0.16-0.38 s of such a burst in the collector while
 the refusals waited (docs/benchmarks.md, Overload, "Where a burst's refusal time goes").
 
