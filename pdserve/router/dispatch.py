@@ -50,14 +50,14 @@ class AttemptLost(Exception):
 @dataclass(eq=False)
 class Attempt:
     request_id: str  # what the workers call it
-    sample: object  # the cluster's per-sample state (router/cluster.py)
+    sample: object  # the router's per-sample state (router/samples.py)
     charges: Charges
     prefill_worker: str | None = None  # told to write KV into a reservation
     reservation: asyncio.Future | None = None
     is_resumed: bool = False  # it continues generated tokens (a migration)
     has_output: bool = False  # a token of it came back
     workers: set[str] = field(default_factory=set)  # every worker told about it
-    # Outputs that arrived ahead of a gap, by output index (router/cluster.py _in_order).
+    # Outputs that arrived ahead of a gap, by output index (router/inbound.py in_order).
     pending: dict[int, list] = field(default_factory=dict)
 
 

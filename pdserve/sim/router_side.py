@@ -27,7 +27,7 @@ from pdserve.sim.worker import Output, Reserved, SimWorker, make_request
 
 @dataclass(eq=False)
 class Flight:
-    """One request from the router's side (`router/cluster.py`'s `_Child`)."""
+    """One request from the router's side (`router/samples.py`'s `Sample`)."""
 
     index: int
     request_id: str
@@ -49,7 +49,7 @@ class SimRouter:
     """Mixed into `ClusterSim`, whose state (workers, pool, ledger, index, clock) it uses."""
 
     def dispatch(self, index: int, token_ids: list[int], max_tokens: int) -> Flight:
-        """A request reaching the router now (`ClusterClient._dispatch`)."""
+        """A request reaching the router now (`Samples.place`, router/samples.py)."""
         record = RequestRecord(start_s=self.now, num_prompt_tokens=len(token_ids))
         charges = Charges(len(token_ids))
         flight = Flight(index, f"req-{index}", token_ids, max_tokens, record, charges)
@@ -187,7 +187,7 @@ class SimRouter:
             self._on_token(self._flights[out.request_id], worker_id, out)
 
     def _on_token(self, flight: Flight, worker_id: str, out: Output) -> None:
-        """`ClusterClient._on_outputs` for one output, and the client's clock."""
+        """`Inbound.on_outputs` (router/inbound.py) for one output, and the client's clock."""
         self.ledger.prefill_done(flight.charges)
         is_from_prefill = flight.prefill is not None and worker_id == flight.prefill.worker_id
         if out.is_finished or is_from_prefill:
