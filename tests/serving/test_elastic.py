@@ -93,6 +93,13 @@ def test_scale_out_and_in_through_the_admin_api(builtin_model_dir):
         assert server.stop() == 0
 
 
+def serves_exactly(server: ServerProcess, texts: list[str], expected) -> None:
+    streams, threads = run_streams(server.url, texts, MAX_TOKENS)
+    for t in threads:
+        t.join(120)
+    assert_all_exact(streams, expected)
+
+
 def test_auto_mode_serves_with_two_decode_workers_and_back(builtin_model_dir):
     """The planner's one-move transitions in auto mode (control/planner.py
     `Layout.serving`): 1P/1D -> 2D (both prefill locally, nothing to hand prompts to) and
@@ -112,16 +119,10 @@ def test_auto_mode_serves_with_two_decode_workers_and_back(builtin_model_dir):
         assert_all_exact(streams, expected)
         roles = {w: info["role"] for w, info in workers(server).items()}
         assert roles == {"prefill-0": "decode", "decode-0": "decode"}
-        streams, threads = run_streams(server.url, texts, MAX_TOKENS)  # 2D: all local
-        for t in threads:
-            t.join(120)
-        assert_all_exact(streams, expected)
+        serves_exactly(server, texts, expected)  # 2D: all local
         r = admin(server, "POST", "/admin/workers/decode-0/role", json={"role": "prefill"})
         assert r.status_code == 200, r.text  # 1P/1D again, the other way round
-        streams, threads = run_streams(server.url, texts, MAX_TOKENS)
-        for t in threads:
-            t.join(120)
-        assert_all_exact(streams, expected)
+        serves_exactly(server, texts, expected)
         assert counter(server, "pdserve:role_switches_total") == 2
         assert_pools_idle(server)
     finally:
