@@ -13,6 +13,7 @@ import sys
 import httpx2 as httpx
 import pytest
 
+from pdserve.worker.worker import DRAIN_GRACE_S
 from tests.serving.faults import (
     ADMIN_KEY,
     admin,
@@ -207,7 +208,7 @@ def test_sigterm_drains_a_worker_before_it_exits(builtin_model_dir):
             t.join(120)
         assert_all_exact(streams, expected)
         wait_for(lambda: _is_dead(pid), 30, "the drained worker to exit")
-        wait_for(lambda: any(f"{target} exited" in line for line in server.lines), 10, "the log")
+        wait_for(lambda: any(f"{target} exited" in line for line in server.lines), 60, "the log")
         exits = [line for line in server.lines if f"{target} exited" in line]
         assert f"{target} exited with code 0" in exits[0], server.lines
     finally:
@@ -296,7 +297,7 @@ def test_a_restarted_router_stops_the_requests_nobody_reads(builtin_model_dir, t
         finally:
             again.stop()
     finally:
-        worker.terminate()
-        worker.wait(30)
+        worker.terminate()  # drains: exits once idle, or DRAIN_GRACE_S at the latest
+        worker.wait(DRAIN_GRACE_S + 30)
         for t in threads:
             t.join(5)
