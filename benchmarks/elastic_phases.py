@@ -274,7 +274,8 @@ def summarize(out: Path) -> None:
         ratios = []
         for i, p in enumerate(names):
             top = max(runs[s]["phases"][i]["goodput"] for s in statics) if statics else best[p]
-            ratios.append(f"{p} {runs[name]['phases'][i]['goodput'] / top:.2f}x")
+            mine = runs[name]["phases"][i]["goodput"]
+            ratios.append(f"{p} {mine / top:.2f}x" if top > 0 else f"{p} {mine:.2f} vs 0")
         print(f"{name} vs best static: " + ", ".join(ratios))
         print_switches(runs[name]["server"])
 
