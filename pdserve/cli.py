@@ -189,7 +189,7 @@ def worker_config(args: argparse.Namespace):
 
     from pdserve.config import EngineConfig
     from pdserve.model.builtin import ensure_builtin_model
-    from pdserve.worker.worker import WorkerConfig
+    from pdserve.worker.build import WorkerConfig
 
     if args.spec:  # a supervisor's probe file goes with how it runs the process, not the spec
         health_file = Path(args.health_file) if args.health_file else None
@@ -218,7 +218,7 @@ def _spec_worker_config(path: str, health_file=None):
     from pathlib import Path
 
     from pdserve.control.worker_spec import read_spec
-    from pdserve.worker.worker import WorkerConfig
+    from pdserve.worker.build import WorkerConfig
 
     spec = read_spec(path)
     return WorkerConfig(
