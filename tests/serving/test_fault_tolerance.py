@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import httpx2 as httpx
 import pytest
@@ -18,7 +19,6 @@ from tests.serving.faults import (
     ADMIN_KEY,
     admin,
     counter,
-    freeze_holding,
     prompts,
     run_streams,
     wait_for,
@@ -61,25 +61,35 @@ def assert_all_exact(streams, expected: list[str], n: int = 1) -> None:
         assert stream.text == text
 
 
-def kill_under_load(server, victim, texts: list[str], when, **params) -> list:
-    """Start the streams; once `when(streams)` holds, kill -9 the worker `victim()` names
-    while it provably holds requests (frozen first: see freeze_holding)."""
+def kill_under_load(server, role: str, texts: list[str], when, **params) -> tuple[list, str]:
+    """Start the streams; once `when(streams)` holds, kill -9 the worker of `role` holding
+    the most requests. Every worker of the role is frozen (SIGSTOP) first and the router
+    given time to read what they sent: the victim then provably still holds requests that
+    cannot finish, so the kill must move some (timing the kill on "the router says it
+    holds some" alone raced the last of them finishing). Returns (streams, victim)."""
     streams, threads = run_streams(server.url, texts, MAX_TOKENS, **params)
+    victim = []
 
     def frozen_holding() -> bool:
         if not when(streams):
             return False
-        worker = victim() if callable(victim) else victim
-        pid = worker_pid(server, worker)
-        if not freeze_holding(server, worker, pid):
-            return False
-        os.kill(pid, signal.SIGKILL)
-        return True
+        pids = {w: worker_pid(server, w) for w, i in workers(server).items() if i["role"] == role}
+        for pid in pids.values():
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.3)
+        worker = busiest(server, role)
+        if worker is not None:
+            os.kill(pids[worker], signal.SIGKILL)
+            victim.append(worker)
+        for other, pid in pids.items():
+            if other != worker:
+                os.kill(pid, signal.SIGCONT)
+        return worker is not None
 
     wait_for(frozen_holding, what="the streams to reach the kill point")
     for t in threads:
         t.join(120)
-    return streams
+    return streams, victim[0]
 
 
 def wait_busy(server: ServerProcess, role: str, streams) -> str:
@@ -112,26 +122,29 @@ def busiest(server: ServerProcess, role: str) -> str | None:
     ],
     ids=["decode", "prefill", "mixed"],
 )  # fmt: skip
-def test_kill_9_loses_no_request(builtin_model_dir, layout, role, moment):
-    server = ServerProcess(*layout, *COMMON)
+def test_kill_9_loses_no_request(builtin_model_dir, tmp_path, layout, role, moment):
+    config = []
+    if moment == "arrived":
+        # No prefix cache: the reference run would leave every prompt cached and the loaded
+        # run's prefills would then take a moment (or be skipped), too short to catch.
+        (tmp_path / "serve.yaml").write_text("engine:\n  enable_prefix_caching: false\n")
+        config = ["--config", str(tmp_path / "serve.yaml")]
+    server = ServerProcess(*layout, *COMMON, *config)
     try:
         texts = prompts(8, words=150 if moment == "arrived" else 30)
         expected = reference(server, texts)
         before = counter(server, "pdserve:request_migrations_total")
-        victim = []
 
         def when(streams) -> bool:
             if moment == "decoding" and not all(len(s.chunks) >= 3 for s in streams):
                 return False  # every request decoding
             # "arrived": dispatched to a prefill worker, no first token yet
-            worker = busiest(server, role)
-            victim[:] = [worker] if worker else []
-            return bool(victim)
+            return busiest(server, role) is not None
 
-        streams = kill_under_load(server, lambda: victim[0], texts, when)
+        streams, victim = kill_under_load(server, role, texts, when)
         assert_all_exact(streams, expected)
         assert counter(server, "pdserve:request_migrations_total") > before
-        wait_for(lambda: workers(server)[victim[0]]["state"] == "serving", 60, "the restart")
+        wait_for(lambda: workers(server)[victim]["state"] == "serving", 60, "the restart")
     finally:
         assert server.stop() == 0
 
@@ -245,14 +258,13 @@ def test_seeded_samples_survive_migration_token_exact(builtin_model_dir):
         texts = prompts(4, words=30)
         expected = reference(server, texts, **seeded)
         before = counter(server, "pdserve:request_migrations_total")
-        victim = []
 
         def when(streams) -> bool:
-            worker = busiest(server, "decode") if all(len(s.chunks) >= 4 for s in streams) else None
-            victim[:] = [worker] if worker else []
-            return bool(victim)
+            return (
+                all(len(s.chunks) >= 4 for s in streams) and busiest(server, "decode") is not None
+            )
 
-        streams = kill_under_load(server, lambda: victim[0], texts, when, **seeded)
+        streams, _ = kill_under_load(server, "decode", texts, when, **seeded)
         assert_all_exact(streams, expected, n=2)
         assert counter(server, "pdserve:request_migrations_total") > before
     finally:
