@@ -25,7 +25,7 @@ from pdserve.engine.scheduler import (
     SchedulerConfig,
     SchedulerOutput,
 )
-from pdserve.engine.step_log import StepLog
+from pdserve.engine.step_log import StepLog, step_shape
 from pdserve.errors import ConfigError, InvalidRequestError
 from pdserve.kv.events import AnyKVEvent
 from pdserve.outputs import EngineCoreOutput
@@ -238,7 +238,7 @@ class EngineCore:
         if scheduled.is_empty:
             return []
         if marks is not None:
-            marks += [StepLog.shape(scheduled.scheduled), time.perf_counter()]
+            marks += [step_shape(scheduled.scheduled), time.perf_counter()]
         streamer = self.kv_streamer
         after_layer = streamer.begin_step(scheduled.scheduled) if streamer is not None else None
         try:

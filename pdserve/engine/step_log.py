@@ -32,6 +32,32 @@ FLUSH_EVERY = 64
 FLUSH_AFTER_S = 1.0
 
 
+def step_shape(scheduled: Iterable[Any]) -> dict[str, int]:
+    """The cost model's view of a step's `ScheduledRequest`s (`num_new_tokens`, `start`,
+    `is_sampling`) — taken before the step's outputs update the requests. A one-token span
+    is a decode row, as the model runner treats it. `sim/cost_model.py` prices steps by
+    this same count, so a logged step and a simulated one are measured alike."""
+    tokens = sampled = prefill = decode = prefills = decodes = 0
+    for item in scheduled:
+        q = item.num_new_tokens
+        tokens += q
+        sampled += item.is_sampling
+        if q == 1:
+            decode += item.start + 1
+            decodes += 1
+        else:
+            prefill += q * (item.start + q)
+            prefills += 1
+    return {
+        "tokens": tokens,
+        "sampled": sampled,
+        "prefill_attention": prefill,
+        "decode_context": decode,
+        "prefills": prefills,
+        "decodes": decodes,
+    }
+
+
 class StepLog:
     """Buffered JSON lines of step records (module docstring)."""
 
@@ -48,30 +74,6 @@ class StepLog:
             return None
         Path(folder).mkdir(parents=True, exist_ok=True)
         return cls(Path(folder) / f"steps-{os.getpid()}.jsonl", threads)
-
-    @staticmethod
-    def shape(scheduled: Iterable[Any]) -> dict[str, int]:
-        """The cost model's view of a step's `ScheduledRequest`s — taken before the step's
-        outputs update the requests (`is_sampling` reads their state)."""
-        tokens = sampled = prefill = decode = prefills = decodes = 0
-        for item in scheduled:
-            q = item.num_new_tokens
-            tokens += q
-            sampled += item.is_sampling
-            if q == 1:
-                decode += item.start + 1
-                decodes += 1
-            else:
-                prefill += q * (item.start + q)
-                prefills += 1
-        return {
-            "tokens": tokens,
-            "sampled": sampled,
-            "prefill_attention": prefill,
-            "decode_context": decode,
-            "prefills": prefills,
-            "decodes": decodes,
-        }
 
     def record(
         self, start_wall: float, phases: tuple[float, float, float], shape: dict[str, int]

@@ -39,6 +39,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pdserve.engine.step_log import step_shape
+
 
 @dataclass(frozen=True, slots=True)
 class StepShape:
@@ -57,16 +59,8 @@ def shape_of(scheduled: Iterable[Any]) -> StepShape:
 
 
 def _sums(scheduled: Iterable[Any]) -> tuple[int, int, int, int]:
-    num_tokens = num_sampled = prefill = decode = 0
-    for item in scheduled:
-        q = item.num_new_tokens
-        num_tokens += q
-        num_sampled += item.is_sampling
-        if q == 1:
-            decode += item.start + 1
-        else:
-            prefill += q * (item.start + q)
-    return num_tokens, num_sampled, prefill, decode
+    shape = step_shape(scheduled)  # the engine's own count (its step log uses it too)
+    return shape["tokens"], shape["sampled"], shape["prefill_attention"], shape["decode_context"]
 
 
 @dataclass(frozen=True)

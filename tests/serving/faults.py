@@ -102,18 +102,25 @@ def worker_pid(server: ServerProcess, worker_id: str) -> int:
     return pid
 
 
-def freeze_holding(server: ServerProcess, worker_id: str, pid: int, settle_s: float = 0.3) -> bool:
-    """SIGSTOP `pid` (the process of `worker_id`); True if, once the router has read what
-    the worker sent before it stopped, the worker still holds requests: they cannot finish
-    now, so killing it must migrate them. False (and SIGCONT) if it had already finished
-    them: a kill timed by "the router said it holds some" alone can land after the last
-    one left, which moves nothing (a flake, not a fault)."""
-    os.kill(pid, signal.SIGSTOP)
+def freeze_busiest(
+    server: ServerProcess, pids: dict[str, int], settle_s: float = 0.3
+) -> str | None:
+    """SIGSTOP every worker in `pids` (worker id -> pid) and, once the router has read what
+    they sent before stopping, return the one still holding the most requests, left
+    stopped: its requests cannot finish now, so killing it must migrate some. The others
+    are resumed; so are all (and None returned) when none holds any. A kill timed on "the
+    router said it holds some" alone can land after the last one left and move nothing."""
+    for pid in pids.values():
+        os.kill(pid, signal.SIGSTOP)
     time.sleep(settle_s)
-    if workers(server).get(worker_id, {}).get("num_requests", 0) > 0:
-        return True
-    os.kill(pid, signal.SIGCONT)
-    return False
+    state = workers(server)
+    held = {w: state.get(w, {}).get("num_requests", 0) for w in pids}
+    busiest = max(held, key=held.get)
+    chosen = busiest if held[busiest] > 0 else None
+    for worker, pid in pids.items():
+        if worker != chosen:
+            os.kill(pid, signal.SIGCONT)
+    return chosen
 
 
 def admin(server: ServerProcess, method: str, path: str, **kwargs) -> httpx.Response:

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx2 as httpx
 import pytest
@@ -19,6 +18,7 @@ from tests.serving.faults import (
     ADMIN_KEY,
     admin,
     counter,
+    freeze_busiest,
     prompts,
     run_streams,
     wait_for,
@@ -63,10 +63,8 @@ def assert_all_exact(streams, expected: list[str], n: int = 1) -> None:
 
 def kill_under_load(server, role: str, texts: list[str], when, **params) -> tuple[list, str]:
     """Start the streams; once `when(streams)` holds, kill -9 the worker of `role` holding
-    the most requests. Every worker of the role is frozen (SIGSTOP) first and the router
-    given time to read what they sent: the victim then provably still holds requests that
-    cannot finish, so the kill must move some (timing the kill on "the router says it
-    holds some" alone raced the last of them finishing). Returns (streams, victim)."""
+    the most requests, frozen first (freeze_busiest) so that the kill must move some.
+    Returns (streams, victim)."""
     streams, threads = run_streams(server.url, texts, MAX_TOKENS, **params)
     victim = []
 
@@ -74,16 +72,10 @@ def kill_under_load(server, role: str, texts: list[str], when, **params) -> tupl
         if not when(streams):
             return False
         pids = {w: worker_pid(server, w) for w, i in workers(server).items() if i["role"] == role}
-        for pid in pids.values():
-            os.kill(pid, signal.SIGSTOP)
-        time.sleep(0.3)
-        worker = busiest(server, role)
+        worker = freeze_busiest(server, pids)
         if worker is not None:
             os.kill(pids[worker], signal.SIGKILL)
             victim.append(worker)
-        for other, pid in pids.items():
-            if other != worker:
-                os.kill(pid, signal.SIGCONT)
         return worker is not None
 
     wait_for(frozen_holding, what="the streams to reach the kill point")

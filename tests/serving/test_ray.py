@@ -32,7 +32,7 @@ from pdserve.sampling_params import SamplingParams
 from tests.serving.faults import (
     admin,
     counter,
-    freeze_holding,
+    freeze_busiest,
     prompts,
     run_streams,
     wait_for,
@@ -337,7 +337,7 @@ def test_scale_out_and_in_go_through_the_ray_launcher(ray_cluster, server):
 def frozen(server, worker_id: str, pid: int) -> None:
     """Stop the worker's process while it holds requests, so the death that follows must
     move some (a kill that lands after the last stream finished moves none)."""
-    assert freeze_holding(server, worker_id, pid), f"{worker_id} finished before the kill"
+    assert freeze_busiest(server, {worker_id: pid}) == worker_id, f"{worker_id} finished first"
 
 
 def test_a_killed_worker_actor_loses_no_request_and_comes_back(ray_cluster, server, expected):
