@@ -279,20 +279,19 @@ class Layout:
 
     def serving(self, local_prefill: bool) -> Layout:
         """What the router makes of these roles in `auto` mode (`local_prefill`,
-        router/policy.py), where it is exact: decode workers with no prefill-capable
-        worker prefill every prompt themselves (2D serves as 2M), and mixed workers
-        beside prefill workers but no decode worker are their decode targets, prefilling
-        short prompts locally like auto's decode worker (1P/1M serves as 1P/1D). So
-        2M -> 1P/1D and 1P/1D -> 2M are one move each (-> 1P/1M, -> 2D), one drain.
-        1D/1M is not mapped: its decode worker hands prompts to the mixed one, neither
-        layout. (Without this the planner rated 1D/1M as one mixed worker beside an idle
-        one, above 2M, and stopped a transition there: control/replay.py.)"""
+        router/policy.py), where it is exact: only prefill workers take prompts for
+        others, so without one every worker prefills its own (2D and 1D/1M serve as 2M),
+        and beside one a mixed worker is a decode target like a decode worker, prefilling
+        short prompts locally (1P/1M serves as 1P/1D). So 2M -> 1P/1D and 1P/1D -> 2M are
+        one move each (-> 1P/1M, -> 2D or 1D/1M), one drain. (Without this the planner
+        rated roles literally, 1D/1M as one mixed worker beside an idle one, above 2M, and
+        stopped a transition there: control/replay.py.)"""
         if not local_prefill:
             return self
-        if self.prefill == 0 and self.mixed == 0:
-            return Layout(0, 0, self.decode)
-        if self.decode == 0 and self.prefill > 0:
-            return Layout(self.prefill, self.mixed, 0)
+        if self.prefill == 0:
+            return Layout(0, 0, self.decode + self.mixed)
+        if self.decode + self.mixed > 0:
+            return Layout(self.prefill, self.decode + self.mixed, 0)
         return self
 
 

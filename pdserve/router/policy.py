@@ -18,6 +18,13 @@ Modes:
   workload auto trailed `disaggregated`, docs/benchmarks.md.) With no prefill worker alive
   everything stays local.
 
+  In `auto` mode only workers in the `prefill` role take prompts for others: a mixed
+  worker is a whole-request worker, and is the decode target like a decode worker. (Mixed
+  workers used to be each other's prefill workers, so two of them handed long prompts, and
+  short ones whenever the decode pick was busy, back and forth — not the aggregated
+  layout the planner rated them as; docs/benchmarks.md, elastic run D.) `disaggregated`
+  still uses a mixed worker as the prefill worker when no prefill worker is alive.
+
 Prompt length in `auto` means the tokens the decode worker would really compute: the
 prompt minus its cached prefix (global prefix index), so a long prompt whose prefix the
 decode worker already holds is finished locally, with no hand-over at all.
@@ -144,7 +151,9 @@ def plan_request(
     decode = pick("decode", pool.alive("decode"))
     if decode is None:
         return None
-    prefill = pick("prefill", [w for w in pool.alive("prefill") if w is not decode])
+    prefill = pick(
+        "prefill", [w for w in _prefill_candidates(pool, config.mode) if w is not decode]
+    )
     if prefill is None and config.mode == "disaggregated":
         # The decode pick took the only worker that can prefill (a mixed one): pick the
         # prefill worker first, then decode among the others.
@@ -177,6 +186,12 @@ def plan_request(
     if prefill.pending_prefill_tokens > config.auto_max_prefill_queue_tokens:
         return plan("local", "prefill_backed_up")  # the prefill pool is backed up: do it here
     return plan("remote", "long_uncached")
+
+
+def _prefill_candidates(pool: WorkerPool | _Avoiding, mode: str) -> list[WorkerHandle]:
+    """Who may prefill for another worker: in `auto`, the prefill role only (module doc)."""
+    workers = pool.alive("prefill")
+    return [w for w in workers if w.role == "prefill"] if mode == "auto" else workers
 
 
 class _Avoiding:

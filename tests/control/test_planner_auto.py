@@ -29,7 +29,8 @@ def test_roles_serve_as_the_router_uses_them_in_auto_mode():
     assert Layout(0, 2, 0).serving(True) == Layout(0, 0, 2)  # decode workers prefill
     assert Layout(1, 0, 1).serving(True) == Layout(1, 1, 0)  # mixed: the decode target
     assert Layout(1, 1, 0).serving(True) == Layout(1, 1, 0)
-    assert Layout(0, 1, 1).serving(True) == Layout(0, 1, 1)  # hands off to mixed: neither
+    assert Layout(0, 1, 1).serving(True) == Layout(0, 0, 2)  # nobody prefills for others
+    assert Layout(1, 1, 1).serving(True) == Layout(1, 2, 0)
     assert Layout(2, 0, 0).serving(True) == Layout(2, 0, 0)  # nothing decodes: not proposed
     assert Layout(0, 2, 0).serving(False) == Layout(0, 2, 0)
 
@@ -44,11 +45,12 @@ def test_2m_to_1p1d_is_one_move_in_auto_mode_two_otherwise():
 
 def test_1p1d_to_2m_is_one_move_and_the_result_holds():
     d = decide(PD, BUSY, SHORT, AUTO, now=100.0, last_switch=None)
-    assert d.target == Layout(0, 2, 0) and d.moves == (("w0", "decode"),)
-    # After it, 2D serves as 2M: nothing left to gain, no second drain.
-    after = {"w0": "decode", "w1": "decode"}
-    d = decide(after, BUSY, SHORT, AUTO, now=130.0, last_switch=105.0)
-    assert d.moves == () and d.current_goodput == pytest.approx(5.0)
+    # 1D/1M and 2D are one move and serve as 2M; the mixed worker is preferred.
+    assert d.target == Layout(0, 1, 1) and d.moves == (("w0", "mixed"),)
+    # After it, 1D/1M or 2D serves as 2M: nothing left to gain, no second drain.
+    for after in ({"w0": "mixed", "w1": "decode"}, {"w0": "decode", "w1": "decode"}):
+        d = decide(after, BUSY, SHORT, AUTO, now=130.0, last_switch=105.0)
+        assert d.moves == () and d.current_goodput == pytest.approx(5.0)
     # And 1P/1M, the end of 2M -> 1P/1D, is held under long prompts.
     d = decide({"w0": "prefill", "w1": "mixed"}, BUSY, LONG_TIGHT, AUTO, 130.0, 105.0)
     assert d.moves == () and d.current_goodput == pytest.approx(2.0)
@@ -56,10 +58,10 @@ def test_1p1d_to_2m_is_one_move_and_the_result_holds():
 
 def test_equal_layouts_rank_by_mixed_workers_and_none_serves_without_decode():
     ranked = propose(BUSY, SHORT, 2, local_prefill=True)
-    # 2M and 2D both serve as two mixed workers: 5.0 each, 2M first.
-    assert [p.layout for p in ranked[:2]] == [Layout(0, 0, 2), Layout(0, 2, 0)]
-    assert {p.predicted_goodput for p in ranked[:2]} == {5.0}
-    assert not {Layout(2, 0, 0), Layout(0, 1, 1)} & {p.layout for p in ranked}
+    # 2M, 1D/1M and 2D all serve as two mixed workers: 5.0 each, most mixed first.
+    assert [p.layout for p in ranked[:3]] == [Layout(0, 0, 2), Layout(0, 1, 1), Layout(0, 2, 0)]
+    assert {p.predicted_goodput for p in ranked[:3]} == {5.0}
+    assert Layout(2, 0, 0) not in {p.layout for p in ranked}
 
 
 def test_a_decided_transition_finishes_inside_the_hysteresis():

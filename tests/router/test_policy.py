@@ -108,3 +108,20 @@ def test_disaggregated_with_a_mixed_worker_keeps_a_prefill_worker_free():
         pool, RoutingConfig(mode="disaggregated", routing_policy="least_loaded"), 50
     )
     assert ids(plan) == ("d0", "m0")
+
+
+@pytest.mark.parametrize("roles", [("mixed", "mixed"), ("decode", "mixed"), ("decode", "decode")])
+def test_auto_hands_prompts_to_prefill_workers_only(roles):
+    """Without a prefill worker, every prompt is prefilled where it decodes, long or
+    short, busy or not (two mixed workers are the aggregated layout, not each other's
+    prefill workers); a mixed worker beside a prefill worker is a decode target."""
+    pool = pool_of(("w0", roles[0], 5000), ("w1", roles[1], 0))
+    pool.workers["w0"].num_assigned = pool.workers["w1"].num_assigned = 3
+    config = RoutingConfig(mode="auto", routing_policy="least_loaded")
+    for num_prompt_tokens in (64, 4096):
+        plan = plan_request(pool, config, num_prompt_tokens)
+        assert ids(plan) == ("w1", None)
+        assert plan.placement == ("local", "no_prefill_worker")
+    pool = pool_of(("p0", "prefill", 0), ("m0", "mixed", 0))
+    assert ids(plan_request(pool, config, 4096)) == ("m0", "p0")
+    assert ids(plan_request(pool, RoutingConfig(mode="disaggregated"), 64)) == ("m0", "p0")
