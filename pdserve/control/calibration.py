@@ -18,6 +18,18 @@ and replaces its absolute level (what it cannot know). While the SLOs are met, n
 is scaled: there is no evidence of saturation, and capacities above the rate are capped
 by the rate anyway.
 
+Scaling keeps the model's relative judgement, and that can be wrong too: on a quiet
+2-core host the model rated 1P + 1D above 2 mixed workers for `code` under a 150 ms TTFT
+(9.5 vs 7.8 req/s) while 2M met 98 % at 10 req/s and 1P + 1D 83 %; scaled, 2M stayed
+below what 1P + 1D delivered and the planner held 1P + 1D for the whole phase
+(docs/benchmarks.md, "Elastic P/D", the quiet-host run). So the planner also remembers
+what each layout *did* (`Evidence`, per mix): a layout seen saturated is rated at what it
+delivered, the current layout while it meets its SLOs at no less than what it delivers,
+and while the current layout is saturated a layout never tried is given the benefit of
+the doubt (`EXPLORE` x its scaled rate): it is tried once, and if it does worse, its own
+evidence sends the cluster back and keeps it there. Evidence lasts `EVIDENCE_TTL_S` (the
+host's load drifts) and belongs to one mix (the classes and `Forecast.signature`).
+
 Outcomes come from the serving layer (`RequestLog.record_outcome`: TTFT and TPOT of each
 finished prompt, with its class and admission time); a failed request is a miss. Only
 requests admitted after the last switch count: the backlog a previous layout left is
@@ -35,10 +47,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdserve.control.planner import MIN_MIX, Forecast, Layout, PlannerConfig, RequestLog, RoleRates
+from pdserve.control.planner import (
+    MIN_MIX,
+    Capacity,
+    Forecast,
+    Layout,
+    PlannerConfig,
+    RequestLog,
+    RoleRates,
+)
 
 TARGET = 0.9  # the share of the offered rate that must meet its SLO (DistServe's 90 %)
 FLOOR_MET = 0.5  # requests counted as met when none was: k stays > 0, layouts comparable
+# An untried layout's scaled rate is multiplied by this while the current one is
+# saturated: the model's relative merits were off by 1.2x on the quiet host (module doc),
+# so a layout it rates within 1.5 / 1.1 (hysteresis) of the current one gets one try.
+EXPLORE = 1.5
+EVIDENCE_TTL_S = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,3 +116,48 @@ def calibrate(
         return rates, Calibration(1.0, delivered, len(recent))
     factor = min(1.0, max(num_met, FLOOR_MET) / span / capacity)
     return rates.scaled(factor), Calibration(factor, delivered, len(recent))
+
+
+MixKey = tuple[tuple[str, ...], tuple[int, int]]
+
+
+def mix_key(fc: Forecast) -> MixKey:
+    """The mix evidence belongs to: its classes and coarse lengths."""
+    return tuple(sorted(set(fc.classes))), fc.signature
+
+
+class Evidence:
+    """What each (serving) layout delivered when it was saturated, per mix (module doc)."""
+
+    def __init__(self, ttl_s: float = EVIDENCE_TTL_S) -> None:
+        self.ttl_s = ttl_s
+        self._delivered: dict[tuple[Layout, MixKey], tuple[float, float]] = {}
+
+    def update(self, serving: Layout, fc: Forecast, cal: Calibration, now: float) -> None:
+        """Remember a saturated layout's goodput; forget it once the layout does better."""
+        key = (serving, mix_key(fc))
+        if cal.factor < 1:
+            self._delivered[key] = (cal.delivered, now)
+        elif key in self._delivered and cal.delivered > self._delivered[key][0]:
+            del self._delivered[key]
+
+    def delivered(self, serving: Layout, fc: Forecast, now: float) -> float | None:
+        seen = self._delivered.get((serving, mix_key(fc)))
+        return seen[0] if seen is not None and now - seen[1] <= self.ttl_s else None
+
+    def capacity(
+        self, rates: RoleRates, current: Layout, fc: Forecast, cal: Calibration, now: float
+    ) -> Capacity:
+        """The planner's `capacity` (planner.propose): `rates` (already scaled by `cal`)
+        corrected by what was seen. `current`: the serving layout now."""
+
+        def judge(serving: Layout) -> float:
+            model = serving.capacity(rates)
+            if serving == current:  # saturated: model == delivered by construction
+                return model if cal.factor < 1 else max(model, cal.delivered)
+            seen = self.delivered(serving, fc, now)
+            if seen is not None:
+                return seen
+            return model * EXPLORE if cal.factor < 1 else model
+
+        return judge

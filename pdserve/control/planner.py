@@ -21,8 +21,10 @@ instead of hand-set thresholds:
    without this term the planner preferred two mixed workers where 1P + 1D had won.)
    In `auto` mode a layout is rated as what it serves as (`Layout.serving`).
    When the current layout misses its SLOs, the rates are first scaled to what it
-   delivers (control/calibration.py): the profile fixes the layouts' relative merits,
-   the cluster's observed goodput their level.
+   delivers (control/calibration.py): the profile gives the layouts' relative merits,
+   the cluster's observed goodput their level; and what layouts delivered when they
+   were saturated, or while they met their SLOs, overrides the model for them, so a
+   wrong relative merit is found out by trying the other layout once.
 4. **Reconcile** (`decide`, `moves`): switch only when the best layout beats the current
    one's predicted goodput by `hysteresis` (10 %), one worker at a time (the
    drain-and-switch of router/elastic.py), and start a new transition at most once per
@@ -311,7 +313,11 @@ class Proposal:
 
 
 def propose(
-    fc: Forecast, rates: RoleRates, num_workers: int, local_prefill: bool = False
+    fc: Forecast,
+    rates: RoleRates,
+    num_workers: int,
+    local_prefill: bool = False,
+    capacity: Capacity | None = None,
 ) -> list[Proposal]:
     """Layouts by predicted goodput (of the layout they serve as, `Layout.serving`),
     best first (ties: more mixed workers, the layout that adapts to any mix). A layout
@@ -319,15 +325,24 @@ def propose(
     proposed: the model rates the lone role idle (and so no contender for the others),
     while a lone decode worker in fact prefills locally and contends like a mixed one
     (measured by the contention term's first offline pass: 1 mixed + 1 idle decode
-    rated above 1P + 1D for long prompts)."""
+    rated above 1P + 1D for long prompts). `capacity(serving layout)`: req/s it sustains
+    (default: the rate model's; the planner loop passes calibration's judgement)."""
+    capacity = capacity or _model_capacity(rates)
     proposals = []
     for layout in layouts(num_workers):
         serving = layout.serving(local_prefill)
         if (serving.prefill == 0) == (serving.decode == 0):
-            proposals.append(Proposal(layout, min(fc.rate, serving.capacity(rates))))
+            proposals.append(Proposal(layout, min(fc.rate, capacity(serving))))
     return sorted(
         proposals, key=lambda p: (-p.predicted_goodput, -p.layout.mixed, -p.layout.decode)
     )
+
+
+Capacity = Callable[[Layout], float]  # a serving layout -> the req/s it sustains
+
+
+def _model_capacity(rates: RoleRates) -> Capacity:
+    return lambda serving: serving.capacity(rates)
 
 
 @dataclass(frozen=True)
@@ -351,13 +366,16 @@ def decide(
     now: float,
     last_switch: float | None,
     heading: Layout | None = None,
+    capacity: Capacity | None = None,
 ) -> Decision:
     """Whether to change roles now, and which (module docstring, step 4). `heading`: the
     layout of the last decision that moved a worker; its remaining moves are not held
-    back by the cooldown (a transition is one decision, not one per worker)."""
+    back by the cooldown (a transition is one decision, not one per worker).
+    `capacity`: as `propose`'s."""
+    capacity = capacity or _model_capacity(rates)
     current = current_layout(roles)
-    current_goodput = min(fc.rate, current.serving(config.local_prefill).capacity(rates))
-    proposals = propose(fc, rates, len(roles), config.local_prefill)
+    current_goodput = min(fc.rate, capacity(current.serving(config.local_prefill)))
+    proposals = propose(fc, rates, len(roles), config.local_prefill, capacity)
     top = proposals[0].predicted_goodput
     # Of the layouts that predict the most: the one a transition under way heads for,
     # else the one the fewest moves away (each drains a worker), else `propose`'s order.

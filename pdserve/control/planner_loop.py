@@ -12,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from pdserve.control.calibration import calibrate
+from pdserve.control.calibration import Evidence, calibrate
 from pdserve.control.planner import (
     Decision,
     Layout,
@@ -54,6 +54,7 @@ class PlannerLoop:
         self.last_switch: float | None = None
         self.heading: Layout | None = None  # the target of the transition under way
         self.history: deque[tuple[float, Decision]] = deque(maxlen=100)
+        self.evidence = Evidence()  # what layouts delivered (control/calibration.py)
 
     async def step(self, now: float | None = None) -> Decision | None:
         now = self.clock() if now is None else now
@@ -71,7 +72,12 @@ class PlannerLoop:
         )
         if self.heading == current:
             self.heading = None  # arrived
-        decision = decide(roles, fc, rates, self.config, now, self.last_switch, self.heading)
+        serving = current.serving(self.config.local_prefill)
+        self.evidence.update(serving, fc, calibration, now)
+        capacity = self.evidence.capacity(rates, serving, fc, calibration, now)
+        decision = decide(
+            roles, fc, rates, self.config, now, self.last_switch, self.heading, capacity
+        )
         if calibration.factor < 1:
             note = (
                 f" (model rates x{calibration.factor:.2f}: {describe_layout(current)} met the SLOs "

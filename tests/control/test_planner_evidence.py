@@ -1,0 +1,106 @@
+"""The planner remembers what layouts delivered (control/calibration.py, `Evidence`): when
+the rate model's relative judgement is wrong it tries the other layout once and keeps the
+better one; when the model is right but the host slow it does not wander; an experiment
+that does worse is undone once and not repeated. A synthetic cluster on a simulated clock:
+5 req/s offered, each layout serving what it truly can within the SLO, the rest missing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pdserve.control.calibration import Calibration, Evidence
+from pdserve.control.planner import (
+    Forecast,
+    Layout,
+    PlannerConfig,
+    RequestLog,
+    RoleRates,
+    current_layout,
+    describe_layout,
+)
+from pdserve.control.planner_loop import PlannerLoop
+
+AUTO = PlannerConfig(5000, 50, interval_s=5, cooldown_s=20, window_s=30, local_prefill=True)
+# The model rates 1P/1D 6 and 2M 5 req/s (1.2x apart, as on the quiet host's `code`).
+MODEL = RoleRates(prefill=6.0, decode=6.0, mixed=2.5)
+FAR = RoleRates(prefill=6.0, decode=6.0, mixed=2.0)  # 1P/1D 6, 2M 4: 1.5x apart
+PD = {"w0": "prefill", "w1": "decode"}
+MM = {"w0": "mixed", "w1": "mixed"}
+
+
+def run(true_capacity: dict[str, float], start: dict[str, str], model=MODEL, seconds=300):
+    """The layouts (by what they serve as) the cluster held, second by second, and the
+    moves made."""
+    roles = dict(start)
+    log = RequestLog()
+    clock = [0.0]
+    moves = []
+
+    async def switch(worker, role, reason):
+        roles[worker] = role
+        moves.append((clock[0], worker, role))
+
+    loop = PlannerLoop(
+        AUTO, log, lambda fc, cfg: model, lambda: dict(roles), switch, clock=lambda: clock[0]
+    )
+    held = []
+
+    async def main():
+        for t in range(1, seconds + 1):
+            clock[0] = float(t)
+            serving = describe_layout(current_layout(roles).serving(True))
+            held.append(serving)
+            capacity = true_capacity[serving]
+            for i in range(5):  # 5 arrivals a second; the first `capacity` of them meet the SLO
+                log.record(1024, 128, now=t - 1 + i / 5)
+                met = i < int(capacity) or (i == int(capacity) and t % 10 < 10 * (capacity % 1))
+                log.record_outcome(1.0 if met else 9.0, 0.02, now=float(t), arrival=t - 1 + i / 5)
+            if t % AUTO.interval_s == 0:
+                await loop.step(now=float(t))
+
+    asyncio.run(main())
+    return held, moves
+
+
+def test_a_wrong_relative_merit_is_found_out_and_the_better_layout_kept():
+    # The cluster delivers 2M 4.8, 1P/1D 3: the model had them the wrong way round.
+    held, moves = run({"2M": 4.8, "1P/1D": 3.0}, PD)
+    assert len(moves) == 1 and moves[0][2] == "mixed"  # 1P/1D -> 1D/1M, serving as 2M
+    assert moves[0][0] <= 30  # within a window of evidence
+    assert held[-200:] == ["2M"] * 200  # and kept: its delivery beats 1P/1D's evidence
+
+
+def test_a_slow_host_with_the_right_merits_does_not_wander():
+    # Everything at 0.4x a model that rates 1P/1D 1.5x above 2M: still 1P/1D's to keep,
+    # and no experiment (1.5x is past what EXPLORE gives the benefit of the doubt).
+    held, moves = run({"2M": 1.6, "1P/1D": 2.4}, PD, FAR)
+    assert moves == [] and set(held) == {"1P/1D"}
+    held, moves = run({"2M": 1.6, "1P/1D": 2.4}, MM, FAR)
+    assert len(moves) == 1 and held[-200:] == ["1P/1D"] * 200
+
+
+def test_an_experiment_that_does_worse_is_undone_once():
+    # The model's merits are close (1.2x: 2M is tried), the cluster's are not: 2M does
+    # worse than 1P/1D did, so back, and 1P/1D is kept though it stays saturated.
+    held, moves = run({"2M": 1.0, "1P/1D": 3.0}, PD)
+    assert [role for _, _, role in moves] == ["mixed", "prefill"]
+    assert held[-150:] == ["1P/1D"] * 150
+
+
+def test_evidence_belongs_to_one_mix_and_expires():
+    evidence = Evidence(ttl_s=100.0)
+    long = Forecast(rate=5.0, mix=((1024, 128),) * 16)
+    short = Forecast(rate=5.0, mix=((64, 32),) * 16)
+    evidence.update(Layout(1, 1, 0), long, Calibration(0.5, 3.0, 16), now=10.0)
+    assert evidence.delivered(Layout(1, 1, 0), long, now=50.0) == 3.0
+    assert evidence.delivered(Layout(1, 1, 0), short, now=50.0) is None  # another mix
+    assert evidence.delivered(Layout(1, 1, 0), long, now=111.0) is None  # too old
+    # The layout later met its SLOs delivering more: the evidence goes.
+    evidence.update(Layout(1, 1, 0), long, Calibration(1.0, 4.0, 16), now=60.0)
+    assert evidence.delivered(Layout(1, 1, 0), long, now=61.0) is None
+    met = Calibration(1.0, 5.5, 16)  # 2M meets its SLOs delivering 5.5 (model: 5)
+    capacity = evidence.capacity(MODEL, Layout(0, 0, 2), long, met, 61.0)
+    assert capacity(Layout(0, 0, 2)) == pytest.approx(5.5)  # at least what it delivers
+    assert capacity(Layout(1, 1, 0)) == pytest.approx(6.0)  # untried, nothing saturated: model
