@@ -15,8 +15,10 @@ cancels out. Batches of 16 and 32 use the same method.
 `BACKEND[@ISA][:unfused]`, BACKEND a `PDSERVE_CPU_BLAS` value (`auto`: the gemv kernel for
 decode-sized products; `onednn-openblas`: the default before it), ISA a
 `PDSERVE_KERNELS_ISA` value (`avx2`: the C kernels built without AVX-512, i.e. the AVX2 path
-on an AVX-512 host; it is labelled so in the table), and `:unfused` sets
-`PDSERVE_FUSED_DECODE=0` (decode steps layer by layer through PyTorch, not one C call).
+on an AVX-512 host; it is labelled so in the table), `:unfused` sets
+`PDSERVE_FUSED_DECODE=0` (decode steps layer by layer through PyTorch, not one C call) and
+`:split4` splits each product into four chunks per thread (the split before 256 KiB
+chunks; set in the kernel library before each of the variant's timings).
 
 llama.cpp runs on the same model folder converted to GGUF at the same dtype, with its
 default f16 KV cache (measured here: an f32 cache takes a slow flash-attention path, 3x
@@ -42,6 +44,7 @@ import torch
 
 GOAL_ROOFLINE = 0.80
 GOAL_VS_LLAMACPP = 1.0
+DEFAULT_CHUNK_BYTES = 256 * 1024  # gemv.c's default
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GGUF_TYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
@@ -167,13 +170,22 @@ def decode_steps_for(batch: int, args: argparse.Namespace) -> int:
     return args.decode_steps if batch == 1 else args.batch_decode_steps
 
 
+MODES = ("unfused", "split4")
+
+
 def parse_variant(variant: str) -> tuple[str, str, bool]:
-    """`BACKEND[@ISA][:unfused]` -> (backend, isa or "", fused)."""
-    base, _, mode = variant.partition(":")
-    if mode not in ("", "unfused"):
-        raise SystemExit(f"variant {variant!r}: the only mode is ':unfused'")
+    """`BACKEND[@ISA][:MODE...]` -> (backend, isa or "", fused)."""
+    base, *modes = variant.split(":")
+    if not set(modes) <= set(MODES):
+        raise SystemExit(f"variant {variant!r}: modes are {', '.join(MODES)}")
     backend, _, isa = base.partition("@")
-    return backend, isa, mode != "unfused"
+    return backend, isa, "unfused" not in modes
+
+
+def variant_chunk_bytes(variant: str) -> int:
+    """The gemv kernel's weight bytes per chunk of work for `variant` (`:split4`: 0, four
+    chunks per thread, the split before 256 KiB chunks)."""
+    return 0 if "split4" in variant.split(":")[1:] else DEFAULT_CHUNK_BYTES
 
 
 @contextlib.contextmanager
@@ -197,7 +209,8 @@ def variant_env(variant: str):
 def variant_label(variant: str) -> str:
     backend, isa, fused = parse_variant(variant)
     label = backend + (f" ({isa.upper()} path on this host)" if isa else "")
-    return label + ("" if fused else ", layer by layer")
+    label += "" if fused else ", layer by layer"
+    return label + (", 4 chunks per thread" if variant_chunk_bytes(variant) == 0 else "")
 
 
 def measure_pdserve(
@@ -214,6 +227,8 @@ def measure_pdserve(
 
 
 def _measure_group(model_dir, dtype, variants, args) -> dict[str, dict[int, float]]:
+    from pdserve.model.kernels import gemv
+
     timers = {}
     for variant in variants:
         with variant_env(variant):
@@ -226,6 +241,7 @@ def _measure_group(model_dir, dtype, variants, args) -> dict[str, dict[int, floa
         for _ in range(args.rounds):
             for batch in args.batch_sizes:
                 for variant, timer in timers.items():
+                    gemv.set_chunk_bytes(variant_chunk_bytes(variant))  # one library per ISA
                     n = decode_steps_for(batch, args)
                     t = timer.step_seconds(batch, n, args.repeats if batch == 1 else 1)
                     steps[variant][batch] = min(t, steps[variant].get(batch, t))
@@ -233,6 +249,7 @@ def _measure_group(model_dir, dtype, variants, args) -> dict[str, dict[int, floa
         for timer in timers.values():
             _check_cache_hits(timer)
     finally:
+        gemv.set_chunk_bytes(DEFAULT_CHUNK_BYTES)
         for timer in timers.values():
             timer.close()
     return steps
@@ -432,7 +449,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--variants",
         default="auto",
         type=lambda s: s.split(","),
-        help="pdserve builds side by side: BACKEND[@ISA][:unfused], e.g. auto:unfused,auto,auto@avx2",
+        help="pdserve builds side by side: BACKEND[@ISA][:unfused][:split4], e.g. auto:split4,auto",
     )
     p.add_argument("--rounds", type=int, default=1, help="turns over the variants (best of)")
     p.add_argument(

@@ -82,6 +82,29 @@ def test_thread_count_does_not_change_a_bit(monkeypatch):
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
+@pytest.mark.parametrize("wdtype", DTYPES, ids=str)
+def test_the_work_split_does_not_change_a_bit(monkeypatch, wdtype):
+    """However a product is cut into chunks (one panel each, 256 KiB, the default, four per
+    thread) and whichever thread claims which, every output has the same bits."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(1000, 300, generator=gen).to(wdtype)  # 63 panels, 0.3-1.2 MB
+    x = torch.randn(3, 300, generator=gen).to(wdtype)
+    packed = gemv.PackedGemv.prepare(w)
+    monkeypatch.setattr(kernels, "_num_threads", 2)
+    default = gemv.set_chunk_bytes(1)
+    try:
+        results = [packed(x)]
+        for num_bytes in (64 * 1024, default, 0):
+            gemv.set_chunk_bytes(num_bytes)
+            results.append(packed(x))
+    finally:
+        gemv.set_chunk_bytes(default)
+    assert default == 256 * 1024
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    monkeypatch.setattr(kernels, "_num_threads", 1)
+    assert torch.equal(results[0], packed(x))
+
+
 def test_packed_sizes_halve_with_16_bit_weights():
     w = torch.randn(33, 17)
     sizes = {d: gemv.PackedGemv.prepare(w.to(d)).packed.nbytes for d in DTYPES}

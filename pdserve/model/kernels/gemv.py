@@ -30,6 +30,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gemv_has_dpbf16.argtypes = []
     lib.gemv_vector_floats.restype = i64
     lib.gemv_vector_floats.argtypes = []
+    lib.gemv_set_chunk_bytes.restype = i64
+    lib.gemv_set_chunk_bytes.argtypes = [i64]
     lib.gemv_pack.restype = None
     lib.gemv_pack.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr]
     lib.gemv.restype = ctypes.c_int
@@ -70,6 +72,13 @@ def vector_floats(lib: ctypes.CDLL | None = None) -> int:
     """Floats per vector of the kernel's inner loop: 16 with AVX-512, 8 with AVX2."""
     lib = lib or library()
     return int(lib.gemv_vector_floats()) if lib is not None else 0
+
+
+def set_chunk_bytes(num_bytes: int, lib: ctypes.CDLL | None = None) -> int:
+    """Weight bytes per chunk of a product's work (0: four chunks per thread, the first
+    split); returns the previous value. The same bits either way: for benchmarks."""
+    lib = lib or library()
+    return int(lib.gemv_set_chunk_bytes(num_bytes)) if lib is not None else 0
 
 
 def _threads() -> int:
