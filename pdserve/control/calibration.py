@@ -12,7 +12,7 @@ SLOs — the requests that finished within their class's SLO over the last
 `mix_window_s` come to less than `target` x the forecast arrival rate, and less than
 `target` of the requests that finished — the current layout is saturated, so its real
 capacity is what it delivered. All role rates are
-scaled by `k = delivered / predicted capacity of the current layout` (k <= 1), which
+scaled by `k = delivered / predicted capacity of the current layout` (above 1 too), which
 keeps the model's *relative* judgement of the layouts (what the simulator is good at)
 and replaces its absolute level (what it cannot know). While the SLOs are met, nothing
 is scaled: there is no evidence of saturation, and capacities above the rate are capped
@@ -71,6 +71,7 @@ class Calibration:
     factor: float  # k: every role rate is multiplied by it (1.0: unchanged)
     delivered: float  # requests/s that met their SLO over the window
     num_outcomes: int
+    saturated: bool = False  # the current layout missed its SLOs (module doc)
 
 
 def is_met(outcome, config: PlannerConfig) -> bool:
@@ -112,10 +113,14 @@ def calibrate(
     # requests. The rates alone are two noisy estimates (a 20 s window holds ~16 long
     # prompts at 0.8 req/s): an elastic run whose every request met its SLO was scaled to
     # x0.39-0.73 in 13 of 60 passes, which turns a tie into a switch on noise.
-    if delivered >= TARGET * fc.rate or num_met >= TARGET * len(recent) or capacity <= 0:
+    if delivered >= TARGET * fc.rate or num_met >= TARGET * len(recent):
         return rates, Calibration(1.0, delivered, len(recent))
-    factor = min(1.0, max(num_met, FLOOR_MET) / span / capacity)
-    return rates.scaled(factor), Calibration(factor, delivered, len(recent))
+    if capacity <= 0:  # the model gives it nothing: no level to scale from
+        return rates, Calibration(1.0, delivered, len(recent), saturated=True)
+    # k > 1 too: a model too pessimistic for this mix (quiet host, 100 ms TTFT on `code`:
+    # 1P/1D rated 3.3 req/s while it delivered 5.4) must not make the others look worse.
+    factor = max(num_met, FLOOR_MET) / span / capacity
+    return rates.scaled(factor), Calibration(factor, delivered, len(recent), saturated=True)
 
 
 MixKey = tuple[tuple[str, ...], tuple[int, int]]
@@ -136,7 +141,7 @@ class Evidence:
     def update(self, serving: Layout, fc: Forecast, cal: Calibration, now: float) -> None:
         """Remember a saturated layout's goodput; forget it once the layout does better."""
         key = (serving, mix_key(fc))
-        if cal.factor < 1:
+        if cal.saturated:
             self._delivered[key] = (cal.delivered, now)
         elif key in self._delivered and cal.delivered > self._delivered[key][0]:
             del self._delivered[key]
@@ -153,11 +158,11 @@ class Evidence:
 
         def judge(serving: Layout) -> float:
             model = serving.capacity(rates)
-            if serving == current:  # saturated: model == delivered by construction
-                return model if cal.factor < 1 else max(model, cal.delivered)
+            if serving == current:
+                return cal.delivered if cal.saturated else max(model, cal.delivered)
             seen = self.delivered(serving, fc, now)
             if seen is not None:
                 return seen
-            return model * EXPLORE if cal.factor < 1 else model
+            return model * EXPLORE if cal.saturated else model
 
         return judge

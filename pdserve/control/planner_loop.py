@@ -78,7 +78,7 @@ class PlannerLoop:
         decision = decide(
             roles, fc, rates, self.config, now, self.last_switch, self.heading, capacity
         )
-        if calibration.factor < 1:
+        if calibration.saturated:
             note = (
                 f" (model rates x{calibration.factor:.2f}: {describe_layout(current)} met the SLOs "
                 f"of {calibration.delivered:.2f} req/s of {fc.rate:.2f})"

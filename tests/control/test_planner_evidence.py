@@ -72,6 +72,13 @@ def test_a_wrong_relative_merit_is_found_out_and_the_better_layout_kept():
     assert held[-200:] == ["2M"] * 200  # and kept: its delivery beats 1P/1D's evidence
 
 
+def test_a_model_too_pessimistic_for_the_mix_is_scaled_up_and_still_found_out():
+    # The model rates 1P/1D 2 and 2M 1.6 req/s, below what either delivers (3 and 4.8).
+    low = RoleRates(prefill=2.0, decode=2.0, mixed=0.8)
+    held, moves = run({"2M": 4.8, "1P/1D": 3.0}, PD, low)
+    assert len(moves) == 1 and held[-200:] == ["2M"] * 200
+
+
 def test_a_slow_host_with_the_right_merits_does_not_wander():
     # Everything at 0.4x a model that rates 1P/1D 1.5x above 2M: still 1P/1D's to keep,
     # and no experiment (1.5x is past what EXPLORE gives the benefit of the doubt).
@@ -93,7 +100,7 @@ def test_evidence_belongs_to_one_mix_and_expires():
     evidence = Evidence(ttl_s=100.0)
     long = Forecast(rate=5.0, mix=((1024, 128),) * 16)
     short = Forecast(rate=5.0, mix=((64, 32),) * 16)
-    evidence.update(Layout(1, 1, 0), long, Calibration(0.5, 3.0, 16), now=10.0)
+    evidence.update(Layout(1, 1, 0), long, Calibration(0.5, 3.0, 16, saturated=True), now=10.0)
     assert evidence.delivered(Layout(1, 1, 0), long, now=50.0) == 3.0
     assert evidence.delivered(Layout(1, 1, 0), short, now=50.0) is None  # another mix
     assert evidence.delivered(Layout(1, 1, 0), long, now=111.0) is None  # too old
