@@ -12,7 +12,7 @@ SLOs — the requests that finished within their class's SLO over the last
 `mix_window_s` come to less than `target` x the forecast arrival rate, and less than
 `target` of the requests that finished — the current layout is saturated, so its real
 capacity is what it delivered. All role rates are
-scaled by `k = delivered / predicted capacity of the current layout` (above 1 too), which
+scaled by `k = delivered / predicted capacity of the current layout` (k <= 1), which
 keeps the model's *relative* judgement of the layouts (what the simulator is good at)
 and replaces its absolute level (what it cannot know). While the SLOs are met, nothing
 is scaled: there is no evidence of saturation, and capacities above the rate are capped
@@ -63,6 +63,7 @@ FLOOR_MET = 0.5  # requests counted as met when none was: k stays > 0, layouts c
 # saturated: the model's relative merits were off by 1.2x on the quiet host (module doc),
 # so a layout it rates within 1.5 / 1.1 (hysteresis) of the current one gets one try.
 EXPLORE = 1.5
+EXPLORE_BELOW = 0.8  # ... and only when the current layout meets under 80 % of its SLOs
 EVIDENCE_TTL_S = 600.0
 
 
@@ -72,6 +73,7 @@ class Calibration:
     delivered: float  # requests/s that met their SLO over the window
     num_outcomes: int
     saturated: bool = False  # the current layout missed its SLOs (module doc)
+    met_share: float = 1.0  # of the window's finished requests, the share that met them
 
 
 def is_met(outcome, config: PlannerConfig) -> bool:
@@ -113,14 +115,18 @@ def calibrate(
     # requests. The rates alone are two noisy estimates (a 20 s window holds ~16 long
     # prompts at 0.8 req/s): an elastic run whose every request met its SLO was scaled to
     # x0.39-0.73 in 13 of 60 passes, which turns a tie into a switch on noise.
-    if delivered >= TARGET * fc.rate or num_met >= TARGET * len(recent):
-        return rates, Calibration(1.0, delivered, len(recent))
+    share = num_met / len(recent)
+    if delivered >= TARGET * fc.rate or share >= TARGET:
+        return rates, Calibration(1.0, delivered, len(recent), met_share=share)
     if capacity <= 0:  # the model gives it nothing: no level to scale from
-        return rates, Calibration(1.0, delivered, len(recent), saturated=True)
-    # k > 1 too: a model too pessimistic for this mix (quiet host, 100 ms TTFT on `code`:
-    # 1P/1D rated 3.3 req/s while it delivered 5.4) must not make the others look worse.
+        return rates, Calibration(1.0, delivered, len(recent), True, share)
+    # k > 1 is reported but scales nothing: that the model underrates the current layout
+    # does not say it underrates the others (measured: x2.25 on 2M made 1P/1M look better
+    # and the cluster left 2M, which met 88 %, for 1P/1M, which met 40 %). It is the level
+    # an untried layout is judged at when one is tried (`Evidence.capacity`).
     factor = max(num_met, FLOOR_MET) / span / capacity
-    return rates.scaled(factor), Calibration(factor, delivered, len(recent), saturated=True)
+    scaled = rates.scaled(factor) if factor < 1 else rates
+    return scaled, Calibration(factor, delivered, len(recent), True, share)
 
 
 MixKey = tuple[tuple[str, ...], tuple[int, int]]
@@ -132,37 +138,64 @@ def mix_key(fc: Forecast) -> MixKey:
 
 
 class Evidence:
-    """What each (serving) layout delivered when it was saturated, per mix (module doc)."""
+    """What each (serving) layout delivered per mix (module doc): when it was saturated
+    (its capacity, as far as anyone knows), and the most it delivered while it met its
+    SLOs (a floor: a burst that saturates it for a window does not make it worse than a
+    layout that did badly before — measured: 1P/1M, having met 1.1 req/s of long prompts
+    for two minutes, "met 0.15 req/s" in a burst and the planner moved back to 2M, which
+    had delivered 0.30)."""
 
     def __init__(self, ttl_s: float = EVIDENCE_TTL_S) -> None:
         self.ttl_s = ttl_s
-        self._delivered: dict[tuple[Layout, MixKey], tuple[float, float]] = {}
+        self._saturated: dict[tuple[Layout, MixKey], tuple[float, float]] = {}
+        self._floor: dict[tuple[Layout, MixKey], tuple[float, float]] = {}
 
     def update(self, serving: Layout, fc: Forecast, cal: Calibration, now: float) -> None:
-        """Remember a saturated layout's goodput; forget it once the layout does better."""
+        """Remember a saturated layout's goodput, or raise its floor while it meets its
+        SLOs (and forget a saturated reading it has since beaten)."""
         key = (serving, mix_key(fc))
         if cal.saturated:
-            self._delivered[key] = (cal.delivered, now)
-        elif key in self._delivered and cal.delivered > self._delivered[key][0]:
-            del self._delivered[key]
+            self._saturated[key] = (cal.delivered, now)
+            return
+        if cal.num_outcomes < MIN_MIX:
+            return
+        if cal.delivered >= (self._fresh(self._floor, key, now) or 0.0):
+            self._floor[key] = (cal.delivered, now)
+        if cal.delivered > (self._fresh(self._saturated, key, now) or float("inf")):
+            del self._saturated[key]
 
     def delivered(self, serving: Layout, fc: Forecast, now: float) -> float | None:
-        seen = self._delivered.get((serving, mix_key(fc)))
+        """What `serving` delivered when last seen saturated in this mix, if lately."""
+        return self._fresh(self._saturated, (serving, mix_key(fc)), now)
+
+    def floor(self, serving: Layout, fc: Forecast, now: float) -> float | None:
+        """The most `serving` delivered lately in this mix while meeting its SLOs."""
+        return self._fresh(self._floor, (serving, mix_key(fc)), now)
+
+    def _fresh(self, table, key, now: float) -> float | None:
+        seen = table.get(key)
         return seen[0] if seen is not None and now - seen[1] <= self.ttl_s else None
 
     def capacity(
         self, rates: RoleRates, current: Layout, fc: Forecast, cal: Calibration, now: float
     ) -> Capacity:
         """The planner's `capacity` (planner.propose): `rates` (already scaled by `cal`)
-        corrected by what was seen. `current`: the serving layout now."""
+        corrected by what was seen. `current`: the serving layout now. An untried layout
+        gets `EXPLORE` x its rate (at the level the current one shows, k, when the model
+        underrates it) only when the current one meets under `EXPLORE_BELOW` of its
+        finished requests' SLOs: a move the model does not back needs more than the 90 %
+        line."""
+        exploring = cal.saturated and cal.met_share < EXPLORE_BELOW
+        explore = EXPLORE * max(cal.factor, 1.0) if exploring else 1.0
 
         def judge(serving: Layout) -> float:
             model = serving.capacity(rates)
+            floor = self.floor(serving, fc, now) or 0.0
             if serving == current:
-                return cal.delivered if cal.saturated else max(model, cal.delivered)
+                return max(cal.delivered, floor) if cal.saturated else max(model, cal.delivered)
             seen = self.delivered(serving, fc, now)
             if seen is not None:
-                return seen
-            return model * EXPLORE if cal.saturated else model
+                return max(seen, floor)
+            return max(model * explore, floor)
 
         return judge
