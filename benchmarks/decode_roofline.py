@@ -17,8 +17,9 @@ decode-sized products; `onednn-openblas`: the default before it), ISA a
 `PDSERVE_KERNELS_ISA` value (`avx2`: the C kernels built without AVX-512, i.e. the AVX2 path
 on an AVX-512 host; it is labelled so in the table), `:unfused` sets
 `PDSERVE_FUSED_DECODE=0` (decode steps layer by layer through PyTorch, not one C call) and
-`:split4` splits each product into four chunks per thread (the split before 256 KiB
-chunks; set in the kernel library before each of the variant's timings).
+`:chunks256k` cuts each product into 256 KiB chunks of weights claimed one at a time
+instead of four chunks per thread (set in the kernel library before each of the
+variant's timings).
 
 llama.cpp runs on the same model folder converted to GGUF at the same dtype, with its
 default f16 KV cache (measured here: an f32 cache takes a slow flash-attention path, 3x
@@ -44,7 +45,7 @@ import torch
 
 GOAL_ROOFLINE = 0.80
 GOAL_VS_LLAMACPP = 1.0
-DEFAULT_CHUNK_BYTES = 256 * 1024  # gemv.c's default
+DEFAULT_CHUNK_BYTES = 0  # gemv.c's default: four chunks per thread
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GGUF_TYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
@@ -170,7 +171,7 @@ def decode_steps_for(batch: int, args: argparse.Namespace) -> int:
     return args.decode_steps if batch == 1 else args.batch_decode_steps
 
 
-MODES = ("unfused", "split4")
+MODES = ("unfused", "chunks256k")
 
 
 def parse_variant(variant: str) -> tuple[str, str, bool]:
@@ -183,9 +184,9 @@ def parse_variant(variant: str) -> tuple[str, str, bool]:
 
 
 def variant_chunk_bytes(variant: str) -> int:
-    """The gemv kernel's weight bytes per chunk of work for `variant` (`:split4`: 0, four
-    chunks per thread, the split before 256 KiB chunks)."""
-    return 0 if "split4" in variant.split(":")[1:] else DEFAULT_CHUNK_BYTES
+    """The gemv kernel's weight bytes per chunk of work for `variant` (`:chunks256k`:
+    256 KiB chunks claimed one at a time; else 0, the default: four chunks per thread)."""
+    return 256 * 1024 if "chunks256k" in variant.split(":")[1:] else DEFAULT_CHUNK_BYTES
 
 
 @contextlib.contextmanager
@@ -210,7 +211,7 @@ def variant_label(variant: str) -> str:
     backend, isa, fused = parse_variant(variant)
     label = backend + (f" ({isa.upper()} path on this host)" if isa else "")
     label += "" if fused else ", layer by layer"
-    return label + (", 4 chunks per thread" if variant_chunk_bytes(variant) == 0 else "")
+    return label + (", 256 KiB chunks" if variant_chunk_bytes(variant) else "")
 
 
 def measure_pdserve(
@@ -449,7 +450,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--variants",
         default="auto",
         type=lambda s: s.split(","),
-        help="pdserve builds side by side: BACKEND[@ISA][:unfused][:split4], e.g. auto:split4,auto",
+        help="pdserve builds side by side: BACKEND[@ISA][:unfused][:chunks256k], e.g. auto,auto:chunks256k",
     )
     p.add_argument("--rounds", type=int, default=1, help="turns over the variants (best of)")
     p.add_argument(

@@ -310,13 +310,14 @@ static void gemv_chunk(void *ctx, int64_t chunk) {
 }
 
 /* Weight bytes per chunk of work; 0: four chunks per thread (gemv_set_chunk_bytes). */
-static int64_t chunk_bytes = 256 * 1024;
+static int64_t chunk_bytes = 0;
 
-/* Small chunks, claimed one at a time, keep both threads streaming to the end of a product:
-   with four large chunks per thread (the first split, kept as chunk_bytes = 0), a thread that
-   got its core late or finished early left up to an eighth of the lm_head to the other one.
-   256 KiB (8 panels of a 512-wide fp32 weight) measured ~9 % faster on fp32 products; the
-   claim costs tens of nanoseconds. Which thread computes a panel never changes its bits. */
+/* How a product is cut into chunks for the thread pool. Four per thread by default: with
+   256 KiB chunks (claimed one at a time, so both threads stream to the end of a product)
+   a quiet Zen 4 host measured the same batch-1 steps within 1-5 % and the AVX2 build's
+   float32 batch-32 step 11 % slower (docs/benchmarks.md, issue 18, the quiet-host run),
+   so the knob stays for the next host to measure. Which thread computes a panel never
+   changes its bits. */
 static int64_t panels_per_chunk(int64_t panels, int64_t kp, int wtype, int64_t threads) {
     if (threads <= 1) return panels;
     if (chunk_bytes <= 0) {

@@ -75,8 +75,8 @@ def vector_floats(lib: ctypes.CDLL | None = None) -> int:
 
 
 def set_chunk_bytes(num_bytes: int, lib: ctypes.CDLL | None = None) -> int:
-    """Weight bytes per chunk of a product's work (0: four chunks per thread, the first
-    split); returns the previous value. The same bits either way: for benchmarks."""
+    """Weight bytes per chunk of a product's work (0, the default: four chunks per
+    thread); returns the previous value. The same bits either way: for benchmarks."""
     lib = lib or library()
     return int(lib.gemv_set_chunk_bytes(num_bytes)) if lib is not None else 0
 
