@@ -24,11 +24,12 @@ Scaling keeps the model's relative judgement, and that can be wrong too: on a qu
 below what 1P + 1D delivered and the planner held 1P + 1D for the whole phase
 (docs/benchmarks.md, "Elastic P/D", the quiet-host run). So the planner also remembers
 what each layout *did* (`Evidence`, per mix): a layout seen saturated is rated at what it
-delivered, the current layout while it meets its SLOs at no less than what it delivers,
-and while the current layout is saturated a layout never tried is given the benefit of
-the doubt (`EXPLORE` x its scaled rate): it is tried once, and if it does worse, its own
-evidence sends the cluster back and keeps it there. Evidence lasts `EVIDENCE_TTL_S` (the
-host's load drifts) and belongs to one mix (the classes and `Forecast.signature`).
+delivered (never below its floor, the most it delivered while meeting its SLOs), the
+current layout while it meets its SLOs at no less than what it delivers, and while the
+current layout meets under `EXPLORE_BELOW` of its SLOs a layout never tried is given the
+benefit of the doubt (`EXPLORE` x its rate): it is tried once, and if it does worse, its
+own evidence sends the cluster back and keeps it there. Evidence lasts `EVIDENCE_TTL_S`
+(the host's load drifts) and belongs to one mix (the classes and `Forecast.signature`).
 
 Outcomes come from the serving layer (`RequestLog.record_outcome`: TTFT and TPOT of each
 finished prompt, with its class and admission time); a failed request is a miss. Only
