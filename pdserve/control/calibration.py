@@ -154,6 +154,9 @@ class Evidence:
     def update(self, serving: Layout, fc: Forecast, cal: Calibration, now: float) -> None:
         """Remember a saturated layout's goodput, or raise its floor while it meets its
         SLOs (and forget a saturated reading it has since beaten)."""
+        for table in (self._saturated, self._floor):  # a router runs for weeks: stay bounded
+            for stale in [k for k, (_, t) in table.items() if now - t > self.ttl_s]:
+                del table[stale]
         key = (serving, mix_key(fc))
         if cal.saturated:
             self._saturated[key] = (cal.delivered, now)
@@ -162,7 +165,7 @@ class Evidence:
             return
         if cal.delivered >= (self._fresh(self._floor, key, now) or 0.0):
             self._floor[key] = (cal.delivered, now)
-        if cal.delivered > (self._fresh(self._saturated, key, now) or float("inf")):
+        if cal.delivered > self._saturated.get(key, (float("inf"), now))[0]:
             del self._saturated[key]
 
     def delivered(self, serving: Layout, fc: Forecast, now: float) -> float | None:

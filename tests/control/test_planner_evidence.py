@@ -122,6 +122,9 @@ def test_evidence_belongs_to_one_mix_and_expires():
     assert evidence.delivered(Layout(1, 1, 0), long, now=50.0) == 3.0
     assert evidence.delivered(Layout(1, 1, 0), short, now=50.0) is None  # another mix
     assert evidence.delivered(Layout(1, 1, 0), long, now=111.0) is None  # too old
+    evidence.update(Layout(0, 0, 2), short, Calibration(1.0, 5.0, 16), now=111.0)
+    assert evidence.delivered(Layout(1, 1, 0), long, now=50.0) is None  # and pruned
+    evidence.update(Layout(1, 1, 0), long, Calibration(0.5, 3.0, 16, saturated=True), now=10.0)
     # The layout later met its SLOs delivering more: the evidence goes.
     evidence.update(Layout(1, 1, 0), long, Calibration(1.0, 4.0, 16), now=60.0)
     assert evidence.delivered(Layout(1, 1, 0), long, now=61.0) is None
