@@ -244,8 +244,10 @@ def goal_verdict(value: float | None, goal: float) -> str:
 
 
 def llamacpp_bin(name: str) -> Path | None:
-    """Path of a llama.cpp tool built by benchmarks/peers/build_llamacpp.sh, or None."""
-    path = PEERS_DIR / "llama.cpp-build" / "bin" / name
+    """Path of a llama.cpp tool built by benchmarks/peers/build_llamacpp.sh, or None.
+    `PDSERVE_LLAMACPP_BUILD` names another build folder (e.g. its `LLAMA_ISA=avx2` build)."""
+    build = os.environ.get("PDSERVE_LLAMACPP_BUILD") or PEERS_DIR / "llama.cpp-build"
+    path = Path(build) / "bin" / name
     return path if path.exists() else None
 
 

@@ -6,7 +6,11 @@
 # because PyPI is the only source registry these machines reach.
 #
 # Idempotent: each step is skipped when its output exists; cmake rebuilds only what changed.
-# Usage: [PEERS_DIR=dir] [JOBS=2] benchmarks/peers/build_llamacpp.sh
+# Usage: [PEERS_DIR=dir] [JOBS=2] [LLAMA_ISA=native|avx2] benchmarks/peers/build_llamacpp.sh
+#
+# LLAMA_ISA=avx2 builds into llama.cpp-build-avx2 with AVX-512 off (AVX2/FMA/F16C only): the
+# peer an AVX2-only CPU would run, for a side-by-side with pdserve's AVX2 kernels on any
+# host. Point the benchmarks at it with PDSERVE_LLAMACPP_BUILD=$PEERS_DIR/llama.cpp-build-avx2.
 set -euo pipefail
 
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -22,7 +26,15 @@ TARGETS=(llama-bench llama-batched-bench llama-server llama-cli)
 SRC_DIR="$PEERS_DIR/src"
 TREE="$SRC_DIR/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION"
 LLAMA_DIR="$TREE/vendor/llama.cpp"
-BUILD_DIR="$PEERS_DIR/llama.cpp-build"
+LLAMA_ISA="${LLAMA_ISA:-native}"
+case "$LLAMA_ISA" in
+    native) BUILD_DIR="$PEERS_DIR/llama.cpp-build"; ISA_FLAGS=(-DGGML_NATIVE=ON) ;;
+    avx2) BUILD_DIR="$PEERS_DIR/llama.cpp-build-avx2"
+          ISA_FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+                     -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF
+                     -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF) ;;
+    *) echo "LLAMA_ISA must be native or avx2, not $LLAMA_ISA" >&2; exit 2 ;;
+esac
 VENV="$PEERS_DIR/venv"
 
 fetch_source() {
@@ -39,7 +51,7 @@ fetch_source() {
 
 build_tools() {
     cmake -S "$LLAMA_DIR" -B "$BUILD_DIR" -G Ninja \
-        -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release \
+        "${ISA_FLAGS[@]}" -DCMAKE_BUILD_TYPE=Release \
         -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF
     cmake --build "$BUILD_DIR" -j "$JOBS" --target "${TARGETS[@]}"
 }

@@ -161,8 +161,8 @@ class Evidence:
         if cal.saturated:
             self._saturated[key] = (cal.delivered, now)
             return
-        if cal.num_outcomes < MIN_MIX:
-            return
+        if cal.num_outcomes < MIN_MIX or cal.met_share < TARGET:
+            return  # (not saturated by the forecast rate alone: a low forecast is noise)
         if cal.delivered >= (self._fresh(self._floor, key, now) or 0.0):
             self._floor[key] = (cal.delivered, now)
         if cal.delivered > self._saturated.get(key, (float("inf"), now))[0]:

@@ -55,6 +55,7 @@ class PlannerLoop:
         self.heading: Layout | None = None  # the target of the transition under way
         self.history: deque[tuple[float, Decision]] = deque(maxlen=100)
         self.evidence = Evidence()  # what layouts delivered (control/calibration.py)
+        self.traffic_since: float | None = None  # the last change of traffic the forecast saw
 
     async def step(self, now: float | None = None) -> Decision | None:
         now = self.clock() if now is None else now
@@ -67,9 +68,12 @@ class PlannerLoop:
         )
 
         current = current_layout(roles)
-        rates, calibration = calibrate(
-            rates, current, fc, self.log, self.config, now, since=self.last_switch
-        )
+        # Only requests admitted since the last switch and since the traffic last changed
+        # are the current layout's evidence for the current mix (calibration.py).
+        self.traffic_since = fc.since if fc.since is not None else self.traffic_since
+        marks = (self.last_switch, self.traffic_since)
+        since = max((t for t in marks if t is not None), default=None)
+        rates, calibration = calibrate(rates, current, fc, self.log, self.config, now, since)
         if self.heading == current:
             self.heading = None  # arrived
         serving = current.serving(self.config.local_prefill)

@@ -4,11 +4,14 @@ cost model favours for each mix, switches when they pay, and no flapping on nois
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 
 import pytest
 
 from pdserve.control.planner import (
+    SHIFT_MIN,
+    Arrival,
     Forecast,
     Layout,
     PlannerConfig,
@@ -19,6 +22,7 @@ from pdserve.control.planner import (
     layouts,
     moves,
     propose,
+    shift_point,
 )
 from pdserve.control.planner_loop import PlannerLoop
 from pdserve.errors import ConfigError
@@ -43,6 +47,55 @@ def test_forecast_weights_recent_windows_more():
     # the mix: the last mix_window_s (20 s) only, so the older requests are not in it
     assert len(fc.mix) == 20 and set(fc.mix) == {(300, 20)}
     assert fc.signature == (256, 16)  # means 300 and 20 tokens, to 2 significant bits
+
+
+def _lognormal_arrivals(rng, n, prompt, p_sigma, output, o_sigma, start=0.0, gap=0.1):
+    return [
+        Arrival(
+            start + i * gap,
+            max(4, round(rng.lognormvariate(math.log(prompt), p_sigma))),
+            max(4, round(rng.lognormvariate(math.log(output), o_sigma))),
+        )
+        for i in range(n)
+    ]
+
+
+def test_forecast_follows_a_change_of_traffic_within_eight_requests():
+    """`code` at 10 req/s for 30 s, then 1024-token prompts at ~1.2 req/s: from the 8th
+    long prompt on, the mix is the long prompts alone and the rate theirs, while the
+    20 s window still holds ~150 `code` requests (without the shift test the mix would
+    stay mostly `code` until they aged out)."""
+    log = RequestLog()
+    rng = random.Random(0)
+    for a in _lognormal_arrivals(rng, 300, 64, 0.5, 32, 0.5, start=0.0, gap=0.1):
+        log.record(a.prompt_tokens, a.output_tokens, now=a.time)
+    config = PlannerConfig(slo_ttft_ms=100, slo_tpot_ms=15, interval_s=5, window_s=60)
+    for i in range(SHIFT_MIN):
+        t = 30.0 + i * 0.8
+        fc = forecast(log, config, now=t)
+        if i < SHIFT_MIN - 1:  # (with 7, the newest 8 are mostly long: seen one early)
+            assert len(fc.mix) > 150 and fc.signature[0] < 128  # still `code`
+        log.record(1024, 128, now=t)
+    fc = forecast(log, config, now=30.0 + SHIFT_MIN * 0.8)
+    assert fc.mix == ((1024, 128),) * SHIFT_MIN
+    assert fc.rate == pytest.approx((SHIFT_MIN - 1) / ((SHIFT_MIN - 1) * 0.8))
+
+
+def test_shift_point_finds_the_split_and_ignores_noise():
+    """The change point itself, back to `code` after long prompts, and no change found in
+    a steady mix as spread as `chat` (prompts lognormal sigma 1.0) in 200 windows."""
+    rng = random.Random(1)
+    long_prompts = [Arrival(i * 0.8, 1024, 128) for i in range(40)]
+    code = _lognormal_arrivals(rng, 12, 64, 0.5, 32, 0.5, start=40.0)
+    assert shift_point(long_prompts + code) == 40
+    assert shift_point(long_prompts + code[:SHIFT_MIN]) == 40
+    assert shift_point(long_prompts + code[: SHIFT_MIN - 2]) is None  # too few to tell
+    assert shift_point(long_prompts) is None  # constant lengths: nothing changed
+    steady = [
+        shift_point(_lognormal_arrivals(random.Random(seed), 200, 160, 1.0, 128, 0.9))
+        for seed in range(200)
+    ]
+    assert steady.count(None) == 200
 
 
 def test_layouts_cover_every_assignment():

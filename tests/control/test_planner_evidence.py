@@ -132,3 +132,16 @@ def test_evidence_belongs_to_one_mix_and_expires():
     capacity = evidence.capacity(MODEL, Layout(0, 0, 2), long, met, 61.0)
     assert capacity(Layout(0, 0, 2)) == pytest.approx(5.5)  # at least what it delivers
     assert capacity(Layout(1, 1, 0)) == pytest.approx(6.0)  # untried, nothing saturated: model
+
+
+def test_a_floor_needs_the_slos_met_not_a_low_forecast():
+    """Only a window in which the layout met its SLOs (90 % of its finished requests)
+    raises its floor: 2M meeting 60 % of long prompts while the forecast rate dipped to
+    what it delivered (Poisson noise: "not saturated") must not be rated at that from then
+    on (replayed: 2M held a long-prompt phase on such a floor)."""
+    evidence = Evidence()
+    long = Forecast(rate=0.6, mix=((1024, 128),) * 16)
+    evidence.update(Layout(0, 0, 2), long, Calibration(1.0, 0.55, 16, met_share=0.6), now=10.0)
+    assert evidence.floor(Layout(0, 0, 2), long, now=11.0) is None
+    evidence.update(Layout(0, 0, 2), long, Calibration(1.0, 0.55, 16, met_share=0.95), now=20.0)
+    assert evidence.floor(Layout(0, 0, 2), long, now=21.0) == pytest.approx(0.55)

@@ -6,6 +6,7 @@ outcomes are the probes' attainment on the shared host, so calibration must do i
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,8 @@ MM = {"w0": "mixed", "w1": "mixed"}
 PD = {"w0": "prefill", "w1": "decode"}
 
 
-def trace():
-    steps, seed = phases.load_phases(TRACE)
+def trace(path: Path = TRACE):
+    steps, seed = phases.load_phases(path)
     load = phases.build_load(steps, seed or 0)
     arrivals = [
         Arrival(s.timestamp_s, prompt_tokens(s), s.max_tokens, s.extra_body["slo_class"])
@@ -89,3 +90,25 @@ def test_the_planner_holds_each_phases_better_layout(start):
     assert serving_pd >= 0.85  # long: 1P/1D within ~35 s of its 240
     moved = [s for s in steps if s.decision.moves]
     assert len(moved) == (1 if start == MM else 2)  # one move per transition, no flapping
+
+
+QUIET_STRICT = TRACE.parent / "elastic-quiet-strict.yaml"
+# The quiet host's static runs of that trace (docs/benchmarks.md, "Quiet host").
+MET_QUIET_STRICT = {
+    ("code", "2M"): 0.86, ("code", "1P/1D"): 0.62, ("long", "2M"): 0.32, ("long", "1P/1D"): 1.0,
+}  # fmt: skip
+
+
+def test_a_change_of_traffic_is_followed_after_eight_requests(monkeypatch):
+    """`code` at 10 req/s, then 1024-token prompts at 1.2 req/s: the forecast sees the new
+    traffic once 8 long prompts arrived (`shift_point`), so the move to 1P/1M comes at the
+    first pass after ~7 s of the phase — it came 20 s in while the `code` requests had to
+    age out of the mix window first (and 16-20 s in, in every live run)."""
+    monkeypatch.setattr(sys.modules[__name__], "MET", MET_QUIET_STRICT)
+    arrivals, bounds, slos = trace(QUIET_STRICT)
+    steps, timeline = replay(
+        arrivals, config(slos), model, MM, until_s=bounds[-1][1], outcome=outcomes(slos)
+    )
+    moved = [(s.time, s.decision.moves) for s in steps if s.decision.moves]
+    assert moved == [(bounds[1][0] + 10.0, (("w1", "prefill"),))]
+    assert phase_layouts(timeline, bounds)[0] == {"2M": 1.0}
