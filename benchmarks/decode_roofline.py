@@ -171,7 +171,10 @@ def decode_steps_for(batch: int, args: argparse.Namespace) -> int:
     return args.decode_steps if batch == 1 else args.batch_decode_steps
 
 
-MODES = ("unfused", "chunks256k")
+MODES = ("unfused", "chunks256k", "nta", "t0")
+# `:nta` / `:t0`: the gemv kernel's weight prefetch as prefetchnta / prefetcht0
+# (PDSERVE_PREFETCH_LOCALITY 0 / 3) instead of this CPU's default (kernels.prefetch_locality).
+PREFETCH_MODES = {"nta": "0", "t0": "3"}
 
 
 def parse_variant(variant: str) -> tuple[str, str, bool]:
@@ -195,6 +198,7 @@ def variant_env(variant: str):
     backend, isa, fused = parse_variant(variant)
     values = {"PDSERVE_CPU_BLAS": backend, "PDSERVE_KERNELS_ISA": isa or "native"}
     values["PDSERVE_FUSED_DECODE"] = "1" if fused else "0"
+    values["PDSERVE_PREFETCH_LOCALITY"] = variant_prefetch(variant)
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -207,10 +211,17 @@ def variant_env(variant: str):
                 os.environ[key] = value
 
 
+def variant_prefetch(variant: str) -> str:
+    """PDSERVE_PREFETCH_LOCALITY for `variant` ("": the CPU's default)."""
+    modes = variant.split(":")[1:]
+    return next((PREFETCH_MODES[m] for m in modes if m in PREFETCH_MODES), "")
+
+
 def variant_label(variant: str) -> str:
     backend, isa, fused = parse_variant(variant)
     label = backend + (f" ({isa.upper()} path on this host)" if isa else "")
     label += "" if fused else ", layer by layer"
+    label += {"0": ", prefetchnta", "3": ", prefetcht0", "": ""}[variant_prefetch(variant)]
     return label + (", 256 KiB chunks" if variant_chunk_bytes(variant) else "")
 
 
@@ -221,8 +232,11 @@ def measure_pdserve(
     live in this process together and are measured in turns, `--rounds` times (best of
     rounds); one ISA's group finishes before the next loads its kernel library."""
     steps: dict[str, dict[int, float]] = {}
-    for isa in dict.fromkeys(parse_variant(v)[1] for v in args.variants):
-        group = [v for v in args.variants if parse_variant(v)[1] == isa]
+    def build(v: str) -> tuple[str, str]:  # variants sharing one kernel library
+        return parse_variant(v)[1], variant_prefetch(v)
+
+    for key in dict.fromkeys(build(v) for v in args.variants):
+        group = [v for v in args.variants if build(v) == key]
         steps |= _measure_group(model_dir, dtype, group, args)
     return steps
 

@@ -114,7 +114,34 @@ def test_packed_sizes_halve_with_16_bit_weights():
 
 def test_isa_setting_is_checked(monkeypatch):
     monkeypatch.setenv("PDSERVE_KERNELS_ISA", "avx2")
-    assert kernels.isa_flags() == ["-mno-avx512f"]
+    monkeypatch.setenv("PDSERVE_PREFETCH_LOCALITY", "0")
+    assert kernels.isa_flags() == ["-mno-avx512f", "-DPREFETCH_LOCALITY=0"]
     monkeypatch.setenv("PDSERVE_KERNELS_ISA", "sse9")
     with pytest.raises(ValueError, match="PDSERVE_KERNELS_ISA"):
         kernels.isa_flags()
+
+
+def test_prefetch_hint_follows_the_vendor_and_the_override(monkeypatch):
+    """prefetcht0 on Intel (prefetchnta halved the weight stream there), prefetchnta
+    elsewhere as measured on AMD; the environment overrides both, and is checked."""
+    monkeypatch.delenv("PDSERVE_PREFETCH_LOCALITY", raising=False)
+    monkeypatch.setattr(kernels, "cpu_vendor", lambda: "GenuineIntel")
+    assert kernels.prefetch_locality() == 3
+    monkeypatch.setattr(kernels, "cpu_vendor", lambda: "AuthenticAMD")
+    assert kernels.prefetch_locality() == 0
+    monkeypatch.setenv("PDSERVE_PREFETCH_LOCALITY", "2")
+    assert kernels.prefetch_locality() == 2
+    monkeypatch.setenv("PDSERVE_PREFETCH_LOCALITY", "nta")
+    with pytest.raises(ValueError, match="PDSERVE_PREFETCH_LOCALITY"):
+        kernels.prefetch_locality()
+
+
+@pytest.mark.skipif(not gemv.is_available(), reason="needs the C kernels")
+@pytest.mark.parametrize("locality", ["0", "3"])
+def test_the_prefetch_hint_changes_no_bit(monkeypatch, locality):
+    """A prefetch moves no data the kernel computes with: both hints give the same bits."""
+    torch.manual_seed(0)
+    w, x = torch.randn(100, 70), torch.randn(3, 70)
+    reference = gemv.PackedGemv.prepare(w, lib=gemv.build(("-DPREFETCH_LOCALITY=3",)))(x)
+    lib = gemv.build((f"-DPREFETCH_LOCALITY={locality}",))
+    assert torch.equal(gemv.PackedGemv.prepare(w, lib=lib)(x), reference)

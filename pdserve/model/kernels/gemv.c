@@ -40,7 +40,12 @@
 #endif
 
 #define PANEL 16
+#ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 1024
+#endif
+#ifndef PREFETCH_LOCALITY
+#define PREFETCH_LOCALITY 0
+#endif
 #ifdef __AVX512F__
 #define MR_MAX 8 /* 32 zmm registers: 8 accumulators + 2 weights + broadcasts */
 #else
@@ -189,8 +194,8 @@ INLINE void tile(const Gemv *g, int64_t m0, int64_t p, const int MR, const int w
     for (int64_t s = 0; s < steps; ++s) {
         if (prefetch) {
             const char *ahead = panel + s * 2 * PANEL * esize + PREFETCH_BYTES;
-            __builtin_prefetch(ahead, 0, 0);
-            if (esize == 4) __builtin_prefetch(ahead + 64, 0, 0);
+            __builtin_prefetch(ahead, 0, PREFETCH_LOCALITY);
+            if (esize == 4) __builtin_prefetch(ahead + 64, 0, PREFETCH_LOCALITY);
         }
         vf w0[VPP], w1[VPP];
         load_pair(panel, s, wtype, w0, w1);
@@ -228,7 +233,7 @@ INLINE void tile_dpbf16(const Gemv *g, int64_t m0, int64_t p, const int MR, cons
         /* two k pairs per pass (the second may be past the end: then weight 0) */
         const int has_next = s + 1 < steps;
         const char *w = panel + s * 2 * PANEL * 2;
-        if (prefetch) __builtin_prefetch(w + PREFETCH_BYTES, 0, 0);
+        if (prefetch) __builtin_prefetch(w + PREFETCH_BYTES, 0, PREFETCH_LOCALITY);
         const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w);
         const __m512bh w1 =
             (__m512bh)(has_next ? _mm512_loadu_si512(w + 64) : _mm512_setzero_si512());
