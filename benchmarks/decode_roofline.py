@@ -232,6 +232,7 @@ def measure_pdserve(
     live in this process together and are measured in turns, `--rounds` times (best of
     rounds); one ISA's group finishes before the next loads its kernel library."""
     steps: dict[str, dict[int, float]] = {}
+
     def build(v: str) -> tuple[str, str]:  # variants sharing one kernel library
         return parse_variant(v)[1], variant_prefetch(v)
 
