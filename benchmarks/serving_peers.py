@@ -78,7 +78,13 @@ PDSERVE_CONFIGS = {
 # The same as pdserve-aggregated with decode steps layer by layer through PyTorch instead of
 # one C call (kernels/decode_step.c): the fused step's effect, side by side (not in the default).
 PDSERVE_CONFIGS["pdserve-aggregated-unfused"] = PDSERVE_CONFIGS["pdserve-aggregated"]
-PDSERVE_ENV = {"pdserve-aggregated-unfused": {"PDSERVE_FUSED_DECODE": "0"}}
+# And with the gemv kernel's weight prefetch forced to prefetchnta (the default on AMD; on
+# Intel the default is prefetcht0, kernels.prefetch_locality): the hint's effect when serving.
+PDSERVE_CONFIGS["pdserve-aggregated-nta"] = PDSERVE_CONFIGS["pdserve-aggregated"]
+PDSERVE_ENV = {
+    "pdserve-aggregated-unfused": {"PDSERVE_FUSED_DECODE": "0"},
+    "pdserve-aggregated-nta": {"PDSERVE_PREFETCH_LOCALITY": "0"},
+}
 PEERS = ("llama-server", "transformers-serve")
 
 
