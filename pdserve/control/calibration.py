@@ -162,7 +162,7 @@ class Evidence:
             self._saturated[key] = (cal.delivered, now)
             return
         if cal.num_outcomes < MIN_MIX or cal.met_share < TARGET:
-            return  # (not saturated by the forecast rate alone: a low forecast is noise)
+            return  # a floor needs the SLOs met, not only a forecast rate that dipped
         if cal.delivered >= (self._fresh(self._floor, key, now) or 0.0):
             self._floor[key] = (cal.delivered, now)
         if cal.delivered > self._saturated.get(key, (float("inf"), now))[0]:
