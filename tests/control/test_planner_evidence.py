@@ -30,13 +30,21 @@ PD = {"w0": "prefill", "w1": "decode"}
 MM = {"w0": "mixed", "w1": "mixed"}
 
 
-def run(true_capacity: dict[str, float], start: dict[str, str], model=MODEL, seconds=300):
+def run(
+    true_capacity: dict[str, float],
+    start: dict[str, str],
+    model=MODEL,
+    seconds=300,
+    moves: list | None = None,
+    history: list | None = None,
+):
     """The layouts (by what they serve as) the cluster held, second by second, and the
-    moves made."""
+    moves made (into `moves` when given: a capacity function may read it); the planner's
+    decisions into `history` when given."""
     roles = dict(start)
     log = RequestLog()
     clock = [0.0]
-    moves = []
+    moves = [] if moves is None else moves
 
     async def switch(worker, role, reason):
         roles[worker] = role
@@ -62,6 +70,8 @@ def run(true_capacity: dict[str, float], start: dict[str, str], model=MODEL, sec
                 await loop.step(now=float(t))
 
     asyncio.run(main())
+    if history is not None:
+        history.extend(loop.history)
     return held, moves
 
 
@@ -109,9 +119,42 @@ def test_a_slow_host_with_the_right_merits_does_not_wander():
 def test_an_experiment_that_does_worse_is_undone_once():
     # The model's merits are close (1.2x: 2M is tried), the cluster's are not: 2M does
     # worse than 1P/1D did, so back, and 1P/1D is kept though it stays saturated.
-    held, moves = run({"2M": 1.0, "1P/1D": 3.0}, PD)
-    assert [role for _, _, role in moves] == ["mixed", "prefill"]
+    history = []
+    held, moves = run({"2M": 1.0, "1P/1D": 3.0}, PD, history=history)
+    assert [(worker, role) for _, worker, role in moves] == [("w0", "mixed"), ("w0", "prefill")]
     assert held[-150:] == ["1P/1D"] * 150
+    # Back after two failing passes, without waiting out the cooldown (planner_loop.py).
+    assert moves[1][0] - moves[0][0] == 2 * AUTO.interval_s < AUTO.cooldown_s
+    reasons = [d.reason for t, d in history if t == moves[1][0]]
+    assert reasons[0].startswith("undo: 1D/1M met the SLOs of 1.00 req/s against the 3.00 1P/1D")
+
+
+def test_a_right_move_whose_first_pass_carries_a_backlog_is_not_undone():
+    # 2M meets 2 of 5 req/s; the model backs 1P/1D (1.5x), which truly delivers 4.8, but
+    # its first 6 s after the move work off the backlog 2M left (0.5 req/s met). One pass
+    # sees it clearly worse than 2M's 2.0; the next sees it recovering: no undo.
+    moves = []
+
+    def pd(t):
+        return 0.5 if moves and t - moves[-1][0] <= 6 else 4.8
+
+    held, _ = run({"2M": 2.0, "1P/1D": pd}, MM, FAR, moves=moves)
+    assert [role for _, _, role in moves] == ["prefill"]  # 1P/1M: serves as 1P/1D in auto
+    assert held[-290:] == ["1P/1D"] * 290
+
+
+def test_a_return_is_not_undone():
+    # The undo brings the cluster back to 1P/1D, which then delivers 0.2 req/s for 12 s,
+    # two passes under 2/3 of the 1.0 2M delivered: the return is not undone, and the
+    # cooldown holds 1P/1D until it has recovered.
+    moves = []
+
+    def pd(t):
+        return 0.2 if len(moves) == 2 and t - moves[-1][0] <= 12 else 3.0
+
+    held, _ = run({"2M": 1.0, "1P/1D": pd}, PD, moves=moves)
+    assert [role for _, _, role in moves] == ["mixed", "prefill"]
+    assert held[-200:] == ["1P/1D"] * 200
 
 
 def test_evidence_belongs_to_one_mix_and_expires():
