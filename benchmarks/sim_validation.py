@@ -197,6 +197,7 @@ def _override(profile, args):
         "compute_contention": args.compute_contention,
         "frontend_s_per_request": args.frontend_per_request,
         "frontend_s_per_token": args.frontend_per_token,
+        "frontend_s_per_step": args.frontend_per_step,
     }
     if args.receive_per_request is not None:
         changes["receive_s_per_request"] = args.receive_per_request
@@ -259,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compute-contention", type=float, default=None, help="override it too")
     p.add_argument("--frontend-per-request", type=float, default=None, help="CPU s (override)")
     p.add_argument("--frontend-per-token", type=float, default=None, help="CPU s (override)")
+    p.add_argument(
+        "--frontend-per-step", type=float, default=None, help="CPU s per step message (override)"
+    )
     p.add_argument(
         "--contention-curve-from",
         default=None,

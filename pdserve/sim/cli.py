@@ -181,12 +181,15 @@ def _with_frontend(profile, path: str):
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         per_request = data["router_s_per_request"] + data["client_s_per_request"]
         per_token = data["router_s_per_token"] + data["client_s_per_token"]
+        # the router's cost per step message (one per worker step), when measured
+        per_step = data.get("router_s_per_step", 0.0) + data.get("client_s_per_step", 0.0)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError("frontend", f"{path}: not a frontend_cost.py result ({e})") from None
     return dataclasses.replace(
         profile,
         frontend_s_per_request=max(0.0, per_request),
         frontend_s_per_token=max(0.0, per_token),
+        frontend_s_per_step=max(0.0, per_step),
         notes=(*profile.notes, f"front-end costs from {Path(path).name}"),
     )
 

@@ -56,6 +56,7 @@ class Profile:
     compute_contention: float = 1.0  # ... and the rest of a step (sim/sharing.py)
     frontend_s_per_request: float = 0.0  # CPU of the router + client per request
     frontend_s_per_token: float = 0.0  # ... and per streamed token (sim/sharing.py)
+    frontend_s_per_step: float = 0.0  # ... and per step message a worker sends the router
     # (step tokens, slowdown beside another worker) knots; set, it replaces the two
     # factors above (sim/sharing.py `curve_slowdown`)
     contention_curve: tuple[tuple[int, float], ...] = ()
@@ -107,6 +108,7 @@ class Profile:
             "compute_contention": self.compute_contention,
             "frontend_s_per_request": self.frontend_s_per_request,
             "frontend_s_per_token": self.frontend_s_per_token,
+            "frontend_s_per_step": self.frontend_s_per_step,
             "contention_curve": [list(k) for k in self.contention_curve],
             "receive_s_per_request": self.receive_s_per_request,
             "receive_s_per_block": self.receive_s_per_block,
@@ -132,6 +134,7 @@ class Profile:
             compute_contention=float(data.get("compute_contention", 1.0)),
             frontend_s_per_request=float(data.get("frontend_s_per_request", 0.0)),
             frontend_s_per_token=float(data.get("frontend_s_per_token", 0.0)),
+            frontend_s_per_step=float(data.get("frontend_s_per_step", 0.0)),
             contention_curve=tuple(
                 (int(n), float(f)) for n, f in data.get("contention_curve") or ()
             ),

@@ -152,7 +152,10 @@ class SimRouter:
         return max(total / self.profile.model["num_layers"], total - step_s)
 
     def _on_step_outputs(self, worker_id: str, outputs: list[Output]) -> None:
-        self._frontend_work(len(outputs) * self.profile.frontend_s_per_token)
+        profile = self.profile
+        self._frontend_work(
+            len(outputs) * profile.frontend_s_per_token + profile.frontend_s_per_step
+        )
         flights, now = self._flights, self.now
         for out in outputs:
             flight = flights[out.request_id]
@@ -173,7 +176,8 @@ class SimRouter:
         gaps = [b - a for a, b in itertools.pairwise(arrivals)]
         stopping = {out.request_id for out in finished}
         num_steps = len(arrivals)
-        self._frontend_work(len(request_ids) * num_steps * self.profile.frontend_s_per_token)
+        per_step = len(request_ids) * self.profile.frontend_s_per_token
+        self._frontend_work(num_steps * (per_step + self.profile.frontend_s_per_step))
         for request_id in request_ids:
             flight = self._flights[request_id]
             plain = num_steps - 1 if request_id in stopping else num_steps

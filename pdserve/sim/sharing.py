@@ -30,10 +30,13 @@ Three effects, each from a number a profile measures:
   slows like the decode or like the prefill is not measured; re-simulating the evening's
   16 real runs, the larger step's slowdown for both (3 cells meet both goals) beat each
   step's own (1 cell) — docs/benchmarks.md.
-- The front end (`Profile.frontend_s_per_request`, `frontend_s_per_token`): the router
-  process and the load generator spend CPU on every request (HTTP, tokenising) and every
-  streamed token (detokenising, SSE, parsing) on the same cores. It is one more busy
-  thread while it has such work queued (`FrontEnd`), served at its share of the cores.
+- The front end (`Profile.frontend_s_per_request`, `frontend_s_per_token`,
+  `frontend_s_per_step`): the router process and the load generator spend CPU on every
+  request (HTTP, tokenising), every streamed token (detokenising, SSE, parsing) and
+  every step message a worker sends the router (receiving and decoding it, waking the
+  requests it carries: once per step whatever its batch) on the same cores. It is one
+  more busy thread while it has such work queued (`FrontEnd`), served at its share of
+  the cores.
 
 On accelerators (a profile whose device is not the CPU) every worker has its own devices
 and steps at full speed.

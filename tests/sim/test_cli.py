@@ -139,6 +139,26 @@ def test_profile_takes_front_end_costs_from_frontend_cost_json(tmp_path, capsys)
     profile = Profile.load(out)
     assert profile.frontend_s_per_request == pytest.approx(0.008)
     assert profile.frontend_s_per_token == pytest.approx(0.0003)
+    assert profile.frontend_s_per_step == 0.0  # an older measurement: no step messages
+    frontend.write_text(
+        json.dumps(
+            {
+                "router_s_per_request": 0.003,
+                "router_s_per_token": 0.0001,
+                "router_s_per_step": 0.0006,
+                "client_s_per_request": 0.005,
+                "client_s_per_token": 0.0002,
+                "client_s_per_step": 0.0,
+            }
+        )
+    )
+    assert (
+        main(["profile", "--merge", str(source), "--frontend", str(frontend), "--out", str(out)])
+        == 0
+    )
+    profile = Profile.load(out)  # and the saved profile keeps it
+    assert profile.frontend_s_per_token == pytest.approx(0.0003)
+    assert profile.frontend_s_per_step == pytest.approx(0.0006)
     frontend.write_text(json.dumps({"router_s_per_request": 0.003}))
     assert (
         main(["profile", "--merge", str(source), "--frontend", str(frontend), "--out", str(out)])

@@ -106,6 +106,31 @@ def test_the_front_end_takes_its_share_of_one_core():
     assert record.itl_s == pytest.approx([0.015, 0.015])
 
 
+@pytest.mark.parametrize("decode_runs", [False, True])
+def test_the_routers_cost_per_step_message_is_paid_once_per_step_not_per_row(decode_runs):
+    """`frontend_s_per_step`: one `StepOutputs` message per worker step, whatever its
+    batch. One request alone: the same as that cost per token. Four decoding together:
+    a quarter of the front-end CPU per token, so the steps it slows are shorter."""
+
+    def itls(num_requests: int, **costs) -> list[float]:
+        profile = dataclasses.replace(make_profile(cores=1), **costs)
+        records = simulate(
+            layout("aggregated"),
+            profile,
+            [spec(100, 6)] * num_requests,
+            Arrival.poisson(float("inf")),
+            num_requests=num_requests,
+            decode_runs=decode_runs,
+        ).records
+        return [itl for record in records for itl in record.itl_s]
+
+    assert itls(1, frontend_s_per_step=0.005) == pytest.approx(itls(1, frontend_s_per_token=0.005))
+    per_step = itls(4, frontend_s_per_step=0.005)
+    per_token = itls(4, frontend_s_per_token=0.005)
+    none = itls(4)
+    assert sum(none) < sum(per_step) < sum(per_token)
+
+
 def test_a_busy_worker_outside_the_simulation_contends_like_one_inside():
     """`busy_workers=1` (the SLO planner's neighbour, sim/rates.py): one worker alone is
     stretched exactly as if a second one were stepping beside it all along."""
