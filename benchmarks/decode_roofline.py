@@ -175,13 +175,18 @@ MODES = ("unfused", "chunks256k", "nta", "t0")
 # `:nta` / `:t0`: the gemv kernel's weight prefetch as prefetchnta / prefetcht0
 # (PDSERVE_PREFETCH_LOCALITY 0 / 3) instead of this CPU's default (kernels.prefetch_locality).
 PREFETCH_MODES = {"nta": "0", "t0": "3"}
+# `:pfN`: the prefetch N bytes ahead of the weight stream (PDSERVE_PREFETCH_BYTES; gemv.c: 1024)
+
+
+def is_mode(mode: str) -> bool:
+    return mode in MODES or (mode.startswith("pf") and mode[2:].isdigit())
 
 
 def parse_variant(variant: str) -> tuple[str, str, bool]:
     """`BACKEND[@ISA][:MODE...]` -> (backend, isa or "", fused)."""
     base, *modes = variant.split(":")
-    if not set(modes) <= set(MODES):
-        raise SystemExit(f"variant {variant!r}: modes are {', '.join(MODES)}")
+    if not all(is_mode(m) for m in modes):
+        raise SystemExit(f"variant {variant!r}: modes are {', '.join(MODES)}, pfN")
     backend, _, isa = base.partition("@")
     return backend, isa, "unfused" not in modes
 
@@ -199,6 +204,7 @@ def variant_env(variant: str):
     values = {"PDSERVE_CPU_BLAS": backend, "PDSERVE_KERNELS_ISA": isa or "native"}
     values["PDSERVE_FUSED_DECODE"] = "1" if fused else "0"
     values["PDSERVE_PREFETCH_LOCALITY"] = variant_prefetch(variant)
+    values["PDSERVE_PREFETCH_BYTES"] = variant_prefetch_bytes(variant)
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -217,11 +223,18 @@ def variant_prefetch(variant: str) -> str:
     return next((PREFETCH_MODES[m] for m in modes if m in PREFETCH_MODES), "")
 
 
+def variant_prefetch_bytes(variant: str) -> str:
+    """PDSERVE_PREFETCH_BYTES for `variant` ("": the kernel's default)."""
+    return next((m[2:] for m in variant.split(":")[1:] if m.startswith("pf")), "")
+
+
 def variant_label(variant: str) -> str:
     backend, isa, fused = parse_variant(variant)
     label = backend + (f" ({isa.upper()} path on this host)" if isa else "")
     label += "" if fused else ", layer by layer"
     label += {"0": ", prefetchnta", "3": ", prefetcht0", "": ""}[variant_prefetch(variant)]
+    distance = variant_prefetch_bytes(variant)
+    label += f", prefetch {distance} B ahead" if distance else ""
     return label + (", 256 KiB chunks" if variant_chunk_bytes(variant) else "")
 
 
@@ -234,7 +247,7 @@ def measure_pdserve(
     steps: dict[str, dict[int, float]] = {}
 
     def build(v: str) -> tuple[str, str]:  # variants sharing one kernel library
-        return parse_variant(v)[1], variant_prefetch(v)
+        return parse_variant(v)[1], variant_prefetch(v), variant_prefetch_bytes(v)
 
     for key in dict.fromkeys(build(v) for v in args.variants):
         group = [v for v in args.variants if build(v) == key]

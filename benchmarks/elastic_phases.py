@@ -172,6 +172,8 @@ def run_one(name: str, out: Path, phases_path: Path) -> None:
             "switches": switches,
             "role_switches": metric_sum(text, "pdserve:role_switches"),
             "migrations": metric_sum(text, "pdserve:request_migrations"),
+            # where prompts were prefilled (auto's local/remote rule), by reason
+            "placements": metric_sum(text, "pdserve:prefill_placement"),
             "run_seconds": time.perf_counter() - poller.start_s,
         }
         data = json.loads(metrics.to_json(result, parts[-1].summary))

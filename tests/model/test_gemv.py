@@ -113,6 +113,7 @@ def test_packed_sizes_halve_with_16_bit_weights():
 
 
 def test_isa_setting_is_checked(monkeypatch):
+    monkeypatch.delenv("PDSERVE_PREFETCH_BYTES", raising=False)
     monkeypatch.setenv("PDSERVE_KERNELS_ISA", "avx2")
     monkeypatch.setenv("PDSERVE_PREFETCH_LOCALITY", "0")
     assert kernels.isa_flags() == ["-mno-avx512f", "-DPREFETCH_LOCALITY=0"]
@@ -136,12 +137,28 @@ def test_prefetch_hint_follows_the_vendor_and_the_override(monkeypatch):
         kernels.prefetch_locality()
 
 
+def test_prefetch_distance_is_a_build_flag_when_set(monkeypatch):
+    monkeypatch.setenv("PDSERVE_KERNELS_ISA", "native")
+    monkeypatch.setenv("PDSERVE_PREFETCH_LOCALITY", "3")
+    monkeypatch.delenv("PDSERVE_PREFETCH_BYTES", raising=False)
+    assert kernels.isa_flags() == ["-DPREFETCH_LOCALITY=3"]  # gemv.c's own default
+    monkeypatch.setenv("PDSERVE_PREFETCH_BYTES", "2048")
+    assert kernels.isa_flags() == ["-DPREFETCH_LOCALITY=3", "-DPREFETCH_BYTES=2048"]
+    for bad in ("2k", "-64", "32", "1048576"):
+        monkeypatch.setenv("PDSERVE_PREFETCH_BYTES", bad)
+        with pytest.raises(ValueError, match="PDSERVE_PREFETCH_BYTES"):
+            kernels.isa_flags()
+
+
 @pytest.mark.skipif(not gemv.is_available(), reason="needs the C kernels")
-@pytest.mark.parametrize("locality", ["0", "3"])
-def test_the_prefetch_hint_changes_no_bit(monkeypatch, locality):
-    """A prefetch moves no data the kernel computes with: both hints give the same bits."""
+@pytest.mark.parametrize(
+    "flags", [("-DPREFETCH_LOCALITY=0",), ("-DPREFETCH_LOCALITY=3", "-DPREFETCH_BYTES=4096")]
+)
+def test_the_prefetch_hint_changes_no_bit(monkeypatch, flags):
+    """A prefetch moves no data the kernel computes with: any hint or distance gives the
+    same bits."""
     torch.manual_seed(0)
     w, x = torch.randn(100, 70), torch.randn(3, 70)
     reference = gemv.PackedGemv.prepare(w, lib=gemv.build(("-DPREFETCH_LOCALITY=3",)))(x)
-    lib = gemv.build((f"-DPREFETCH_LOCALITY={locality}",))
+    lib = gemv.build(flags)
     assert torch.equal(gemv.PackedGemv.prepare(w, lib=lib)(x), reference)

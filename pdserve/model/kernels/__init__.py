@@ -90,7 +90,13 @@ def isa_flags() -> list[str]:
     isa = os.environ.get("PDSERVE_KERNELS_ISA", "") or "native"
     if isa not in ISA_FLAGS:
         raise ValueError(f"PDSERVE_KERNELS_ISA={isa!r} is not one of {', '.join(ISA_FLAGS)}")
-    return ISA_FLAGS[isa] + [f"-DPREFETCH_LOCALITY={prefetch_locality()}"]
+    flags = ISA_FLAGS[isa] + [f"-DPREFETCH_LOCALITY={prefetch_locality()}"]
+    distance = os.environ.get("PDSERVE_PREFETCH_BYTES", "")
+    if distance:  # how far ahead of the weight stream to prefetch (gemv.c: 1024)
+        if not distance.isdigit() or not 64 <= int(distance) <= 65536:
+            raise ValueError(f"PDSERVE_PREFETCH_BYTES={distance!r} must be 64-65536")
+        flags.append(f"-DPREFETCH_BYTES={int(distance)}")
+    return flags
 
 
 # The gemv kernel's software prefetch of the weight stream (`__builtin_prefetch` locality,
