@@ -202,6 +202,25 @@ def _override(profile, args):
     if args.receive_per_request is not None:
         changes["receive_s_per_request"] = args.receive_per_request
         changes["receive_s_per_block"] = args.receive_per_block or 0.0
+    if args.contention_from_steps:
+        from pdserve.engine.step_log import read_step_log
+        from pdserve.sim.profile import Profile
+        from pdserve.sim.step_log_fit import contention_from_logs
+
+        folder = Path(args.contention_from_steps)
+        runs = [read_step_log(d) for d in sorted(folder.glob("*_steps"))]
+        runs = [logs for logs in runs if len(logs) >= 2]  # only runs of two workers overlap
+        # Priced with the profile of their own time when the folder has one (a host's
+        # speed moves over hours: another time's profile would read as contention).
+        own = folder / "profile.json"
+        read, compute = contention_from_logs(runs, Profile.load(own) if own.exists() else profile)
+        print(
+            f"contention in situ from {len(runs)} runs' step logs: x{read:.2f} read, "
+            f"x{compute:.2f} compute",
+            flush=True,
+        )
+        changes["contention"], changes["compute_contention"] = read, compute
+        changes["contention_curve"] = ()  # a curve would replace the two factors
     if args.contention_curve_from:
         from pdserve.sim.measure import fit_contention_curve
         from pdserve.sim.profile import Profile
@@ -262,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frontend-per-token", type=float, default=None, help="CPU s (override)")
     p.add_argument(
         "--frontend-per-step", type=float, default=None, help="CPU s per step message (override)"
+    )
+    p.add_argument(
+        "--contention-from-steps",
+        default=None,
+        help="a folder of earlier runs' <case>_steps/ logs (--step-log): fit both contention "
+        "factors in situ from them (sim/step_log_fit.py; priced with that folder's "
+        "profile.json when it has one) and use them instead of the profile's",
     )
     p.add_argument(
         "--contention-curve-from",
