@@ -59,6 +59,9 @@ from pdserve.errors import ConfigError
 ROLES = ("prefill", "decode", "mixed")
 DEFAULT_CLASS = "default"
 MIN_MIX = 16  # requests the forecast's mix holds at least, when the history has them
+# A move must gain at least this many requests meeting their SLO per `mix_window_s`
+# (besides `hysteresis`): fewer are within the counting noise of the evidence.
+MIN_GAIN_REQUESTS = 2.0
 
 
 @dataclass(frozen=True)
@@ -442,7 +445,10 @@ def decide(
     # either: stopping half-way leaves a layout nobody chose (replay: 1P/1M held for
     # 45 s of a long-prompt phase because the forecast rate fell near its capacity).
     is_continuing = heading is not None and best.layout == heading and gain > 0
-    threshold = config.hysteresis * max(current_goodput, 1e-9)
+    # ... and by a few requests over the window the evidence is counted on: near zero a
+    # relative margin is no margin (measured: a host collapsed under another tenant, every
+    # layout meeting ~nothing, moved 1P/1M -> 2M on "0.04 vs 0.00 req/s").
+    threshold = max(config.hysteresis * current_goodput, MIN_GAIN_REQUESTS / config.mix_window_s)
     if best.layout == current or (gain <= threshold and not is_continuing):
         return Decision(
             current, current_goodput, current_goodput, "hold: current layout within hysteresis"

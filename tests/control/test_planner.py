@@ -131,6 +131,25 @@ def test_it_holds_within_hysteresis_and_while_cooling_down():
     assert d.moves == () and "cooling" in d.reason
 
 
+def test_a_collapsed_cluster_does_not_move_on_noise():
+    """Near zero a relative margin is no margin: every layout meeting ~nothing (a host
+    collapsed under another tenant), "0.04 vs 0.00 req/s" is within a couple of requests
+    over the window and moves nothing; a gain of a few requests does."""
+    from pdserve.control.planner import MIN_GAIN_REQUESTS
+
+    floor = MIN_GAIN_REQUESTS / CONFIG.mix_window_s  # 0.1 req/s over the 20 s window
+
+    def capacity(seen: dict[Layout, float]):
+        return lambda serving: seen.get(serving, 0.0)
+
+    tiny = capacity({Layout(0, 0, 2): 0.04})  # 2M "predicts" 0.04; 1P/1D delivered 0.00
+    d = decide(PD, Forecast(10.0, ()), SHORT, CONFIG, 100.0, None, capacity=tiny)
+    assert d.moves == () and "hysteresis" in d.reason
+    enough = capacity({Layout(0, 0, 2): floor * 1.5})
+    d = decide(PD, Forecast(10.0, ()), SHORT, CONFIG, 100.0, None, capacity=enough)
+    assert d.target == Layout(0, 0, 2) and d.moves
+
+
 def test_moves_are_the_fewest_changes():
     roles = {"a": "mixed", "b": "mixed", "c": "decode"}
     assert moves(roles, Layout(1, 1, 1)) == (("b", "prefill"),)  # the first of a role stays
