@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a folder of earlier runs' <case>_steps/ logs (--step-log): fit both contention "
         "factors in situ from them (sim/step_log_fit.py; priced with that folder's "
-        "profile.json when it has one) and use them instead of the profile's",
+        "profile.json when it has one) and use them instead of the profile's (and of "
+        "--contention / --compute-contention)",
     )
     p.add_argument(
         "--contention-curve-from",

@@ -98,9 +98,9 @@ class PlannerLoop:
         self.evidence.update(serving, fc, calibration, now)
         capacity = self.evidence.capacity(rates, serving, fc, calibration, now)
         undo, delivered_before = self._undo_target(serving, fc, calibration, now)
-        decision = decide(
-            roles, fc, rates, self.config, now, self.last_switch, self.heading or undo, capacity
-        )
+        # An undo is carried out like the rest of a transition under way: past the cooldown.
+        heading = self.heading if self.heading is not None else undo
+        decision = decide(roles, fc, rates, self.config, now, self.last_switch, heading, capacity)
         undoing = undo is not None and bool(decision.moves) and decision.target == undo
         if undoing:
             decision = dataclasses.replace(
